@@ -1,0 +1,6 @@
+"""Samplers in the diffusers scheduler contract, and the rules that pick their noise schedules."""
+
+from .ncsn_rules import NoiseSchedule, noise_schedule_from_data
+from .scheduling_annealed_langevin import AnnealedLangevinScheduler, AnnealedLangevinSchedulerOutput
+
+__all__ = ["AnnealedLangevinScheduler", "AnnealedLangevinSchedulerOutput", "NoiseSchedule", "noise_schedule_from_data"]

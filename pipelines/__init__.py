@@ -1,0 +1,5 @@
+"""medsyn's diffusers pipelines, one module per pipeline (installed as ``medsyn.pipelines``)."""
+
+from .pipeline_score_langevin import ScoreLangevinPipeline
+
+__all__ = ["ScoreLangevinPipeline"]

@@ -1,0 +1,211 @@
+"""Class-conditional generation with a noise-conditional score network and annealed Langevin dynamics.
+
+Example:
+    ```py
+    >>> import torch
+    >>> from medsyn import ScoreLangevinPipeline
+
+    >>> pipe = ScoreLangevinPipeline.from_pretrained("path/to/score-langevin-brain-mri")
+    >>> images = pipe(class_labels=["tumour"] * 4, generator=torch.Generator().manual_seed(0)).images
+    >>> images[0].save("tumour.png")
+    ```
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers.utils.torch_utils import randn_tensor
+
+from medsyn.models.score_unet import null_class_label
+from medsyn.schedulers.scheduling_annealed_langevin import AnnealedLangevinScheduler
+
+ClassLabels = int | str | list[int | str] | torch.Tensor
+
+
+class ScoreLangevinPipeline(DiffusionPipeline):
+    r"""Pipeline for image generation by annealed Langevin dynamics on a learned score.
+
+    Parameters:
+        unet ([`UNet2DModel`]): a noise-conditional score network (``time_embedding_type="fourier"``; see
+            ``medsyn.models.score_unet``). Its ``timestep`` input is the noise level sigma.
+        scheduler ([`AnnealedLangevinScheduler`]): the noise levels and the Langevin step.
+        class_names (`list[str]`, *optional*): names of the unet's classes, so labels can be given by name.
+    """
+
+    model_cpu_offload_seq = "unet"
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(
+        self, unet: UNet2DModel, scheduler: AnnealedLangevinScheduler, class_names: list[str] | None = None
+    ):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(class_names=list(class_names) if class_names is not None else None)
+
+    def encode_class_labels(self, class_labels: ClassLabels | None, batch_size: int) -> torch.Tensor | None:
+        """Class indices for ``batch_size`` images; the null class when the unet is conditional and none given."""
+        null_label = null_class_label(self.unet)
+        if class_labels is None:
+            return None if null_label is None else torch.full((batch_size,), null_label, dtype=torch.long)
+        if null_label is None:
+            raise ValueError("class_labels were given but this unet is unconditional (num_class_embeds is None)")
+        if torch.is_tensor(class_labels):
+            class_labels = class_labels.tolist()
+        if not isinstance(class_labels, (list, tuple)):
+            class_labels = [class_labels] * batch_size
+        names = self.config.class_names or []
+        indices = []
+        for label in class_labels:
+            if isinstance(label, str):
+                if label not in names:
+                    raise ValueError(f"unknown class label {label!r}; this model knows {names}")
+                label = names.index(label)
+            if not 0 <= int(label) < null_label:
+                raise ValueError(f"class label {label} is out of range [0, {null_label})")
+            indices.append(int(label))
+        return torch.tensor(indices, dtype=torch.long)
+
+    def prepare_generators(
+        self, generator: torch.Generator | list[torch.Generator] | None, batch_size: int
+    ) -> list[torch.Generator]:
+        """One generator per image, so an image does not depend on how the batch is split into chunks.
+
+        A single generator seeds the per-image ones in order; a list must have one per image.
+        """
+        if isinstance(generator, list):
+            if len(generator) != batch_size:
+                raise ValueError(f"got {len(generator)} generators for {batch_size} images")
+            return generator
+        seeds = torch.randint(0, 2**63 - 1, (batch_size,), generator=generator).tolist()
+        return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+    def prepare_latents(
+        self, batch_size: int, generators: list[torch.Generator], latents: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Initial samples from the prior at the largest noise level, N(0, sigma_1^2 I)."""
+        size = self.unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        shape = (batch_size, self.unet.config.in_channels, *size)
+        if latents is None:
+            return randn_tensor(shape, generator=generators, device=self.device) * self.scheduler.init_noise_sigma
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        if not torch.isfinite(latents).all():
+            raise ValueError("latents contain NaN or Inf")
+        return latents.to(self.device, torch.float32)
+
+    def score(
+        self, sample: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None, guidance_scale: float
+    ) -> torch.Tensor:
+        """The (guided) score: s_uncond + w * (s_cond - s_uncond) when guidance is on, else the plain score."""
+        if labels is None or guidance_scale == 1.0:
+            return self.unet(sample, sigma, class_labels=labels).sample.float()
+        null = torch.full_like(labels, null_class_label(self.unet))
+        both = self.unet(torch.cat([sample, sample]), sigma, class_labels=torch.cat([labels, null])).sample.float()
+        conditional, unconditional = both.chunk(2)
+        return unconditional + guidance_scale * (conditional - unconditional)
+
+    def _sample_chunk(
+        self,
+        latents: torch.Tensor,
+        labels: torch.Tensor | None,
+        generators: list[torch.Generator],
+        guidance_scale: float,
+        autocast_dtype: torch.dtype | None,
+        callback_on_step_end: Callable | None,
+        schedule: dict[str, Any],
+    ) -> torch.Tensor:
+        self.scheduler.set_timesteps(device=self.device, **schedule)
+        autocast = (
+            torch.autocast(self.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+        )
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            with autocast:
+                score = self.score(latents, t, labels, guidance_scale)
+            latents = self.scheduler.step(score, t, latents, generator=generators).prev_sample
+            if callback_on_step_end is not None:
+                outputs = callback_on_step_end(self, i, t, {"latents": latents})
+                latents = outputs.pop("latents", latents)
+        return latents
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        class_labels: ClassLabels | None = None,
+        num_inference_steps: int | None = None,
+        n_steps_each: int | None = None,
+        step_size: float | None = None,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
+        max_batch_size: int | None = None,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        r"""Generate images.
+
+        Args:
+            batch_size: number of images when ``class_labels`` is a single label or None.
+            class_labels: a class index or name, or one per image (then it sets the batch size). None on a
+                class-conditional model samples the unconditional (null-class) score.
+            num_inference_steps: number of noise levels L (default: the number trained on).
+            n_steps_each: Langevin steps per level (default: the scheduler's).
+            step_size: alpha of the Langevin step size (default: the scheduler's).
+            guidance_scale: classifier-free guidance weight w; 1 disables guidance.
+            generator: a generator, or one per image; the only source of randomness. An image depends only on its
+                own generator, so results are the same for any ``max_batch_size``.
+            latents: initial samples of shape (batch, channels, height, width); default: N(0, sigma_1^2 I).
+            output_type: "pil", "np" (B, H, W, C) in [0, 1] or "pt" (B, C, H, W) in [0, 1].
+            return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
+            callback_on_step_end: called as ``f(pipe, step, sigma, {"latents": x})`` after every step; a
+                "latents" entry in the dict it returns replaces the sample.
+            max_batch_size: generate in chunks of at most this many images (bounds memory for large n).
+            autocast_dtype: run the network under autocast in this dtype (e.g. ``torch.bfloat16``); the Langevin
+                updates stay in float32.
+
+        Returns:
+            [`ImagePipelineOutput`] with ``images``, or a tuple ``(images,)`` when ``return_dict`` is False.
+        """
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        if isinstance(class_labels, (list, tuple, torch.Tensor)):
+            batch_size = len(class_labels)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        labels = self.encode_class_labels(class_labels, batch_size)
+        generators = self.prepare_generators(generator, batch_size)
+        latents = self.prepare_latents(batch_size, generators, latents)
+        schedule = dict(num_inference_steps=num_inference_steps, n_steps_each=n_steps_each, step_size=step_size)
+
+        chunk = max_batch_size or batch_size
+        samples = []
+        for start in range(0, batch_size, chunk):
+            part = slice(start, start + chunk)
+            samples.append(
+                self._sample_chunk(
+                    latents[part],
+                    None if labels is None else labels[part].to(self.device),
+                    generators[part],
+                    guidance_scale,
+                    autocast_dtype,
+                    callback_on_step_end,
+                    schedule,
+                )
+            )
+        image = (torch.cat(samples) / 2 + 0.5).clamp(0, 1)
+        if output_type == "np" or output_type == "pil":
+            image = image.cpu().permute(0, 2, 3, 1).numpy()
+            if output_type == "pil":
+                image = self.numpy_to_pil(image)
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
