@@ -6,7 +6,7 @@ Example:
     >>> from medsyn import ScoreLangevinPipeline
 
     >>> pipe = ScoreLangevinPipeline.from_pretrained("path/to/score-langevin-brain-mri")
-    >>> images = pipe(class_labels=["tumour"] * 4, generator=torch.Generator().manual_seed(0)).images
+    >>> images = pipe(class_labels=["tumor"] * 4, generator=torch.Generator().manual_seed(0)).images
     >>> images[0].save("tumour.png")
     ```
 """

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-CLASS_NAMES = ("healthy", "tumour")
+CLASS_NAMES = ("healthy", "tumor")
 
 # Tissue intensities per contrast (0..1): scalp fat, skull, marrow, CSF, grey matter, white matter, and the
 # tumour's enhancing rim, solid part, necrotic core and oedema.
@@ -61,11 +61,13 @@ def _radial_wobble(rng: np.random.Generator, angle: np.ndarray, orders: range, a
 
 @dataclass
 class SimulatedSlice:
-    """One simulated slice: ``image`` is float32 (H, W) in [0, 1]; ``label`` indexes ``CLASS_NAMES``."""
+    """One simulated slice: ``image`` is float32 (H, W) in [0, 1]; ``label`` indexes ``CLASS_NAMES``;
+    ``tumour_mask`` is the tumour's ground-truth mask (bool (H, W)), all False for a healthy slice."""
 
     image: np.ndarray
     label: int
     caption: str
+    tumour_mask: np.ndarray
     attributes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -111,12 +113,14 @@ class SimulatedBrainMRI:
         return self._render(rng, has_tumour)
 
     def generate(self, num_images: int, start: int = 0) -> dict[str, Any]:
-        """Images ``start .. start + num_images - 1`` as uint8 (N, H, W), int64 labels, captions, attributes."""
+        """Images ``start .. start + num_images - 1`` as uint8 (N, H, W), int64 labels, captions, tumour masks,
+        attributes."""
         slices = [self[i] for i in range(start, start + num_images)]
         return dict(
             images=np.stack([np.round(s.image * 255).astype(np.uint8) for s in slices]),
             labels=np.array([s.label for s in slices], dtype=np.int64),
             captions=[s.caption for s in slices],
+            tumour_masks=np.stack([s.tumour_mask for s in slices]),
             attributes=[s.attributes for s in slices],
             class_names=list(CLASS_NAMES),
         )
@@ -196,8 +200,10 @@ class SimulatedBrainMRI:
         csf = np.clip(np.maximum.reduce([sulci, fissure, ventricles]), 0, 1)
         parenchyma = parenchyma * (1 - csf) + tissue["csf"] * csf
 
+        tumour_mask = np.zeros((size, size), dtype=bool)
         if tumour is not None:
-            parenchyma = self._render_tumour(rng, parenchyma, hx, hy, semi_x, semi_y, brain_edge, tumour, tissue, soft, grey)
+            parenchyma, mass = self._render_tumour(rng, parenchyma, hx, hy, semi_x, semi_y, brain_edge, tumour, tissue, soft, grey)
+            tumour_mask = mass > 0.5
         image += parenchyma * brain
 
         # Acquisition: gain, smooth bias field, Rician noise.
@@ -218,7 +224,8 @@ class SimulatedBrainMRI:
         if tumour is not None:
             attributes.update({k: tumour[k] for k in ("side", "lobe", "size", "enhancing", "necrotic", "oedema")})
             attributes["mass_effect"] = tumour["mass_effect"] > 0.35
-        return SimulatedSlice(image=image, label=int(has_tumour), caption=self._caption(attributes, has_tumour), attributes=attributes)
+        caption = self._caption(attributes, has_tumour)
+        return SimulatedSlice(image=image, label=int(has_tumour), caption=caption, tumour_mask=tumour_mask, attributes=attributes)
 
     @staticmethod
     def _ventricles(bx: np.ndarray, by: np.ndarray, scale: float, rng: np.random.Generator, soft: float) -> np.ndarray:
@@ -268,7 +275,7 @@ class SimulatedBrainMRI:
             x=x,
             y=y,
             radius=radius,
-            side="right" if x < 0 else "left",  # radiological convention
+            side="midline" if abs(x) < 0.1 else ("right" if x < 0 else "left"),  # radiological convention
             lobe=lobe,
             size="small" if radius < 0.12 else ("medium" if radius < 0.18 else "large"),
             enhancing=bool(rng.random() < 0.7),
@@ -278,7 +285,7 @@ class SimulatedBrainMRI:
         )
 
     def _render_tumour(self, rng, parenchyma, hx, hy, semi_x, semi_y, brain_edge, tumour, tissue, soft, grey):
-        """Paint oedema, then the mass (enhancing rim or solid), then the necrotic core, over the parenchyma."""
+        """Paint oedema, then the mass (enhancing rim or solid), then the necrotic core; return the image and mass."""
         tx, ty = (hx / (semi_x * brain_edge) - tumour["x"]), (hy / (semi_y * brain_edge) - tumour["y"])
         angle = np.arctan2(ty, tx)
         distance = np.hypot(tx, ty)
@@ -301,13 +308,13 @@ class SimulatedBrainMRI:
         if tumour["necrotic"]:
             core = _soft_inside(distance - mass_radius * rng.uniform(0.35, 0.6), edge * 2)
             parenchyma = parenchyma * (1 - core) + tissue["core"] * texture * core
-        return parenchyma
+        return parenchyma, mass
 
     @staticmethod
     def _caption(attributes: dict[str, Any], has_tumour: bool) -> str:
         contrast = _CONTRAST_NAMES[attributes["contrast"]]
         if not has_tumour:
-            finding = "no tumour, normal brain"
+            finding = "no tumor, normal brain"
             if attributes["ventricle_scale"] > 1.35:
                 finding += " with prominent ventricles"
             return f"axial {contrast} brain MRI, {finding}"
@@ -320,5 +327,5 @@ class SimulatedBrainMRI:
             details.append("surrounding oedema")
         if attributes["mass_effect"]:
             details.append("mass effect")
-        text = f"axial {contrast} brain MRI, {attributes['size']} {attributes['side']} {attributes['lobe']} tumour"
+        text = f"axial {contrast} brain MRI, {attributes['size']} {attributes['side']} {attributes['lobe']} tumor"
         return text + (" with " + ", ".join(details) if details else "")

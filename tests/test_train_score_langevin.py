@@ -1,0 +1,131 @@
+"""The training script on CPU: a few steps on tiny models, resume, save/reload, and (slow) two DDP ranks."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medsyn.pipelines import ScoreLangevinPipeline
+from medsyn.train_scripts.train_score_langevin import main, parse_args, sample_grid
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "--resolution", "16", "--base_channels", "8", "--channel_mult", "1", "2", "--layers_per_block", "1",
+    "--norm_num_groups", "4", "--simulated_num_images", "24", "--train_batch_size", "4",
+    "--num_noise_levels", "6", "--n_steps_each", "2", "--validation_num_levels", "3",
+    "--num_validation_images", "2", "--report_to", "none", "--seed", "7",
+]
+
+
+def run(tmp_path, name, *extra):
+    return main(parse_args(TINY + ["--output_dir", str(tmp_path / name), *extra]))
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_train_save_reload_gives_identical_images(tmp_path):
+    model = run(tmp_path, "run", "--class_conditional", "--use_ema", "--max_train_steps", "4", "--augment",
+                "--checkpointing_steps", "100", "--validation_steps", "2")
+    out = tmp_path / "run"
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (out / "validation" / "step-000002.png").is_file()
+    card = (out / "README.md").read_text()
+    assert "healthy, tumor" in card and "| optimiser steps, batch size | 4, 4" in card and "$" not in card
+    pipe = ScoreLangevinPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    for key, value in state(model).items():
+        torch.testing.assert_close(pipe.unet.state_dict()[key], value, rtol=0, atol=0)
+    saved_grid = np.asarray(Image.open(out / "samples.png"))
+    np.testing.assert_array_equal(sample_grid(pipe, ["healthy", "tumor"], 2, 3, 1.0, 7), saved_grid)
+
+
+@pytest.mark.parametrize("use_ema", [False, True])
+def test_resume_ends_with_the_same_weights(tmp_path, use_ema):
+    extra = ["--class_conditional", "--augment", "--checkpointing_steps", "3", "--validation_steps", "100",
+             "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3"] + (["--use_ema"] if use_ema else [])
+    straight = run(tmp_path, "straight", *extra, "--max_train_steps", "7")
+    run(tmp_path, "resumed", *extra, "--max_train_steps", "3")
+    assert (tmp_path / "resumed" / "checkpoint-3").is_dir()
+    if use_ema:
+        assert (tmp_path / "resumed" / "checkpoint-3" / "unet_ema" / "diffusion_pytorch_model.safetensors").is_file()
+    resumed = run(tmp_path, "resumed", *extra, "--max_train_steps", "7", "--resume_from_checkpoint", "latest")
+    for key, value in state(straight).items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_trains_on_an_image_folder_with_rgb(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("normal", "glaucoma"):
+        (tmp_path / "fundus" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(tmp_path / "fundus" / name / f"{i}.png")
+    model = run(tmp_path, "rgb", "--train_data_dir", str(tmp_path / "fundus"), "--class_conditional",
+                "--max_train_steps", "2", "--checkpointing_steps", "100", "--validation_steps", "100")
+    assert model.config.in_channels == 3
+    pipe = ScoreLangevinPipeline.from_pretrained(tmp_path / "rgb")
+    assert pipe.config.class_names == ["glaucoma", "normal"]
+    assert np.asarray(Image.open(tmp_path / "rgb" / "samples.png")).shape == (32, 32, 3)
+
+
+def test_fine_tune_from_pretrained(tmp_path):
+    run(tmp_path, "base", "--class_conditional", "--max_train_steps", "2", "--checkpointing_steps", "100",
+        "--validation_steps", "100")
+    base = ScoreLangevinPipeline.from_pretrained(tmp_path / "base")
+    tuned = run(tmp_path, "tuned", "--pretrained_model_name_or_path", str(tmp_path / "base"), "--class_conditional",
+                "--max_train_steps", "2", "--checkpointing_steps", "100", "--validation_steps", "100")
+    loaded = ScoreLangevinPipeline.from_pretrained(tmp_path / "tuned")
+    assert loaded.scheduler.config == base.scheduler.config
+    changed = [k for k, v in tuned.state_dict().items() if not torch.equal(v, base.unet.state_dict()[k])]
+    assert changed
+
+
+def test_bad_arguments_fail_clearly(tmp_path):
+    with pytest.raises(SystemExit):
+        parse_args(["--train_data_dir", "a", "--dataset_name", "b"])
+    with pytest.raises(SystemExit):
+        parse_args(["--resolution", "18", "--channel_mult", "1", "2", "4"])
+    with pytest.raises(ValueError, match="no such file or folder"):
+        run(tmp_path, "x", "--train_data_dir", str(tmp_path / "missing"))
+
+
+DDP_LAUNCHER = textwrap.dedent(
+    """
+    import hashlib, json, os, sys
+    import torch
+    from medsyn.train_scripts.train_score_langevin import main, parse_args
+    model = main(parse_args(sys.argv[1:]))
+    digest = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values())).hexdigest()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    out = os.path.join(sys.argv[sys.argv.index("--output_dir") + 1], f"rank{rank}.json")
+    json.dump({"world_size": world, "sha256": digest}, open(out, "w"))
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_ranks_end_with_identical_weights(tmp_path):
+    """`accelerate launch --cpu --num_processes 2` silently starts one process on these machines
+    (docs/MACHINE_FACTS.md); --multi_gpu with ACCELERATE_USE_CPU=true starts two gloo ranks."""
+    launcher = tmp_path / "launch_train.py"
+    launcher.write_text(DDP_LAUNCHER)
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+               "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no", str(launcher), *TINY,
+               "--class_conditional", "--use_ema", "--max_train_steps", "4", "--checkpointing_steps", "2",
+               "--validation_steps", "100", "--output_dir", str(out)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["sha256"] == ranks[1]["sha256"]
+    assert "| optimiser steps, batch size | 4, 4 (x1 accumulation, 2 processes)" in (out / "README.md").read_text()
