@@ -66,6 +66,7 @@ def generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from medsyn.pipelines import ScoreLangevinPipeline
+    from medsyn.seeding import keyed_generator
 
     output_dir = Path(args.output_dir)
     names = [f"{args.class_label or 'sample'}_{args.seed}_{i:06d}.png" for i in range(args.num_images)]
@@ -88,7 +89,7 @@ def generate(args: argparse.Namespace) -> int:
     for start in range(0, args.num_images, args.batch_size):
         count = min(args.batch_size, args.num_images - start)
         # Image i depends only on (seed, i): a run can be extended or split without changing earlier images.
-        generators = [torch.Generator().manual_seed(hash((args.seed, i)) & (2**63 - 1)) for i in range(start, start + count)]
+        generators = [keyed_generator(args.seed, i) for i in range(start, start + count)]
         batch = pipe(
             batch_size=count,
             class_labels=None if labels is None else labels[start : start + count],

@@ -146,9 +146,7 @@ def load_training_data(args: argparse.Namespace):
         dataset = dataset.rename_columns({args.image_column: "image", args.label_column: "label"})
         if args.num_channels:
             mode = "L" if args.num_channels == 1 else "RGB"
-            dataset = dataset.cast_column("image", dataset.features["image"]).map(
-                lambda row: {"image": row["image"].convert(mode)}
-            )
+            dataset = dataset.map(lambda row: {"image": row["image"].convert(mode)})
         description = f"`{args.dataset_name}`"
     else:
         dataset = simulated_dataset(args.simulated_num_images, resolution=args.resolution, seed=args.seed)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from medsyn.seeding import keyed_generator
+
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
@@ -54,4 +56,4 @@ def step_generator(seed: int, micro_step: int, process_index: int, device: torch
     Training draws its noise, label dropout and augmentation from it, so a run resumed from a checkpoint
     draws exactly what the uninterrupted run drew, whatever the data loader prefetched.
     """
-    return torch.Generator(device=device).manual_seed(hash((seed, micro_step, process_index)) & (2**63 - 1))
+    return keyed_generator(seed, micro_step, process_index, device=device)
