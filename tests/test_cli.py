@@ -51,10 +51,16 @@ def test_generate_unknown_label_is_a_clear_error(model_dir, tmp_path, capsys):
 
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", "--output-dir", str(out), "--resolution", "16", "--max-train-steps", "2"]) == 0
+    assert main(["demo", "--output-dir", str(out), "--resolution", "16", "--max-train-steps", "2",
+                 "--probe-images", "2"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train_steps"] == 2
     grid = np.asarray(Image.open(out / "samples.png"))
-    assert grid.shape == (2 * 16, 8 * 16)
+    assert grid.shape == (2 * 128, 8 * 128)  # 16 px tiles shown at 128 px
+    probe = summary["label_probe"]
+    assert set(probe["class_agreement"]) == {"healthy", "tumor"}
+    assert all(0 <= v <= 1 for v in probe["class_agreement"].values())
+    # Two training steps make noise: farther from real images than real images are from each other.
+    assert probe["frechet_distance"] > probe["real_frechet_distance"]
     assert (out / "model" / "README.md").is_file()
     assert main(["demo", "--output-dir", str(out)]) == 2  # never overwrites a finished demo silently

@@ -76,6 +76,26 @@ def test_trains_on_an_image_folder_with_rgb(tmp_path):
     assert np.asarray(Image.open(tmp_path / "rgb" / "samples.png")).shape == (32, 32, 3)
 
 
+def test_trains_on_a_saved_dataset_with_other_column_names(tmp_path):
+    import datasets
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)) for _ in range(6)]
+    rows = {"scan": images, "finding": ["tumour", "none", "none", "tumour", "none", "tumour"]}
+    datasets.Dataset.from_dict(rows, features=datasets.Features({"scan": datasets.Image(), "finding": datasets.Value("string")})
+                               ).save_to_disk(tmp_path / "saved")
+    common = ["--dataset_name", str(tmp_path / "saved"), "--image_column", "scan", "--max_train_steps", "2",
+              "--checkpointing_steps", "100", "--validation_steps", "100"]
+    model = run(tmp_path, "saved-run", *common, "--label_column", "finding", "--class_conditional",
+                "--num_channels", "1")
+    assert model.config.in_channels == 1
+    assert ScoreLangevinPipeline.from_pretrained(tmp_path / "saved-run").config.class_names == ["none", "tumour"]
+    unconditional = run(tmp_path, "unconditional", *common, "--label_column", "absent")
+    assert unconditional.config.in_channels == 3 and unconditional.config.num_class_embeds is None
+    with pytest.raises(ValueError, match="no column 'absent'"):
+        run(tmp_path, "x", *common, "--label_column", "absent", "--class_conditional")
+
+
 def test_fine_tune_from_pretrained(tmp_path):
     run(tmp_path, "base", "--class_conditional", "--max_train_steps", "2", "--checkpointing_steps", "100",
         "--validation_steps", "100")

@@ -140,10 +140,16 @@ def load_training_data(args: argparse.Namespace):
 
         path = Path(args.dataset_name)
         dataset = datasets.load_from_disk(str(path)) if path.exists() else datasets.load_dataset(args.dataset_name)["train"]
-        for column in (args.image_column, args.label_column):
+        needed = (args.image_column, args.label_column) if args.class_conditional else (args.image_column,)
+        for column in needed:
             if column not in dataset.column_names:
                 raise ValueError(f"--dataset_name {args.dataset_name}: no column {column!r} ({dataset.column_names})")
-        dataset = dataset.rename_columns({args.image_column: "image", args.label_column: "label"})
+        if args.label_column in dataset.column_names:
+            dataset = dataset.rename_columns({args.image_column: "image", args.label_column: "label"})
+            if not isinstance(dataset.features["label"], datasets.ClassLabel):  # strings or ints: name the classes
+                dataset = dataset.class_encode_column("label")
+        else:
+            dataset = dataset.rename_column(args.image_column, "image").add_column("label", [0] * len(dataset))
         if args.num_channels:
             mode = "L" if args.num_channels == 1 else "RGB"
             dataset = dataset.map(lambda row: {"image": row["image"].convert(mode)})
