@@ -51,6 +51,10 @@ def test_probe_separates_real_classes_and_flags_noise(probe_and_real):
 
 def test_bad_inputs_are_named(probe_and_real):
     probe, held = probe_and_real
+    with pytest.raises(ValueError, match="same D"):
+        frechet_distance(np.zeros((4, 3)), np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="NaN"):
+        frechet_distance(np.full((4, 3), np.nan), np.zeros((4, 3)))
     with pytest.raises(ValueError, match="at least 128 real"):
         label_probe_report(probe, held["images"][:64], held["labels"][:64], held["images"][:100],
                            held["labels"][:100], ["healthy", "tumor"])
