@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .nearest_neighbours import as_flat_images, nearest_neighbours
+from .nearest_neighbours import nearest_neighbours
 
 
 @dataclass
@@ -41,7 +41,8 @@ class MemorisationAudit:
     """(num_generated, k) indices of those training images."""
 
     def to_json(self) -> str:
-        summary = {k: v for k, v in asdict(self).items() if k not in ("distances", "neighbours")}
+        # Not asdict(): it would deep-copy the per-image arrays only to drop them.
+        summary = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("distances", "neighbours")}
         return json.dumps(summary, indent=2)
 
 
@@ -87,12 +88,10 @@ def memorisation_audit(
     started = time.perf_counter()
     if threshold is None:
         threshold = calibrate_threshold(held_out, train, percentile, **search)
-        count = len(as_flat_images(held_out, "held_out"))
-        source = f"{percentile:g}th percentile of {count} held-out images' nearest-training distances"
+        source = f"{percentile:g}th percentile of {len(held_out)} held-out images' nearest-training distances"
     else:
         source = "fixed"
-    distances, neighbours = nearest_neighbours(generated, train, k=min(k, len(as_flat_images(train, "train"))),
-                                               **search)
+    distances, neighbours = nearest_neighbours(generated, train, k=min(k, len(train)), **search)
     nearest = distances[:, 0]
     flagged = np.flatnonzero(nearest < threshold)
     flagged = flagged[np.argsort(nearest[flagged], kind="stable")]
@@ -104,7 +103,7 @@ def memorisation_audit(
         min_distance=float(nearest.min()),
         flagged_indices=flagged.tolist(),
         num_generated=len(nearest),
-        num_train=len(as_flat_images(train, "train")),
+        num_train=len(train),
         seconds=round(time.perf_counter() - started, 2),
         histogram_counts=counts.tolist(),
         histogram_edges=edges.tolist(),
