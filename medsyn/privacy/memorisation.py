@@ -88,7 +88,7 @@ def memorisation_audit(
     started = time.perf_counter()
     if threshold is None:
         threshold = calibrate_threshold(held_out, train, percentile, **search)
-        source = f"{percentile:g}th percentile of {len(held_out)} held-out images' nearest-training distances"
+        source = f"percentile {percentile:g} of {len(held_out)} held-out images' nearest-training distances"
     else:
         source = "fixed"
     distances, neighbours = nearest_neighbours(generated, train, k=min(k, len(train)), **search)

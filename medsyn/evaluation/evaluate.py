@@ -1,0 +1,219 @@
+"""One evaluation of generated images against real ones: fidelity, variety, image statistics and privacy.
+
+Features are extracted once per set and encoder and shared by every metric that reads them. Each section of
+the result is either numbers or a ``note`` that says why it was not computed (no weights, no training set),
+never a placeholder number.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from medsyn.metrics.diversity import mean_pairwise_ms_ssim
+from medsyn.metrics.feature_distances import frechet_distance, kernel_distance
+from medsyn.metrics.features import extract_features
+from medsyn.metrics.image_statistics import STATISTICS, image_statistics, radial_power_spectrum
+from medsyn.metrics.manifold import manifold_metrics, realism_scores
+from medsyn.privacy import memorisation_audit, save_flagged_pairs
+
+from .image_sets import ImageSet
+
+WORST_SHOWN = 8
+
+
+def check_compatible(sets: list[ImageSet]) -> None:
+    """Pixel metrics compare images one to one: every set needs the same channels and size."""
+    shapes = {tuple(s.images.shape[1:]) for s in sets}
+    if len(shapes) > 1:
+        listing = ", ".join(f"--{s.name}: {tuple(s.images.shape[1:])}" for s in sets)
+        raise ValueError(f"image sets differ in (channels, height, width): {listing}")
+
+
+def _feature_section(
+    real: torch.Tensor, generated: torch.Tensor, k: int, kid_subset_size: int, seed: int
+) -> tuple[dict, np.ndarray]:
+    kid_mean, kid_std = kernel_distance(real, generated, subset_size=kid_subset_size, seed=seed)
+    # FID shrinks as samples grow, so the floor is read at one size: against the second half of the real set,
+    # the first half of it (two samples of one distribution) and as many generated images.
+    half = min(len(real) // 2, len(generated))
+    section = {
+        "fid": frechet_distance(real, generated),
+        "kid_mean": kid_mean,
+        "kid_std": kid_std,
+        **manifold_metrics(real, generated, k=k).to_dict(),
+        "half_size": half,
+        "real_halves_fid": frechet_distance(real[:half], real[-half:]) if half >= 2 else None,
+        "half_size_fid": frechet_distance(generated[:half], real[-half:]) if half >= 2 else None,
+    }
+    return section, realism_scores(real, generated, k=k)
+
+
+def _statistics_section(real: ImageSet, generated: ImageSet) -> dict:
+    section = {}
+    for name, values in (("real", image_statistics(real.images)), ("generated", image_statistics(generated.images))):
+        for statistic in STATISTICS:
+            column = values[statistic]
+            section.setdefault(statistic, {})[name] = {"mean": float(column.mean()), "std": float(column.std())}
+    frequency, real_power = radial_power_spectrum(real.images)
+    _, generated_power = radial_power_spectrum(generated.images)
+    section["radial_power_spectrum"] = {
+        "frequency": frequency.tolist(),
+        "real": real_power.tolist(),
+        "generated": generated_power.tolist(),
+    }
+    return section
+
+
+def _diversity_section(real: ImageSet, generated: ImageSet, pairs: int, seed: int) -> dict:
+    section: dict = {"metric": "mean pairwise MS-SSIM (lower = more diverse)"}
+    for name, image_set in (("real", real), ("generated", generated)):
+        value, scales = mean_pairwise_ms_ssim(image_set.images, max_pairs=pairs, seed=seed)
+        section.setdefault("overall", {})[name] = value
+        section["scales"] = scales
+    names = generated.class_names if generated.labels is not None and real.labels is not None else None
+    if names is not None and real.class_names == names:
+        per_class = {}
+        for index, class_name in enumerate(names):
+            row = {}
+            for name, image_set in (("real", real), ("generated", generated)):
+                members = np.flatnonzero(image_set.labels == index)
+                if len(members) >= 2:
+                    row[name] = mean_pairwise_ms_ssim(image_set.images[members], max_pairs=pairs, seed=seed)[0]
+            if row:
+                per_class[class_name] = row
+        section["per_class"] = per_class
+    return section
+
+
+def _privacy_section(
+    generated: ImageSet,
+    train: ImageSet | None,
+    held_out: ImageSet | None,
+    threshold: float | None,
+    percentile: float,
+    output_dir: Path,
+    progress: bool,
+    features: dict[str, torch.Tensor] | None,
+) -> tuple[dict, list[Path]]:
+    if train is None:
+        return {"note": "not run: pass --train (the images the model was trained on)"}, []
+    if threshold is None and held_out is None:
+        return {"note": "not run: pass --test or --real (held-out images) to calibrate, or --audit-threshold"}, []
+    audit = memorisation_audit(
+        generated.images, train.images, None if held_out is None else held_out.images,
+        threshold=threshold, percentile=percentile, progress=progress,
+    )
+    section = {"pixel": _audit_summary(audit)}
+    section["pixel"]["held_out_set"] = None if threshold is not None else held_out.name
+    paths = save_flagged_pairs(audit, generated.as_hwc(), train.as_hwc(), output_dir / "flagged")
+    if features is not None:
+        feature_audit = memorisation_audit(
+            features["generated"], features["train"], features.get("held_out"),
+            threshold=None if "held_out" in features else threshold, percentile=percentile,
+        )
+        section["domain_features"] = _audit_summary(feature_audit)
+    else:
+        section["domain_features"] = {"note": "not run: pass --domain-encoder for a feature-space audit"}
+    return section, paths
+
+
+def _audit_summary(audit) -> dict:
+    summary = {name: getattr(audit, name) for name in (
+        "passed", "threshold", "threshold_source", "min_distance", "flagged_indices", "num_generated", "num_train",
+        "seconds", "histogram_counts", "histogram_edges",
+    )}
+    summary["flagged_indices"] = summary["flagged_indices"][:1000]
+    summary["num_flagged"] = len(audit.flagged_indices)
+    return summary
+
+
+def evaluate(
+    real: ImageSet,
+    generated: ImageSet,
+    output_dir: str | Path,
+    train: ImageSet | None = None,
+    test: ImageSet | None = None,
+    inception: nn.Module | None = None,
+    inception_note: str | None = None,
+    domain_encoder: nn.Module | None = None,
+    k: int = 3,
+    kid_subset_size: int = 1000,
+    diversity_pairs: int = 1000,
+    audit_threshold: float | None = None,
+    audit_percentile: float = 1.0,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """All metrics of ``generated`` against ``real`` as a JSON-ready dict; flagged-pair PNGs go to ``output_dir``.
+
+    Args:
+        real: real images the generated ones should resemble (also the held-out set for the audit's
+            threshold when ``test`` is not given: it must not overlap ``train``).
+        generated: the synthetic images.
+        train: the model's training images, for the memorisation audit.
+        test: held-out real images (calibrate the audit threshold).
+        inception: a feature extractor for FID/KID (``FIDInceptionV3``); None skips them with ``inception_note``.
+        domain_encoder: a medical-image encoder for domain FID, precision/recall and a feature-space audit.
+        k: neighbours for the precision/recall/density/coverage balls.
+    """
+    output_dir = Path(output_dir)
+    sets = [s for s in (real, generated, train, test) if s is not None]
+    check_compatible(sets)
+    started = time.perf_counter()
+    result: dict = {"inputs": {s.name: s.summary() for s in sets}, "seed": seed}
+    worst: dict[str, list[int]] = {}
+
+    def features_of(image_set: ImageSet, encoder: nn.Module, label: str) -> torch.Tensor:
+        return extract_features(image_set.images, encoder, batch_size, progress=progress,
+                                description=f"{label} features: {image_set.name}")
+
+    if inception is not None:
+        section, realism = _feature_section(
+            features_of(real, inception, "Inception"), features_of(generated, inception, "Inception"),
+            k, kid_subset_size, seed,
+        )
+        if getattr(inception, "fc", None) is not None:
+            from medsyn.metrics.inception import inception_score
+
+            section["inception_score"] = inception_score(inception.logits(features_of(generated, inception, "IS")))
+        else:
+            section["inception_score"] = None
+            section["inception_score_note"] = "not computed: the Inception weights have no classifier (pool3 only)"
+        result["inception"] = section
+        worst["inception realism"] = np.argsort(realism)[:WORST_SHOWN].tolist()
+    else:
+        result["inception"] = {"note": inception_note or "not computed"}
+
+    domain_features = None
+    if domain_encoder is not None:
+        domain_features = {"real": features_of(real, domain_encoder, "domain"),
+                           "generated": features_of(generated, domain_encoder, "domain")}
+        section, realism = _feature_section(
+            domain_features["real"], domain_features["generated"], k, kid_subset_size, seed
+        )
+        result["domain"] = section
+        worst["domain realism"] = np.argsort(realism)[:WORST_SHOWN].tolist()
+        if train is not None:
+            domain_features["train"] = features_of(train, domain_encoder, "domain")
+            held_out = test if test is not None else real
+            domain_features["held_out"] = domain_features["real"] if held_out is real else features_of(
+                test, domain_encoder, "domain")
+    else:
+        result["domain"] = {"note": "not computed: pass --domain-encoder (a model trained on medical images)"}
+
+    result["diversity"] = _diversity_section(real, generated, diversity_pairs, seed)
+    result["image_statistics"] = _statistics_section(real, generated)
+    result["privacy"], flagged = _privacy_section(
+        generated, train, test if test is not None else real, audit_threshold, audit_percentile, output_dir,
+        progress, domain_features if train is not None else None,
+    )
+    result["least_realistic"] = worst
+    result["flagged_pair_images"] = [str(p.relative_to(output_dir)) for p in flagged]
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    return result

@@ -1,0 +1,138 @@
+"""The image sets an evaluation compares, read from folders, manifests or NPZ files, optionally filtered.
+
+A set is named on the command line as ``PATH`` or ``PATH:key=value[,key=value]``. For an ``.npz`` the keys are
+its per-image arrays (``split=training``, ``tumor=1``, ``labels=0``); anywhere, ``part=K/N`` keeps every N-th
+image starting at the K-th, so one real set can be split into interleaved halves (``part=1/2``, ``part=2/2``)
+to see what the metrics give for two samples of the same distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass
+class ImageSet:
+    """uint8 images (N, C, H, W) with optional integer labels indexing ``class_names``."""
+
+    name: str
+    images: torch.Tensor
+    labels: np.ndarray | None
+    class_names: list[str] | None
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def as_hwc(self) -> np.ndarray:
+        """(N, H, W) for grayscale, (N, H, W, 3) for RGB: the layout PNG writers take."""
+        array = self.images.permute(0, 2, 3, 1).numpy()
+        return array[..., 0] if array.shape[-1] == 1 else array
+
+    def subset(self, indices: np.ndarray) -> ImageSet:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        labels = None if self.labels is None else self.labels[indices]
+        return ImageSet(self.name, self.images[index], labels, self.class_names, self.source)
+
+    def summary(self) -> dict:
+        counts = None
+        if self.labels is not None and self.class_names is not None:
+            counts = {name: int((self.labels == i).sum()) for i, name in enumerate(self.class_names)}
+        return {"source": self.source, "count": len(self), "shape": list(self.images.shape[1:]), "per_class": counts}
+
+
+def _parse(spec: str) -> tuple[Path, dict[str, str]]:
+    path, _, selection = spec.rpartition(":")
+    if not path or "=" not in selection:
+        return Path(spec), {}
+    filters = {}
+    for item in selection.split(","):
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise ValueError(f"{spec}: selection {item!r} is not key=value")
+        filters[key.strip()] = value.strip()
+    return Path(path), filters
+
+
+def _part(value: str, n: int, spec: str) -> np.ndarray:
+    try:
+        k, parts = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise ValueError(f"{spec}: part must be K/N, e.g. 1/2, got {value!r}") from None
+    if not 1 <= k <= parts:
+        raise ValueError(f"{spec}: part {value} needs 1 <= K <= N")
+    return np.arange(n) % parts == k - 1
+
+
+def _from_npz(path: Path, filters: dict[str, str], spec: str) -> tuple[np.ndarray, np.ndarray | None, list | None]:
+    with np.load(path, allow_pickle=False) as archive:
+        if "images" not in archive.files:
+            raise ValueError(f"{path}: no 'images' array (arrays: {archive.files})")
+        images = archive["images"]
+        keep = np.ones(len(images), dtype=bool)
+        for key, value in filters.items():
+            if key == "part":
+                continue
+            if key not in archive.files or archive[key].shape[:1] != (len(images),):
+                per_image = [f for f in archive.files if archive[f].shape[:1] == (len(images),) and f != "images"]
+                raise ValueError(f"{spec}: no per-image array {key!r} to select on; per-image arrays: {per_image}")
+            column = archive[key]
+            keep &= column.astype(str) == value
+        labels = archive["labels"].astype(np.int64) if "labels" in archive.files else None
+        names = [str(n) for n in archive["class_names"]] if "class_names" in archive.files else None
+    if images.ndim not in (3, 4):
+        raise ValueError(f"{path}: 'images' must be (N, H, W) or (N, H, W, C), got shape {images.shape}")
+    if images.dtype != np.uint8:
+        if not np.issubdtype(images.dtype, np.floating):
+            raise ValueError(f"{path}: images must be uint8 or float in [0, 1], got {images.dtype}")
+        if not np.isfinite(images).all():
+            raise ValueError(f"{path}: images contain NaN or Inf")
+        images = np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)
+    if labels is not None and (labels < 0).all():
+        labels = None  # medsyn generate writes -1 for unconditional samples
+    indices = np.flatnonzero(keep)
+    return images[indices], None if labels is None else labels[indices], names
+
+
+def _from_dataset(path: Path) -> tuple[np.ndarray, np.ndarray | None, list | None]:
+    from medsyn.data import load_image_dataset
+
+    dataset = load_image_dataset(path)
+    sizes = {image.size for image in dataset["image"]}
+    if len(sizes) > 1:
+        raise ValueError(f"{path}: images have different sizes {sorted(sizes)[:3]}; resize them to one size first")
+    images = np.stack([np.asarray(image) for image in dataset["image"]])
+    names = dataset.features["label"].names
+    labels = np.array(dataset["label"], dtype=np.int64) if names != ["unlabelled"] else None
+    return images, labels, None if labels is None else names
+
+
+def load_image_set(spec: str, name: str) -> ImageSet:
+    """Read ``spec`` (see the module docstring) as an ``ImageSet`` called ``name`` (for messages)."""
+    path, filters = _parse(spec)
+    if not path.exists():
+        raise ValueError(f"--{name} {spec}: no such file or folder")
+    if path.suffix == ".npz":
+        images, labels, names = _from_npz(path, filters, spec)
+    else:
+        unknown = set(filters) - {"part"}
+        if unknown:
+            raise ValueError(f"{spec}: only .npz sets can be selected by {sorted(unknown)}; folders take part=K/N")
+        images, labels, names = _from_dataset(path)
+    if "part" in filters:
+        keep = np.flatnonzero(_part(filters["part"], len(images), spec))
+        images, labels = images[keep], None if labels is None else labels[keep]
+    if len(images) == 0:
+        raise ValueError(f"--{name} {spec}: the selection is empty")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.shape[-1] not in (1, 3):
+        raise ValueError(f"--{name} {spec}: images need 1 or 3 channels, got {images.shape[-1]}")
+    if labels is not None and names is not None and labels.max() >= len(names):
+        raise ValueError(f"--{name} {spec}: label {labels.max()} outside class_names {names}")
+    tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
+    return ImageSet(name, tensor, labels, names, spec)

@@ -1,0 +1,74 @@
+"""Image sets to feature vectors, in batches, once per set: every feature metric reads the same features."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def extract_features(
+    images: torch.Tensor,
+    encoder: nn.Module,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    description: str = "features",
+) -> torch.Tensor:
+    """Features (N, D) float32 on the CPU of uint8 images (N, C, H, W).
+
+    The encoder gets uint8 batches when its ``input_dtype`` is ``torch.uint8`` (the FID Inception), else
+    float batches in [0, 1].
+    """
+    if images.ndim != 4 or images.dtype != torch.uint8 or len(images) == 0:
+        raise ValueError(f"expected a non-empty uint8 stack (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    encoder = encoder.to(device).eval()
+    takes_uint8 = getattr(encoder, "input_dtype", None) == torch.uint8
+    batches = images.split(batch_size)
+    outputs = []
+    for batch in tqdm(batches, desc=description, disable=not progress):
+        batch = batch.to(device)
+        features = encoder(batch if takes_uint8 else batch.float() / 255.0)
+        outputs.append(features.reshape(len(batch), -1).float().cpu())
+    features = torch.cat(outputs)
+    if not torch.isfinite(features).all():
+        raise ValueError(f"{description}: the encoder returned NaN or Inf features")
+    return features
+
+
+class PooledImageEncoder(nn.Module):
+    """A transformers vision backbone (e.g. a ResNet expert classifier) as a domain feature encoder.
+
+    Returns the pooled output: the features a classifier of medical images looks at, which separate
+    grayscale scans better than ImageNet Inception's. Inputs in [0, 1] are normalised as the model's image
+    processor says (when it has one) and grayscale is repeated to the channels the model expects.
+    """
+
+    def __init__(self, backbone: nn.Module, mean: list[float] | None = None, std: list[float] | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        channels = getattr(backbone.config, "num_channels", 3)
+        shape = (1, channels, 1, 1)
+        self.register_buffer("mean", torch.tensor(mean or [0.0] * channels).reshape(shape), persistent=False)
+        self.register_buffer("std", torch.tensor(std or [1.0] * channels).reshape(shape), persistent=False)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> PooledImageEncoder:
+        from transformers import AutoImageProcessor, AutoModel
+
+        backbone = AutoModel.from_pretrained(path)
+        try:
+            processor = AutoImageProcessor.from_pretrained(path)
+            mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+        except (OSError, ValueError):
+            mean = std = None
+        return cls(backbone, mean, std)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        channels = self.mean.shape[1]
+        if images.shape[1] not in (1, channels):
+            raise ValueError(f"the encoder takes {channels}-channel images, got {images.shape[1]} channels")
+        images = (images.expand(-1, channels, -1, -1) - self.mean) / self.std
+        return self.backbone(pixel_values=images).pooler_output.flatten(1)
