@@ -36,7 +36,8 @@ def paired_ms_ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     a, b = _as_unit_float(a), _as_unit_float(b)
     scales = ms_ssim_scales(min(a.shape[-2:]))
-    betas = tuple(beta / sum(MS_SSIM_BETAS[:scales]) for beta in MS_SSIM_BETAS[:scales])
+    betas = MS_SSIM_BETAS if scales == len(MS_SSIM_BETAS) else tuple(
+        beta / sum(MS_SSIM_BETAS[:scales]) for beta in MS_SSIM_BETAS[:scales])
     return ms_ssim(a, b, data_range=1.0, kernel_size=KERNEL_SIZE, betas=betas, reduction="none")
 
 

@@ -1,0 +1,115 @@
+"""``medsyn evaluate`` end to end on small simulated sets, and the image-set selection it reads."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medsyn.cli import main
+from medsyn.data import SimulatedBrainMRI
+from medsyn.evaluation import load_image_set
+
+
+def _save(path, images, labels=None, **extra):
+    arrays = {"images": images, **extra}
+    if labels is not None:
+        arrays.update(labels=labels, class_names=np.array(["healthy", "tumor"]))
+    np.savez(path, **arrays)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sets")
+    train = SimulatedBrainMRI(32, seed=1).generate(120)
+    real = SimulatedBrainMRI(32, seed=2).generate(40)
+    generated = SimulatedBrainMRI(32, seed=3).generate(40)
+    images = generated["images"].copy()
+    images[[4, 9]] = train["images"][[10, 20]]  # two planted copies of training images
+    from transformers import ResNetConfig, ResNetModel
+
+    encoder = ResNetModel(ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]))
+    encoder.save_pretrained(root / "encoder")
+    return {
+        "train": _save(root / "train.npz", train["images"], train["labels"]),
+        "real": _save(root / "real.npz", real["images"], real["labels"]),
+        "generated": _save(root / "generated.npz", images, generated["labels"]),
+        "encoder": str(root / "encoder"),
+        "root": root,
+    }
+
+
+def test_selection_by_column_and_part(tmp_path):
+    images = np.arange(10, dtype=np.uint8)[:, None, None].repeat(4, 1).repeat(4, 2)
+    path = _save(tmp_path / "s.npz", images, labels=np.arange(10) % 2, split=np.array(["a", "b"] * 5))
+    selected = load_image_set(f"{path}:split=b", "real")
+    assert selected.images[:, 0, 0, 0].tolist() == [1, 3, 5, 7, 9] and selected.labels.tolist() == [1] * 5
+    halves = [load_image_set(f"{path}:part={k}/2", "real").images[:, 0, 0, 0].tolist() for k in (1, 2)]
+    assert sorted(halves[0] + halves[1]) == list(range(10)) and not set(halves[0]) & set(halves[1])
+    both = load_image_set(f"{path}:split=a,part=2/2", "real")
+    assert both.images[:, 0, 0, 0].tolist() == [2, 6]
+    with pytest.raises(ValueError, match="no per-image array 'site'"):
+        load_image_set(f"{path}:site=x", "real")
+    with pytest.raises(ValueError, match="selection is empty"):
+        load_image_set(f"{path}:split=c", "real")
+    with pytest.raises(ValueError, match="part must be K/N"):
+        load_image_set(f"{path}:part=half", "real")
+
+
+def test_folder_sets_load_with_their_class_folders(tmp_path):
+    for label in ("healthy", "tumor"):
+        (tmp_path / label).mkdir()
+        for i in range(2):
+            Image.fromarray(np.full((8, 8), i * 50, dtype=np.uint8)).save(tmp_path / label / f"{i}.png")
+    image_set = load_image_set(str(tmp_path), "generated")
+    assert image_set.images.shape == (4, 1, 8, 8) and image_set.class_names == ["healthy", "tumor"]
+
+
+def test_evaluate_writes_metrics_and_a_self_contained_report(sets, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--real", sets["real"], "--generated", sets["generated"], "--train", sets["train"],
+                 "--domain-encoder", sets["encoder"], "--no-inception", "--output-dir", str(out),
+                 "--diversity-pairs", "50", "--audit-threshold", "0.01"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    counts = np.bincount(np.load(sets["generated"])["labels"], minlength=2)
+    assert metrics["inputs"]["generated"]["per_class"] == {"healthy": counts[0], "tumor": counts[1]}
+    assert metrics["inception"] == {"note": "not computed: --no-inception"}
+    domain = metrics["domain"]
+    assert 0 <= domain["precision"] <= 1 and 0 <= domain["recall"] <= 1 and domain["fid"] >= 0
+    # Different simulated slices are >= 0.04 apart (RMS on [0, 1]); the planted copies are at 0.
+    pixel = metrics["privacy"]["pixel"]
+    assert not pixel["passed"] and sorted(pixel["flagged_indices"]) == [4, 9] and pixel["min_distance"] == 0
+    assert sorted(metrics["flagged_pair_images"]) == [
+        "flagged/flagged_000004_train_000010.png", "flagged/flagged_000009_train_000020.png"]
+    assert set(metrics["diversity"]["per_class"]) == {"healthy", "tumor"}
+    assert metrics["image_statistics"]["snr"]["real"]["mean"] > 1
+    page = (out / "report.html").read_text()
+    assert "Privacy: memorisation audit" in page and "2 generated images flagged" in page
+    assert "data:image/png;base64," in page and "src=\"http" not in page  # images inline, nothing fetched
+
+
+def test_same_distribution_scores_as_such_and_files_are_protected(sets, tmp_path, capsys):
+    out = tmp_path / "eval"
+    real = sets["real"]
+    assert main(["evaluate", "--real", f"{real}:part=1/2", "--generated", f"{real}:part=2/2", "--no-inception",
+                 "--domain-encoder", sets["encoder"], "--output-dir", str(out), "--diversity-pairs", "20"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["privacy"] == {"note": "not run: pass --train (the images the model was trained on)"}
+    diversity = metrics["diversity"]["overall"]
+    assert diversity["generated"] == pytest.approx(diversity["real"], abs=0.1)
+    before = (out / "metrics.json").read_bytes()
+    assert main(["evaluate", "--real", real, "--generated", real, "--no-inception", "--output-dir", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / "metrics.json").read_bytes() == before
+
+
+def test_mismatched_sets_get_a_clear_error(sets, tmp_path, capsys):
+    small = _save(tmp_path / "small.npz", np.zeros((5, 16, 16), dtype=np.uint8))
+    assert main(["evaluate", "--real", sets["real"], "--generated", small, "--no-inception",
+                 "--output-dir", str(tmp_path / "o")]) == 2
+    assert "differ in (channels, height, width)" in capsys.readouterr().err
+    bad = tmp_path / "nan.npz"
+    np.savez(bad, images=np.full((3, 32, 32), np.nan, dtype=np.float32))
+    assert main(["evaluate", "--real", sets["real"], "--generated", str(bad), "--no-inception",
+                 "--output-dir", str(tmp_path / "o")]) == 2
+    assert "NaN" in capsys.readouterr().err
