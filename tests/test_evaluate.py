@@ -70,7 +70,8 @@ def test_evaluate_writes_metrics_and_a_self_contained_report(sets, tmp_path):
     out = tmp_path / "eval"
     assert main(["evaluate", "--real", sets["real"], "--generated", sets["generated"], "--train", sets["train"],
                  "--domain-encoder", sets["encoder"], "--no-inception", "--output-dir", str(out),
-                 "--diversity-pairs", "50", "--audit-threshold", "0.01"]) == 0
+                 "--diversity-pairs", "50", "--audit-threshold", "0.01", "--test", sets["real"],
+                 "--downstream-steps", "20"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     counts = np.bincount(np.load(sets["generated"])["labels"], minlength=2)
     assert metrics["inputs"]["generated"]["per_class"] == {"healthy": counts[0], "tumor": counts[1]}
@@ -84,7 +85,11 @@ def test_evaluate_writes_metrics_and_a_self_contained_report(sets, tmp_path):
         "flagged/flagged_000004_train_000010.png", "flagged/flagged_000009_train_000020.png"]
     assert set(metrics["diversity"]["per_class"]) == {"healthy", "tumor"}
     assert metrics["image_statistics"]["snr"]["real"]["mean"] > 1
+    downstream = metrics["downstream"]
+    assert set(downstream["runs"]) == {"real", "real + synthetic"} and "20 steps" in downstream["description"]
+    assert downstream["runs"]["real + synthetic"]["train_images"] == 160
     page = (out / "report.html").read_text()
+    assert "AUC change from adding synthetic images" in page
     assert "Privacy: memorisation audit" in page and "2 generated images flagged" in page
     assert "data:image/png;base64," in page and "src=\"http" not in page  # images inline, nothing fetched
 

@@ -21,6 +21,7 @@ from medsyn.metrics.image_statistics import STATISTICS, image_statistics, radial
 from medsyn.metrics.manifold import manifold_metrics, realism_scores
 from medsyn.privacy import memorisation_audit, save_flagged_pairs
 
+from .downstream import binarise, downstream_utility
 from .image_sets import ImageSet
 
 WORST_SHOWN = 8
@@ -132,6 +133,21 @@ def _audit_summary(audit) -> dict:
     return summary
 
 
+def _downstream_section(train, test, generated, options: dict | None, seed: int, progress: bool) -> dict:
+    if options is None:
+        return {"note": "not run: --no-downstream"}
+    if train is None or test is None:
+        return {"note": "not run: needs labelled --train and --test sets"}
+    if any(s.labels is None for s in (train, test, generated)):
+        unlabelled = [s.name for s in (train, test, generated) if s.labels is None]
+        return {"note": f"not run: unlabelled sets {unlabelled}"}
+    options = dict(options)
+    positive = options.pop("positive", None)
+    if positive:
+        train, test, generated = (binarise(s, positive) for s in (train, test, generated))
+    return downstream_utility(train, test, generated, seed=seed, progress=progress, **options)
+
+
 def evaluate(
     real: ImageSet,
     generated: ImageSet,
@@ -146,6 +162,7 @@ def evaluate(
     diversity_pairs: int = 1000,
     audit_threshold: float | None = None,
     audit_percentile: float = 1.0,
+    downstream: dict | None = None,
     batch_size: int = 32,
     seed: int = 0,
     progress: bool = True,
@@ -161,6 +178,8 @@ def evaluate(
         inception: a feature extractor for FID/KID (``FIDInceptionV3``); None skips them with ``inception_note``.
         domain_encoder: a medical-image encoder for domain FID, precision/recall and a feature-space audit.
         k: neighbours for the precision/recall/density/coverage balls.
+        downstream: options for ``downstream_utility`` (plus ``positive``: classes to binarise on); None
+            skips it. It needs labelled ``train``, ``test`` and ``generated`` sets.
     """
     output_dir = Path(output_dir)
     sets = [s for s in (real, generated, train, test) if s is not None]
@@ -213,6 +232,7 @@ def evaluate(
         generated, train, test if test is not None else real, audit_threshold, audit_percentile, output_dir,
         progress, domain_features if train is not None else None,
     )
+    result["downstream"] = _downstream_section(train, test, generated, downstream, seed, progress)
     result["least_realistic"] = worst
     result["flagged_pair_images"] = [str(p.relative_to(output_dir)) for p in flagged]
     result["seconds"] = round(time.perf_counter() - started, 1)

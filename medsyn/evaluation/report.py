@@ -242,5 +242,9 @@ def _downstream_html(section: dict) -> str:
         return _note(section["note"])
     rows = [[name, run["auc"], f"[{run['auc_ci'][0]:.3f}, {run['auc_ci'][1]:.3f}]", run["train_images"]]
             for name, run in section["runs"].items()]
+    low, high = section["auc_gain_ci"]
+    verdict = ("helped" if low > 0 else "hurt" if high < 0 else "made no difference beyond resampling noise")
     return (f"<p>{html.escape(section['description'])}</p>"
-            + _table(["classifier trained on", "test ROC AUC", "95% bootstrap CI", "training images"], rows))
+            + _table(["classifier trained on", "test ROC AUC", "95% bootstrap CI", "training images"], rows)
+            + f"<p>AUC change from adding synthetic images: {section['auc_gain']:+.3f} "
+            f"(95% CI [{low:+.3f}, {high:+.3f}]): the synthetic images {verdict}.</p>")
