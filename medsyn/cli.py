@@ -243,6 +243,11 @@ def evaluate(args: argparse.Namespace) -> int:
         from medsyn.metrics.features import PooledImageEncoder
 
         domain_encoder = PooledImageEncoder.from_pretrained(args.domain_encoder)
+    score_model = None
+    if args.score_model:
+        from medsyn.pipelines import ScoreLangevinPipeline
+
+        score_model = ScoreLangevinPipeline.from_pretrained(args.score_model)
     downstream = None if args.no_downstream else {
         "positive": args.downstream_positive.split(",") if args.downstream_positive else None,
         "resolution": args.downstream_resolution, "steps": args.downstream_steps,
@@ -253,7 +258,7 @@ def evaluate(args: argparse.Namespace) -> int:
         inception=inception, inception_note=inception_note, domain_encoder=domain_encoder, k=args.k,
         kid_subset_size=args.kid_subset_size, diversity_pairs=args.diversity_pairs,
         audit_threshold=args.audit_threshold, audit_percentile=args.audit_percentile, downstream=downstream,
-        batch_size=args.batch_size, seed=args.seed,
+        score_model=score_model, batch_size=args.batch_size, seed=args.seed,
     )
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     report = write_report(metrics, sets["real"], sets["generated"], output_dir)
@@ -323,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "e.g. glioma,meningioma,pituitary; default: the sets' own classes")
     ev.add_argument("--downstream-resolution", type=int, default=None, help="train the classifier at this size")
     ev.add_argument("--downstream-steps", type=int, default=500, help="training steps for each classifier")
+    ev.add_argument("--score-model", help="a ScoreLangevinPipeline folder: its error per noise level on --test")
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--overwrite", action="store_true")

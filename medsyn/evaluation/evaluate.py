@@ -23,6 +23,7 @@ from medsyn.privacy import memorisation_audit, save_flagged_pairs
 
 from .downstream import binarise, downstream_utility
 from .image_sets import ImageSet
+from .score_error import per_sigma_score_error
 
 WORST_SHOWN = 8
 
@@ -148,6 +149,21 @@ def _downstream_section(train, test, generated, options: dict | None, seed: int,
     return downstream_utility(train, test, generated, seed=seed, progress=progress, **options)
 
 
+def _score_error_section(pipeline, held_out: ImageSet, batch_size: int, seed: int) -> dict:
+    labels = None
+    model_names = pipeline.config.class_names
+    if pipeline.unet.config.num_class_embeds is not None:
+        if held_out.labels is None or not model_names:
+            raise ValueError(f"the score model is class-conditional: --{held_out.name} needs labels it knows")
+        unknown = sorted(set(held_out.class_names) - set(model_names))
+        if unknown:
+            raise ValueError(f"--{held_out.name} has classes {unknown} the score model does not know ({model_names})")
+        labels = np.array([model_names.index(held_out.class_names[i]) for i in held_out.labels])
+    section = per_sigma_score_error(pipeline, held_out.images, labels, batch_size=batch_size, seed=seed)
+    section["images_from"] = held_out.name
+    return section
+
+
 def evaluate(
     real: ImageSet,
     generated: ImageSet,
@@ -163,6 +179,7 @@ def evaluate(
     audit_threshold: float | None = None,
     audit_percentile: float = 1.0,
     downstream: dict | None = None,
+    score_model=None,
     batch_size: int = 32,
     seed: int = 0,
     progress: bool = True,
@@ -180,6 +197,8 @@ def evaluate(
         k: neighbours for the precision/recall/density/coverage balls.
         downstream: options for ``downstream_utility`` (plus ``positive``: classes to binarise on); None
             skips it. It needs labelled ``train``, ``test`` and ``generated`` sets.
+        score_model: a ``ScoreLangevinPipeline`` whose per-noise-level error is measured on ``test`` (or
+            ``real``).
     """
     output_dir = Path(output_dir)
     sets = [s for s in (real, generated, train, test) if s is not None]
@@ -233,6 +252,8 @@ def evaluate(
         progress, domain_features if train is not None else None,
     )
     result["downstream"] = _downstream_section(train, test, generated, downstream, seed, progress)
+    if score_model is not None:
+        result["score_error"] = _score_error_section(score_model, test if test is not None else real, batch_size, seed)
     result["least_realistic"] = worst
     result["flagged_pair_images"] = [str(p.relative_to(output_dir)) for p in flagged]
     result["seconds"] = round(time.perf_counter() - started, 1)

@@ -128,6 +128,17 @@ def _histogram_plot(audit: dict, title: str) -> str:
     return _png(figure)
 
 
+def _score_error_plot(section: dict) -> str:
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.2))
+    axis.semilogx(section["sigma"], section["relative_dsm_error"], marker="o", markersize=3)
+    axis.set_xlabel("noise level sigma")
+    axis.set_ylabel("relative DSM error")
+    axis.set_title(f"Score error on {section['images']} {section['images_from']} images")
+    return _png(figure)
+
+
 def _privacy_html(section: dict, output_dir: Path, flagged: list[str]) -> str:
     if "note" in section:
         return _note(section["note"])
@@ -227,6 +238,10 @@ def write_report(metrics: dict, real: ImageSet, generated: ImageSet, output_dir:
                             f"{', '.join(map(str, indices))}</figcaption></figure>")
     sections += ["<h2>Privacy: memorisation audit</h2>",
                  _privacy_html(metrics["privacy"], output_dir, metrics.get("flagged_pair_images", []))]
+    if "score_error" in metrics:
+        sections += ["<h2>Score model error per noise level</h2><p>Denoising score-matching error on held-out "
+                     "images relative to a model that knows nothing (1); 0 is perfect.</p>",
+                     _score_error_plot(metrics["score_error"])]
     if "downstream" in metrics:
         sections += ["<h2>Downstream utility</h2>", _downstream_html(metrics["downstream"])]
     sections.append(f"<p><small>Computed in {metrics['seconds']} s; every number is in metrics.json.</small></p>")
