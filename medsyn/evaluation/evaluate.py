@@ -39,6 +39,8 @@ def check_compatible(sets: list[ImageSet]) -> None:
 def _feature_section(
     real: torch.Tensor, generated: torch.Tensor, k: int, kid_subset_size: int, seed: int
 ) -> tuple[dict, np.ndarray]:
+    # Subsets of at most half the smaller set, so that they differ and the spread over them means something.
+    kid_subset_size = min(kid_subset_size, max(2, min(len(real), len(generated)) // 2))
     kid_mean, kid_std = kernel_distance(real, generated, subset_size=kid_subset_size, seed=seed)
     # FID shrinks as samples grow, so the floor is read at one size: against the second half of the real set,
     # the first half of it (two samples of one distribution) and as many generated images.
@@ -47,6 +49,7 @@ def _feature_section(
         "fid": frechet_distance(real, generated),
         "kid_mean": kid_mean,
         "kid_std": kid_std,
+        "kid_subset_size": kid_subset_size,
         **manifold_metrics(real, generated, k=k).to_dict(),
         "half_size": half,
         "real_halves_fid": frechet_distance(real[:half], real[-half:]) if half >= 2 else None,
