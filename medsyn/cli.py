@@ -262,6 +262,10 @@ def evaluate(args: argparse.Namespace) -> int:
     )
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     report = write_report(metrics, sets["real"], sets["generated"], output_dir)
+    if args.model_card:
+        from medsyn.model_card import add_evaluation_to_model_card
+
+        print(f"added the evaluation to {add_evaluation_to_model_card(args.model_card, metrics)}")
     print(f"wrote {output_dir / 'metrics.json'} and {report} ({metrics['seconds']} s)")
     return 0
 
@@ -329,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--downstream-resolution", type=int, default=None, help="train the classifier at this size")
     ev.add_argument("--downstream-steps", type=int, default=500, help="training steps for each classifier")
     ev.add_argument("--score-model", help="a ScoreLangevinPipeline folder: its error per noise level on --test")
+    ev.add_argument("--model-card", help="a saved model folder: write these results into its README.md")
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--overwrite", action="store_true")

@@ -41,14 +41,23 @@ def test_evaluate_reports_the_score_error_of_a_saved_model(tmp_path):
     from medsyn.cli import main
 
     get_dummy_pipeline().save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "README.md").write_text("# model\n\n## Limitations\n\nSome.\n")
     path = tmp_path / "real.npz"
     np.savez(path, images=_images(8)[:, 0].numpy(), labels=np.arange(8) % 2, class_names=np.array(["healthy", "tumor"]))
     assert main(["evaluate", "--real", str(path), "--generated", str(path), "--no-inception", "--no-downstream",
                  "--score-model", str(tmp_path / "model"), "--output-dir", str(tmp_path / "eval"),
-                 "--diversity-pairs", "5"]) == 0
+                 "--diversity-pairs", "5", "--model-card", str(tmp_path / "model")]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert len(metrics["score_error"]["relative_dsm_error"]) == 4 and metrics["score_error"]["images_from"] == "real"
     assert "Score model error per noise level" in (tmp_path / "eval" / "report.html").read_text()
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert card.startswith("# model") and "## Limitations" in card and card.count("## Evaluation") == 1
+    diversity = metrics["diversity"]["overall"]["generated"]
+    assert f"| mean pairwise MS-SSIM, generated (real) | {diversity:.4g}" in card
+    from medsyn.model_card import add_evaluation_to_model_card
+
+    again = add_evaluation_to_model_card(tmp_path / "model", metrics).read_text()  # replaced, not appended
+    assert again.count("## Evaluation") == 1 and "## Limitations" in again
     np.savez(path, images=_images(8)[:, 0].numpy(), labels=np.arange(8) % 2, class_names=np.array(["a", "b"]))
     assert main(["evaluate", "--real", str(path), "--generated", str(path), "--no-inception", "--no-downstream",
                  "--score-model", str(tmp_path / "model"), "--output-dir", str(tmp_path / "e2")]) == 2
