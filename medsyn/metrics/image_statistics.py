@@ -33,31 +33,39 @@ def luminance(images: torch.Tensor) -> torch.Tensor:
     return x[:, 0]
 
 
-def otsu_thresholds(gray: torch.Tensor) -> torch.Tensor:
-    """Per-image Otsu threshold on a 256-bin histogram (maximises the between-class variance)."""
+def grey_level_frequencies(gray: torch.Tensor) -> torch.Tensor:
+    """(N, 256) share of each image's pixels at each 8-bit grey level, from (N, H, W) on [0, 1]."""
     levels = (gray * 255).round().long().clamp(0, 255).flatten(1)
-    histogram = torch.zeros(len(gray), 256, dtype=torch.float64).scatter_add_(1, levels, torch.ones_like(levels, dtype=torch.float64))
-    p = histogram / histogram.sum(1, keepdim=True)
+    counts = torch.zeros(len(gray), 256, dtype=torch.float64).scatter_add_(
+        1, levels, torch.ones_like(levels, dtype=torch.float64))
+    return counts / levels.shape[1]
+
+
+def _otsu(frequencies: torch.Tensor) -> torch.Tensor:
+    """The grey level (on [0, 1]) that maximises the between-class variance of each histogram."""
     bins = torch.arange(256, dtype=torch.float64)
-    weight = p.cumsum(1)
-    mean = (p * bins).cumsum(1)
+    weight = frequencies.cumsum(1)
+    mean = (frequencies * bins).cumsum(1)
     total = mean[:, -1:]
     between = (total * weight - mean).square() / (weight * (1 - weight)).clamp(min=1e-12)
     return (between.argmax(1).double() + 0.5) / 255.0
+
+
+def otsu_thresholds(gray: torch.Tensor) -> torch.Tensor:
+    """Per-image Otsu threshold on a 256-bin histogram (maximises the between-class variance)."""
+    return _otsu(grey_level_frequencies(gray))
 
 
 def image_statistics(images: torch.Tensor) -> dict[str, np.ndarray]:
     """Each statistic of each image, as arrays of length N."""
     gray = luminance(images)
     flat = gray.flatten(1)
-    foreground = flat > otsu_thresholds(gray)[:, None]
+    frequencies = grey_level_frequencies(gray)
+    foreground = flat > _otsu(frequencies)[:, None]
     count = foreground.sum(1).clamp(min=2)
     mean = (flat * foreground).sum(1) / count
     std = (((flat - mean[:, None]) * foreground).square().sum(1) / (count - 1)).sqrt()
     laplacian = F.conv2d(gray[:, None], torch.tensor([[[[0.0, 1, 0], [1, -4, 1], [0, 1, 0]]]], dtype=gray.dtype))
-    levels = (flat * 255).round().long().clamp(0, 255)
-    histogram = torch.zeros(len(gray), 256, dtype=torch.float64).scatter_add_(1, levels, torch.ones_like(flat))
-    frequencies = histogram / flat.shape[1]
     return {
         "snr": (mean / std.clamp(min=QUANTISATION_STD)).numpy(),
         "contrast": flat.std(1, unbiased=False).numpy(),
