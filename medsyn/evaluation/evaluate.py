@@ -97,29 +97,25 @@ def _diversity_section(real: ImageSet, generated: ImageSet, pairs: int, seed: in
 
 def _privacy_section(
     generated: ImageSet,
-    train: ImageSet | None,
-    held_out: ImageSet | None,
+    train: ImageSet,
+    held_out: ImageSet,
     threshold: float | None,
     percentile: float,
     output_dir: Path,
     progress: bool,
     features: dict[str, torch.Tensor] | None,
 ) -> tuple[dict, list[Path]]:
-    if train is None:
-        return {"note": "not run: pass --train (the images the model was trained on)"}, []
-    if threshold is None and held_out is None:
-        return {"note": "not run: pass --test or --real (held-out images) to calibrate, or --audit-threshold"}, []
     audit = memorisation_audit(
-        generated.images, train.images, None if held_out is None else held_out.images,
-        threshold=threshold, percentile=percentile, progress=progress,
+        generated.images, train.images, held_out.images, threshold=threshold, percentile=percentile,
+        progress=progress,
     )
     section = {"pixel": _audit_summary(audit)}
     section["pixel"]["held_out_set"] = None if threshold is not None else held_out.name
     paths = save_flagged_pairs(audit, generated.as_hwc(), train.as_hwc(), output_dir / "flagged")
     if features is not None:
+        # Always calibrated: a fixed threshold is an RMS pixel distance, meaningless in feature space.
         feature_audit = memorisation_audit(
-            features["generated"], features["train"], features.get("held_out"),
-            threshold=None if "held_out" in features else threshold, percentile=percentile,
+            features["generated"], features["train"], features["held_out"], percentile=percentile
         )
         section["domain_features"] = _audit_summary(feature_audit)
     else:
@@ -208,6 +204,7 @@ def evaluate(
     check_compatible(sets)
     started = time.perf_counter()
     result: dict = {"inputs": {s.name: s.summary() for s in sets}, "seed": seed}
+    held_out = test if test is not None else real
     worst: dict[str, list[int]] = {}
 
     def features_of(image_set: ImageSet, encoder: nn.Module, label: str) -> torch.Tensor:
@@ -215,14 +212,14 @@ def evaluate(
                                 description=f"{label} features: {image_set.name}")
 
     if inception is not None:
+        generated_pool3 = features_of(generated, inception, "Inception")
         section, realism = _feature_section(
-            features_of(real, inception, "Inception"), features_of(generated, inception, "Inception"),
-            k, kid_subset_size, seed,
+            features_of(real, inception, "Inception"), generated_pool3, k, kid_subset_size, seed
         )
         if getattr(inception, "fc", None) is not None:
             from medsyn.metrics.inception import inception_score
 
-            section["inception_score"] = inception_score(inception.logits(features_of(generated, inception, "IS")))
+            section["inception_score"] = inception_score(inception.logits(generated_pool3))
         else:
             section["inception_score"] = None
             section["inception_score_note"] = "not computed: the Inception weights have no classifier (pool3 only)"
@@ -242,21 +239,22 @@ def evaluate(
         worst["domain realism"] = np.argsort(realism)[:WORST_SHOWN].tolist()
         if train is not None:
             domain_features["train"] = features_of(train, domain_encoder, "domain")
-            held_out = test if test is not None else real
             domain_features["held_out"] = domain_features["real"] if held_out is real else features_of(
-                test, domain_encoder, "domain")
+                held_out, domain_encoder, "domain")
     else:
         result["domain"] = {"note": "not computed: pass --domain-encoder (a model trained on medical images)"}
 
     result["diversity"] = _diversity_section(real, generated, diversity_pairs, seed)
     result["image_statistics"] = _statistics_section(real, generated)
-    result["privacy"], flagged = _privacy_section(
-        generated, train, test if test is not None else real, audit_threshold, audit_percentile, output_dir,
-        progress, domain_features if train is not None else None,
-    )
+    if train is None:
+        result["privacy"], flagged = {"note": "not run: pass --train (the images the model was trained on)"}, []
+    else:
+        result["privacy"], flagged = _privacy_section(
+            generated, train, held_out, audit_threshold, audit_percentile, output_dir, progress, domain_features
+        )
     result["downstream"] = _downstream_section(train, test, generated, downstream, seed, progress)
     if score_model is not None:
-        result["score_error"] = _score_error_section(score_model, test if test is not None else real, batch_size, seed)
+        result["score_error"] = _score_error_section(score_model, held_out, batch_size, seed)
     result["least_realistic"] = worst
     result["flagged_pair_images"] = [str(p.relative_to(output_dir)) for p in flagged]
     result["seconds"] = round(time.perf_counter() - started, 1)

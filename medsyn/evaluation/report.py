@@ -160,10 +160,10 @@ def _privacy_html(section: dict, output_dir: Path, flagged: list[str]) -> str:
         ]))
         parts.append(_histogram_plot(audit, f"Nearest training image, {title}"))
     if flagged:
-        parts.append(f"<h3>Flagged images beside their nearest training images (first {len(flagged)})</h3>")
-        for name in flagged[:20]:
-            from PIL import Image
+        from PIL import Image
 
+        parts.append(f"<h3>Flagged images beside their nearest training images (first {min(len(flagged), 20)} of {len(flagged)})</h3>")
+        for name in flagged[:20]:
             pair = np.asarray(Image.open(output_dir / name))
             zoom = _zoom_for(pair.shape[0])
             parts.append(f"<figure>{_png(pair.repeat(zoom, 0).repeat(zoom, 1))}"
