@@ -11,6 +11,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "MediSynPipeline": "medsyn.pipelines",
     "ScoreLangevinPipeline": "medsyn.pipelines",
     "AnnealedLangevinScheduler": "medsyn.schedulers",
     "build_score_unet": "medsyn.models.score_unet",

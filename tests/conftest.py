@@ -21,7 +21,9 @@ def get_dummy_components(in_channels: int = 1, num_classes: int | None = 2) -> d
         layers_per_block=1,
         norm_num_groups=4,
     ).eval()
-    scheduler = AnnealedLangevinScheduler(num_train_timesteps=4, sigma_max=3.0, sigma_min=0.05, step_size=1e-3, n_steps_each=2)
+    scheduler = AnnealedLangevinScheduler(
+        num_train_timesteps=4, sigma_max=3.0, sigma_min=0.05, step_size=1e-3, n_steps_each=2
+    )
     class_names = ["healthy", "tumor"] if num_classes == 2 else None
     return {"unet": unet, "scheduler": scheduler, "class_names": class_names}
 
@@ -35,3 +37,74 @@ def get_dummy_pipeline(**kwargs) -> ScoreLangevinPipeline:
 @pytest.fixture
 def pipe() -> ScoreLangevinPipeline:
     return get_dummy_pipeline()
+
+
+DUMMY_CAPTIONS = [
+    "axial T1 brain MRI, healthy",
+    "axial T1 contrast-enhanced brain MRI, large left frontal glioma with oedema",
+    "fundus photograph with diabetic retinopathy",
+    "fundus photograph of a normal retina",
+]
+
+
+def get_dummy_medisyn_components(in_channels: int = 1) -> dict:
+    """A 16 px MediSyn model: 2-level autoencoder (factor 2), 2-level conditional unet, 2-layer BERT."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import BertModel
+
+    from medsyn.models.latent_diffusion import (
+        autoencoder_config,
+        bert_text_encoder_config,
+        build_wordpiece_tokenizer,
+        conditional_unet_config,
+    )
+
+    tokenizer = build_wordpiece_tokenizer(DUMMY_CAPTIONS, vocab_size=200, max_length=16, min_frequency=1)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        **autoencoder_config(
+            in_channels,
+            latent_channels=4,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            norm_num_groups=4,
+            sample_size=16,
+        )
+    )
+    text_encoder = BertModel(
+        bert_text_encoder_config(
+            max_length=16,
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=37,
+        )
+    )
+    unet = UNet2DConditionModel(
+        **conditional_unet_config(
+            sample_size=8,
+            latent_channels=4,
+            cross_attention_dim=32,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            attention_head_dim=4,
+            norm_num_groups=4,
+        )
+    )
+    scheduler = DDIMScheduler(num_train_timesteps=100, beta_schedule="scaled_linear", clip_sample=False)
+    return {
+        "vae": vae.eval(),
+        "text_encoder": text_encoder.eval(),
+        "tokenizer": tokenizer,
+        "unet": unet.eval(),
+        "scheduler": scheduler,
+    }
+
+
+def get_dummy_medisyn_pipeline(**kwargs):
+    from medsyn.pipelines import MediSynPipeline
+
+    pipe = MediSynPipeline(**get_dummy_medisyn_components(**kwargs))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,322 @@
+"""Text-guided latent diffusion for medical images (MediSyn), conditioned on a biomedical BERT encoder.
+
+Example:
+    ```py
+    >>> import torch
+    >>> from medsyn import MediSynPipeline
+
+    >>> pipe = MediSynPipeline.from_pretrained("path/to/medisyn-brain-mri")
+    >>> image = pipe(
+    ...     "axial T1 contrast-enhanced brain MRI, large left frontal glioma with oedema",
+    ...     guidance_scale=4.0,
+    ...     generator=torch.Generator().manual_seed(0),
+    ... ).images[0]
+    >>> image.save("glioma.png")
+    ```
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any, Callable
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from medsyn.models.latent_diffusion import prompt_max_length
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[str]
+
+
+class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+    r"""Pipeline for text-to-image generation in the latent space of a medical-image autoencoder.
+
+    Parameters:
+        vae ([`AutoencoderKL`]): encodes images (1 or 3 channels) to latents and decodes them back; its config's
+            ``scaling_factor`` brings latents to unit variance.
+        text_encoder ([`~transformers.PreTrainedModel`]): a BERT-family encoder (BioMedBERT's architecture by
+            default); its ``last_hidden_state`` is what the unet attends to.
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`]): the encoder's tokenizer; prompts are padded and
+            truncated to its ``model_max_length``, bounded by the encoder's position embeddings.
+        unet ([`UNet2DConditionModel`]): denoises latents; ``cross_attention_dim`` equals the encoder's hidden size.
+        scheduler ([`SchedulerMixin`]): any diffusers noise scheduler (DDPM, DDIM, DPMSolverMultistep, UniPC...);
+            swap one in with ``SchedulerClass.from_config(pipe.scheduler.config)``.
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components: list[str] = []
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+    ):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    def _tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Token ids and attention mask, padded to the prompt length; warns about the words a truncation drops."""
+        max_length = prompt_max_length(self.tokenizer, self.text_encoder)
+        tokens = self.tokenizer(
+            prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+        )
+        full_lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False)["input_ids"]]
+        for index, length in enumerate(full_lengths):
+            if length > max_length:
+                kept = self.tokenizer.decode(tokens["input_ids"][index], skip_special_tokens=True)
+                logger.warning(
+                    "prompt has %d tokens but the text encoder takes %d; it was truncated to %r",
+                    length,
+                    max_length,
+                    kept,
+                )
+        return tokens
+
+    def encode_prompt(
+        self,
+        prompt: Prompt | None,
+        device: torch.device,
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+        negative_prompt: Prompt | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token states of the prompts (and of the negative prompts under guidance), one row per image.
+
+        An unset negative prompt is the empty caption, which is what training's caption dropout teaches the unet
+        as "unconditional".
+        """
+        if prompt_embeds is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompt_embeds = self._embed(prompts, device)
+        batch_size = prompt_embeds.shape[0]
+        negative = None
+        if do_classifier_free_guidance:
+            if negative_prompt_embeds is None:
+                negatives = negative_prompt if negative_prompt is not None else ""
+                negatives = [negatives] * batch_size if isinstance(negatives, str) else list(negatives)
+                negative_prompt_embeds = self._embed(negatives, device)
+            negative = negative_prompt_embeds.to(device, self.unet.dtype).repeat_interleave(num_images_per_prompt, 0)
+        prompt_embeds = prompt_embeds.to(device, self.unet.dtype).repeat_interleave(num_images_per_prompt, 0)
+        return prompt_embeds, negative
+
+    def _embed(self, prompts: list[str], device: torch.device) -> torch.Tensor:
+        tokens = self._tokenize(prompts)
+        output = self.text_encoder(
+            tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device), return_dict=True
+        )
+        if not hasattr(output, "last_hidden_state"):
+            raise ValueError(f"{type(self.text_encoder).__name__} returns no last_hidden_state; use a base encoder")
+        return output.last_hidden_state
+
+    def check_inputs(
+        self,
+        prompt: Prompt | None,
+        height: int,
+        width: int,
+        guidance_scale: float,
+        negative_prompt: Prompt | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        output_type: str,
+        callback_on_step_end_tensor_inputs: list[str],
+    ) -> None:
+        """Reject bad arguments with a message that names them, before any model runs."""
+        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise ValueError(
+                f"height and width must be divisible by the autoencoder's factor {self.vae_scale_factor}, "
+                f"got {height}x{width}"
+            )
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("give exactly one of prompt and prompt_embeds")
+        if prompt is not None and not isinstance(prompt, str):
+            if not isinstance(prompt, (list, tuple)) or not all(isinstance(p, str) for p in prompt):
+                raise ValueError(f"prompt must be a string or a list of strings, got {prompt!r:.80}")
+            if not prompt:
+                raise ValueError("prompt is an empty list")
+        if prompt_embeds is not None and prompt_embeds.shape[-1] != self.unet.config.cross_attention_dim:
+            raise ValueError(
+                f"prompt_embeds have width {prompt_embeds.shape[-1]}, the unet attends to "
+                f"{self.unet.config.cross_attention_dim}"
+            )
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("give at most one of negative_prompt and negative_prompt_embeds")
+        has_negative = negative_prompt is not None or negative_prompt_embeds is not None
+        if has_negative and guidance_scale <= 1:
+            raise ValueError(
+                f"a negative prompt only acts under classifier-free guidance, but guidance_scale={guidance_scale} <= 1"
+            )
+        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        if isinstance(negative_prompt, (list, tuple)) and len(negative_prompt) != batch_size:
+            raise ValueError(f"got {len(negative_prompt)} negative prompts for {batch_size} prompts")
+        if negative_prompt_embeds is not None and negative_prompt_embeds.shape != prompt_embeds.shape:
+            raise ValueError(
+                f"negative_prompt_embeds have shape {tuple(negative_prompt_embeds.shape)}, prompt_embeds "
+                f"{tuple(prompt_embeds.shape)}"
+            )
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {sorted(unknown)} are not among {self._callback_tensor_inputs}"
+            )
+
+    def prepare_latents(
+        self,
+        batch_size: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Initial noise in latent space, scaled to the scheduler's starting noise level."""
+        shape = (
+            batch_size,
+            self.unet.config.in_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"got {len(generator)} generators for {batch_size} images")
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        elif not torch.isfinite(latents).all():
+            raise ValueError("latents contain NaN or Inf")
+        return latents.to(device, dtype) * self.scheduler.init_noise_sigma
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from unit-variance latents (undoing the autoencoder's scaling and shift)."""
+        latents = latents / self.vae.config.scaling_factor
+        if getattr(self.vae.config, "shift_factor", None):
+            latents = latents + self.vae.config.shift_factor
+        return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: Prompt | None = None,
+        negative_prompt: Prompt | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 4.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        r"""Generate images from text.
+
+        Args:
+            prompt: a prompt or one per image group; or pass ``prompt_embeds``.
+            negative_prompt: what to steer away from under guidance (default: the empty caption).
+            height, width: image size in pixels, divisible by the autoencoder's factor (default: the unet's
+                ``sample_size`` times that factor).
+            num_inference_steps: denoising steps.
+            guidance_scale: classifier-free guidance weight w (``eps_u + w (eps_c - eps_u)``); 1 or less turns
+                guidance off.
+            num_images_per_prompt: images generated for each prompt.
+            generator: a generator, or one per image so that an image does not depend on its batch.
+            latents: initial latent noise of shape (images, latent channels, height / factor, width / factor).
+            prompt_embeds, negative_prompt_embeds: precomputed text-encoder states (batch, tokens, hidden size).
+            output_type: "pil", "np" (B, H, W, C) in [0, 1], "pt" (B, C, H, W) in [0, 1] or "latent".
+            return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
+            callback_on_step_end: called as ``f(pipe, step, timestep, tensors)`` after every step with the tensors
+                named in ``callback_on_step_end_tensor_inputs``; tensors in the dict it returns replace them.
+            callback_on_step_end_tensor_inputs: names from ``_callback_tensor_inputs`` (default: latents).
+
+        Returns:
+            [`ImagePipelineOutput`] with ``images``, or a tuple ``(images,)`` when ``return_dict`` is False.
+        """
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        self.check_inputs(
+            prompt,
+            height,
+            width,
+            guidance_scale,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+        )
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        device = self._execution_device
+        do_classifier_free_guidance = guidance_scale > 1
+
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt,
+            device,
+            num_images_per_prompt,
+            do_classifier_free_guidance,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+        )
+        batch_size = prompt_embeds.shape[0]
+        latents = self.prepare_latents(batch_size, height, width, prompt_embeds.dtype, device, generator, latents)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        # Deterministic solvers (UniPC, DPM-Solver++) take no generator; stochastic ones (DDPM, Euler a) need it.
+        takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+        step_kwargs = {"generator": generator} if takes_generator else {}
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            model_input = torch.cat([latents] * 2) if do_classifier_free_guidance else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            context = (
+                torch.cat([prompt_embeds, negative_prompt_embeds]) if do_classifier_free_guidance else prompt_embeds
+            )
+            noise_pred = self.unet(model_input, t, encoder_hidden_states=context, return_dict=False)[0]
+            if do_classifier_free_guidance:
+                conditional, unconditional = noise_pred.chunk(2)
+                noise_pred = unconditional + guidance_scale * (conditional - unconditional)
+            latents = self.scheduler.step(noise_pred, t, latents, return_dict=False, **step_kwargs)[0]
+
+            if callback_on_step_end is not None:
+                tensors = {
+                    "latents": latents,
+                    "prompt_embeds": prompt_embeds,
+                    "negative_prompt_embeds": negative_prompt_embeds,
+                }
+                outputs = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
+                latents = outputs.pop("latents", latents)
+                prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+
+        if output_type == "latent":
+            image = latents
+        else:
+            image = self.image_processor.postprocess(self.decode_latents(latents), output_type=output_type)
+        self.maybe_free_model_hooks()
+
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
