@@ -12,30 +12,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import math
-import os
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from PIL import Image
 from tqdm.auto import tqdm
 
-from medsyn.data import image_channels, image_transform, load_image_dataset, random_affine, simulated_dataset
+from medsyn.data import image_channels, image_transform, random_affine
 from medsyn.model_card import write_model_card
 from medsyn.models.score_unet import null_class_label, score_unet_config
 from medsyn.pipelines import ScoreLangevinPipeline
 from medsyn.schedulers import AnnealedLangevinScheduler, noise_schedule_from_data
 from medsyn.schedulers.ncsn_rules import langevin_step_size
 from medsyn.schedulers.scheduling_annealed_langevin import geometric_sigmas
+from medsyn.training.accelerator import attach_ema, build_accelerator, ema_or_trained_model, step_budget
 from medsyn.training.checkpoints import (
     checkpoint_step,
     prune_checkpoints,
@@ -43,27 +38,22 @@ from medsyn.training.checkpoints import (
     step_generator,
 )
 from medsyn.training.dsm_loss import dsm_loss, perturb
+from medsyn.training.script_args import (
+    add_data_arguments,
+    add_logging_and_hub_arguments,
+    add_optimisation_arguments,
+    check_data_arguments,
+    load_training_data,
+    push_output_to_hub,
+)
 
 logger = get_logger(__name__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    data = parser.add_argument_group("data")
-    data.add_argument("--train_data_dir", type=str, default=None,
-                      help="Image folder with class sub-folders, a .csv/.jsonl manifest, or an .npz.")
-    data.add_argument("--dataset_name", type=str, default=None,
-                      help="A dataset saved with datasets' save_to_disk, or a Hub dataset id (needs network).")
-    data.add_argument("--image_column", type=str, default="image")
-    data.add_argument("--label_column", type=str, default="label")
-    data.add_argument("--simulated_num_images", type=int, default=2000,
-                      help="Size of the simulated brain MRI set used when no data is given.")
-    data.add_argument("--max_train_samples", type=int, default=None)
-    data.add_argument("--resolution", type=int, default=128)
-    data.add_argument("--num_channels", type=int, default=None, choices=(1, 3),
-                      help="Convert images to this many channels; default: keep the data's own.")
-    data.add_argument("--augment", action="store_true", help="Small random affine (MONAI DDPM tutorial); no flips.")
-    data.add_argument("--dataloader_num_workers", type=int, default=0)
+    add_data_arguments(parser)
+    parser.add_argument("--augment", action="store_true", help="Small random affine (MONAI DDPM tutorial); no flips.")
 
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", type=str, default=None,
@@ -83,83 +73,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     noise.add_argument("--n_steps_each", type=int, default=5)
     noise.add_argument("--step_size", type=float, default=None, help="Langevin alpha; default: technique 4.")
 
-    train = parser.add_argument_group("training")
-    train.add_argument("--output_dir", type=str, default="score-langevin-model")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--train_batch_size", type=int, default=16)
-    train.add_argument("--num_train_epochs", type=int, default=100)
-    train.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    train.add_argument("--learning_rate", type=float, default=1e-4)
-    train.add_argument("--lr_scheduler", type=str, default="constant")
-    train.add_argument("--lr_warmup_steps", type=int, default=0)
-    train.add_argument("--adam_beta1", type=float, default=0.9)
-    train.add_argument("--adam_beta2", type=float, default=0.999)
-    train.add_argument("--adam_weight_decay", type=float, default=0.0)
-    train.add_argument("--adam_epsilon", type=float, default=1e-8)
-    train.add_argument("--max_grad_norm", type=float, default=1.0)
-    train.add_argument("--use_ema", action="store_true")
-    train.add_argument("--ema_decay", type=float, default=0.999)
-    train.add_argument("--mixed_precision", type=str, default=None, choices=("no", "fp16", "bf16"))
-    train.add_argument("--checkpointing_steps", type=int, default=500)
-    train.add_argument("--checkpoints_total_limit", type=int, default=None)
-    train.add_argument("--resume_from_checkpoint", type=str, default=None,
-                       help='"latest" or a checkpoint folder; starts fresh if "latest" finds none.')
+    add_optimisation_arguments(parser, output_dir="score-langevin-model", learning_rate=1e-4)
+    parser.add_argument("--use_ema", action="store_true")
+    parser.add_argument("--ema_decay", type=float, default=0.999)
 
-    logs = parser.add_argument_group("validation and logging")
-    logs.add_argument("--validation_steps", type=int, default=500)
-    logs.add_argument("--num_validation_images", type=int, default=4, help="Per class.")
-    logs.add_argument("--validation_num_levels", type=int, default=None,
-                      help="Noise levels for validation sampling; default: the trained number.")
-    logs.add_argument("--validation_guidance_scale", type=float, default=1.0)
-    logs.add_argument("--report_to", type=str, default="tensorboard")
-    logs.add_argument("--logging_dir", type=str, default="logs")
-
-    hub = parser.add_argument_group("hub")
-    hub.add_argument("--push_to_hub", action="store_true")
-    hub.add_argument("--hub_model_id", type=str, default=None)
-    hub.add_argument("--hub_token", type=str, default=None)
+    add_logging_and_hub_arguments(parser)
+    parser.add_argument("--num_validation_images", type=int, default=4, help="Per class.")
+    parser.add_argument("--validation_num_levels", type=int, default=None,
+                        help="Noise levels for validation sampling; default: the trained number.")
+    parser.add_argument("--validation_guidance_scale", type=float, default=1.0)
 
     args = parser.parse_args(argv)
-    if args.train_data_dir and args.dataset_name:
-        parser.error("give --train_data_dir or --dataset_name, not both")
+    check_data_arguments(parser, args)
     if not 0.0 <= args.label_drop_rate < 1.0:
         parser.error(f"--label_drop_rate must be in [0, 1), got {args.label_drop_rate}")
     if args.resolution % 2 ** (len(args.channel_mult) - 1):
         parser.error(f"--resolution {args.resolution} must be divisible by 2**{len(args.channel_mult) - 1}")
     return args
-
-
-def load_training_data(args: argparse.Namespace):
-    """The training set with columns image, label (a ClassLabel) and a description of where it came from."""
-    if args.train_data_dir:
-        dataset = load_image_dataset(args.train_data_dir, channels=args.num_channels)
-        description = f"`{args.train_data_dir}`"
-    elif args.dataset_name:
-        import datasets
-
-        path = Path(args.dataset_name)
-        dataset = datasets.load_from_disk(str(path)) if path.exists() else datasets.load_dataset(args.dataset_name)["train"]
-        needed = (args.image_column, args.label_column) if args.class_conditional else (args.image_column,)
-        for column in needed:
-            if column not in dataset.column_names:
-                raise ValueError(f"--dataset_name {args.dataset_name}: no column {column!r} ({dataset.column_names})")
-        if args.label_column in dataset.column_names:
-            dataset = dataset.rename_columns({args.image_column: "image", args.label_column: "label"})
-            if not isinstance(dataset.features["label"], datasets.ClassLabel):  # strings or ints: name the classes
-                dataset = dataset.class_encode_column("label")
-        else:
-            dataset = dataset.rename_column(args.image_column, "image").add_column("label", [0] * len(dataset))
-        if args.num_channels:
-            mode = "L" if args.num_channels == 1 else "RGB"
-            dataset = dataset.map(lambda row: {"image": row["image"].convert(mode)})
-        description = f"`{args.dataset_name}`"
-    else:
-        dataset = simulated_dataset(args.simulated_num_images, resolution=args.resolution, seed=args.seed)
-        description = f"medsyn simulated brain MRI ({args.simulated_num_images} images, seed {args.seed})"
-    if args.max_train_samples is not None:
-        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
-    return dataset, description
 
 
 def build_model_and_scheduler(args, dataset, to_tensor, num_classes, channels):
@@ -211,19 +141,9 @@ def sample_grid(pipeline, class_names, per_class, num_levels, guidance_scale, se
 def main(args: argparse.Namespace) -> UNet2DModel:
     """Train, save the pipeline and model card (main process), and return the final network on every rank."""
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    set_seed(args.seed)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = build_accelerator(args)
 
-    dataset, data_description = load_training_data(args)
+    dataset, data_description = load_training_data(args, require_labels=args.class_conditional)
     class_names = list(dataset.features["label"].names) if args.class_conditional else None
     channels = image_channels(dataset)
     to_tensor = image_transform(args.resolution)
@@ -249,30 +169,13 @@ def main(args: argparse.Namespace) -> UNet2DModel:
         unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
     )
-    updates_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
-    num_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    updates_per_epoch, max_train_steps, num_epochs = step_budget(args, accelerator, len(dataloader) / accelerator.num_processes)
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=max_train_steps * accelerator.num_processes,
     )
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
-    ema = None
-    if args.use_ema:
-        ema = EMAModel(accelerator.unwrap_model(unet).parameters(), decay=args.ema_decay,
-                       model_cls=UNet2DModel, model_config=accelerator.unwrap_model(unet).config)
-        ema.to(accelerator.device)
-
-        def save_ema(models, weights, checkpoint_dir):  # safetensors, not a pickle, like diffusers' examples
-            if accelerator.is_main_process:
-                ema.save_pretrained(os.path.join(checkpoint_dir, "unet_ema"))
-
-        def load_ema(models, checkpoint_dir):
-            ema.load_state_dict(EMAModel.from_pretrained(os.path.join(checkpoint_dir, "unet_ema"), UNet2DModel).state_dict())
-            ema.to(accelerator.device)
-
-        accelerator.register_save_state_pre_hook(save_ema)
-        accelerator.register_load_state_pre_hook(load_ema)
+    ema = attach_ema(accelerator, accelerator.unwrap_model(unet), args.ema_decay, "unet_ema") if args.use_ema else None
     if accelerator.is_main_process:
         accelerator.init_trackers("score_langevin", config={k: str(v) for k, v in vars(args).items()})
 
@@ -340,7 +243,7 @@ def main(args: argparse.Namespace) -> UNet2DModel:
             break
 
     accelerator.wait_for_everyone()
-    model = final_unet(accelerator, unet, ema)
+    model = ema_or_trained_model(accelerator, unet, ema)
     if accelerator.is_main_process:
         save_pipeline(args, accelerator, model, noise_scheduler, class_names, data_description, len(dataset),
                       channels, global_step, recent_losses)
@@ -348,17 +251,8 @@ def main(args: argparse.Namespace) -> UNet2DModel:
     return model
 
 
-def final_unet(accelerator, unet, ema) -> UNet2DModel:
-    """The trained network, with the EMA weights when EMA is on, in eval mode."""
-    model = accelerator.unwrap_model(unet)
-    if ema is not None:
-        model = UNet2DModel.from_config(model.config).to(accelerator.device)
-        ema.copy_to(model.parameters())
-    return model.eval()
-
-
 def log_validation(args, accelerator, unet, ema, noise_scheduler, class_names, step) -> None:
-    pipeline = ScoreLangevinPipeline(final_unet(accelerator, unet, ema), noise_scheduler, class_names=class_names)
+    pipeline = ScoreLangevinPipeline(ema_or_trained_model(accelerator, unet, ema), noise_scheduler, class_names=class_names)
     pipeline.set_progress_bar_config(disable=True)
     grid = sample_grid(pipeline, class_names, args.num_validation_images, args.validation_num_levels,
                        args.validation_guidance_scale, args.seed)
@@ -415,12 +309,7 @@ def save_pipeline(args, accelerator, model, noise_scheduler, class_names, data_d
         f"channels {list(model.config.block_out_channels)}",
     )
     if args.push_to_hub:
-        from huggingface_hub import create_repo, upload_folder
-
-        repo_id = create_repo(args.hub_model_id or output_dir.name, exist_ok=True, token=args.hub_token).repo_id
-        upload_folder(repo_id=repo_id, folder_path=output_dir, token=args.hub_token,
-                      ignore_patterns=["checkpoint-*", "logs/*", "validation/*"])
-
+        push_output_to_hub(output_dir, args.hub_model_id, args.hub_token)
 
 if __name__ == "__main__":
     main(parse_args())

@@ -1,0 +1,119 @@
+"""Command-line flags every medsyn training script shares, named as in diffusers' examples, and the data they load.
+
+Each script adds its own model and loss flags; data, optimisation, checkpointing, logging and Hub flags mean the
+same in all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from medsyn.data import load_image_dataset, simulated_dataset
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, resolution: int = 128) -> None:
+    data = parser.add_argument_group("data")
+    data.add_argument("--train_data_dir", type=str, default=None,
+                      help="Image folder with class sub-folders, a .csv/.jsonl manifest, or an .npz.")
+    data.add_argument("--dataset_name", type=str, default=None,
+                      help="A dataset saved with datasets' save_to_disk, or a Hub dataset id (needs network).")
+    data.add_argument("--image_column", type=str, default="image")
+    data.add_argument("--label_column", type=str, default="label")
+    data.add_argument("--simulated_num_images", type=int, default=2000,
+                      help="Size of the simulated brain MRI set used when no data is given.")
+    data.add_argument("--max_train_samples", type=int, default=None)
+    data.add_argument("--resolution", type=int, default=resolution)
+    data.add_argument("--num_channels", type=int, default=None, choices=(1, 3),
+                      help="Convert images to this many channels; default: keep the data's own.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+
+
+def add_optimisation_arguments(parser: argparse.ArgumentParser, output_dir: str, learning_rate: float) -> None:
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", type=str, default=output_dir)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--train_batch_size", type=int, default=16)
+    train.add_argument("--num_train_epochs", type=int, default=100)
+    train.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--learning_rate", type=float, default=learning_rate)
+    train.add_argument("--lr_scheduler", type=str, default="constant")
+    train.add_argument("--lr_warmup_steps", type=int, default=0)
+    train.add_argument("--adam_beta1", type=float, default=0.9)
+    train.add_argument("--adam_beta2", type=float, default=0.999)
+    train.add_argument("--adam_weight_decay", type=float, default=0.0)
+    train.add_argument("--adam_epsilon", type=float, default=1e-8)
+    train.add_argument("--max_grad_norm", type=float, default=1.0)
+    train.add_argument("--mixed_precision", type=str, default=None, choices=("no", "fp16", "bf16"))
+    train.add_argument("--checkpointing_steps", type=int, default=500)
+    train.add_argument("--checkpoints_total_limit", type=int, default=None)
+    train.add_argument("--resume_from_checkpoint", type=str, default=None,
+                       help='"latest" or a checkpoint folder; starts fresh if "latest" finds none.')
+
+
+def add_logging_and_hub_arguments(parser: argparse.ArgumentParser) -> None:
+    logs = parser.add_argument_group("validation and logging")
+    logs.add_argument("--validation_steps", type=int, default=500)
+    logs.add_argument("--report_to", type=str, default="tensorboard")
+    logs.add_argument("--logging_dir", type=str, default="logs")
+    hub = parser.add_argument_group("hub")
+    hub.add_argument("--push_to_hub", action="store_true")
+    hub.add_argument("--hub_model_id", type=str, default=None)
+    hub.add_argument("--hub_token", type=str, default=None)
+
+
+def check_data_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.train_data_dir and args.dataset_name:
+        parser.error("give --train_data_dir or --dataset_name, not both")
+
+
+def load_training_data(args: argparse.Namespace, require_labels: bool = False, caption_column: str | None = None):
+    """The training set with columns image, label (a ClassLabel), caption, and a description of its source.
+
+    Args:
+        args: parsed flags from ``add_data_arguments`` (and ``--seed``).
+        require_labels: fail when a ``--dataset_name`` set lacks ``--label_column``; otherwise every image gets
+            label 0.
+        caption_column: the ``--dataset_name`` column holding captions, renamed to ``caption`` when present.
+    """
+    if args.train_data_dir:
+        dataset = load_image_dataset(args.train_data_dir, channels=args.num_channels)
+        description = f"`{args.train_data_dir}`"
+    elif args.dataset_name:
+        import datasets
+
+        path = Path(args.dataset_name)
+        dataset = datasets.load_from_disk(str(path)) if path.exists() else datasets.load_dataset(args.dataset_name)["train"]
+        needed = (args.image_column, args.label_column) if require_labels else (args.image_column,)
+        for column in needed:
+            if column not in dataset.column_names:
+                raise ValueError(f"--dataset_name {args.dataset_name}: no column {column!r} ({dataset.column_names})")
+        if args.label_column in dataset.column_names:
+            dataset = dataset.rename_columns({args.image_column: "image", args.label_column: "label"})
+            if not isinstance(dataset.features["label"], datasets.ClassLabel):  # strings or ints: name the classes
+                dataset = dataset.class_encode_column("label")
+        else:
+            dataset = dataset.rename_column(args.image_column, "image").add_column("label", [0] * len(dataset))
+        if caption_column and caption_column in dataset.column_names and caption_column != "caption":
+            dataset = dataset.rename_column(caption_column, "caption")
+        if args.num_channels:
+            mode = "L" if args.num_channels == 1 else "RGB"
+            dataset = dataset.map(lambda row: {"image": row["image"].convert(mode)})
+        description = f"`{args.dataset_name}`"
+    else:
+        dataset = simulated_dataset(args.simulated_num_images, resolution=args.resolution, seed=args.seed)
+        description = f"medsyn simulated brain MRI ({args.simulated_num_images} images, seed {args.seed})"
+    if args.max_train_samples is not None:
+        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+    return dataset, description
+
+
+def push_output_to_hub(output_dir: Path, hub_model_id: str | None, hub_token: str | None) -> str:
+    """Upload a trained model folder (without checkpoints, logs and validation images); returns the repo id."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(hub_model_id or output_dir.name, exist_ok=True, token=hub_token).repo_id
+    upload_folder(repo_id=repo_id, folder_path=output_dir, token=hub_token,
+                  ignore_patterns=["checkpoint-*", "logs/*", "validation/*"])
+    return repo_id
