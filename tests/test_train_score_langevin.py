@@ -1,10 +1,5 @@
 """The training script on CPU: a few steps on tiny models, resume, save/reload, and (slow) two DDP ranks."""
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +9,8 @@ from PIL import Image
 
 from medsyn.pipelines import ScoreLangevinPipeline
 from medsyn.train_scripts.train_score_langevin import main, parse_args, sample_grid
+
+from .ddp_launch import run_two_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -117,35 +114,12 @@ def test_bad_arguments_fail_clearly(tmp_path):
         run(tmp_path, "x", "--train_data_dir", str(tmp_path / "missing"))
 
 
-DDP_LAUNCHER = textwrap.dedent(
-    """
-    import hashlib, json, os, sys
-    import torch
-    from medsyn.train_scripts.train_score_langevin import main, parse_args
-    model = main(parse_args(sys.argv[1:]))
-    digest = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values())).hexdigest()
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    out = os.path.join(sys.argv[sys.argv.index("--output_dir") + 1], f"rank{rank}.json")
-    json.dump({"world_size": world, "sha256": digest}, open(out, "w"))
-    """
-)
-
-
 @pytest.mark.slow
 def test_two_process_ddp_ranks_end_with_identical_weights(tmp_path):
-    """`accelerate launch --cpu --num_processes 2` silently starts one process on these machines
-    (docs/MACHINE_FACTS.md); --multi_gpu with ACCELERATE_USE_CPU=true starts two gloo ranks."""
-    launcher = tmp_path / "launch_train.py"
-    launcher.write_text(DDP_LAUNCHER)
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
-               "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no", str(launcher), *TINY,
-               "--class_conditional", "--use_ema", "--max_train_steps", "4", "--checkpointing_steps", "2",
-               "--validation_steps", "100", "--output_dir", str(out)]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = run_two_ranks(tmp_path, "medsyn.train_scripts.train_score_langevin", [
+        *TINY, "--class_conditional", "--use_ema", "--max_train_steps", "4", "--checkpointing_steps", "2",
+        "--validation_steps", "100", "--output_dir", str(out)])
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["sha256"] == ranks[1]["sha256"]
     assert "| optimiser steps, batch size | 4, 4 (x1 accumulation, 2 processes)" in (out / "README.md").read_text()

@@ -169,12 +169,12 @@ def main(args: argparse.Namespace) -> UNet2DModel:
         unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
     )
-    updates_per_epoch, max_train_steps, num_epochs = step_budget(args, accelerator, len(dataloader) / accelerator.num_processes)
-    lr_scheduler = get_scheduler(
+    unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
+    updates_per_epoch, max_train_steps, num_epochs = step_budget(args, len(dataloader))
+    lr_scheduler = accelerator.prepare(get_scheduler(
         args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=max_train_steps * accelerator.num_processes,
-    )
-    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
+    ))
     ema = attach_ema(accelerator, accelerator.unwrap_model(unet), args.ema_decay, "unet_ema") if args.use_ema else None
     if accelerator.is_main_process:
         accelerator.init_trackers("score_langevin", config={k: str(v) for k, v in vars(args).items()})

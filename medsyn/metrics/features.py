@@ -66,9 +66,16 @@ class PooledImageEncoder(nn.Module):
             mean = std = None
         return cls(backbone, mean, std)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] as the backbone expects them: its channel count, its mean and std."""
         channels = self.mean.shape[1]
         if images.shape[1] not in (1, channels):
             raise ValueError(f"the encoder takes {channels}-channel images, got {images.shape[1]} channels")
-        images = (images.expand(-1, channels, -1, -1) - self.mean) / self.std
-        return self.backbone(pixel_values=images).pooler_output.flatten(1)
+        return (images.expand(-1, channels, -1, -1) - self.mean) / self.std
+
+    def feature_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The backbone's hidden states at every stage (for a perceptual loss), from images in [0, 1]."""
+        return self.backbone(pixel_values=self.normalise(images), output_hidden_states=True).hidden_states
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(pixel_values=self.normalise(images)).pooler_output.flatten(1)

@@ -33,10 +33,11 @@ def build_accelerator(args: argparse.Namespace, **kwargs) -> Accelerator:
     return accelerator
 
 
-def step_budget(args: argparse.Namespace, accelerator: Accelerator, batches_per_epoch: float) -> tuple[int, int, int]:
+def step_budget(args: argparse.Namespace, batches_per_epoch: int) -> tuple[int, int, int]:
     """(optimiser steps per epoch, total optimiser steps, epochs) from --max_train_steps or --num_train_epochs.
 
-    ``batches_per_epoch`` is per process: the full loader's length divided by the number of processes.
+    ``batches_per_epoch`` is the length of the *prepared* loader: each process's share, which accelerate may round
+    down, so counting from the unsharded loader would promise steps an epoch does not have.
     """
     updates_per_epoch = max(1, math.ceil(batches_per_epoch / args.gradient_accumulation_steps))
     max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch

@@ -1,0 +1,368 @@
+"""Train the autoencoder of a MediSyn latent diffusion model (stage 1): a diffusers ``AutoencoderKL``.
+
+    accelerate launch train_scripts/train_autoencoder.py \\
+        --train_data_dir ../shared/data/brain_tumor_mri/brain_tumor_mri_4class_128.npz \\
+        --resolution 128 --output_dir medisyn-vae-brain-mri
+
+MONAI's latent-diffusion recipe: L1 reconstruction + KL (weight 1e-6) + an optional perceptual loss (on a local
+feature network, ``--perceptual_network``) + a PatchGAN adversarial loss switched on after a warm-up, with a faster
+discriminator. Without --train_data_dir or --dataset_name it trains on medsyn's simulated brain MRI. The result is
+an ``AutoencoderKL`` folder whose config carries the latent scaling factor (1 / std of the training latents), ready
+for ``train_medisyn.py --vae_model_name_or_path``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate.logging import get_logger
+from diffusers import AutoencoderKL
+from diffusers.optimization import get_scheduler
+from monai.losses import PatchAdversarialLoss
+from monai.networks.nets import PatchDiscriminator
+from PIL import Image
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from tqdm.auto import tqdm
+
+from medsyn.data import image_channels, image_transform
+from medsyn.model_card import write_model_card
+from medsyn.models.latent_diffusion import autoencoder_config
+from medsyn.training.accelerator import build_accelerator, step_budget
+from medsyn.training.autoencoder_losses import FeaturePerceptualLoss, VariationalReconstruction, adversarial_weight
+from medsyn.training.checkpoints import checkpoint_step, prune_checkpoints, resolve_checkpoint, step_generator
+from medsyn.training.script_args import (
+    add_data_arguments,
+    add_logging_and_hub_arguments,
+    add_optimisation_arguments,
+    check_data_arguments,
+    load_training_data,
+    push_output_to_hub,
+)
+
+logger = get_logger(__name__)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_data_arguments(parser)
+    parser.add_argument("--validation_fraction", type=float, default=0.05,
+                        help="Share of the images held out for PSNR/SSIM (at least one image).")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path", type=str, default=None,
+                       help="An AutoencoderKL folder or Hub id to fine-tune; default: a new model.")
+    model.add_argument("--subfolder", type=str, default=None, help='e.g. "vae" inside a pipeline folder.')
+    model.add_argument("--latent_channels", type=int, default=4)
+    model.add_argument("--block_out_channels", type=int, nargs="+", default=[64, 128, 256],
+                       help="Channels per level; the image is downsampled 2**(levels - 1) times.")
+    model.add_argument("--layers_per_block", type=int, default=2)
+    model.add_argument("--norm_num_groups", type=int, default=32)
+
+    losses = parser.add_argument_group("losses")
+    losses.add_argument("--kl_weight", type=float, default=1e-6)
+    losses.add_argument("--perceptual_network", type=str, default=None,
+                        help="A local transformers vision model (e.g. a ResNet50) for the perceptual loss.")
+    losses.add_argument("--perceptual_weight", type=float, default=None,
+                        help="Default 0.001 with --perceptual_network; the loss is off without one.")
+    losses.add_argument("--adversarial_weight", type=float, default=0.01, help="0 turns the discriminator off.")
+    losses.add_argument("--adversarial_warmup_steps", type=int, default=1000,
+                        help="Optimiser steps of reconstruction-only training before the adversarial loss starts.")
+    losses.add_argument("--discriminator_learning_rate", type=float, default=5e-4)
+    losses.add_argument("--discriminator_channels", type=int, default=64)
+    losses.add_argument("--discriminator_layers", type=int, default=3)
+
+    add_optimisation_arguments(parser, output_dir="medisyn-vae", learning_rate=1e-4)
+    add_logging_and_hub_arguments(parser)
+    parser.add_argument("--num_validation_images", type=int, default=8, help="Reconstructions shown per log.")
+    parser.add_argument("--scaling_factor_images", type=int, default=512,
+                        help="Training images encoded to measure the latents' standard deviation.")
+
+    args = parser.parse_args(argv)
+    check_data_arguments(parser, args)
+    if args.perceptual_weight is None:
+        args.perceptual_weight = 0.001 if args.perceptual_network else 0.0
+    elif args.perceptual_weight > 0 and not args.perceptual_network:
+        parser.error("--perceptual_weight needs --perceptual_network: a local transformers vision model (no "
+                     "perceptual network ships with medsyn, and none is downloaded)")
+    if not 0 < args.validation_fraction < 1:
+        parser.error(f"--validation_fraction must be in (0, 1), got {args.validation_fraction}")
+    if not args.pretrained_model_name_or_path and args.resolution % 2 ** (len(args.block_out_channels) - 1):
+        parser.error(f"--resolution {args.resolution} must be divisible by 2**{len(args.block_out_channels) - 1}")
+    return args
+
+
+def build_autoencoder(args: argparse.Namespace, channels: int) -> AutoencoderKL:
+    if args.pretrained_model_name_or_path:
+        return AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder=args.subfolder)
+    config = autoencoder_config(
+        in_channels=channels,
+        latent_channels=args.latent_channels,
+        block_out_channels=tuple(args.block_out_channels),
+        layers_per_block=args.layers_per_block,
+        norm_num_groups=args.norm_num_groups,
+        sample_size=args.resolution,
+    )
+    return AutoencoderKL(**config)
+
+
+def split_validation(dataset, fraction: float, seed: int):
+    """(training, validation) subsets, drawn with ``seed`` so a resumed run holds out the same images."""
+    order = np.random.default_rng(seed).permutation(len(dataset))
+    held_out = max(1, round(fraction * len(dataset)))
+    if held_out >= len(dataset):
+        raise ValueError(f"{len(dataset)} images are too few to hold out {held_out} for validation")
+    return dataset.select(np.sort(order[held_out:])), dataset.select(np.sort(order[:held_out]))
+
+
+@torch.no_grad()
+def evaluate_reconstruction(vae: AutoencoderKL, loader, device) -> tuple[dict[str, float], torch.Tensor]:
+    """PSNR and SSIM (images in [0, 1]) of the posterior-mean reconstructions, and the first batch's pairs."""
+    vae.eval()
+    # Only the main process validates: no gathering from the other ranks (it would wait for them forever).
+    psnr = PeakSignalNoiseRatio(data_range=1.0, sync_on_compute=False).to(device)
+    ssim = StructuralSimilarityIndexMeasure(data_range=1.0, sync_on_compute=False).to(device)
+    shown = None
+    for batch in loader:
+        images = batch["pixel_values"].to(device)
+        reconstruction = vae.decode(vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
+        real, fake = images / 2 + 0.5, reconstruction / 2 + 0.5
+        psnr.update(fake, real)
+        ssim.update(fake, real)
+        if shown is None:
+            shown = torch.cat([real, fake], dim=-2)  # each column: original above, reconstruction below
+    return {"psnr": psnr.compute().item(), "ssim": ssim.compute().item()}, shown
+
+
+def image_row(pairs: torch.Tensor, count: int) -> np.ndarray:
+    """The first ``count`` original/reconstruction columns side by side as uint8 (H, W) or (H, W, 3)."""
+    pairs = pairs[:count].clamp(0, 1).mul(255).round().byte().cpu()
+    row = torch.cat(list(pairs), dim=-1).permute(1, 2, 0).numpy()
+    return row[..., 0] if row.shape[-1] == 1 else row
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae: AutoencoderKL, loader, device, max_images: int, seed: int) -> float:
+    """1 / std of sampled training latents: the factor that gives the diffusion model unit-variance inputs."""
+    vae.eval()
+    generator = torch.Generator(device).manual_seed(seed)
+    latents, seen = [], 0
+    for batch in loader:
+        images = batch["pixel_values"][: max_images - seen].to(device)
+        latents.append(vae.encode(images).latent_dist.sample(generator=generator).float().flatten())
+        seen += images.shape[0]
+        if seen >= max_images:
+            break
+    return 1.0 / torch.cat(latents).std().item()
+
+
+def main(args: argparse.Namespace) -> AutoencoderKL:
+    """Train, save the autoencoder and model card (main process), and return the final model on every rank."""
+    output_dir = Path(args.output_dir)
+    accelerator = build_accelerator(args)
+    dataset, data_description = load_training_data(args)
+    train_set, validation_set = split_validation(dataset, args.validation_fraction, args.seed)
+    channels = image_channels(dataset)
+    to_tensor = image_transform(args.resolution)
+    vae = build_autoencoder(args, channels)
+    if vae.config.in_channels != channels:
+        raise ValueError(f"the data has {channels} channels but the autoencoder expects {vae.config.in_channels}")
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if args.resolution % factor:
+        raise ValueError(f"--resolution {args.resolution} is not divisible by the autoencoder's factor {factor}")
+    discriminator = PatchDiscriminator(
+        spatial_dims=2, channels=args.discriminator_channels, in_channels=channels, out_channels=1,
+        num_layers_d=args.discriminator_layers,
+    )
+    adversarial_loss = PatchAdversarialLoss(criterion="least_squares")
+    perceptual_loss = None
+    if args.perceptual_network:
+        perceptual_loss = FeaturePerceptualLoss.from_pretrained(args.perceptual_network).to(accelerator.device)
+    else:
+        logger.info("perceptual loss off: no --perceptual_network given (medsyn ships none and downloads none)")
+
+    def collate(rows):
+        return {"pixel_values": torch.stack([to_tensor(row["image"]) for row in rows])}
+
+    loader_kwargs = dict(batch_size=args.train_batch_size, collate_fn=collate, num_workers=args.dataloader_num_workers)
+    train_loader = torch.utils.data.DataLoader(
+        train_set, shuffle=True, drop_last=len(train_set) >= args.train_batch_size, **loader_kwargs
+    )
+    validation_loader = torch.utils.data.DataLoader(validation_set, shuffle=False, **loader_kwargs)
+    autoencoder = VariationalReconstruction(vae)
+    optimizer = torch.optim.AdamW(
+        autoencoder.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+    )
+    optimizer_d = torch.optim.AdamW(discriminator.parameters(), lr=args.discriminator_learning_rate,
+                                    betas=(args.adam_beta1, args.adam_beta2))
+    autoencoder, discriminator, optimizer, optimizer_d, train_loader = accelerator.prepare(
+        autoencoder, discriminator, optimizer, optimizer_d, train_loader
+    )
+    updates_per_epoch, max_train_steps, num_epochs = step_budget(args, len(train_loader))
+    lr_scheduler = accelerator.prepare(get_scheduler(
+        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    ))
+    if accelerator.is_main_process:
+        accelerator.init_trackers("autoencoder", config={k: str(v) for k, v in vars(args).items()})
+
+    global_step, first_epoch, resume_batches = 0, 0, 0
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+    if checkpoint is not None:
+        accelerator.print(f"Resuming from {checkpoint}")
+        accelerator.load_state(str(checkpoint))
+        global_step = checkpoint_step(checkpoint)
+        first_epoch = global_step // updates_per_epoch
+        resume_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+
+    logger.info(f"{len(train_set)} training and {len(validation_set)} validation images, {max_train_steps} steps, "
+                f"latents {vae.config.latent_channels} x {args.resolution // factor}^2")
+    progress = tqdm(range(max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
+    recent: dict[str, list[float]] = {}
+    micro_step = global_step * args.gradient_accumulation_steps
+    for epoch in range(first_epoch, num_epochs):
+        autoencoder.train()
+        discriminator.train()
+        train_loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(train_loader, resume_batches) if epoch == first_epoch else train_loader
+        for batch in batches:
+            generator = step_generator(args.seed, micro_step, accelerator.process_index, accelerator.device)
+            micro_step += 1
+            images = batch["pixel_values"]
+            adv_weight = adversarial_weight(global_step, args.adversarial_weight, args.adversarial_warmup_steps)
+            with accelerator.accumulate(autoencoder, discriminator):
+                reconstruction, kl = autoencoder(images, generator)
+                losses = {"l1": F.l1_loss(reconstruction.float(), images.float()), "kl": kl}
+                if perceptual_loss is not None:
+                    losses["perceptual"] = perceptual_loss(reconstruction.float(), images.float())
+                if adv_weight > 0:
+                    # The generator's adversarial term goes through a frozen copy of the discriminator's weights, so
+                    # it adds no gradient to the discriminator (which would accumulate into its own update).
+                    critic = accelerator.unwrap_model(discriminator).requires_grad_(False)
+                    with accelerator.autocast():
+                        logits = critic(reconstruction.contiguous())[-1]
+                    critic.requires_grad_(True)
+                    losses["adversarial"] = adversarial_loss(logits.float(), target_is_real=True, for_discriminator=False)
+                loss = (losses["l1"] + args.kl_weight * kl + args.perceptual_weight * losses.get("perceptual", 0)
+                        + adv_weight * losses.get("adversarial", 0))
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {global_step}; lower --learning_rate")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(autoencoder.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+
+                if adv_weight > 0:
+                    # One forward for fakes and reals: DDP allows one forward per backward.
+                    fake, real = discriminator(torch.cat([reconstruction.detach(), images]).contiguous())[-1].chunk(2)
+                    losses["discriminator"] = 0.5 * (
+                        adversarial_loss(fake.float(), target_is_real=False, for_discriminator=True)
+                        + adversarial_loss(real.float(), target_is_real=True, for_discriminator=True)
+                    )
+                    accelerator.backward(losses["discriminator"])
+                    optimizer_d.step()
+                    optimizer_d.zero_grad()
+
+            if accelerator.sync_gradients:
+                global_step += 1
+                progress.update(1)
+                logs = {name: accelerator.gather(value.detach()[None]).mean().item() for name, value in losses.items()}
+                for name, value in logs.items():
+                    recent[name] = (recent.get(name, []) + [value])[-50:]
+                accelerator.log({**logs, "lr": lr_scheduler.get_last_lr()[0], "adversarial_weight": adv_weight},
+                                step=global_step)
+                progress.set_postfix(l1=f"{logs['l1']:.4g}")
+                if global_step % args.checkpointing_steps == 0:
+                    if accelerator.is_main_process:
+                        prune_checkpoints(output_dir, args.checkpoints_total_limit)
+                    accelerator.wait_for_everyone()
+                    accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
+                if global_step % args.validation_steps == 0 and global_step < max_train_steps and accelerator.is_main_process:
+                    log_validation(args, accelerator, accelerator.unwrap_model(autoencoder).vae, validation_loader, global_step)
+                    autoencoder.train()
+                if global_step >= max_train_steps:
+                    break
+        if global_step >= max_train_steps:
+            break
+
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(autoencoder).vae.eval()
+    if accelerator.is_main_process:
+        scaling_factor = latent_scaling_factor(model, train_loader, accelerator.device, args.scaling_factor_images,
+                                               args.seed)
+        model.register_to_config(scaling_factor=scaling_factor)
+        metrics, strip = log_validation(args, accelerator, model, validation_loader, global_step)
+        model.save_pretrained(output_dir)
+        Image.fromarray(strip).save(output_dir / "reconstructions.png")
+        write_autoencoder_card(args, accelerator, model, data_description, len(train_set), len(validation_set),
+                               channels, global_step, metrics, recent)
+        if args.push_to_hub:
+            push_output_to_hub(output_dir, args.hub_model_id, args.hub_token)
+    accelerator.end_training()
+    return model
+
+
+def log_validation(args, accelerator, vae: AutoencoderKL, loader, step: int) -> tuple[dict[str, float], np.ndarray]:
+    """PSNR/SSIM on the held-out images, logged, with a strip of originals over reconstructions saved as PNG."""
+    metrics, pairs = evaluate_reconstruction(vae, loader, accelerator.device)
+    strip = image_row(pairs, args.num_validation_images)
+    folder = Path(args.output_dir) / "validation"
+    folder.mkdir(exist_ok=True)
+    Image.fromarray(strip).save(folder / f"step-{step:06d}.png")
+    accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=step)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("reconstructions", strip if strip.ndim == 3 else strip[..., None], step,
+                                     dataformats="HWC")
+    logger.info(f"step {step}: validation PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}")
+    return metrics, strip
+
+
+def write_autoencoder_card(args, accelerator, vae, data_description, num_train, num_validation, channels, steps,
+                           metrics, recent) -> None:
+    output_dir = Path(args.output_dir)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    mean = lambda name: f"{np.mean(recent[name]):.4g}" if recent.get(name) else "n/a"  # noqa: E731
+    adversarial = (f"weight {args.adversarial_weight} from step {args.adversarial_warmup_steps}, discriminator lr "
+                   f"{args.discriminator_learning_rate}" if args.adversarial_weight > 0 else "off")
+    write_model_card(
+        output_dir,
+        "autoencoder",
+        model_name=output_dir.name,
+        repo_id=args.hub_model_id or str(output_dir),
+        num_shown=min(args.num_validation_images, num_validation),
+        data_description=data_description,
+        num_train_images=num_train,
+        num_validation_images=num_validation,
+        resolution=args.resolution,
+        channels=channels,
+        latent_shape=f"{vae.config.latent_channels} x {args.resolution // factor} x {args.resolution // factor}",
+        factor=factor,
+        psnr=f"{metrics['psnr']:.2f}",
+        ssim=f"{metrics['ssim']:.4f}",
+        scaling_factor=f"{vae.config.scaling_factor:.5g}",
+        train_steps=steps,
+        batch_size=args.train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        num_processes=accelerator.num_processes,
+        learning_rate=args.learning_rate,
+        mixed_precision=accelerator.mixed_precision,
+        kl_weight=args.kl_weight,
+        perceptual=f"weight {args.perceptual_weight} on `{args.perceptual_network}`" if args.perceptual_network
+        else "off (no feature network given)",
+        adversarial=adversarial,
+        final_l1=mean("l1"),
+        final_kl=mean("kl"),
+        parameters=f"{sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters, channels "
+        f"{list(vae.config.block_out_channels)}",
+    )
+
+
+if __name__ == "__main__":
+    main(parse_args())
