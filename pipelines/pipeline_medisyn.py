@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -34,6 +36,8 @@ from medsyn.models.latent_diffusion import prompt_max_length
 logger = logging.getLogger(__name__)
 
 Prompt = str | list[str]
+#: Subfolder of a LoRA folder holding the text encoder's adapter (PEFT's format).
+TEXT_ENCODER_LORA_FOLDER = "text_encoder_lora"
 
 
 class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
@@ -67,6 +71,42 @@ class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    def save_lora_adapters(self, save_directory: str | os.PathLike) -> None:
+        """Save the LoRA adapters of the unet (diffusers' format) and, when it has them, of the text encoder (PEFT's
+        format, in ``text_encoder_lora/``), for ``load_lora_weights`` on the base pipeline.
+        """
+        from peft.utils import get_peft_model_state_dict
+
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        self.save_lora_weights(
+            save_directory, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+        )
+        if getattr(self.text_encoder, "_hf_peft_config_loaded", False):
+            self.text_encoder.save_pretrained(Path(save_directory) / TEXT_ENCODER_LORA_FOLDER)
+
+    def load_lora_weights(
+        self, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict, adapter_name: str | None = None, **kwargs
+    ) -> None:
+        """Load LoRA adapters saved by ``save_lora_adapters`` (or any diffusers unet LoRA) onto this pipeline.
+
+        diffusers' own loader maps text-encoder keys for CLIP only, so a BERT encoder's adapters travel in PEFT's
+        format (``text_encoder_lora/``) and load through transformers' PEFT integration.
+        """
+        super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
+        if isinstance(pretrained_model_name_or_path_or_dict, dict):
+            return
+        source = str(pretrained_model_name_or_path_or_dict)
+        local = Path(source) / TEXT_ENCODER_LORA_FOLDER
+        if local.is_dir():
+            self.text_encoder.load_adapter(str(local), adapter_name=adapter_name)
+        elif not Path(source).is_dir():  # a Hub id: its text-encoder adapter, if it has one
+            try:
+                self.text_encoder.load_adapter(source, adapter_name=adapter_name,
+                                               adapter_kwargs={"subfolder": TEXT_ENCODER_LORA_FOLDER})
+            except (OSError, ValueError):
+                logger.info("%s has no text-encoder adapter", source)
 
     def _tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Token ids and attention mask, padded to the prompt length; warns about the words a truncation drops."""

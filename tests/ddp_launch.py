@@ -19,8 +19,12 @@ LAUNCHER = textwrap.dedent(
     """
     import hashlib, importlib, json, os, sys
     script = importlib.import_module(sys.argv[1])
-    model = script.main(script.parse_args(sys.argv[2:]))
-    digest = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values())).hexdigest()
+    import torch
+    result = script.main(script.parse_args(sys.argv[2:]))
+    parts = getattr(result, "components", {"model": result})  # a pipeline: every network in it
+    modules = [parts[name] for name in sorted(parts) if isinstance(parts[name], torch.nn.Module)]
+    tensors = [v for module in modules for v in module.state_dict().values()]
+    digest = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in tensors)).hexdigest()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     out = os.path.join(sys.argv[sys.argv.index("--output_dir") + 1], f"rank{rank}.json")
     json.dump({"world_size": world, "sha256": digest}, open(out, "w"))
@@ -29,7 +33,7 @@ LAUNCHER = textwrap.dedent(
 
 
 def run_two_ranks(tmp_path: Path, module: str, args: list[str]) -> list[dict]:
-    """``{"world_size", "sha256" of the returned model's weights}`` per rank; fails with the ranks' stderr."""
+    """``{"world_size", "sha256" of the returned model's (or pipeline's) weights}`` per rank; fails with stderr."""
     launcher = tmp_path / "launch_train.py"
     launcher.write_text(LAUNCHER)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",

@@ -10,7 +10,10 @@ from the training captions.
 from __future__ import annotations
 
 import tempfile
-from typing import Any, Iterable
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 from transformers import BertConfig, BertTokenizerFast, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -114,30 +117,39 @@ def bert_text_encoder_config(max_length: int = 77, **overrides: Any) -> BertConf
 def build_wordpiece_tokenizer(
     captions: Iterable[str], vocab_size: int = 2000, max_length: int = 77, min_frequency: int = 2
 ) -> BertTokenizerFast:
-    """An uncased BERT WordPiece tokenizer learned from ``captions``, for training a text encoder from scratch.
+    """An uncased BERT WordPiece tokenizer whose vocabulary comes from ``captions``, for a text encoder trained
+    from scratch.
+
+    The vocabulary is every character (as a word start and as a ``##`` continuation) plus the most frequent
+    whole words, split as BERT splits text (the ``tokenizers`` library's BERT normaliser and pre-tokeniser). Any
+    word can then be spelled, and frequent clinical terms are single tokens. It is built by counting rather than
+    with ``tokenizers``' WordPiece trainer, whose vocabulary changes from run to run on the same captions, which
+    would make training irreproducible.
 
     Args:
-        captions: the training captions; every word in them is in the vocabulary or split into known pieces.
-        vocab_size: largest vocabulary size (the learned one is smaller when the captions have fewer pieces).
+        captions: the training captions.
+        vocab_size: largest vocabulary size, special tokens and characters included.
         max_length: the tokenizer's ``model_max_length``, saved with it so prompts are padded and truncated to it.
-        min_frequency: how often a piece must occur to be merged into a longer one.
+        min_frequency: how often a word must occur to get its own token.
     """
-    from tokenizers import BertWordPieceTokenizer
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
 
-    captions = list(captions)
-    if not captions:
-        raise ValueError("build_wordpiece_tokenizer needs at least one caption")
-    wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator(
-        captions,
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=BERT_SPECIAL_TOKENS,
-        show_progress=False,
-    )
+    normaliser, splitter = BertNormalizer(lowercase=True), BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for caption in captions:
+        counts.update(word for word, _ in splitter.pre_tokenize_str(normaliser.normalize_str(caption)))
+    if not counts:
+        raise ValueError("build_wordpiece_tokenizer needs at least one non-empty caption")
+    characters = sorted({c for word in counts for c in word})
+    vocab = BERT_SPECIAL_TOKENS + characters + ["##" + c for c in characters]
+    if len(vocab) > vocab_size:
+        raise ValueError(f"vocab_size={vocab_size} cannot hold the captions' {len(characters)} characters")
+    frequent = sorted((w for w, n in counts.items() if n >= min_frequency and len(w) > 1), key=lambda w: (-counts[w], w))
+    vocab += frequent[: vocab_size - len(vocab)]
     # Through a vocab.txt: the one constructor that transformers 4 and 5 both read the same way.
     with tempfile.TemporaryDirectory() as folder:
-        wordpiece.save_model(folder)
+        Path(folder, "vocab.txt").write_text("\n".join(vocab) + "\n")
         return BertTokenizerFast.from_pretrained(folder, do_lower_case=True, model_max_length=max_length)
 
 

@@ -57,3 +57,13 @@ def step_generator(seed: int, micro_step: int, process_index: int, device: torch
     draws exactly what the uninterrupted run drew, whatever the data loader prefetched.
     """
     return keyed_generator(seed, micro_step, process_index, device=device)
+
+
+def seed_global_rng(seed: int, micro_step: int, process_index: int) -> None:
+    """Reseed torch's global generator from (seed, micro-batch index, rank).
+
+    Layers that draw from it (dropout in a BERT text encoder) then draw the same masks in a resumed run as in an
+    uninterrupted one, although the resumed run consumed the global generator differently before (building models,
+    starting a new data-loader iterator).
+    """
+    torch.manual_seed(keyed_generator(seed, micro_step, process_index, 1).initial_seed())

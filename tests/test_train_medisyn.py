@@ -1,0 +1,161 @@
+"""Stage 2 on CPU: the three training modes (from scratch, fine-tune, LoRA) on tiny models, resume, and reload."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+
+from medsyn import MediSynPipeline
+from medsyn.models.latent_diffusion import autoencoder_config
+from medsyn.train_scripts.train_medisyn import main, parse_args
+
+from .ddp_launch import run_two_ranks
+
+TINY_MODEL = [
+    "--resolution", "16", "--text_encoder_layers", "2", "--text_encoder_width", "32", "--text_encoder_heads", "4",
+    "--vocab_size", "300", "--max_length", "24", "--unet_block_out_channels", "8", "16",
+    "--unet_layers_per_block", "1", "--unet_norm_num_groups", "4", "--attention_head_dim", "4",
+]
+TINY_RUN = [
+    "--simulated_num_images", "24", "--train_batch_size", "4", "--num_validation_images", "2",
+    "--validation_inference_steps", "3", "--report_to", "none", "--seed", "5", "--validation_steps", "100",
+    "--checkpointing_steps", "100",
+]
+
+
+@pytest.fixture(scope="module")
+def vae_path(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("vae")
+    torch.manual_seed(0)
+    config = autoencoder_config(1, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+                                norm_num_groups=4, sample_size=16)
+    AutoencoderKL(**config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def scratch_model(vae_path, tmp_path_factory) -> str:
+    """Mode (a): a model trained a few steps from scratch, saved as a pipeline folder."""
+    out = tmp_path_factory.mktemp("scratch")
+    main(parse_args([*TINY_MODEL, *TINY_RUN, "--vae_model_name_or_path", vae_path, "--max_train_steps", "3",
+                     "--learning_rate", "1e-3", "--output_dir", str(out)]))
+    return str(out)
+
+
+def run(tmp_path, name, *extra) -> MediSynPipeline:
+    return main(parse_args([*TINY_RUN, "--output_dir", str(tmp_path / name), *extra]))
+
+
+def images(pipe: MediSynPipeline, prompt: str = "axial T1 brain MRI, no tumor, normal brain") -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompt, num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
+                output_type="np").images
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_from_scratch_with_ema_saves_a_pipeline_that_reloads_identically(vae_path, tmp_path):
+    trained = run(tmp_path, "a", *TINY_MODEL, "--vae_model_name_or_path", vae_path, "--max_train_steps", "3",
+                  "--use_ema", "--validation_steps", "2")
+    out = tmp_path / "a"
+    loaded = MediSynPipeline.from_pretrained(out)
+    np.testing.assert_array_equal(images(loaded), images(trained))
+    assert loaded.tokenizer.model_max_length == 24 and loaded.text_encoder.config.max_position_embeddings == 24
+    assert "tumor" in loaded.tokenizer.get_vocab()  # the WordPiece vocabulary was learned from the captions
+    assert (out / "validation" / "step-000002.png").is_file()
+    assert np.asarray(Image.open(out / "samples.png")).shape == (2 * 16, 2 * 16)  # 2 classes x 2 images
+    card = (out / "README.md").read_text()
+    assert "$" not in card and "from scratch on the autoencoder" in card and "decay 0.9999" in card
+
+
+def test_resume_ends_with_the_same_unet_and_text_encoder(vae_path, tmp_path):
+    extra = [*TINY_MODEL, "--vae_model_name_or_path", vae_path, "--learning_rate", "1e-3", "--checkpointing_steps",
+             "2", "--gradient_accumulation_steps", "2"]
+    straight = run(tmp_path, "straight", *extra, "--max_train_steps", "4")
+    run(tmp_path, "resumed", *extra, "--max_train_steps", "2")
+    resumed = run(tmp_path, "resumed", *extra, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    for name in ("unet", "text_encoder"):
+        for key, value in weights(getattr(straight, name)).items():
+            torch.testing.assert_close(getattr(resumed, name).state_dict()[key], value, rtol=0, atol=0, msg=lambda m: key + m)
+
+
+def test_fine_tuning_trains_unet_and_text_encoder_but_not_the_autoencoder(scratch_model, tmp_path):
+    base = MediSynPipeline.from_pretrained(scratch_model)
+    tuned = run(tmp_path, "b", "--pretrained_model_name_or_path", scratch_model, "--train_text_encoder",
+                "--max_train_steps", "2", "--learning_rate", "1e-3", "--resolution", "16")
+    for key, value in weights(base.vae).items():
+        torch.testing.assert_close(tuned.vae.state_dict()[key], value, rtol=0, atol=0)
+    for name in ("unet", "text_encoder"):
+        before, after = weights(getattr(base, name)), weights(getattr(tuned, name))
+        assert any(not torch.equal(before[k], after[k]) for k in before), name
+    assert tuned.tokenizer.get_vocab() == base.tokenizer.get_vocab()
+
+
+def test_lora_adapters_change_the_output_and_reload_onto_the_base(scratch_model, tmp_path):
+    adapted = run(tmp_path, "c", "--pretrained_model_name_or_path", scratch_model, "--use_lora", "--rank", "4",
+                  "--train_text_encoder", "--max_train_steps", "3", "--learning_rate", "1e-2", "--resolution", "16")
+    out = tmp_path / "c"
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and not (out / "unet").exists()
+    assert (out / "text_encoder_lora" / "adapter_model.safetensors").is_file()
+    base = MediSynPipeline.from_pretrained(scratch_model)
+    before = images(base)
+    base.load_lora_weights(out)
+    after = images(base)
+    assert np.abs(after - before).max() > 1e-3
+    np.testing.assert_allclose(after, images(adapted), atol=1e-5)
+    assert "pipe.load_lora_weights" in (out / "README.md").read_text()
+
+
+def test_a_pretrained_bert_with_captions_from_templates(vae_path, tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from medsyn.models.latent_diffusion import build_wordpiece_tokenizer
+
+    encoder_dir = tmp_path / "bert"
+    tokenizer = build_wordpiece_tokenizer(["healthy brain", "brain tumor", "glioma"], vocab_size=100, min_frequency=1)
+    tokenizer.model_max_length = int(1e30)  # as BERT tokenizers without a limit report it
+    tokenizer.save_pretrained(encoder_dir)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=64)
+    BertModel(config).save_pretrained(encoder_dir)
+    templates = {"healthy": "axial brain MRI of a {label} volunteer", "tumor": "axial brain MRI with a brain tumor"}
+    trained = run(tmp_path, "t", *TINY_MODEL, "--vae_model_name_or_path", vae_path, "--text_encoder_name_or_path",
+                  str(encoder_dir), "--caption_templates", json.dumps(templates), "--max_train_steps", "2")
+    assert trained.tokenizer.model_max_length == 24  # --max_length, bounded by the encoder's 64 positions
+    card = (tmp_path / "t" / "README.md").read_text()
+    assert "axial brain MRI of a healthy volunteer; axial brain MRI with a brain tumor" in card and "frozen" in card
+    with pytest.raises(ValueError, match=r"no caption for the classes \['tumor'\]"):
+        run(tmp_path, "x", *TINY_MODEL, "--vae_model_name_or_path", vae_path, "--text_encoder_name_or_path",
+            str(encoder_dir), "--caption_templates", json.dumps({"healthy": "x"}), "--max_train_steps", "1")
+
+
+def test_bad_arguments_fail_clearly(vae_path, tmp_path):
+    for argv in (
+        [],  # no autoencoder and no pipeline
+        ["--pretrained_model_name_or_path", "p", "--vae_model_name_or_path", "v"],
+        ["--vae_model_name_or_path", "v", "--use_lora"],
+        ["--pretrained_model_name_or_path", "p", "--use_lora", "--use_ema"],
+        ["--vae_model_name_or_path", "v", "--caption_dropout", "1"],
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+    with pytest.raises(ValueError, match="not divisible by the autoencoder's factor 2"):
+        run(tmp_path, "x", *TINY_MODEL, "--vae_model_name_or_path", vae_path, "--resolution", "17")
+
+
+@pytest.mark.slow
+def test_two_process_ddp_training_the_text_encoder_keeps_ranks_identical(vae_path, tmp_path):
+    out = tmp_path / "ddp"
+    ranks = run_two_ranks(tmp_path, "medsyn.train_scripts.train_medisyn", [
+        *TINY_MODEL, *TINY_RUN, "--vae_model_name_or_path", vae_path, "--max_train_steps", "3", "--use_ema",
+        "--output_dir", str(out)])
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["sha256"] == ranks[1]["sha256"]
+    assert "| optimiser steps, batch size | 3, 4 (x1 accumulation, 2 processes)" in (out / "README.md").read_text()

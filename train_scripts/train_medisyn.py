@@ -1,0 +1,469 @@
+"""Train MediSyn's text-guided latent diffusion model (stage 2) on image-text pairs.
+
+    # (a) from scratch, on a stage-1 autoencoder, with a new BERT encoder and a WordPiece vocabulary from the captions
+    accelerate launch train_scripts/train_medisyn.py --vae_model_name_or_path medisyn-vae-brain-mri \\
+        --train_data_dir ../shared/data/brain_tumor_mri/brain_tumor_mri_4class_128.npz \\
+        --caption_templates brain_captions.json --use_ema --output_dir medisyn-brain-mri
+
+    # (b) fine-tune a MediSyn or Stable-Diffusion-style pipeline (the autoencoder stays frozen)
+    accelerate launch train_scripts/train_medisyn.py --pretrained_model_name_or_path medisyn-brain-mri \\
+        --train_data_dir my_manifest.csv --train_text_encoder --output_dir medisyn-finetuned
+
+    # (c) LoRA adapters on the unet (and the text encoder with --train_text_encoder), saved alone
+    accelerate launch train_scripts/train_medisyn.py --pretrained_model_name_or_path medisyn-brain-mri \\
+        --train_data_dir my_manifest.csv --use_lora --rank 8 --output_dir medisyn-lora
+
+Captions come from the data (a manifest's ``caption``/``text`` column, the simulated MRI's own captions) or from
+``--caption_templates`` (class name -> caption). A share of them (``--caption_dropout``, default 10%) is replaced by
+the empty caption, which teaches the unet the unconditional prediction that classifier-free guidance needs. The
+result loads with ``MediSynPipeline.from_pretrained(output_dir)`` (with ``load_lora_weights`` for an adapter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate.logging import get_logger
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    UNet2DConditionModel,
+)
+from diffusers.optimization import get_scheduler
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import AutoModel, AutoTokenizer, BertModel
+
+from medsyn.data import image_channels, image_transform
+from medsyn.model_card import write_model_card
+from medsyn.models.latent_diffusion import (
+    bert_text_encoder_config,
+    build_wordpiece_tokenizer,
+    conditional_unet_config,
+    prompt_max_length,
+)
+from medsyn.pipelines import MediSynPipeline
+from medsyn.training.accelerator import attach_ema, build_accelerator, ema_or_trained_model, step_budget
+from medsyn.training.checkpoints import (
+    checkpoint_step,
+    prune_checkpoints,
+    resolve_checkpoint,
+    seed_global_rng,
+    step_generator,
+)
+from medsyn.training.script_args import (
+    add_data_arguments,
+    add_logging_and_hub_arguments,
+    add_optimisation_arguments,
+    check_data_arguments,
+    load_training_data,
+    push_output_to_hub,
+)
+
+logger = get_logger(__name__)
+
+LORA_UNET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_BERT_MODULES = ["query", "key", "value"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_data_arguments(parser)
+    parser.add_argument("--caption_column", type=str, default="caption", help="Caption column of --dataset_name.")
+    parser.add_argument("--caption_templates", type=str, default=None,
+                        help='JSON file or string mapping class name -> caption ("{label}" is replaced by the name).')
+    parser.add_argument("--caption_dropout", type=float, default=0.1,
+                        help="Share of captions replaced by the empty caption, for classifier-free guidance.")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path", type=str, default=None,
+                       help="A MediSyn or Stable-Diffusion-style pipeline to fine-tune (modes b and c).")
+    model.add_argument("--vae_model_name_or_path", type=str, default=None,
+                       help="The stage-1 AutoencoderKL (train_autoencoder.py) for training from scratch (mode a).")
+    model.add_argument("--text_encoder_name_or_path", type=str, default=None,
+                       help="A BERT-family encoder and tokenizer (e.g. BioMedBERT); default: a new BERT with a "
+                            "WordPiece vocabulary learned from the captions.")
+    model.add_argument("--text_encoder_layers", type=int, default=12, help="New encoder (BioMedBERT: 12).")
+    model.add_argument("--text_encoder_width", type=int, default=768, help="New encoder (BioMedBERT: 768).")
+    model.add_argument("--text_encoder_heads", type=int, default=12, help="New encoder (BioMedBERT: 12).")
+    model.add_argument("--vocab_size", type=int, default=4000, help="Largest WordPiece vocabulary of a new encoder.")
+    model.add_argument("--max_length", type=int, default=77, help="Tokens per prompt of a new tokenizer.")
+    model.add_argument("--unet_block_out_channels", type=int, nargs="+", default=[128, 256, 512])
+    model.add_argument("--unet_layers_per_block", type=int, default=2)
+    model.add_argument("--unet_norm_num_groups", type=int, default=32)
+    model.add_argument("--attention_head_dim", type=int, default=8)
+    model.add_argument("--prediction_type", type=str, default="epsilon", choices=("epsilon", "v_prediction"),
+                       help="For a new unet; a pretrained one keeps its scheduler's.")
+    model.add_argument("--train_text_encoder", action="store_true",
+                       help="Fine-tune the text encoder too (always on for a new encoder).")
+    model.add_argument("--use_lora", action="store_true", help="Train LoRA adapters instead of the weights.")
+    model.add_argument("--rank", type=int, default=4, help="LoRA rank.")
+    model.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha; default: the rank.")
+
+    add_optimisation_arguments(parser, output_dir="medisyn-model", learning_rate=1e-4)
+    parser.add_argument("--use_ema", action="store_true")
+    parser.add_argument("--ema_decay", type=float, default=0.9999)
+    add_logging_and_hub_arguments(parser)
+    parser.add_argument("--validation_prompts", type=str, nargs="+", default=None,
+                        help="Default: one caption per class of the training data.")
+    parser.add_argument("--num_validation_images", type=int, default=4, help="Per prompt.")
+    parser.add_argument("--validation_inference_steps", type=int, default=25)
+    parser.add_argument("--validation_guidance_scale", type=float, default=4.0)
+
+    args = parser.parse_args(argv)
+    check_data_arguments(parser, args)
+    if not 0.0 <= args.caption_dropout < 1.0:
+        parser.error(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}")
+    if args.pretrained_model_name_or_path and (args.vae_model_name_or_path or args.text_encoder_name_or_path):
+        parser.error("--pretrained_model_name_or_path brings its own autoencoder and text encoder; do not add "
+                     "--vae_model_name_or_path or --text_encoder_name_or_path")
+    if not args.pretrained_model_name_or_path and not args.vae_model_name_or_path:
+        parser.error("training from scratch needs a stage-1 autoencoder: --vae_model_name_or_path "
+                     "(train_scripts/train_autoencoder.py); or fine-tune one with --pretrained_model_name_or_path")
+    if args.use_lora and not args.pretrained_model_name_or_path:
+        parser.error("--use_lora adapts a trained pipeline: give --pretrained_model_name_or_path")
+    if args.use_lora and args.use_ema:
+        parser.error("--use_ema averages full weights; LoRA trains adapters only: drop one of them")
+    return args
+
+
+def caption_rows(dataset, templates: str | None) -> list[str]:
+    """One caption per training image: the class's template when templates are given, else the data's own."""
+    if templates is None:
+        if "caption" not in dataset.column_names:
+            raise ValueError("the data has no captions: give --caption_templates, or --caption_column for --dataset_name")
+        return list(dataset["caption"])
+    mapping = json.loads(Path(templates).read_text() if Path(templates).is_file() else templates)
+    names = dataset.features["label"].names
+    missing = sorted(set(names) - set(mapping))
+    if missing:
+        raise ValueError(f"--caption_templates has no caption for the classes {missing} (it has {sorted(mapping)})")
+    return [mapping[names[label]].format(label=names[label]) for label in dataset["label"]]
+
+
+def default_validation_prompts(dataset, captions: list[str]) -> list[str]:
+    """The first caption of each class, so the validation grid shows every class."""
+    first: dict[int, str] = {}
+    for label, caption in zip(dataset["label"], captions):
+        first.setdefault(label, caption)
+    return [first[label] for label in sorted(first)]
+
+
+def load_components(args: argparse.Namespace, captions: list[str], channels: int):
+    """(vae, text_encoder, tokenizer, unet, noise_scheduler, whether the text encoder is new)."""
+    if args.pretrained_model_name_or_path:
+        path = args.pretrained_model_name_or_path
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+        text_encoder = AutoModel.from_pretrained(path, subfolder="text_encoder")
+        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+        noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+        return vae, text_encoder, tokenizer, unet, noise_scheduler, False
+
+    vae = AutoencoderKL.from_pretrained(args.vae_model_name_or_path)
+    if vae.config.in_channels != channels:
+        raise ValueError(f"the data has {channels} channels but the autoencoder takes {vae.config.in_channels}")
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if args.resolution % factor:
+        raise ValueError(f"--resolution {args.resolution} is not divisible by the autoencoder's factor {factor}")
+    if args.text_encoder_name_or_path:
+        text_encoder = AutoModel.from_pretrained(args.text_encoder_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(args.text_encoder_name_or_path)
+        # Explicit prompt length: many BERT tokenizers leave it unset, others allow 512 tokens the unet would attend to.
+        tokenizer.model_max_length = min(args.max_length, prompt_max_length(tokenizer, text_encoder))
+        new_encoder = False
+    else:
+        tokenizer = build_wordpiece_tokenizer(captions, vocab_size=args.vocab_size, max_length=args.max_length)
+        config = bert_text_encoder_config(
+            max_length=args.max_length, vocab_size=tokenizer.vocab_size, hidden_size=args.text_encoder_width,
+            num_hidden_layers=args.text_encoder_layers, num_attention_heads=args.text_encoder_heads,
+            intermediate_size=4 * args.text_encoder_width,
+        )
+        text_encoder = BertModel(config)
+        new_encoder = True
+    unet = UNet2DConditionModel(
+        **conditional_unet_config(
+            sample_size=args.resolution // factor,
+            latent_channels=vae.config.latent_channels,
+            cross_attention_dim=text_encoder.config.hidden_size,
+            block_out_channels=tuple(args.unet_block_out_channels),
+            layers_per_block=args.unet_layers_per_block,
+            attention_head_dim=args.attention_head_dim,
+            norm_num_groups=args.unet_norm_num_groups,
+        )
+    )
+    noise_scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        clip_sample=False, prediction_type=args.prediction_type,
+    )
+    return vae, text_encoder, tokenizer, unet, noise_scheduler, new_encoder
+
+
+def add_lora(model: torch.nn.Module, target_modules: list[str], args: argparse.Namespace) -> None:
+    """Freeze ``model`` and add trainable LoRA adapters (peft) on ``target_modules``."""
+    from peft import LoraConfig
+
+    model.requires_grad_(False)
+    config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha or args.rank, init_lora_weights="gaussian",
+                        target_modules=target_modules)
+    model.add_adapter(config)
+
+
+def text_states(text_encoder, tokenizer, captions: list[str], max_length: int, device) -> torch.Tensor:
+    """The encoder's token states for ``captions``, padded to ``max_length`` tokens as the pipeline pads them."""
+    tokens = tokenizer(captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    return text_encoder(tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device))[0]
+
+
+def main(args: argparse.Namespace) -> MediSynPipeline:
+    """Train and save (main process); return the final pipeline (with LoRA adapters loaded in LoRA mode)."""
+    output_dir = Path(args.output_dir)
+    accelerator = build_accelerator(args)
+    dataset, data_description = load_training_data(args, caption_column=args.caption_column)
+    captions = caption_rows(dataset, args.caption_templates)
+    dataset = dataset.remove_columns([c for c in ("caption",) if c in dataset.column_names]).add_column("caption", captions)
+    channels = image_channels(dataset)
+    vae, text_encoder, tokenizer, unet, noise_scheduler, new_encoder = load_components(args, captions, channels)
+    if vae.config.in_channels != channels:
+        raise ValueError(f"the data has {channels} channels but the autoencoder takes {vae.config.in_channels}")
+    train_text_encoder = args.train_text_encoder or new_encoder
+    validation_prompts = args.validation_prompts or default_validation_prompts(dataset, captions)
+
+    vae.requires_grad_(False).eval()
+    text_encoder.requires_grad_(train_text_encoder)
+    if hasattr(text_encoder, "pooler") and text_encoder.pooler is not None:
+        text_encoder.pooler.requires_grad_(False)  # unused by the unet: DDP would wait forever for its gradient
+    if args.use_lora:
+        add_lora(unet, LORA_UNET_MODULES, args)
+        if train_text_encoder:
+            add_lora(text_encoder, LORA_BERT_MODULES, args)
+    # Frozen parts run in the mixed-precision dtype; trained weights stay float32 (autocast handles the rest).
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    vae.to(accelerator.device)
+    text_encoder.to(accelerator.device)
+    if weight_dtype != torch.float32:
+        vae.to(dtype=weight_dtype)
+        if not train_text_encoder:
+            text_encoder.to(dtype=weight_dtype)
+
+    max_length = prompt_max_length(tokenizer, text_encoder)
+    to_tensor = image_transform(args.resolution)
+
+    def collate(rows):
+        return {"pixel_values": torch.stack([to_tensor(row["image"]) for row in rows]),
+                "captions": [row["caption"] for row in rows]}
+
+    dataloader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
+        num_workers=args.dataloader_num_workers, drop_last=len(dataset) >= args.train_batch_size,
+    )
+    trained = [unet, text_encoder] if train_text_encoder else [unet]
+    parameters = [p for model in trained for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+    )
+    if train_text_encoder:
+        unet, text_encoder, optimizer, dataloader = accelerator.prepare(unet, text_encoder, optimizer, dataloader)
+    else:
+        unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
+    updates_per_epoch, max_train_steps, num_epochs = step_budget(args, len(dataloader))
+    lr_scheduler = accelerator.prepare(get_scheduler(
+        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    ))
+    ema = attach_ema(accelerator, accelerator.unwrap_model(unet), args.ema_decay, "unet_ema") if args.use_ema else None
+    if accelerator.is_main_process:
+        accelerator.init_trackers("medisyn", config={k: str(v) for k, v in vars(args).items()})
+
+    global_step, first_epoch, resume_batches = 0, 0, 0
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+    if checkpoint is not None:
+        accelerator.print(f"Resuming from {checkpoint}")
+        accelerator.load_state(str(checkpoint))
+        global_step = checkpoint_step(checkpoint)
+        first_epoch = global_step // updates_per_epoch
+        resume_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+
+    scaling, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
+    logger.info(f"{len(dataset)} image-text pairs, {max_train_steps} steps; text encoder "
+                f"{'new' if new_encoder else 'pretrained'}, {'trained' if train_text_encoder else 'frozen'}"
+                f"{'; LoRA rank ' + str(args.rank) if args.use_lora else ''}")
+    progress = tqdm(range(max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
+    recent_losses: list[float] = []
+    micro_step = global_step * args.gradient_accumulation_steps
+    for epoch in range(first_epoch, num_epochs):
+        unet.train()
+        if train_text_encoder:
+            text_encoder.train()
+        dataloader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(dataloader, resume_batches) if epoch == first_epoch else dataloader
+        for batch in batches:
+            generator = step_generator(args.seed, micro_step, accelerator.process_index, accelerator.device)
+            seed_global_rng(args.seed, micro_step, accelerator.process_index)  # text-encoder dropout
+            micro_step += 1
+            pixels = batch["pixel_values"].to(weight_dtype)
+            batch_size = pixels.shape[0]
+            drop = torch.rand(batch_size, generator=generator, device=pixels.device) < args.caption_dropout
+            captions = ["" if dropped else caption for dropped, caption in zip(drop.tolist(), batch["captions"])]
+            with accelerator.accumulate(*trained):
+                with torch.no_grad():
+                    posterior = vae.encode(pixels).latent_dist
+                    latents = (posterior.sample(generator=generator).float() - shift) * scaling
+                noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,),
+                                          generator=generator, device=latents.device)
+                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                with torch.set_grad_enabled(train_text_encoder):
+                    context = text_states(text_encoder, tokenizer, captions, max_length, latents.device)
+                prediction = unet(noisy, timesteps, encoder_hidden_states=context, return_dict=False)[0]
+                target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
+                    noise_scheduler.get_velocity(latents, noise, timesteps)
+                loss = F.mse_loss(prediction.float(), target.float())
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {global_step}; lower --learning_rate")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(parameters, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+
+            if accelerator.sync_gradients:
+                if ema is not None:
+                    ema.step(accelerator.unwrap_model(unet).parameters())
+                global_step += 1
+                progress.update(1)
+                step_loss = accelerator.gather(loss.detach()[None]).mean().item()
+                recent_losses = (recent_losses + [step_loss])[-50:]
+                accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
+                progress.set_postfix(loss=f"{step_loss:.4g}")
+                if global_step % args.checkpointing_steps == 0:
+                    if accelerator.is_main_process:
+                        prune_checkpoints(output_dir, args.checkpoints_total_limit)
+                    accelerator.wait_for_everyone()
+                    accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
+                if global_step % args.validation_steps == 0 and global_step < max_train_steps \
+                        and accelerator.is_main_process:
+                    pipeline = assemble_pipeline(accelerator, vae, text_encoder, tokenizer, unet, ema, noise_scheduler)
+                    save_validation_grid(args, accelerator, pipeline, validation_prompts, global_step)
+                    for model in trained:
+                        model.train()
+                if global_step >= max_train_steps:
+                    break
+        if global_step >= max_train_steps:
+            break
+
+    accelerator.wait_for_everyone()
+    if weight_dtype != torch.float32:  # the frozen parts ran in the mixed-precision dtype; the saved model is float32
+        vae.to(dtype=torch.float32)
+        text_encoder.to(dtype=torch.float32)
+    pipeline = assemble_pipeline(accelerator, vae, text_encoder, tokenizer, unet, ema, noise_scheduler)
+    if accelerator.is_main_process:
+        save_result(args, accelerator, pipeline, validation_prompts, data_description, len(dataset), channels,
+                    global_step, recent_losses, new_encoder, train_text_encoder)
+    accelerator.end_training()
+    return pipeline
+
+
+def assemble_pipeline(accelerator, vae, text_encoder, tokenizer, unet, ema, noise_scheduler) -> MediSynPipeline:
+    """The trained components (the EMA unet when EMA is on) in eval mode, with a solver good at 25 steps."""
+    pipeline = MediSynPipeline(
+        vae=vae, text_encoder=accelerator.unwrap_model(text_encoder).eval(), tokenizer=tokenizer,
+        unet=ema_or_trained_model(accelerator, unet, ema),
+        scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def sample_grid(pipeline: MediSynPipeline, prompts: list[str], per_prompt: int, steps: int, guidance: float,
+                seed: int) -> np.ndarray:
+    """A (prompts x per_prompt) uint8 grid, one row per prompt, from per-image seeds ``seed, seed + 1, ...``."""
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts) * per_prompt)]
+    images = pipeline(prompts, num_images_per_prompt=per_prompt, num_inference_steps=steps, guidance_scale=guidance,
+                      generator=generators, output_type="np").images
+    images = np.round(images * 255).astype(np.uint8)
+    height, width, channels = images.shape[1:]
+    grid = images.reshape(len(prompts), per_prompt, height, width, channels).transpose(0, 2, 1, 3, 4)
+    grid = grid.reshape(len(prompts) * height, per_prompt * width, channels)
+    return grid[..., 0] if channels == 1 else grid
+
+
+def save_validation_grid(args, accelerator, pipeline, prompts, step) -> np.ndarray:
+    grid = sample_grid(pipeline, prompts, args.num_validation_images, args.validation_inference_steps,
+                       args.validation_guidance_scale, args.seed)
+    folder = Path(args.output_dir) / "validation"
+    folder.mkdir(exist_ok=True)
+    Image.fromarray(grid).save(folder / f"step-{step:06d}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation", grid if grid.ndim == 3 else grid[..., None], step, dataformats="HWC")
+    return grid
+
+
+def save_result(args, accelerator, pipeline, prompts, data_description, num_images, channels, steps,
+                recent_losses, new_encoder, train_text_encoder) -> None:
+    """The pipeline (or, with LoRA, the adapters alone), sample grid and model card; then the Hub upload."""
+    output_dir = Path(args.output_dir)
+    if args.use_lora:
+        pipeline.save_lora_adapters(output_dir)
+    else:
+        pipeline.save_pretrained(output_dir)
+    grid = sample_grid(pipeline, prompts, args.num_validation_images, args.validation_inference_steps,
+                       args.validation_guidance_scale, args.seed)
+    Image.fromarray(grid).save(output_dir / "samples.png")
+    unet, text_encoder = pipeline.unet, pipeline.text_encoder
+    if args.pretrained_model_name_or_path:
+        mode = f"{'LoRA (rank ' + str(args.rank) + ') on' if args.use_lora else 'fine-tuned from'} " \
+               f"`{args.pretrained_model_name_or_path}`"
+    else:
+        mode = f"from scratch on the autoencoder `{args.vae_model_name_or_path}`"
+    encoder_origin = "new, WordPiece vocabulary learned from the captions" if new_encoder else \
+        f"pretrained `{args.text_encoder_name_or_path or args.pretrained_model_name_or_path}`"
+    write_model_card(
+        output_dir,
+        "medisyn_lora" if args.use_lora else "medisyn",
+        model_name=output_dir.name,
+        repo_id=args.hub_model_id or str(output_dir),
+        base_model=args.pretrained_model_name_or_path or "",
+        example_prompt=json.dumps(prompts[0]),
+        guidance_scale=args.validation_guidance_scale,
+        sample_caption=f"Rows: {'; '.join(prompts)}. {args.validation_inference_steps} DPM-Solver steps, guidance "
+                       f"{args.validation_guidance_scale}, seeds {args.seed} onwards.",
+        training_mode=mode,
+        data_description=data_description,
+        num_train_images=num_images,
+        caption_source=f"templates `{args.caption_templates}`" if args.caption_templates else "the data's captions",
+        caption_dropout=args.caption_dropout,
+        resolution=args.resolution,
+        channels=channels,
+        train_steps=steps,
+        batch_size=args.train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        num_processes=accelerator.num_processes,
+        learning_rate=args.learning_rate,
+        ema=f"decay {args.ema_decay}" if args.use_ema else "off",
+        mixed_precision=accelerator.mixed_precision,
+        prediction_type=pipeline.scheduler.config.prediction_type,
+        final_loss=f"{np.mean(recent_losses):.4f}" if recent_losses else "n/a",
+        text_encoder=f"{type(text_encoder).__name__}, {text_encoder.config.num_hidden_layers} layers x "
+                     f"{text_encoder.config.hidden_size}, {encoder_origin}, "
+                     f"{'trained' if train_text_encoder else 'frozen'}; {prompt_max_length(pipeline.tokenizer, text_encoder)} tokens per prompt",
+        unet_summary=f"UNet2DConditionModel, {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, "
+                     f"channels {list(unet.config.block_out_channels)}",
+        vae_summary=f"AutoencoderKL, {pipeline.vae.config.latent_channels} latent channels, downsampling "
+                    f"x{pipeline.vae_scale_factor}, scaling factor {pipeline.vae.config.scaling_factor:.4g}",
+    )
+    if args.push_to_hub:
+        push_output_to_hub(output_dir, args.hub_model_id, args.hub_token)
+
+
+if __name__ == "__main__":
+    main(parse_args())
