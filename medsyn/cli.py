@@ -86,7 +86,6 @@ def demo_probe(model: Path, resolution: int, seed: int, per_class: int) -> dict:
     pixel-noise baseline) score: see ``medsyn.metrics.label_probe``.
     """
     import numpy as np
-    import torch
 
     from medsyn.baselines import pixel_noise_baseline
     from medsyn.data import SimulatedBrainMRI

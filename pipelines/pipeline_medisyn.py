@@ -135,34 +135,49 @@ class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         negative_prompt: Prompt | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Token states of the prompts (and of the negative prompts under guidance), one row per image.
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Token states and attention masks of the prompts (and of the negative prompts under guidance), one row
+        per image: ``(prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask)``.
 
-        An unset negative prompt is the empty caption, which is what training's caption dropout teaches the unet
-        as "unconditional".
+        The unet attends only to the tokens the mask keeps: a short prompt padded to the prompt length is not diluted
+        by the padding's states, which are nearly the same for every prompt. Precomputed embeddings without a mask
+        keep every token. An unset negative prompt is the empty caption, which is what training's caption dropout
+        teaches the unet as "unconditional".
         """
         if prompt_embeds is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            prompt_embeds = self._embed(prompts, device)
+            prompt_embeds, prompt_attention_mask = self._embed(prompts, device)
+        elif prompt_attention_mask is None:
+            prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long)
         batch_size = prompt_embeds.shape[0]
-        negative = None
-        if do_classifier_free_guidance:
-            if negative_prompt_embeds is None:
-                negatives = negative_prompt if negative_prompt is not None else ""
-                negatives = [negatives] * batch_size if isinstance(negatives, str) else list(negatives)
-                negative_prompt_embeds = self._embed(negatives, device)
-            negative = negative_prompt_embeds.to(device, self.unet.dtype).repeat_interleave(num_images_per_prompt, 0)
-        prompt_embeds = prompt_embeds.to(device, self.unet.dtype).repeat_interleave(num_images_per_prompt, 0)
-        return prompt_embeds, negative
 
-    def _embed(self, prompts: list[str], device: torch.device) -> torch.Tensor:
-        tokens = self._tokenize(prompts)
-        output = self.text_encoder(
-            tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device), return_dict=True
+        def per_image(states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            states = states.to(device, self.unet.dtype).repeat_interleave(num_images_per_prompt, 0)
+            return states, mask.to(device).repeat_interleave(num_images_per_prompt, 0)
+
+        prompt_embeds, prompt_attention_mask = per_image(prompt_embeds, prompt_attention_mask)
+        if not do_classifier_free_guidance:
+            return prompt_embeds, prompt_attention_mask, None, None
+        if negative_prompt_embeds is None:
+            negatives = negative_prompt if negative_prompt is not None else ""
+            negatives = [negatives] * batch_size if isinstance(negatives, str) else list(negatives)
+            negative_prompt_embeds, negative_prompt_attention_mask = self._embed(negatives, device)
+        elif negative_prompt_attention_mask is None:
+            negative_prompt_attention_mask = torch.ones(negative_prompt_embeds.shape[:2], dtype=torch.long)
+        negative_prompt_embeds, negative_prompt_attention_mask = per_image(
+            negative_prompt_embeds, negative_prompt_attention_mask
         )
+        return prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
+
+    def _embed(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self._tokenize(prompts)
+        mask = tokens["attention_mask"].to(device)
+        output = self.text_encoder(tokens["input_ids"].to(device), attention_mask=mask, return_dict=True)
         if not hasattr(output, "last_hidden_state"):
             raise ValueError(f"{type(self.text_encoder).__name__} returns no last_hidden_state; use a base encoder")
-        return output.last_hidden_state
+        return output.last_hidden_state, mask
 
     def check_inputs(
         self,
@@ -173,6 +188,8 @@ class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         negative_prompt: Prompt | None,
         prompt_embeds: torch.Tensor | None,
         negative_prompt_embeds: torch.Tensor | None,
+        prompt_attention_mask: torch.Tensor | None,
+        negative_prompt_attention_mask: torch.Tensor | None,
         output_type: str,
         callback_on_step_end_tensor_inputs: list[str],
     ) -> None:
@@ -209,6 +226,13 @@ class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 f"negative_prompt_embeds have shape {tuple(negative_prompt_embeds.shape)}, prompt_embeds "
                 f"{tuple(prompt_embeds.shape)}"
             )
+        for embeds, mask, name in (
+            (prompt_embeds, prompt_attention_mask, "prompt_attention_mask"),
+            (negative_prompt_embeds, negative_prompt_attention_mask, "negative_prompt_attention_mask"),
+        ):
+            if mask is not None and (embeds is None or tuple(mask.shape) != tuple(embeds.shape[:2])):
+                expected = "no mask without embeddings" if embeds is None else tuple(embeds.shape[:2])
+                raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {expected}")
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
@@ -265,6 +289,8 @@ class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
@@ -284,6 +310,8 @@ class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             generator: a generator, or one per image so that an image does not depend on its batch.
             latents: initial latent noise of shape (images, latent channels, height / factor, width / factor).
             prompt_embeds, negative_prompt_embeds: precomputed text-encoder states (batch, tokens, hidden size).
+            prompt_attention_mask, negative_prompt_attention_mask: which tokens of precomputed states the unet
+                attends to (batch, tokens), 1 to keep; default: all of them.
             output_type: "pil", "np" (B, H, W, C) in [0, 1], "pt" (B, C, H, W) in [0, 1] or "latent".
             return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
             callback_on_step_end: called as ``f(pipe, step, timestep, tensors)`` after every step with the tensors
@@ -304,6 +332,8 @@ class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             negative_prompt,
             prompt_embeds,
             negative_prompt_embeds,
+            prompt_attention_mask,
+            negative_prompt_attention_mask,
             output_type,
             callback_on_step_end_tensor_inputs,
         )
@@ -312,14 +342,18 @@ class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         device = self._execution_device
         do_classifier_free_guidance = guidance_scale > 1
 
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt,
-            device,
-            num_images_per_prompt,
-            do_classifier_free_guidance,
-            negative_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
+        prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask = (
+            self.encode_prompt(
+                prompt,
+                device,
+                num_images_per_prompt,
+                do_classifier_free_guidance,
+                negative_prompt,
+                prompt_embeds,
+                negative_prompt_embeds,
+                prompt_attention_mask,
+                negative_prompt_attention_mask,
+            )
         )
         batch_size = prompt_embeds.shape[0]
         latents = self.prepare_latents(batch_size, height, width, prompt_embeds.dtype, device, generator, latents)
@@ -331,10 +365,14 @@ class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = torch.cat([latents] * 2) if do_classifier_free_guidance else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
-            context = (
-                torch.cat([prompt_embeds, negative_prompt_embeds]) if do_classifier_free_guidance else prompt_embeds
-            )
-            noise_pred = self.unet(model_input, t, encoder_hidden_states=context, return_dict=False)[0]
+            if do_classifier_free_guidance:
+                context = torch.cat([prompt_embeds, negative_prompt_embeds])
+                context_mask = torch.cat([prompt_attention_mask, negative_prompt_attention_mask])
+            else:
+                context, context_mask = prompt_embeds, prompt_attention_mask
+            noise_pred = self.unet(
+                model_input, t, encoder_hidden_states=context, encoder_attention_mask=context_mask, return_dict=False
+            )[0]
             if do_classifier_free_guidance:
                 conditional, unconditional = noise_pred.chunk(2)
                 noise_pred = unconditional + guidance_scale * (conditional - unconditional)

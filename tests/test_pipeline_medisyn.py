@@ -86,19 +86,40 @@ def test_guidance_against_the_prompt_itself_is_no_guidance(pipe):
 
 
 def test_prompt_embeds_give_the_same_image_as_the_prompt(pipe):
-    embeds, negative = pipe.encode_prompt(PROMPT, torch.device("cpu"), 1, True)
+    embeds, mask, negative, negative_mask = pipe.encode_prompt(PROMPT, torch.device("cpu"), 1, True)
     from_text = pipe(**get_dummy_inputs()).images
-    from_embeds = pipe(**get_dummy_inputs(prompt=None, prompt_embeds=embeds, negative_prompt_embeds=negative)).images
+    from_embeds = pipe(
+        **get_dummy_inputs(
+            prompt=None,
+            prompt_embeds=embeds,
+            negative_prompt_embeds=negative,
+            prompt_attention_mask=mask,
+            negative_prompt_attention_mask=negative_mask,
+        )
+    ).images
     np.testing.assert_allclose(from_text, from_embeds, atol=1e-6)
 
 
+def test_the_unet_ignores_the_padding_states(pipe):
+    embeds, mask, negative, negative_mask = pipe.encode_prompt(PROMPT, torch.device("cpu"), 1, True)
+    inputs = dict(prompt=None, negative_prompt_embeds=negative, negative_prompt_attention_mask=negative_mask)
+    masked = pipe(**get_dummy_inputs(prompt_embeds=embeds, prompt_attention_mask=mask, **inputs)).images
+    garbled = torch.where(mask[..., None].bool(), embeds, torch.randn_like(embeds) * 10)
+    np.testing.assert_allclose(
+        pipe(**get_dummy_inputs(prompt_embeds=garbled, prompt_attention_mask=mask, **inputs)).images, masked, atol=1e-5
+    )
+    unmasked = pipe(**get_dummy_inputs(prompt_embeds=garbled, **inputs)).images  # no mask: every state counts
+    assert np.abs(unmasked - masked).max() > 1e-3
+
+
 def test_padding_tokens_are_masked_in_the_text_encoder(pipe):
-    embeds, _ = pipe.encode_prompt(PROMPT, torch.device("cpu"), 1, False)
+    embeds, mask, _, _ = pipe.encode_prompt(PROMPT, torch.device("cpu"), 1, False)
     tokens = pipe.tokenizer(PROMPT, return_tensors="pt")
     unpadded = pipe.text_encoder(**tokens).last_hidden_state
     length = tokens["input_ids"].shape[1]
     assert embeds.shape[1] == prompt_max_length(pipe.tokenizer, pipe.text_encoder) > length
     torch.testing.assert_close(embeds[:, :length], unpadded, atol=1e-5, rtol=1e-5)
+    assert mask[0].tolist() == [1] * length + [0] * (embeds.shape[1] - length)
 
 
 def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):
@@ -175,6 +196,8 @@ def test_callback_sees_every_step_and_can_replace_latents(pipe):
         (dict(guidance_scale=1.0, negative_prompt=OTHER), "only acts under classifier-free guidance"),
         (dict(prompt_embeds=torch.zeros(1, 16, 32)), "exactly one of prompt and prompt_embeds"),
         (dict(prompt=None, prompt_embeds=torch.zeros(1, 16, 7)), "width 7"),
+        (dict(prompt=None, prompt_embeds=torch.zeros(1, 16, 32), prompt_attention_mask=torch.ones(1, 8)),
+         r"prompt_attention_mask has shape \(1, 8\), expected \(1, 16\)"),
         (dict(output_type="tensor"), "output_type"),
         (dict(num_images_per_prompt=0), "num_images_per_prompt"),
         (dict(generator=[torch.Generator()] * 3), "3 generators for 1 images"),

@@ -155,7 +155,7 @@ def default_validation_prompts(dataset, captions: list[str]) -> list[str]:
     return [first[label] for label in sorted(first)]
 
 
-def load_components(args: argparse.Namespace, captions: list[str], channels: int):
+def load_components(args: argparse.Namespace, captions: list[str]):
     """(vae, text_encoder, tokenizer, unet, noise_scheduler, whether the text encoder is new)."""
     if args.pretrained_model_name_or_path:
         path = args.pretrained_model_name_or_path
@@ -167,11 +167,7 @@ def load_components(args: argparse.Namespace, captions: list[str], channels: int
         return vae, text_encoder, tokenizer, unet, noise_scheduler, False
 
     vae = AutoencoderKL.from_pretrained(args.vae_model_name_or_path)
-    if vae.config.in_channels != channels:
-        raise ValueError(f"the data has {channels} channels but the autoencoder takes {vae.config.in_channels}")
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if args.resolution % factor:
-        raise ValueError(f"--resolution {args.resolution} is not divisible by the autoencoder's factor {factor}")
     if args.text_encoder_name_or_path:
         text_encoder = AutoModel.from_pretrained(args.text_encoder_name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(args.text_encoder_name_or_path)
@@ -215,10 +211,12 @@ def add_lora(model: torch.nn.Module, target_modules: list[str], args: argparse.N
     model.add_adapter(config)
 
 
-def text_states(text_encoder, tokenizer, captions: list[str], max_length: int, device) -> torch.Tensor:
-    """The encoder's token states for ``captions``, padded to ``max_length`` tokens as the pipeline pads them."""
+def text_states(text_encoder, tokenizer, captions: list[str], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's token states for ``captions`` and their attention mask, padded to ``max_length`` tokens as
+    the pipeline pads them (the unet attends to the real tokens only, as in the pipeline)."""
     tokens = tokenizer(captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    return text_encoder(tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device))[0]
+    mask = tokens["attention_mask"].to(device)
+    return text_encoder(tokens["input_ids"].to(device), attention_mask=mask)[0], mask
 
 
 def main(args: argparse.Namespace) -> MediSynPipeline:
@@ -229,9 +227,12 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
     captions = caption_rows(dataset, args.caption_templates)
     dataset = dataset.remove_columns([c for c in ("caption",) if c in dataset.column_names]).add_column("caption", captions)
     channels = image_channels(dataset)
-    vae, text_encoder, tokenizer, unet, noise_scheduler, new_encoder = load_components(args, captions, channels)
+    vae, text_encoder, tokenizer, unet, noise_scheduler, new_encoder = load_components(args, captions)
     if vae.config.in_channels != channels:
         raise ValueError(f"the data has {channels} channels but the autoencoder takes {vae.config.in_channels}")
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if args.resolution % factor:
+        raise ValueError(f"--resolution {args.resolution} is not divisible by the autoencoder's factor {factor}")
     train_text_encoder = args.train_text_encoder or new_encoder
     validation_prompts = args.validation_prompts or default_validation_prompts(dataset, captions)
 
@@ -321,8 +322,9 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
                                           generator=generator, device=latents.device)
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                 with torch.set_grad_enabled(train_text_encoder):
-                    context = text_states(text_encoder, tokenizer, captions, max_length, latents.device)
-                prediction = unet(noisy, timesteps, encoder_hidden_states=context, return_dict=False)[0]
+                    context, context_mask = text_states(text_encoder, tokenizer, captions, max_length, latents.device)
+                prediction = unet(noisy, timesteps, encoder_hidden_states=context, encoder_attention_mask=context_mask,
+                                  return_dict=False)[0]
                 target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
                     noise_scheduler.get_velocity(latents, noise, timesteps)
                 loss = F.mse_loss(prediction.float(), target.float())
