@@ -136,6 +136,41 @@ def test_a_pretrained_bert_with_captions_from_templates(vae_path, tmp_path):
             str(encoder_dir), "--caption_templates", json.dumps({"healthy": "x"}), "--max_train_steps", "1")
 
 
+def test_rgb_pairs_from_a_manifest(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = ["path,caption"]
+    for i in range(8):
+        name = f"fundus_{i}.png"
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / name)
+        rows.append(f"{name},fundus photograph {'with diabetic retinopathy' if i % 2 else 'of a normal retina'}")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    torch.manual_seed(0)
+    config = autoencoder_config(3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+                                norm_num_groups=4, sample_size=16)
+    AutoencoderKL(**config).save_pretrained(tmp_path / "rgb-vae")
+    trained = run(tmp_path, "rgb", *TINY_MODEL, "--vae_model_name_or_path", str(tmp_path / "rgb-vae"),
+                  "--train_data_dir", str(tmp_path / "pairs.csv"), "--max_train_steps", "2",
+                  "--validation_prompts", "fundus photograph with diabetic retinopathy")
+    assert images(trained, "fundus photograph of a normal retina").shape == (1, 16, 16, 3)
+    assert "retinopathy" in trained.tokenizer.get_vocab()
+    assert np.asarray(Image.open(tmp_path / "rgb" / "samples.png")).shape == (16, 32, 3)  # one prompt x 2 images
+
+
+def test_fine_tunes_a_stable_diffusion_style_folder(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from .conftest import get_dummy_medisyn_components
+
+    parts = get_dummy_medisyn_components()
+    StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(tmp_path / "sd")
+    tuned = run(tmp_path, "from-sd", "--pretrained_model_name_or_path", str(tmp_path / "sd"), "--resolution", "16",
+                "--max_train_steps", "2", "--learning_rate", "1e-3")
+    changed = [k for k, v in tuned.unet.state_dict().items() if not torch.equal(v, parts["unet"].state_dict()[k])]
+    assert changed and images(tuned).shape == (1, 16, 16, 1)
+    assert MediSynPipeline.from_pretrained(tmp_path / "from-sd").text_encoder.config.hidden_size == 32
+
+
 def test_bad_arguments_fail_clearly(vae_path, tmp_path):
     for argv in (
         [],  # no autoencoder and no pipeline
