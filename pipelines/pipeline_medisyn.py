@@ -87,7 +87,10 @@ class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             self.text_encoder.save_pretrained(Path(save_directory) / TEXT_ENCODER_LORA_FOLDER)
 
     def load_lora_weights(
-        self, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict, adapter_name: str | None = None, **kwargs
+        self,
+        pretrained_model_name_or_path_or_dict: str | os.PathLike | dict,
+        adapter_name: str | None = None,
+        **kwargs,
     ) -> None:
         """Load LoRA adapters saved by ``save_lora_adapters`` (or any diffusers unet LoRA) onto this pipeline.
 
@@ -103,8 +106,9 @@ class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             self.text_encoder.load_adapter(str(local), adapter_name=adapter_name)
         elif not Path(source).is_dir():  # a Hub id: its text-encoder adapter, if it has one
             try:
-                self.text_encoder.load_adapter(source, adapter_name=adapter_name,
-                                               adapter_kwargs={"subfolder": TEXT_ENCODER_LORA_FOLDER})
+                self.text_encoder.load_adapter(
+                    source, adapter_name=adapter_name, adapter_kwargs={"subfolder": TEXT_ENCODER_LORA_FOLDER}
+                )
             except (OSError, ValueError):
                 logger.info("%s has no text-encoder adapter", source)
 
