@@ -41,6 +41,7 @@ from medsyn.training.script_args import (
     check_data_arguments,
     load_training_data,
     push_output_to_hub,
+    split_validation,
 )
 
 logger = get_logger(__name__)
@@ -107,15 +108,6 @@ def build_autoencoder(args: argparse.Namespace, channels: int) -> AutoencoderKL:
         sample_size=args.resolution,
     )
     return AutoencoderKL(**config)
-
-
-def split_validation(dataset, fraction: float, seed: int):
-    """(training, validation) subsets, drawn with ``seed`` so a resumed run holds out the same images."""
-    order = np.random.default_rng(seed).permutation(len(dataset))
-    held_out = max(1, round(fraction * len(dataset)))
-    if held_out >= len(dataset):
-        raise ValueError(f"{len(dataset)} images are too few to hold out {held_out} for validation")
-    return dataset.select(np.sort(order[held_out:])), dataset.select(np.sort(order[:held_out]))
 
 
 @torch.no_grad()

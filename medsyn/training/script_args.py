@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
+
 from medsyn.data import load_image_dataset, simulated_dataset
 
 
@@ -107,6 +109,15 @@ def load_training_data(args: argparse.Namespace, require_labels: bool = False, c
     if args.max_train_samples is not None:
         dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
     return dataset, description
+
+
+def split_validation(dataset, fraction: float, seed: int):
+    """(training, validation) subsets, drawn with ``seed`` so a resumed run holds out the same images."""
+    order = np.random.default_rng(seed).permutation(len(dataset))
+    held_out = max(1, round(fraction * len(dataset)))
+    if held_out >= len(dataset):
+        raise ValueError(f"{len(dataset)} images are too few to hold out {held_out} for validation")
+    return dataset.select(np.sort(order[held_out:])), dataset.select(np.sort(order[:held_out]))
 
 
 def push_output_to_hub(output_dir: Path, hub_model_id: str | None, hub_token: str | None) -> str:

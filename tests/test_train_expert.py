@@ -1,0 +1,72 @@
+"""The expert classifier script on CPU: trains, reports, reloads as a frozen expert, resumes, fine-tunes RGB weights."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
+
+from medsyn.train_scripts.train_expert import main, parse_args
+from medsyn.training.feature_alignment import FrozenExpert
+
+TINY = [
+    "--resolution", "32", "--embedding_size", "8", "--hidden_sizes", "8", "16", "--depths", "1", "1",
+    "--layer_type", "basic", "--simulated_num_images", "60", "--train_batch_size", "8", "--report_to", "none",
+    "--seed", "2", "--validation_steps", "100", "--checkpointing_steps", "100", "--learning_rate", "1e-3",
+]
+
+
+def run(tmp_path, name, *extra):
+    return main(parse_args([*TINY, "--output_dir", str(tmp_path / name), *extra]))
+
+
+def test_trains_reports_and_loads_as_a_frozen_expert(tmp_path):
+    model = run(tmp_path, "expert", "--max_train_steps", "4", "--augment")
+    out = tmp_path / "expert"
+    report = json.loads((out / "validation.json").read_text())
+    matrix = np.array(report["confusion_matrix"])
+    assert report["class_names"] == ["healthy", "tumor"] and matrix.sum() == 6  # 10% of 60 held out
+    assert report["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
+    card = (out / "README.md").read_text()
+    assert "$" not in card and "| true \\ predicted | healthy | tumor |" in card
+    expert = FrozenExpert.from_pretrained(str(out))
+    assert expert.image_size == 32 and expert.feature_dim == 16
+    loaded = ResNetForImageClassification.from_pretrained(out)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+    features = expert(torch.rand(1, 1, 20, 20) * 2 - 1)  # any size in, resized to 32; batch size 1
+    assert features.shape == (1, 16)
+
+
+def test_resume_ends_with_the_same_weights(tmp_path):
+    extra = ["--checkpointing_steps", "3", "--augment"]
+    straight = run(tmp_path, "straight", *extra, "--max_train_steps", "6")
+    run(tmp_path, "resumed", *extra, "--max_train_steps", "3")
+    resumed = run(tmp_path, "resumed", *extra, "--max_train_steps", "6", "--resume_from_checkpoint", "latest")
+    for key, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_fine_tunes_rgb_weights_on_grayscale_scans(tmp_path):
+    config = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
+                          num_labels=1000)
+    ResNetForImageClassification(config).save_pretrained(tmp_path / "imagenet")
+    ConvNextImageProcessor(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(
+        tmp_path / "imagenet")
+    model = run(tmp_path, "tuned", "--pretrained_model_name_or_path", str(tmp_path / "imagenet"),
+                "--max_train_steps", "2")
+    assert model.config.num_channels == 3 and model.config.num_labels == 2
+    assert model.config.id2label == {0: "healthy", 1: "tumor"}
+    expert = FrozenExpert.from_pretrained(str(tmp_path / "tuned"))
+    assert expert.encoder.std.flatten().tolist() == pytest.approx([0.229, 0.224, 0.225])
+    assert expert(torch.zeros(2, 1, 32, 32)).shape == (2, 16)  # grayscale repeated to the weights' 3 channels
+
+
+def test_bad_arguments_fail_clearly():
+    with pytest.raises(SystemExit):
+        parse_args(["--hidden_sizes", "8", "16", "--depths", "1"])
+    with pytest.raises(SystemExit):
+        parse_args(["--validation_fraction", "0"])

@@ -1,0 +1,253 @@
+"""Train the expert classifier of feature-aligned diffusion: a ResNet (ResNet50 by default) on labelled scans.
+
+    accelerate launch train_scripts/train_expert.py \\
+        --train_data_dir ../shared/data/brain_tumor_mri/brain_tumor_mri_4class_128.npz \\
+        --pretrained_model_name_or_path microsoft/resnet-50 --output_dir brain-mri-expert
+
+With ImageNet weights (``--pretrained_model_name_or_path``, a Hub id or local folder) it fine-tunes them; without,
+it trains the ResNet50 architecture from scratch, offline. The paper's recipe is the default (lr 1e-4, batch 64,
+224 px, 15 epochs, weight decay); shrink ``--resolution``, ``--depths`` and ``--hidden_sizes`` for a CPU. The result
+is a transformers ``ResNetForImageClassification`` folder (safetensors) with its image processor, which
+``--align_expert`` of the diffusion training scripts loads; validation accuracy and the confusion matrix go into
+its model card and ``validation.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate.logging import get_logger
+from diffusers.optimization import get_scheduler
+from torchmetrics.functional.classification import multiclass_confusion_matrix
+from tqdm.auto import tqdm
+from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
+
+from medsyn.data import image_channels, image_transform, random_affine
+from medsyn.metrics.features import PooledImageEncoder
+from medsyn.model_card import write_model_card
+from medsyn.training.accelerator import build_accelerator, step_budget
+from medsyn.training.checkpoints import checkpoint_step, prune_checkpoints, resolve_checkpoint, step_generator
+from medsyn.training.script_args import (
+    add_data_arguments,
+    add_logging_and_hub_arguments,
+    add_optimisation_arguments,
+    check_data_arguments,
+    load_training_data,
+    push_output_to_hub,
+    split_validation,
+)
+
+logger = get_logger(__name__)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_data_arguments(parser, resolution=224)
+    parser.add_argument("--validation_fraction", type=float, default=0.1, help="Share of images held out.")
+    parser.add_argument("--augment", action="store_true", help="Small random affine (no flips).")
+
+    model = parser.add_argument_group("model (default: ResNet50's architecture)")
+    model.add_argument("--pretrained_model_name_or_path", type=str, default=None,
+                       help="A transformers ResNet (e.g. microsoft/resnet-50) to fine-tune; default: from scratch.")
+    model.add_argument("--embedding_size", type=int, default=64)
+    model.add_argument("--hidden_sizes", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    model.add_argument("--depths", type=int, nargs="+", default=[3, 4, 6, 3])
+    model.add_argument("--layer_type", type=str, default="bottleneck", choices=("basic", "bottleneck"))
+
+    add_optimisation_arguments(parser, output_dir="medsyn-expert", learning_rate=1e-4)
+    parser.set_defaults(train_batch_size=64, num_train_epochs=15, adam_weight_decay=1e-2)
+    add_logging_and_hub_arguments(parser)
+
+    args = parser.parse_args(argv)
+    check_data_arguments(parser, args)
+    if len(args.hidden_sizes) != len(args.depths):
+        parser.error(f"--hidden_sizes has {len(args.hidden_sizes)} entries for {len(args.depths)} --depths")
+    if not 0 < args.validation_fraction < 1:
+        parser.error(f"--validation_fraction must be in (0, 1), got {args.validation_fraction}")
+    return args
+
+
+def build_classifier(args, channels: int, class_names: list[str]) -> tuple[ResNetForImageClassification, list, list]:
+    """(classifier, image mean, image std). Pretrained weights keep their channels and normalisation (grayscale is
+    repeated to their 3 channels); a new model takes the data's channels, normalised to [-1, 1]."""
+    labels = dict(num_labels=len(class_names), id2label=dict(enumerate(class_names)),
+                  label2id={name: i for i, name in enumerate(class_names)})
+    if args.pretrained_model_name_or_path:
+        from transformers import AutoImageProcessor
+
+        model = ResNetForImageClassification.from_pretrained(
+            args.pretrained_model_name_or_path, ignore_mismatched_sizes=True, **labels
+        )
+        processor = AutoImageProcessor.from_pretrained(args.pretrained_model_name_or_path)
+        mean, std = list(processor.image_mean), list(processor.image_std)
+        if channels not in (1, model.config.num_channels):
+            raise ValueError(f"the data has {channels} channels; the pretrained model takes {model.config.num_channels}")
+        if channels != model.config.num_channels:
+            logger.info(f"grayscale images are repeated to the pretrained model's {model.config.num_channels} channels")
+        return model, mean, std
+    config = ResNetConfig(num_channels=channels, embedding_size=args.embedding_size, hidden_sizes=args.hidden_sizes,
+                          depths=args.depths, layer_type=args.layer_type, **labels)
+    return ResNetForImageClassification(config), [0.5] * channels, [0.5] * channels
+
+
+@torch.no_grad()
+def evaluate(classifier, encoder: PooledImageEncoder, loader, device, num_classes: int) -> dict:
+    """Accuracy and the confusion matrix (rows: true class, columns: predicted) on ``loader``."""
+    classifier.eval()
+    predicted, truth = [], []
+    for batch in loader:
+        images = batch["pixel_values"].to(device) / 2 + 0.5
+        predicted.append(classifier(pixel_values=encoder.normalise(images)).logits.argmax(1).cpu())
+        truth.append(batch["labels"])
+    predicted, truth = torch.cat(predicted), torch.cat(truth)
+    matrix = multiclass_confusion_matrix(predicted, truth, num_classes=num_classes)
+    return {"accuracy": (predicted == truth).float().mean().item(), "confusion_matrix": matrix.tolist()}
+
+
+def main(args: argparse.Namespace) -> ResNetForImageClassification:
+    """Train, save the classifier with its processor and card (main process), return it on every rank."""
+    output_dir = Path(args.output_dir)
+    accelerator = build_accelerator(args)
+    dataset, data_description = load_training_data(args, require_labels=True)
+    class_names = list(dataset.features["label"].names)
+    if len(class_names) < 2:
+        raise ValueError(f"an expert classifier needs at least two classes, the data has {class_names}")
+    train_set, validation_set = split_validation(dataset, args.validation_fraction, args.seed)
+    channels = image_channels(dataset)
+    classifier, mean, std = build_classifier(args, channels, class_names)
+    encoder = PooledImageEncoder(classifier.resnet, mean, std)  # the normalisation FrozenExpert will apply
+    to_tensor = image_transform(args.resolution)
+
+    def collate(rows):
+        return {"pixel_values": torch.stack([to_tensor(row["image"]) for row in rows]),
+                "labels": torch.tensor([row["label"] for row in rows], dtype=torch.long)}
+
+    loader_kwargs = dict(batch_size=args.train_batch_size, collate_fn=collate, num_workers=args.dataloader_num_workers)
+    train_loader = torch.utils.data.DataLoader(
+        train_set, shuffle=True, drop_last=len(train_set) >= args.train_batch_size, **loader_kwargs
+    )
+    validation_loader = torch.utils.data.DataLoader(validation_set, shuffle=False, **loader_kwargs)
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    classifier, optimizer, train_loader = accelerator.prepare(classifier, optimizer, train_loader)
+    encoder.to(accelerator.device)
+    updates_per_epoch, max_train_steps, num_epochs = step_budget(args, len(train_loader))
+    lr_scheduler = accelerator.prepare(get_scheduler(
+        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    ))
+    if accelerator.is_main_process:
+        accelerator.init_trackers("expert", config={k: str(v) for k, v in vars(args).items()})
+
+    global_step, first_epoch, resume_batches = 0, 0, 0
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+    if checkpoint is not None:
+        accelerator.print(f"Resuming from {checkpoint}")
+        accelerator.load_state(str(checkpoint))
+        global_step = checkpoint_step(checkpoint)
+        first_epoch = global_step // updates_per_epoch
+        resume_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+
+    logger.info(f"{len(train_set)} training and {len(validation_set)} validation images, classes {class_names}, "
+                f"{max_train_steps} steps")
+    progress = tqdm(range(max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
+    recent_losses: list[float] = []
+    micro_step = global_step * args.gradient_accumulation_steps
+    for epoch in range(first_epoch, num_epochs):
+        classifier.train()
+        train_loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(train_loader, resume_batches) if epoch == first_epoch else train_loader
+        for batch in batches:
+            generator = step_generator(args.seed, micro_step, accelerator.process_index, accelerator.device)
+            micro_step += 1
+            images = batch["pixel_values"]
+            if args.augment:
+                images = random_affine(images, generator=generator)
+            with accelerator.accumulate(classifier):
+                logits = classifier(pixel_values=encoder.normalise(images / 2 + 0.5)).logits
+                loss = F.cross_entropy(logits.float(), batch["labels"])
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(classifier.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                global_step += 1
+                progress.update(1)
+                step_loss = accelerator.gather(loss.detach()[None]).mean().item()
+                recent_losses = (recent_losses + [step_loss])[-50:]
+                accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
+                progress.set_postfix(loss=f"{step_loss:.4g}")
+                if global_step % args.checkpointing_steps == 0:
+                    if accelerator.is_main_process:
+                        prune_checkpoints(output_dir, args.checkpoints_total_limit)
+                    accelerator.wait_for_everyone()
+                    accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
+                if global_step % args.validation_steps == 0 and global_step < max_train_steps \
+                        and accelerator.is_main_process:
+                    metrics = evaluate(classifier, encoder, validation_loader, accelerator.device, len(class_names))
+                    accelerator.log({"validation/accuracy": metrics["accuracy"]}, step=global_step)
+                    classifier.train()
+                if global_step >= max_train_steps:
+                    break
+        if global_step >= max_train_steps:
+            break
+
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(classifier).eval()
+    if accelerator.is_main_process:
+        metrics = evaluate(model, encoder, validation_loader, accelerator.device, len(class_names))
+        logger.info(f"validation accuracy {metrics['accuracy']:.4f}")
+        save_expert(args, accelerator, model, mean, std, metrics, class_names, data_description, len(train_set),
+                    len(validation_set), channels, global_step, recent_losses)
+    accelerator.end_training()
+    return model
+
+
+def save_expert(args, accelerator, model, mean, std, metrics, class_names, data_description, num_train,
+                num_validation, channels, steps, recent_losses) -> None:
+    output_dir = Path(args.output_dir)
+    model.config.image_size = args.resolution  # the side FrozenExpert resizes noisy inputs to
+    model.save_pretrained(output_dir)
+    ConvNextImageProcessor(size={"shortest_edge": args.resolution}, crop_pct=1.0, image_mean=mean,
+                           image_std=std).save_pretrained(output_dir)
+    (output_dir / "validation.json").write_text(json.dumps({**metrics, "class_names": class_names}, indent=2))
+    header = "| true \\ predicted | " + " | ".join(class_names) + " |"
+    rows = [f"| {name} | " + " | ".join(str(n) for n in row) + " |"
+            for name, row in zip(class_names, metrics["confusion_matrix"])]
+    write_model_card(
+        output_dir,
+        "expert",
+        model_name=output_dir.name,
+        repo_id=args.hub_model_id or str(output_dir),
+        accuracy=f"{metrics['accuracy']:.4f}",
+        num_validation_images=num_validation,
+        confusion_matrix="\n".join([header, "|---" * (len(class_names) + 1) + "|", *rows]),
+        data_description=data_description,
+        num_train_images=num_train,
+        class_names=", ".join(class_names),
+        resolution=args.resolution,
+        channels=channels,
+        initialisation=f"fine-tuned from `{args.pretrained_model_name_or_path}`" if args.pretrained_model_name_or_path
+        else "from scratch",
+        architecture=f"ResNet, depths {list(model.config.depths)}, widths {list(model.config.hidden_sizes)}, "
+                     f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters",
+        train_steps=steps,
+        batch_size=args.train_batch_size,
+        num_processes=accelerator.num_processes,
+        learning_rate=args.learning_rate,
+        weight_decay=args.adam_weight_decay,
+        final_loss=f"{np.mean(recent_losses):.4f}" if recent_losses else "n/a",
+    )
+    if args.push_to_hub:
+        push_output_to_hub(output_dir, args.hub_model_id, args.hub_token)
+
+
+if __name__ == "__main__":
+    main(parse_args())
