@@ -38,6 +38,13 @@ from medsyn.training.checkpoints import (
     step_generator,
 )
 from medsyn.training.dsm_loss import dsm_loss, perturb
+from medsyn.training.feature_alignment import (
+    FeatureAligner,
+    FrozenExpert,
+    add_alignment_arguments,
+    block_channels,
+    describe_alignment,
+)
 from medsyn.training.script_args import (
     add_data_arguments,
     add_logging_and_hub_arguments,
@@ -77,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--use_ema", action="store_true")
     parser.add_argument("--ema_decay", type=float, default=0.999)
 
+    add_alignment_arguments(parser)
     add_logging_and_hub_arguments(parser)
     parser.add_argument("--num_validation_images", type=int, default=4, help="Per class.")
     parser.add_argument("--validation_num_levels", type=int, default=None,
@@ -118,6 +126,17 @@ def build_model_and_scheduler(args, dataset, to_tensor, num_classes, channels):
         schedule.sigma_max, schedule.sigma_min, schedule.num_train_timesteps, schedule.n_steps_each
     )
     return unet, AnnealedLangevinScheduler(**asdict(schedule))
+
+
+def build_aligner(args, unet, example: torch.Tensor, sigmas: torch.Tensor, null_label) -> FeatureAligner | None:
+    """The feature-alignment term when --align_expert is given: the block's width from one forward pass."""
+    if not args.align_expert:
+        return None
+    expert = FrozenExpert.from_pretrained(args.align_expert).to(sigmas.device)
+    labels = None if null_label is None else torch.full((1,), null_label, dtype=torch.long, device=sigmas.device)
+    width = block_channels(unet.to(sigmas.device), args.align_block, example[None].to(sigmas.device),
+                           timestep=sigmas[:1], class_labels=labels)
+    return FeatureAligner(expert, unet, args.align_block, width)
 
 
 def sample_grid(pipeline, class_names, per_class, num_levels, guidance_scale, seed):
@@ -165,11 +184,14 @@ def main(args: argparse.Namespace) -> UNet2DModel:
         dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
         num_workers=args.dataloader_num_workers, drop_last=len(dataset) >= args.train_batch_size,
     )
+    aligner = build_aligner(args, unet, to_tensor(dataset[0]["image"]), train_sigmas, null_label)
+    trained_parameters = list(unet.parameters()) + (list(aligner.projection.parameters()) if aligner else [])
     optimizer = torch.optim.AdamW(
-        unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        trained_parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
     )
     unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
+    projection = accelerator.prepare(aligner.projection) if aligner else None
     updates_per_epoch, max_train_steps, num_epochs = step_budget(args, len(dataloader))
     lr_scheduler = accelerator.prepare(get_scheduler(
         args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
@@ -212,11 +234,14 @@ def main(args: argparse.Namespace) -> UNet2DModel:
                 noisy, noise, sigma = perturb(clean, train_sigmas, generator=generator)
                 score = unet(noisy, sigma, class_labels=labels).sample
                 loss = dsm_loss(score.float(), noise.float(), sigma.float()).mean()
+                if aligner is not None:
+                    align_loss = aligner.loss(noisy if args.align_on == "noisy" else clean, projection)
+                    loss = loss + args.align_weight * align_loss
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss.item()} at step {global_step}; lower --learning_rate")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                    accelerator.clip_grad_norm_(trained_parameters, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
@@ -228,7 +253,10 @@ def main(args: argparse.Namespace) -> UNet2DModel:
                 progress.update(1)
                 step_loss = accelerator.gather(loss.detach()[None]).mean().item()
                 recent_losses = (recent_losses + [step_loss])[-50:]
-                accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
+                logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
+                if aligner is not None:
+                    logs["align_loss"] = accelerator.gather(align_loss.detach()[None]).mean().item()
+                accelerator.log(logs, step=global_step)
                 progress.set_postfix(loss=f"{step_loss:.4g}")
                 if global_step % args.checkpointing_steps == 0:
                     if accelerator.is_main_process:
@@ -305,6 +333,7 @@ def save_pipeline(args, accelerator, model, noise_scheduler, class_names, data_d
         step_size=f"{config.step_size:.3g}",
         label_drop_rate=args.label_drop_rate if class_names else "n/a",
         final_loss=f"{np.mean(recent_losses):.4f}" if recent_losses else "n/a",
+        alignment=describe_alignment(args),
         unet_summary=f"UNet2DModel, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"channels {list(model.config.block_out_channels)}",
     )

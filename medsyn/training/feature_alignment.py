@@ -137,3 +137,43 @@ def block_channels(unet: nn.Module, block: str, sample: torch.Tensor, **forward_
         return probe.pop().shape[1]
     finally:
         probe.remove()
+
+
+def add_alignment_arguments(parser) -> None:
+    """The ``--align_*`` flags, the same in every diffusion training script."""
+    group = parser.add_argument_group("feature alignment (Nair 2024)")
+    group.add_argument("--align_expert", type=str, default=None,
+                       help="An expert classifier (train_expert.py) whose features of the noisy input guide the UNet.")
+    group.add_argument("--align_weight", type=float, default=0.1, help="w2 in L = L_diffusion + w2 * L_align.")
+    group.add_argument("--align_block", type=str, default=DEFAULT_ALIGN_BLOCK,
+                       help='The UNet block whose pooled output is aligned, e.g. "down_blocks.-1" or "mid_block".')
+    group.add_argument("--align_on", type=str, default="noisy", choices=("noisy", "clean"),
+                       help="What the expert sees: the noisy input (the paper's better choice) or the clean image.")
+
+
+class FeatureAligner:
+    """The alignment term of one training run: the frozen expert, the hook on the UNet block and the projection.
+
+    Args:
+        expert: the frozen expert classifier.
+        unet: the UNet being trained (unwrapped); the hook stays on it for the whole run.
+        block: the hooked block's name.
+        block_dim: that block's output channels (see ``block_channels``).
+    """
+
+    def __init__(self, expert: FrozenExpert, unet: nn.Module, block: str, block_dim: int):
+        self.expert = expert
+        self.features = BlockFeatures(unet, block)
+        self.projection = ExpertProjection(expert.feature_dim, block_dim)
+
+    def loss(self, expert_input: torch.Tensor, projection: nn.Module | None = None) -> torch.Tensor:
+        """The alignment loss for the UNet forward that just ran; ``projection`` is the (DDP-wrapped) head."""
+        return alignment_loss(self.features.pop(), self.expert(expert_input), projection or self.projection)
+
+
+def describe_alignment(args) -> str:
+    """The alignment settings in one line, for model cards."""
+    if not args.align_expert:
+        return "off"
+    return (f"expert `{args.align_expert}`, weight {args.align_weight}, block `{args.align_block}`, "
+            f"the expert sees the {args.align_on} input")

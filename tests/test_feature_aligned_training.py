@@ -1,0 +1,65 @@
+"""Feature alignment inside the diffusion training scripts: it changes training, resumes exactly, runs under DDP."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medsyn.train_scripts import train_expert, train_score_langevin
+
+from .ddp_launch import run_two_ranks
+from .test_train_score_langevin import TINY as SCORE_TINY
+
+
+@pytest.fixture(scope="module")
+def expert_path(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("expert")
+    train_expert.main(train_expert.parse_args([
+        "--resolution", "24", "--embedding_size", "8", "--hidden_sizes", "8", "16", "--depths", "1", "1",
+        "--layer_type", "basic", "--simulated_num_images", "40", "--train_batch_size", "8", "--max_train_steps", "2",
+        "--report_to", "none", "--output_dir", str(out)]))
+    return str(out)
+
+
+def score_run(tmp_path, name, *extra):
+    args = [*SCORE_TINY, "--class_conditional", "--validation_steps", "100", "--output_dir", str(tmp_path / name)]
+    return train_score_langevin.main(train_score_langevin.parse_args([*args, *extra]))
+
+
+def test_aligned_score_training_differs_from_plain_and_saves_the_projection_with_checkpoints(expert_path, tmp_path):
+    common = ["--max_train_steps", "3", "--checkpointing_steps", "3", "--learning_rate", "1e-3"]
+    plain = score_run(tmp_path, "plain", *common)
+    aligned = score_run(tmp_path, "aligned", *common, "--align_expert", expert_path, "--align_weight", "1.0")
+    assert any(not torch.equal(v, plain.state_dict()[k]) for k, v in aligned.state_dict().items())
+    projection = load_file(tmp_path / "aligned" / "checkpoint-3" / "model_1.safetensors")
+    assert projection["linear.weight"].shape == (16, 16)  # expert width 16 -> last down block's 16 channels
+    assert not (tmp_path / "aligned" / "unet" / "model_1.safetensors").exists()
+    card = (tmp_path / "aligned" / "README.md").read_text()
+    assert "block `down_blocks.-1`, the expert sees the noisy input" in card
+
+
+def test_aligned_score_training_resumes_exactly(expert_path, tmp_path):
+    extra = ["--align_expert", expert_path, "--align_block", "mid_block", "--checkpointing_steps", "2",
+             "--learning_rate", "1e-3"]
+    straight = score_run(tmp_path, "straight", *extra, "--max_train_steps", "4")
+    score_run(tmp_path, "resumed", *extra, "--max_train_steps", "2")
+    resumed = score_run(tmp_path, "resumed", *extra, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    for key, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_an_unknown_block_is_named(expert_path, tmp_path):
+    with pytest.raises(ValueError, match="--align_block 'down_blocks.9'"):
+        score_run(tmp_path, "x", "--max_train_steps", "1", "--align_expert", expert_path, "--align_block",
+                  "down_blocks.9")
+
+
+@pytest.mark.slow
+def test_two_process_ddp_with_alignment_keeps_ranks_identical(expert_path, tmp_path):
+    out = tmp_path / "ddp"
+    ranks = run_two_ranks(tmp_path, "medsyn.train_scripts.train_score_langevin", [
+        *SCORE_TINY, "--class_conditional", "--max_train_steps", "3", "--validation_steps", "100",
+        "--align_expert", expert_path, "--output_dir", str(out)])
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["sha256"] == ranks[1]["sha256"]
