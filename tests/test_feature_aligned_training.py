@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from medsyn.train_scripts import train_expert, train_score_langevin
 
 from .ddp_launch import run_two_ranks
+from .test_train_medisyn import vae_path  # noqa: F401  (a fixture: a tiny saved AutoencoderKL)
 from .test_train_score_langevin import TINY as SCORE_TINY
 
 
@@ -60,6 +61,60 @@ def test_two_process_ddp_with_alignment_keeps_ranks_identical(expert_path, tmp_p
     out = tmp_path / "ddp"
     ranks = run_two_ranks(tmp_path, "medsyn.train_scripts.train_score_langevin", [
         *SCORE_TINY, "--class_conditional", "--max_train_steps", "3", "--validation_steps", "100",
+        "--align_expert", expert_path, "--output_dir", str(out)])
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["sha256"] == ranks[1]["sha256"]
+
+
+def test_aligned_medisyn_training_for_full_weights_and_lora(expert_path, vae_path, tmp_path):
+    from medsyn import MediSynPipeline
+    from medsyn.train_scripts import train_medisyn
+
+    from .test_train_medisyn import TINY_MODEL, TINY_RUN
+
+
+    def run(name, *extra):
+        argv = [*TINY_RUN, "--output_dir", str(tmp_path / name), "--learning_rate", "1e-3", *extra]
+        return train_medisyn.main(train_medisyn.parse_args(argv))
+
+    scratch = [*TINY_MODEL, "--vae_model_name_or_path", vae_path, "--max_train_steps", "2"]
+    plain = run("plain", *scratch)
+    aligned = run("aligned", *scratch, "--align_expert", expert_path, "--align_weight", "1.0")
+    assert any(not torch.equal(v, plain.unet.state_dict()[k]) for k, v in aligned.unet.state_dict().items())
+    assert "the expert sees the noisy input" in (tmp_path / "aligned" / "README.md").read_text()
+    assert not aligned.unet.down_blocks[-1]._forward_hooks  # the training hook is gone from the saved model
+    run("lora", "--pretrained_model_name_or_path", str(tmp_path / "plain"), "--resolution", "16", "--use_lora",
+        "--max_train_steps", "2", "--align_expert", expert_path, "--align_on", "clean")
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert "the expert sees the clean input" in (tmp_path / "lora" / "README.md").read_text()
+    MediSynPipeline.from_pretrained(tmp_path / "plain").load_lora_weights(tmp_path / "lora")  # loads without it
+
+
+def test_aligned_medisyn_training_resumes_exactly(expert_path, vae_path, tmp_path):
+    from medsyn.train_scripts import train_medisyn
+
+    from .test_train_medisyn import TINY_MODEL, TINY_RUN
+
+    extra = [*TINY_RUN, *TINY_MODEL, "--vae_model_name_or_path", vae_path, "--align_expert",
+             expert_path, "--checkpointing_steps", "2", "--learning_rate", "1e-3"]
+
+    def run(name, *more):
+        return train_medisyn.main(train_medisyn.parse_args([*extra, "--output_dir", str(tmp_path / name), *more]))
+
+    straight = run("straight", "--max_train_steps", "4")
+    run("resumed", "--max_train_steps", "2")
+    resumed = run("resumed", "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    for key, value in straight.unet.state_dict().items():
+        torch.testing.assert_close(resumed.unet.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_medisyn_with_alignment_keeps_ranks_identical(expert_path, vae_path, tmp_path):
+    from .test_train_medisyn import TINY_MODEL, TINY_RUN
+
+    out = tmp_path / "ddp"
+    ranks = run_two_ranks(tmp_path, "medsyn.train_scripts.train_medisyn", [
+        *TINY_MODEL, *TINY_RUN, "--vae_model_name_or_path", vae_path, "--max_train_steps", "3",
         "--align_expert", expert_path, "--output_dir", str(out)])
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["sha256"] == ranks[1]["sha256"]

@@ -57,6 +57,13 @@ from medsyn.training.checkpoints import (
     seed_global_rng,
     step_generator,
 )
+from medsyn.training.feature_alignment import (
+    FeatureAligner,
+    FrozenExpert,
+    add_alignment_arguments,
+    block_channels,
+    describe_alignment,
+)
 from medsyn.training.script_args import (
     add_data_arguments,
     add_logging_and_hub_arguments,
@@ -109,6 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_optimisation_arguments(parser, output_dir="medisyn-model", learning_rate=1e-4)
     parser.add_argument("--use_ema", action="store_true")
     parser.add_argument("--ema_decay", type=float, default=0.9999)
+    add_alignment_arguments(parser)
     add_logging_and_hub_arguments(parser)
     parser.add_argument("--validation_prompts", type=str, nargs="+", default=None,
                         help="Default: one caption per class of the training data.")
@@ -264,8 +272,11 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
         dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
         num_workers=args.dataloader_num_workers, drop_last=len(dataset) >= args.train_batch_size,
     )
+    aligner = build_aligner(args, unet, vae, text_encoder, max_length, accelerator.device)
     trained = [unet, text_encoder] if train_text_encoder else [unet]
     parameters = [p for model in trained for p in model.parameters() if p.requires_grad]
+    if aligner is not None:
+        parameters += list(aligner.projection.parameters())
     optimizer = torch.optim.AdamW(
         parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
@@ -274,6 +285,7 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
         unet, text_encoder, optimizer, dataloader = accelerator.prepare(unet, text_encoder, optimizer, dataloader)
     else:
         unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
+    projection = accelerator.prepare(aligner.projection) if aligner else None
     updates_per_epoch, max_train_steps, num_epochs = step_budget(args, len(dataloader))
     lr_scheduler = accelerator.prepare(get_scheduler(
         args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
@@ -328,6 +340,14 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
                 target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
                     noise_scheduler.get_velocity(latents, noise, timesteps)
                 loss = F.mse_loss(prediction.float(), target.float())
+                if aligner is not None:
+                    # The expert sees the pixel image noised to the latent's timestep (see medsyn.training.feature_alignment).
+                    seen = pixels.float()
+                    if args.align_on == "noisy":
+                        pixel_noise = torch.randn(seen.shape, generator=generator, device=seen.device)
+                        seen = noise_scheduler.add_noise(seen, pixel_noise, timesteps)
+                    align_loss = aligner.loss(seen, projection)
+                    loss = loss + args.align_weight * align_loss
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss.item()} at step {global_step}; lower --learning_rate")
                 accelerator.backward(loss)
@@ -344,7 +364,10 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
                 progress.update(1)
                 step_loss = accelerator.gather(loss.detach()[None]).mean().item()
                 recent_losses = (recent_losses + [step_loss])[-50:]
-                accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
+                logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
+                if aligner is not None:
+                    logs["align_loss"] = accelerator.gather(align_loss.detach()[None]).mean().item()
+                accelerator.log(logs, step=global_step)
                 progress.set_postfix(loss=f"{step_loss:.4g}")
                 if global_step % args.checkpointing_steps == 0:
                     if accelerator.is_main_process:
@@ -363,6 +386,8 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
             break
 
     accelerator.wait_for_everyone()
+    if aligner is not None:
+        aligner.features.remove()  # the hook was for training; the saved pipeline runs without it
     if weight_dtype != torch.float32:  # the frozen parts ran in the mixed-precision dtype; the saved model is float32
         vae.to(dtype=torch.float32)
         text_encoder.to(dtype=torch.float32)
@@ -372,6 +397,19 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
                     global_step, recent_losses, new_encoder, train_text_encoder)
     accelerator.end_training()
     return pipeline
+
+
+def build_aligner(args, unet, vae, text_encoder, max_length: int, device) -> FeatureAligner | None:
+    """The feature-alignment term when --align_expert is given: the block's width from one forward pass."""
+    if not args.align_expert:
+        return None
+    expert = FrozenExpert.from_pretrained(args.align_expert).to(device)
+    size = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    latent = torch.zeros(1, unet.config.in_channels, size, size, device=device)
+    context = torch.zeros(1, max_length, text_encoder.config.hidden_size, device=device)
+    width = block_channels(unet.to(device), args.align_block, latent, timestep=torch.zeros(1, device=device),
+                           encoder_hidden_states=context)
+    return FeatureAligner(expert, unet, args.align_block, width)
 
 
 def assemble_pipeline(accelerator, vae, text_encoder, tokenizer, unet, ema, noise_scheduler) -> MediSynPipeline:
@@ -460,6 +498,7 @@ def save_result(args, accelerator, pipeline, prompts, data_description, num_imag
                      f"{'trained' if train_text_encoder else 'frozen'}; {prompt_max_length(pipeline.tokenizer, text_encoder)} tokens per prompt",
         unet_summary=f"UNet2DConditionModel, {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, "
                      f"channels {list(unet.config.block_out_channels)}",
+        alignment=describe_alignment(args),
         vae_summary=f"AutoencoderKL, {pipeline.vae.config.latent_channels} latent channels, downsampling "
                     f"x{pipeline.vae_scale_factor}, scaling factor {pipeline.vae.config.scaling_factor:.4g}",
     )

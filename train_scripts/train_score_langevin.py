@@ -271,6 +271,8 @@ def main(args: argparse.Namespace) -> UNet2DModel:
             break
 
     accelerator.wait_for_everyone()
+    if aligner is not None:
+        aligner.features.remove()  # the hook was for training; the saved pipeline runs without it
     model = ema_or_trained_model(accelerator, unet, ema)
     if accelerator.is_main_process:
         save_pipeline(args, accelerator, model, noise_scheduler, class_names, data_description, len(dataset),

@@ -9,6 +9,13 @@ projection is saved with checkpoints, not with the pipeline.
 
 Unlike the paper's public code, the expert stays in eval mode whatever ``train()`` calls reach it (BatchNorm
 statistics must not drift), none of its parameters reach the optimiser, and batch size 1 works.
+
+In the latent model (MediSyn) the UNet sees a noisy *latent*, which the pixel-space expert cannot read. The expert
+is given the pixel image noised to the same timestep with the same schedule (``add_noise(x0, eps, t)``, fresh
+pixel noise), rather than the decoded noisy latent: the decoder never saw noisy latents, so at high noise it returns
+its own artefacts rather than "the noisy image", and a decoder pass per step would cost more than the UNet at
+small latents. The expert thus sees what it would in pixel-space diffusion, at the signal-to-noise ratio the UNet
+works at.
 """
 
 from __future__ import annotations
