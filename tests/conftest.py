@@ -108,3 +108,18 @@ def get_dummy_medisyn_pipeline(**kwargs):
     pipe = MediSynPipeline(**get_dummy_medisyn_components(**kwargs))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="module")
+def vae_path(tmp_path_factory) -> str:
+    """A tiny untrained 1-channel AutoencoderKL (factor 2) saved to a folder, as stage 2's scripts take it."""
+    from diffusers import AutoencoderKL
+
+    from medsyn.models.latent_diffusion import autoencoder_config
+
+    path = tmp_path_factory.mktemp("vae")
+    torch.manual_seed(0)
+    config = autoencoder_config(1, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+                                norm_num_groups=4, sample_size=16)
+    AutoencoderKL(**config).save_pretrained(path)
+    return str(path)

@@ -9,7 +9,6 @@ from safetensors.torch import load_file
 from medsyn.train_scripts import train_expert, train_score_langevin
 
 from .ddp_launch import run_two_ranks
-from .test_train_medisyn import vae_path  # noqa: F401  (a fixture: a tiny saved AutoencoderKL)
 from .test_train_score_langevin import TINY as SCORE_TINY
 
 

@@ -29,16 +29,6 @@ TINY_RUN = [
 
 
 @pytest.fixture(scope="module")
-def vae_path(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("vae")
-    torch.manual_seed(0)
-    config = autoencoder_config(1, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-                                norm_num_groups=4, sample_size=16)
-    AutoencoderKL(**config).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def scratch_model(vae_path, tmp_path_factory) -> str:
     """Mode (a): a model trained a few steps from scratch, saved as a pipeline folder."""
     out = tmp_path_factory.mktemp("scratch")
