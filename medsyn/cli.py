@@ -269,6 +269,39 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate_expert(args: argparse.Namespace) -> int:
+    """Generation accuracy of one or more models under one expert, paired by seed; writes expert_accuracy.json."""
+    from medsyn.evaluation.generation_accuracy import ExpertClassifier, generation_accuracy, paired_difference
+    from medsyn.pipelines import load_pipeline
+
+    target = Path(args.output_dir) / "expert_accuracy.json"
+    if target.exists() and not args.overwrite:
+        print(f"error: {target} exists; pass --overwrite", file=sys.stderr)
+        return 2
+    prompts = json.loads(Path(args.prompts).read_text() if Path(args.prompts).is_file() else args.prompts) \
+        if args.prompts else None
+    expert = ExpertClassifier.from_pretrained(args.expert)
+    results = {}
+    for model in args.model:
+        pipeline = load_pipeline(model)
+        pipeline.set_progress_bar_config(disable=True)
+        results[model] = generation_accuracy(
+            pipeline, expert, args.per_class, args.seeds, prompts=prompts if hasattr(pipeline, "tokenizer") else None,
+            num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+        )
+        print(f"{model}: generation accuracy {results[model]['accuracy_mean']:.3f} "
+              f"+- {results[model]['accuracy_std']:.3f} over seeds {args.seeds}")
+    baseline = args.model[0]
+    comparisons = {model: paired_difference(results[baseline], results[model]) for model in args.model[1:]}
+    for model, difference in comparisons.items():
+        print(f"{model} - {baseline}: {difference['accuracy_difference_mean']:+.3f} "
+              f"+- {difference['accuracy_difference_std']:.3f} (same seeds, paired)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps({"expert": args.expert, "models": results, "paired_vs_first": comparisons}, indent=2))
+    print(f"wrote {target}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medsyn", description="Synthetic medical images with diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -337,6 +370,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--overwrite", action="store_true")
     ev.set_defaults(handler=evaluate)
+
+    ex = commands.add_parser("evaluate-expert", help="generation accuracy under an expert classifier, paired by seed")
+    ex.add_argument("--model", action="append", required=True,
+                    help="a saved pipeline; repeat to compare models (differences are against the first)")
+    ex.add_argument("--expert", required=True, help="the expert classifier folder (train_scripts/train_expert.py)")
+    ex.add_argument("--prompts", help="JSON string or file: class name -> prompt, for text-guided (MediSyn) models")
+    ex.add_argument("--per-class", type=int, default=32, help="images per class and seed")
+    ex.add_argument("--seeds", type=int, nargs="+", default=list(range(5)),
+                    help="one evaluation per seed, the same for every model (the paper averaged 15)")
+    ex.add_argument("--num-inference-steps", type=int, default=None)
+    ex.add_argument("--guidance-scale", type=float, default=None)
+    ex.add_argument("--output-dir", required=True)
+    ex.add_argument("--overwrite", action="store_true")
+    ex.set_defaults(handler=evaluate_expert)
     return parser
 
 

@@ -38,6 +38,18 @@ def extract_features(
     return features
 
 
+def processor_normalisation(path: str) -> tuple[list[float] | None, list[float] | None]:
+    """The image mean and std of the image processor saved with a vision model (None when it has none)."""
+    from transformers import AutoImageProcessor
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(path)
+    except (OSError, ValueError):
+        return None, None
+    mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+    return (list(mean) if mean is not None else None), (list(std) if std is not None else None)
+
+
 class PooledImageEncoder(nn.Module):
     """A transformers vision backbone (e.g. a ResNet expert classifier) as a domain feature encoder.
 
@@ -56,15 +68,9 @@ class PooledImageEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str) -> PooledImageEncoder:
-        from transformers import AutoImageProcessor, AutoModel
+        from transformers import AutoModel
 
-        backbone = AutoModel.from_pretrained(path)
-        try:
-            processor = AutoImageProcessor.from_pretrained(path)
-            mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
-        except (OSError, ValueError):
-            mean = std = None
-        return cls(backbone, mean, std)
+        return cls(AutoModel.from_pretrained(path), *processor_normalisation(path))
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] as the backbone expects them: its channel count, its mean and std."""
