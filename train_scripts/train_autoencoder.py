@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
 from diffusers import AutoencoderKL
-from diffusers.optimization import get_scheduler
 from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import PatchDiscriminator
 from PIL import Image
@@ -31,9 +30,15 @@ from tqdm.auto import tqdm
 from medsyn.data import image_channels, image_transform
 from medsyn.model_card import write_model_card
 from medsyn.models.latent_diffusion import autoencoder_config
-from medsyn.training.accelerator import build_accelerator, step_budget
+from medsyn.training.accelerator import (
+    build_accelerator,
+    build_lr_scheduler,
+    resume_position,
+    save_checkpoint,
+    step_budget,
+)
 from medsyn.training.autoencoder_losses import FeaturePerceptualLoss, VariationalReconstruction, adversarial_weight
-from medsyn.training.checkpoints import checkpoint_step, prune_checkpoints, resolve_checkpoint, step_generator
+from medsyn.training.checkpoints import step_generator
 from medsyn.training.script_args import (
     add_data_arguments,
     add_logging_and_hub_arguments,
@@ -195,21 +200,11 @@ def main(args: argparse.Namespace) -> AutoencoderKL:
         autoencoder, discriminator, optimizer, optimizer_d, train_loader
     )
     updates_per_epoch, max_train_steps, num_epochs = step_budget(args, len(train_loader))
-    lr_scheduler = accelerator.prepare(get_scheduler(
-        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
-    ))
+    lr_scheduler = build_lr_scheduler(args, accelerator, optimizer, max_train_steps)
     if accelerator.is_main_process:
         accelerator.init_trackers("autoencoder", config={k: str(v) for k, v in vars(args).items()})
 
-    global_step, first_epoch, resume_batches = 0, 0, 0
-    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
-    if checkpoint is not None:
-        accelerator.print(f"Resuming from {checkpoint}")
-        accelerator.load_state(str(checkpoint))
-        global_step = checkpoint_step(checkpoint)
-        first_epoch = global_step // updates_per_epoch
-        resume_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+    global_step, first_epoch, resume_batches = resume_position(args, accelerator, updates_per_epoch)
 
     logger.info(f"{len(train_set)} training and {len(validation_set)} validation images, {max_train_steps} steps, "
                 f"latents {vae.config.latent_channels} x {args.resolution // factor}^2")
@@ -271,10 +266,7 @@ def main(args: argparse.Namespace) -> AutoencoderKL:
                                 step=global_step)
                 progress.set_postfix(l1=f"{logs['l1']:.4g}")
                 if global_step % args.checkpointing_steps == 0:
-                    if accelerator.is_main_process:
-                        prune_checkpoints(output_dir, args.checkpoints_total_limit)
-                    accelerator.wait_for_everyone()
-                    accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
+                    save_checkpoint(args, accelerator, global_step)
                 if global_step % args.validation_steps == 0 and global_step < max_train_steps and accelerator.is_main_process:
                     log_validation(args, accelerator, accelerator.unwrap_model(autoencoder).vae, validation_loader, global_step)
                     autoencoder.train()

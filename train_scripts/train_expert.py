@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
-from diffusers.optimization import get_scheduler
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 from tqdm.auto import tqdm
 from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
@@ -30,8 +29,14 @@ from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageCla
 from medsyn.data import image_channels, image_transform, random_affine
 from medsyn.metrics.features import PooledImageEncoder
 from medsyn.model_card import write_model_card
-from medsyn.training.accelerator import build_accelerator, step_budget
-from medsyn.training.checkpoints import checkpoint_step, prune_checkpoints, resolve_checkpoint, step_generator
+from medsyn.training.accelerator import (
+    build_accelerator,
+    build_lr_scheduler,
+    resume_position,
+    save_checkpoint,
+    step_budget,
+)
+from medsyn.training.checkpoints import step_generator
 from medsyn.training.script_args import (
     add_data_arguments,
     add_logging_and_hub_arguments,
@@ -111,7 +116,6 @@ def evaluate(classifier, encoder: PooledImageEncoder, loader, device, num_classe
 
 def main(args: argparse.Namespace) -> ResNetForImageClassification:
     """Train, save the classifier with its processor and card (main process), return it on every rank."""
-    output_dir = Path(args.output_dir)
     accelerator = build_accelerator(args)
     dataset, data_description = load_training_data(args, require_labels=True)
     class_names = list(dataset.features["label"].names)
@@ -137,21 +141,11 @@ def main(args: argparse.Namespace) -> ResNetForImageClassification:
     classifier, optimizer, train_loader = accelerator.prepare(classifier, optimizer, train_loader)
     encoder.to(accelerator.device)
     updates_per_epoch, max_train_steps, num_epochs = step_budget(args, len(train_loader))
-    lr_scheduler = accelerator.prepare(get_scheduler(
-        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
-    ))
+    lr_scheduler = build_lr_scheduler(args, accelerator, optimizer, max_train_steps)
     if accelerator.is_main_process:
         accelerator.init_trackers("expert", config={k: str(v) for k, v in vars(args).items()})
 
-    global_step, first_epoch, resume_batches = 0, 0, 0
-    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
-    if checkpoint is not None:
-        accelerator.print(f"Resuming from {checkpoint}")
-        accelerator.load_state(str(checkpoint))
-        global_step = checkpoint_step(checkpoint)
-        first_epoch = global_step // updates_per_epoch
-        resume_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+    global_step, first_epoch, resume_batches = resume_position(args, accelerator, updates_per_epoch)
 
     logger.info(f"{len(train_set)} training and {len(validation_set)} validation images, classes {class_names}, "
                 f"{max_train_steps} steps")
@@ -185,10 +179,7 @@ def main(args: argparse.Namespace) -> ResNetForImageClassification:
                 accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
                 progress.set_postfix(loss=f"{step_loss:.4g}")
                 if global_step % args.checkpointing_steps == 0:
-                    if accelerator.is_main_process:
-                        prune_checkpoints(output_dir, args.checkpoints_total_limit)
-                    accelerator.wait_for_everyone()
-                    accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
+                    save_checkpoint(args, accelerator, global_step)
                 if global_step % args.validation_steps == 0 and global_step < max_train_steps \
                         and accelerator.is_main_process:
                     metrics = evaluate(classifier, encoder, validation_loader, accelerator.device, len(class_names))

@@ -35,7 +35,6 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     UNet2DConditionModel,
 )
-from diffusers.optimization import get_scheduler
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, BertModel
@@ -49,11 +48,16 @@ from medsyn.models.latent_diffusion import (
     prompt_max_length,
 )
 from medsyn.pipelines import MediSynPipeline
-from medsyn.training.accelerator import attach_ema, build_accelerator, ema_or_trained_model, step_budget
+from medsyn.training.accelerator import (
+    attach_ema,
+    build_accelerator,
+    build_lr_scheduler,
+    ema_or_trained_model,
+    resume_position,
+    save_checkpoint,
+    step_budget,
+)
 from medsyn.training.checkpoints import (
-    checkpoint_step,
-    prune_checkpoints,
-    resolve_checkpoint,
     seed_global_rng,
     step_generator,
 )
@@ -229,7 +233,6 @@ def text_states(text_encoder, tokenizer, captions: list[str], max_length: int, d
 
 def main(args: argparse.Namespace) -> MediSynPipeline:
     """Train and save (main process); return the final pipeline (with LoRA adapters loaded in LoRA mode)."""
-    output_dir = Path(args.output_dir)
     accelerator = build_accelerator(args)
     dataset, data_description = load_training_data(args, caption_column=args.caption_column)
     captions = caption_rows(dataset, args.caption_templates)
@@ -287,22 +290,12 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
         unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
     projection = accelerator.prepare(aligner.projection) if aligner else None
     updates_per_epoch, max_train_steps, num_epochs = step_budget(args, len(dataloader))
-    lr_scheduler = accelerator.prepare(get_scheduler(
-        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
-    ))
+    lr_scheduler = build_lr_scheduler(args, accelerator, optimizer, max_train_steps)
     ema = attach_ema(accelerator, accelerator.unwrap_model(unet), args.ema_decay, "unet_ema") if args.use_ema else None
     if accelerator.is_main_process:
         accelerator.init_trackers("medisyn", config={k: str(v) for k, v in vars(args).items()})
 
-    global_step, first_epoch, resume_batches = 0, 0, 0
-    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
-    if checkpoint is not None:
-        accelerator.print(f"Resuming from {checkpoint}")
-        accelerator.load_state(str(checkpoint))
-        global_step = checkpoint_step(checkpoint)
-        first_epoch = global_step // updates_per_epoch
-        resume_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+    global_step, first_epoch, resume_batches = resume_position(args, accelerator, updates_per_epoch)
 
     scaling, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
     logger.info(f"{len(dataset)} image-text pairs, {max_train_steps} steps; text encoder "
@@ -370,10 +363,7 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
                 accelerator.log(logs, step=global_step)
                 progress.set_postfix(loss=f"{step_loss:.4g}")
                 if global_step % args.checkpointing_steps == 0:
-                    if accelerator.is_main_process:
-                        prune_checkpoints(output_dir, args.checkpoints_total_limit)
-                    accelerator.wait_for_everyone()
-                    accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
+                    save_checkpoint(args, accelerator, global_step)
                 if global_step % args.validation_steps == 0 and global_step < max_train_steps \
                         and accelerator.is_main_process:
                     pipeline = assemble_pipeline(accelerator, vae, text_encoder, tokenizer, unet, ema, noise_scheduler)

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from accelerate.logging import get_logger
 from diffusers import UNet2DModel
-from diffusers.optimization import get_scheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -30,11 +29,16 @@ from medsyn.pipelines import ScoreLangevinPipeline
 from medsyn.schedulers import AnnealedLangevinScheduler, noise_schedule_from_data
 from medsyn.schedulers.ncsn_rules import langevin_step_size
 from medsyn.schedulers.scheduling_annealed_langevin import geometric_sigmas
-from medsyn.training.accelerator import attach_ema, build_accelerator, ema_or_trained_model, step_budget
+from medsyn.training.accelerator import (
+    attach_ema,
+    build_accelerator,
+    build_lr_scheduler,
+    ema_or_trained_model,
+    resume_position,
+    save_checkpoint,
+    step_budget,
+)
 from medsyn.training.checkpoints import (
-    checkpoint_step,
-    prune_checkpoints,
-    resolve_checkpoint,
     step_generator,
 )
 from medsyn.training.dsm_loss import dsm_loss, perturb
@@ -159,7 +163,6 @@ def sample_grid(pipeline, class_names, per_class, num_levels, guidance_scale, se
 
 def main(args: argparse.Namespace) -> UNet2DModel:
     """Train, save the pipeline and model card (main process), and return the final network on every rank."""
-    output_dir = Path(args.output_dir)
     accelerator = build_accelerator(args)
 
     dataset, data_description = load_training_data(args, require_labels=args.class_conditional)
@@ -193,22 +196,12 @@ def main(args: argparse.Namespace) -> UNet2DModel:
     unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
     projection = accelerator.prepare(aligner.projection) if aligner else None
     updates_per_epoch, max_train_steps, num_epochs = step_budget(args, len(dataloader))
-    lr_scheduler = accelerator.prepare(get_scheduler(
-        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
-    ))
+    lr_scheduler = build_lr_scheduler(args, accelerator, optimizer, max_train_steps)
     ema = attach_ema(accelerator, accelerator.unwrap_model(unet), args.ema_decay, "unet_ema") if args.use_ema else None
     if accelerator.is_main_process:
         accelerator.init_trackers("score_langevin", config={k: str(v) for k, v in vars(args).items()})
 
-    global_step, first_epoch, resume_batches = 0, 0, 0
-    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
-    if checkpoint is not None:
-        accelerator.print(f"Resuming from {checkpoint}")
-        accelerator.load_state(str(checkpoint))
-        global_step = checkpoint_step(checkpoint)
-        first_epoch = global_step // updates_per_epoch
-        resume_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+    global_step, first_epoch, resume_batches = resume_position(args, accelerator, updates_per_epoch)
 
     logger.info(f"{len(dataset)} images, {max_train_steps} optimiser steps, {num_epochs} epochs, "
                 f"{noise_scheduler.config.num_train_timesteps} noise levels "
@@ -259,10 +252,7 @@ def main(args: argparse.Namespace) -> UNet2DModel:
                 accelerator.log(logs, step=global_step)
                 progress.set_postfix(loss=f"{step_loss:.4g}")
                 if global_step % args.checkpointing_steps == 0:
-                    if accelerator.is_main_process:
-                        prune_checkpoints(output_dir, args.checkpoints_total_limit)
-                    accelerator.wait_for_everyone()
-                    accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
+                    save_checkpoint(args, accelerator, global_step)
                 if global_step % args.validation_steps == 0 and accelerator.is_main_process:
                     log_validation(args, accelerator, unet, ema, noise_scheduler, class_names, global_step)
                 if global_step >= max_train_steps:

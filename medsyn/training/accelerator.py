@@ -14,6 +14,8 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from diffusers import ModelMixin
 from diffusers.training_utils import EMAModel
 
+from medsyn.training.checkpoints import checkpoint_step, prune_checkpoints, resolve_checkpoint
+
 
 def build_accelerator(args: argparse.Namespace, **kwargs) -> Accelerator:
     """One ``Accelerator`` from the shared flags, logging set up, seed set and the output folder made."""
@@ -74,3 +76,33 @@ def ema_or_trained_model(accelerator: Accelerator, model: torch.nn.Module, ema: 
         ema.copy_to(copy.parameters())
         model = copy
     return model.eval()
+
+
+def build_lr_scheduler(args: argparse.Namespace, accelerator: Accelerator, optimizer, max_train_steps: int):
+    """diffusers' ``get_scheduler`` from --lr_scheduler/--lr_warmup_steps, prepared (it steps once per process)."""
+    from diffusers.optimization import get_scheduler
+
+    return accelerator.prepare(get_scheduler(
+        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    ))
+
+
+def resume_position(args: argparse.Namespace, accelerator: Accelerator, updates_per_epoch: int) -> tuple[int, int, int]:
+    """Load the checkpoint --resume_from_checkpoint names, if any; return (optimiser step, first epoch, batches of
+    that epoch to skip), all 0 for a fresh start."""
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if checkpoint is None:
+        return 0, 0, 0
+    accelerator.print(f"Resuming from {checkpoint}")
+    accelerator.load_state(str(checkpoint))
+    step = checkpoint_step(checkpoint)
+    return step, step // updates_per_epoch, (step % updates_per_epoch) * args.gradient_accumulation_steps
+
+
+def save_checkpoint(args: argparse.Namespace, accelerator: Accelerator, global_step: int) -> None:
+    """``checkpoint-<step>`` in the output folder, after pruning to --checkpoints_total_limit (on every rank)."""
+    if accelerator.is_main_process:
+        prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(Path(args.output_dir) / f"checkpoint-{global_step}"))
