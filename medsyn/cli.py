@@ -1,4 +1,4 @@
-"""The ``medsyn`` command: ``demo``, ``generate``, ``pixel-noise-baseline`` and ``evaluate``.
+"""The ``medsyn`` command: ``demo``, ``generate``, ``pixel-noise-baseline``, ``evaluate`` and ``evaluate-expert``.
 
 Heavy imports happen inside the subcommands, so ``medsyn --help`` answers at once.
 """
