@@ -31,7 +31,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from medsyn.models.latent_diffusion import prompt_max_length
+from medsyn.models.latent_diffusion import encode_prompts, prompt_max_length, vae_scale_factor
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     ):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = vae_scale_factor(self.vae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     def save_lora_adapters(self, save_directory: str | os.PathLike) -> None:
@@ -112,23 +112,17 @@ class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             except (OSError, ValueError):
                 logger.info("%s has no text-encoder adapter", source)
 
-    def _tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Token ids and attention mask, padded to the prompt length; warns about the words a truncation drops."""
-        max_length = prompt_max_length(self.tokenizer, self.text_encoder)
-        tokens = self.tokenizer(
-            prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-        )
-        full_lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False)["input_ids"]]
-        for index, length in enumerate(full_lengths):
-            if length > max_length:
-                kept = self.tokenizer.decode(tokens["input_ids"][index], skip_special_tokens=True)
+    def _warn_if_truncated(self, prompts: list[str], max_length: int) -> None:
+        """Say which prompts are longer than the text encoder takes, and what of them is kept."""
+        for prompt, ids in zip(prompts, self.tokenizer(prompts, truncation=False)["input_ids"]):
+            if len(ids) > max_length:
+                kept = self.tokenizer.decode(ids[: max_length - 1], skip_special_tokens=True)
                 logger.warning(
                     "prompt has %d tokens but the text encoder takes %d; it was truncated to %r",
-                    length,
+                    len(ids),
                     max_length,
                     kept,
                 )
-        return tokens
 
     def encode_prompt(
         self,
@@ -176,12 +170,9 @@ class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
 
     def _embed(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self._tokenize(prompts)
-        mask = tokens["attention_mask"].to(device)
-        output = self.text_encoder(tokens["input_ids"].to(device), attention_mask=mask, return_dict=True)
-        if not hasattr(output, "last_hidden_state"):
-            raise ValueError(f"{type(self.text_encoder).__name__} returns no last_hidden_state; use a base encoder")
-        return output.last_hidden_state, mask
+        max_length = prompt_max_length(self.tokenizer, self.text_encoder)
+        self._warn_if_truncated(prompts, max_length)
+        return encode_prompts(self.text_encoder, self.tokenizer, prompts, max_length, device)
 
     def check_inputs(
         self,

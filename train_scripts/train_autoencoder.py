@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from medsyn.data import image_channels, image_transform
 from medsyn.model_card import write_model_card
-from medsyn.models.latent_diffusion import autoencoder_config
+from medsyn.models.latent_diffusion import autoencoder_config, latent_size, vae_scale_factor
 from medsyn.training.accelerator import (
     build_accelerator,
     build_lr_scheduler,
@@ -167,9 +167,7 @@ def main(args: argparse.Namespace) -> AutoencoderKL:
     vae = build_autoencoder(args, channels)
     if vae.config.in_channels != channels:
         raise ValueError(f"the data has {channels} channels but the autoencoder expects {vae.config.in_channels}")
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if args.resolution % factor:
-        raise ValueError(f"--resolution {args.resolution} is not divisible by the autoencoder's factor {factor}")
+    side = latent_size(vae, args.resolution)
     discriminator = PatchDiscriminator(
         spatial_dims=2, channels=args.discriminator_channels, in_channels=channels, out_channels=1,
         num_layers_d=args.discriminator_layers,
@@ -207,7 +205,7 @@ def main(args: argparse.Namespace) -> AutoencoderKL:
     global_step, first_epoch, resume_batches = resume_position(args, accelerator, updates_per_epoch)
 
     logger.info(f"{len(train_set)} training and {len(validation_set)} validation images, {max_train_steps} steps, "
-                f"latents {vae.config.latent_channels} x {args.resolution // factor}^2")
+                f"latents {vae.config.latent_channels} x {side}^2")
     progress = tqdm(range(max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
     recent: dict[str, list[float]] = {}
     micro_step = global_step * args.gradient_accumulation_steps
@@ -311,7 +309,7 @@ def log_validation(args, accelerator, vae: AutoencoderKL, loader, step: int) -> 
 def write_autoencoder_card(args, accelerator, vae, data_description, num_train, num_validation, channels, steps,
                            metrics, recent) -> None:
     output_dir = Path(args.output_dir)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    side = latent_size(vae, args.resolution)
     mean = lambda name: f"{np.mean(recent[name]):.4g}" if recent.get(name) else "n/a"  # noqa: E731
     adversarial = (f"weight {args.adversarial_weight} from step {args.adversarial_warmup_steps}, discriminator lr "
                    f"{args.discriminator_learning_rate}" if args.adversarial_weight > 0 else "off")
@@ -326,8 +324,8 @@ def write_autoencoder_card(args, accelerator, vae, data_description, num_train, 
         num_validation_images=num_validation,
         resolution=args.resolution,
         channels=channels,
-        latent_shape=f"{vae.config.latent_channels} x {args.resolution // factor} x {args.resolution // factor}",
-        factor=factor,
+        latent_shape=f"{vae.config.latent_channels} x {side} x {side}",
+        factor=vae_scale_factor(vae),
         psnr=f"{metrics['psnr']:.2f}",
         ssim=f"{metrics['ssim']:.4f}",
         scaling_factor=f"{vae.config.scaling_factor:.5g}",

@@ -45,6 +45,8 @@ from medsyn.models.latent_diffusion import (
     bert_text_encoder_config,
     build_wordpiece_tokenizer,
     conditional_unet_config,
+    encode_prompts,
+    latent_size,
     prompt_max_length,
 )
 from medsyn.pipelines import MediSynPipeline
@@ -179,7 +181,6 @@ def load_components(args: argparse.Namespace, captions: list[str]):
         return vae, text_encoder, tokenizer, unet, noise_scheduler, False
 
     vae = AutoencoderKL.from_pretrained(args.vae_model_name_or_path)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if args.text_encoder_name_or_path:
         text_encoder = AutoModel.from_pretrained(args.text_encoder_name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(args.text_encoder_name_or_path)
@@ -197,7 +198,7 @@ def load_components(args: argparse.Namespace, captions: list[str]):
         new_encoder = True
     unet = UNet2DConditionModel(
         **conditional_unet_config(
-            sample_size=args.resolution // factor,
+            sample_size=latent_size(vae, args.resolution),
             latent_channels=vae.config.latent_channels,
             cross_attention_dim=text_encoder.config.hidden_size,
             block_out_channels=tuple(args.unet_block_out_channels),
@@ -223,14 +224,6 @@ def add_lora(model: torch.nn.Module, target_modules: list[str], args: argparse.N
     model.add_adapter(config)
 
 
-def text_states(text_encoder, tokenizer, captions: list[str], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The encoder's token states for ``captions`` and their attention mask, padded to ``max_length`` tokens as
-    the pipeline pads them (the unet attends to the real tokens only, as in the pipeline)."""
-    tokens = tokenizer(captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    mask = tokens["attention_mask"].to(device)
-    return text_encoder(tokens["input_ids"].to(device), attention_mask=mask)[0], mask
-
-
 def main(args: argparse.Namespace) -> MediSynPipeline:
     """Train and save (main process); return the final pipeline (with LoRA adapters loaded in LoRA mode)."""
     accelerator = build_accelerator(args)
@@ -241,9 +234,7 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
     vae, text_encoder, tokenizer, unet, noise_scheduler, new_encoder = load_components(args, captions)
     if vae.config.in_channels != channels:
         raise ValueError(f"the data has {channels} channels but the autoencoder takes {vae.config.in_channels}")
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if args.resolution % factor:
-        raise ValueError(f"--resolution {args.resolution} is not divisible by the autoencoder's factor {factor}")
+    latent_size(vae, args.resolution)  # an error now, not mid-training, when the sizes do not fit
     train_text_encoder = args.train_text_encoder or new_encoder
     validation_prompts = args.validation_prompts or default_validation_prompts(dataset, captions)
 
@@ -327,7 +318,7 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
                                           generator=generator, device=latents.device)
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                 with torch.set_grad_enabled(train_text_encoder):
-                    context, context_mask = text_states(text_encoder, tokenizer, captions, max_length, latents.device)
+                    context, context_mask = encode_prompts(text_encoder, tokenizer, captions, max_length, latents.device)
                 prediction = unet(noisy, timesteps, encoder_hidden_states=context, encoder_attention_mask=context_mask,
                                   return_dict=False)[0]
                 target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
@@ -394,7 +385,7 @@ def build_aligner(args, unet, vae, text_encoder, max_length: int, device) -> Fea
     if not args.align_expert:
         return None
     expert = FrozenExpert.from_pretrained(args.align_expert).to(device)
-    size = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    size = latent_size(vae, args.resolution)
     latent = torch.zeros(1, unet.config.in_channels, size, size, device=device)
     context = torch.zeros(1, max_length, text_encoder.config.hidden_size, device=device)
     width = block_channels(unet.to(device), args.align_block, latent, timestep=torch.zeros(1, device=device),

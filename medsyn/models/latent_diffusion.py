@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
+from diffusers import AutoencoderKL
 from transformers import BertConfig, BertTokenizerFast, PreTrainedModel, PreTrainedTokenizerBase
 
 #: BioMedBERT (microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext) is BERT-base with its own vocabulary.
@@ -164,3 +166,33 @@ def prompt_max_length(tokenizer: PreTrainedTokenizerBase, text_encoder: PreTrain
     if not lengths:
         raise ValueError("neither the tokenizer nor the text encoder says how many tokens a prompt may have")
     return min(lengths)
+
+
+def encode_prompts(
+    text_encoder: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_length: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token states and attention mask of ``prompts`` padded and truncated to ``max_length`` tokens.
+
+    The one encoding that training and ``MediSynPipeline`` share, so the unet sees at inference what it learned
+    from. ``text_encoder`` may be wrapped (DDP); it must return ``last_hidden_state`` (a base encoder, not a head).
+    """
+    tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    mask = tokens["attention_mask"].to(device)
+    output = text_encoder(tokens["input_ids"].to(device), attention_mask=mask, return_dict=True)
+    states = getattr(output, "last_hidden_state", None)
+    if states is None:
+        raise ValueError(f"{type(text_encoder).__name__} returns no last_hidden_state; use a base encoder")
+    return states, mask
+
+
+def vae_scale_factor(vae: AutoencoderKL) -> int:
+    """How many times the autoencoder downsamples: ``2 ** (levels - 1)``."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def latent_size(vae: AutoencoderKL, resolution: int) -> int:
+    """The latent side for images of ``resolution`` px; an error when the autoencoder's factor does not divide it."""
+    factor = vae_scale_factor(vae)
+    if resolution % factor:
+        raise ValueError(f"resolution {resolution} is not divisible by the autoencoder's factor {factor}")
+    return resolution // factor
