@@ -48,6 +48,7 @@ from medsyn.training.script_args import (
     push_output_to_hub,
     split_validation,
 )
+from medsyn.training.validation_images import image_grid, save_validation_image
 
 logger = get_logger(__name__)
 
@@ -132,13 +133,6 @@ def evaluate_reconstruction(vae: AutoencoderKL, loader, device) -> tuple[dict[st
         if shown is None:
             shown = torch.cat([real, fake], dim=-2)  # each column: original above, reconstruction below
     return {"psnr": psnr.compute().item(), "ssim": ssim.compute().item()}, shown
-
-
-def image_row(pairs: torch.Tensor, count: int) -> np.ndarray:
-    """The first ``count`` original/reconstruction columns side by side as uint8 (H, W) or (H, W, 3)."""
-    pairs = pairs[:count].clamp(0, 1).mul(255).round().byte().cpu()
-    row = torch.cat(list(pairs), dim=-1).permute(1, 2, 0).numpy()
-    return row[..., 0] if row.shape[-1] == 1 else row
 
 
 @torch.no_grad()
@@ -293,15 +287,10 @@ def main(args: argparse.Namespace) -> AutoencoderKL:
 def log_validation(args, accelerator, vae: AutoencoderKL, loader, step: int) -> tuple[dict[str, float], np.ndarray]:
     """PSNR/SSIM on the held-out images, logged, with a strip of originals over reconstructions saved as PNG."""
     metrics, pairs = evaluate_reconstruction(vae, loader, accelerator.device)
-    strip = image_row(pairs, args.num_validation_images)
-    folder = Path(args.output_dir) / "validation"
-    folder.mkdir(exist_ok=True)
-    Image.fromarray(strip).save(folder / f"step-{step:06d}.png")
+    shown = pairs[: args.num_validation_images].permute(0, 2, 3, 1).cpu().numpy()
+    strip = image_grid(shown, rows=1)  # each column: an original above its reconstruction
+    save_validation_image(args, accelerator, strip, step, tag="reconstructions")
     accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=step)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image("reconstructions", strip if strip.ndim == 3 else strip[..., None], step,
-                                     dataformats="HWC")
     logger.info(f"step {step}: validation PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}")
     return metrics, strip
 

@@ -78,6 +78,7 @@ from medsyn.training.script_args import (
     load_training_data,
     push_output_to_hub,
 )
+from medsyn.training.validation_images import image_grid, save_validation_image
 
 logger = get_logger(__name__)
 
@@ -358,7 +359,9 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
                 if global_step % args.validation_steps == 0 and global_step < max_train_steps \
                         and accelerator.is_main_process:
                     pipeline = assemble_pipeline(accelerator, vae, text_encoder, tokenizer, unet, ema, noise_scheduler)
-                    save_validation_grid(args, accelerator, pipeline, validation_prompts, global_step)
+                    grid = sample_grid(pipeline, validation_prompts, args.num_validation_images,
+                                       args.validation_inference_steps, args.validation_guidance_scale, args.seed)
+                    save_validation_image(args, accelerator, grid, global_step)
                     for model in trained:
                         model.train()
                 if global_step >= max_train_steps:
@@ -410,23 +413,7 @@ def sample_grid(pipeline: MediSynPipeline, prompts: list[str], per_prompt: int, 
     generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts) * per_prompt)]
     images = pipeline(prompts, num_images_per_prompt=per_prompt, num_inference_steps=steps, guidance_scale=guidance,
                       generator=generators, output_type="np").images
-    images = np.round(images * 255).astype(np.uint8)
-    height, width, channels = images.shape[1:]
-    grid = images.reshape(len(prompts), per_prompt, height, width, channels).transpose(0, 2, 1, 3, 4)
-    grid = grid.reshape(len(prompts) * height, per_prompt * width, channels)
-    return grid[..., 0] if channels == 1 else grid
-
-
-def save_validation_grid(args, accelerator, pipeline, prompts, step) -> np.ndarray:
-    grid = sample_grid(pipeline, prompts, args.num_validation_images, args.validation_inference_steps,
-                       args.validation_guidance_scale, args.seed)
-    folder = Path(args.output_dir) / "validation"
-    folder.mkdir(exist_ok=True)
-    Image.fromarray(grid).save(folder / f"step-{step:06d}.png")
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image("validation", grid if grid.ndim == 3 else grid[..., None], step, dataformats="HWC")
-    return grid
+    return image_grid(images, rows=len(prompts))
 
 
 def save_result(args, accelerator, pipeline, prompts, data_description, num_images, channels, steps,

@@ -57,6 +57,7 @@ from medsyn.training.script_args import (
     load_training_data,
     push_output_to_hub,
 )
+from medsyn.training.validation_images import image_grid, save_validation_image
 
 logger = get_logger(__name__)
 
@@ -154,11 +155,7 @@ def sample_grid(pipeline, class_names, per_class, num_levels, guidance_scale, se
         generator=torch.Generator().manual_seed(seed),
         output_type="np",
     ).images
-    images = np.round(images * 255).astype(np.uint8)
-    rows = max(1, len(class_names or [None]))
-    grid = images.reshape(rows, per_class, *images.shape[1:]).transpose(0, 2, 1, 3, 4)
-    grid = grid.reshape(rows * images.shape[1], per_class * images.shape[2], images.shape[3])
-    return grid[..., 0] if grid.shape[-1] == 1 else grid
+    return image_grid(images, rows=max(1, len(class_names or [None])))
 
 
 def main(args: argparse.Namespace) -> UNet2DModel:
@@ -276,12 +273,7 @@ def log_validation(args, accelerator, unet, ema, noise_scheduler, class_names, s
     pipeline.set_progress_bar_config(disable=True)
     grid = sample_grid(pipeline, class_names, args.num_validation_images, args.validation_num_levels,
                        args.validation_guidance_scale, args.seed)
-    folder = Path(args.output_dir) / "validation"
-    folder.mkdir(exist_ok=True)
-    Image.fromarray(grid).save(folder / f"step-{step:06d}.png")
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image("validation", grid if grid.ndim == 3 else grid[..., None], step, dataformats="HWC")
+    save_validation_image(args, accelerator, grid, step)
     unet.train()
 
 
