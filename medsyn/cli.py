@@ -273,13 +273,13 @@ def evaluate_expert(args: argparse.Namespace) -> int:
     """Generation accuracy of one or more models under one expert, paired by seed; writes expert_accuracy.json."""
     from medsyn.evaluation.generation_accuracy import ExpertClassifier, generation_accuracy, paired_difference
     from medsyn.pipelines import load_pipeline
+    from medsyn.training.script_args import json_argument
 
     target = Path(args.output_dir) / "expert_accuracy.json"
     if target.exists() and not args.overwrite:
         print(f"error: {target} exists; pass --overwrite", file=sys.stderr)
         return 2
-    prompts = json.loads(Path(args.prompts).read_text() if Path(args.prompts).is_file() else args.prompts) \
-        if args.prompts else None
+    prompts = json_argument(args.prompts) if args.prompts else None
     expert = ExpertClassifier.from_pretrained(args.expert)
     results = {}
     for model in args.model:

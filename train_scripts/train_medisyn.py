@@ -75,6 +75,7 @@ from medsyn.training.script_args import (
     add_logging_and_hub_arguments,
     add_optimisation_arguments,
     check_data_arguments,
+    json_argument,
     load_training_data,
     push_output_to_hub,
 )
@@ -154,7 +155,7 @@ def caption_rows(dataset, templates: str | None) -> list[str]:
         if "caption" not in dataset.column_names:
             raise ValueError("the data has no captions: give --caption_templates, or --caption_column for --dataset_name")
         return list(dataset["caption"])
-    mapping = json.loads(Path(templates).read_text() if Path(templates).is_file() else templates)
+    mapping = json_argument(templates)
     names = dataset.features["label"].names
     missing = sorted(set(names) - set(mapping))
     if missing:

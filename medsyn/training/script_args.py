@@ -7,6 +7,7 @@ same in all of them.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,12 @@ def load_training_data(args: argparse.Namespace, require_labels: bool = False, c
     if args.max_train_samples is not None:
         dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
     return dataset, description
+
+
+def json_argument(value: str):
+    """A JSON value given inline or as the path of a file that holds it (``--caption_templates``, ``--prompts``)."""
+    path = Path(value)
+    return json.loads(path.read_text() if path.is_file() else value)
 
 
 def split_validation(dataset, fraction: float, seed: int):
