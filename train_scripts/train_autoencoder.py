@@ -43,6 +43,7 @@ from medsyn.training.script_args import (
     add_data_arguments,
     add_logging_and_hub_arguments,
     add_optimisation_arguments,
+    add_validation_fraction_argument,
     check_data_arguments,
     load_training_data,
     push_output_to_hub,
@@ -56,8 +57,7 @@ logger = get_logger(__name__)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_arguments(parser)
-    parser.add_argument("--validation_fraction", type=float, default=0.05,
-                        help="Share of the images held out for PSNR/SSIM (at least one image).")
+    add_validation_fraction_argument(parser, default=0.05)
 
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", type=str, default=None,
@@ -95,8 +95,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     elif args.perceptual_weight > 0 and not args.perceptual_network:
         parser.error("--perceptual_weight needs --perceptual_network: a local transformers vision model (no "
                      "perceptual network ships with medsyn, and none is downloaded)")
-    if not 0 < args.validation_fraction < 1:
-        parser.error(f"--validation_fraction must be in (0, 1), got {args.validation_fraction}")
     if not args.pretrained_model_name_or_path and args.resolution % 2 ** (len(args.block_out_channels) - 1):
         parser.error(f"--resolution {args.resolution} must be divisible by 2**{len(args.block_out_channels) - 1}")
     return args

@@ -41,6 +41,7 @@ from medsyn.training.script_args import (
     add_data_arguments,
     add_logging_and_hub_arguments,
     add_optimisation_arguments,
+    add_validation_fraction_argument,
     check_data_arguments,
     load_training_data,
     push_output_to_hub,
@@ -53,7 +54,7 @@ logger = get_logger(__name__)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_arguments(parser, resolution=224)
-    parser.add_argument("--validation_fraction", type=float, default=0.1, help="Share of images held out.")
+    add_validation_fraction_argument(parser, default=0.1)
     parser.add_argument("--augment", action="store_true", help="Small random affine (no flips).")
 
     model = parser.add_argument_group("model (default: ResNet50's architecture)")
@@ -72,8 +73,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_data_arguments(parser, args)
     if len(args.hidden_sizes) != len(args.depths):
         parser.error(f"--hidden_sizes has {len(args.hidden_sizes)} entries for {len(args.depths)} --depths")
-    if not 0 < args.validation_fraction < 1:
-        parser.error(f"--validation_fraction must be in (0, 1), got {args.validation_fraction}")
     return args
 
 

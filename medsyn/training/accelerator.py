@@ -17,7 +17,7 @@ from diffusers.training_utils import EMAModel
 from medsyn.training.checkpoints import checkpoint_step, prune_checkpoints, resolve_checkpoint
 
 
-def build_accelerator(args: argparse.Namespace, **kwargs) -> Accelerator:
+def build_accelerator(args: argparse.Namespace) -> Accelerator:
     """One ``Accelerator`` from the shared flags, logging set up, seed set and the output folder made."""
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
@@ -26,7 +26,6 @@ def build_accelerator(args: argparse.Namespace, **kwargs) -> Accelerator:
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        **kwargs,
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(args.seed)

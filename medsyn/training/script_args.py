@@ -66,6 +66,19 @@ def add_logging_and_hub_arguments(parser: argparse.ArgumentParser) -> None:
     hub.add_argument("--hub_token", type=str, default=None)
 
 
+def add_validation_fraction_argument(parser: argparse.ArgumentParser, default: float) -> None:
+    """``--validation_fraction``: the share of images held out (``split_validation``), strictly between 0 and 1."""
+
+    def fraction(text: str) -> float:
+        value = float(text)
+        if not 0 < value < 1:
+            raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
+        return value
+
+    parser.add_argument("--validation_fraction", type=fraction, default=default,
+                        help="Share of the images held out for validation (at least one image).")
+
+
 def check_data_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.train_data_dir and args.dataset_name:
         parser.error("give --train_data_dir or --dataset_name, not both")
