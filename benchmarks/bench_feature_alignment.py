@@ -28,7 +28,7 @@ from medsyn.evaluation.generation_accuracy import ExpertClassifier, generation_a
 from medsyn.metrics.features import PooledImageEncoder
 from medsyn.models.score_unet import build_score_unet
 from medsyn.training.dsm_loss import dsm_loss
-from medsyn.training.feature_alignment import FeatureAligner, FrozenExpert, alignment_loss, block_channels
+from medsyn.training.feature_alignment import FeatureAligner, FrozenExpert, block_channels
 
 SCORE_RECIPE = [  # medsyn demo's recipe
     "--base_channels", "32", "--channel_mult", "1", "2", "2", "--layers_per_block", "1", "--norm_num_groups", "8",
@@ -81,9 +81,8 @@ def step_overhead(expert: FrozenExpert, resolution: int, batch: int, repeats: in
         noise = torch.randn_like(clean)
         noisy = clean + sigma.view(-1, 1, 1, 1) * noise
         loss = dsm_loss(unet(noisy, sigma, class_labels=labels).sample, noise, sigma).mean()
-        features = aligner.features.pop()
         if aligned:
-            loss = loss + 0.1 * alignment_loss(features, expert(noisy), aligner.projection)
+            loss = loss + 0.1 * aligner.loss(noisy)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
