@@ -121,6 +121,16 @@ def demo_probe(model: Path, resolution: int, seed: int, per_class: int) -> dict:
     }
 
 
+def _would_overwrite(targets: list[Path], overwrite: bool) -> bool:
+    """True, after saying which file is in the way, when a target exists and --overwrite was not given."""
+    clashes = [t for t in targets if t.exists()]
+    if clashes and not overwrite:
+        more = f" ({len(clashes)} files would be overwritten)" if len(clashes) > 1 else ""
+        print(f"error: {clashes[0]} exists{more}; pass --overwrite", file=sys.stderr)
+        return True
+    return False
+
+
 def generate(args: argparse.Namespace) -> int:
     """Generate images from a saved ScoreLangevinPipeline into PNG files or one NPZ."""
     import numpy as np
@@ -133,10 +143,7 @@ def generate(args: argparse.Namespace) -> int:
     output_dir = Path(args.output_dir)
     names = [f"{args.class_label or 'sample'}_{args.seed}_{i:06d}.png" for i in range(args.num_images)]
     targets = [output_dir / "samples.npz"] if args.format == "npz" else [output_dir / n for n in names]
-    clashes = [t for t in targets if t.exists()]
-    if clashes and not args.overwrite:
-        print(f"error: {clashes[0]} exists ({len(clashes)} files would be overwritten); pass --overwrite",
-              file=sys.stderr)
+    if _would_overwrite(targets, args.overwrite):
         return 2
     pipe = ScoreLangevinPipeline.from_pretrained(args.model)
     pipe.to("cuda" if torch.cuda.is_available() else "cpu")
@@ -188,8 +195,7 @@ def pixel_noise(args: argparse.Namespace) -> int:
     from medsyn.data import load_image_dataset
 
     target = Path(args.output_dir) / "pixel_noise_baseline.npz"
-    if target.exists() and not args.overwrite:
-        print(f"error: {target} exists; pass --overwrite", file=sys.stderr)
+    if _would_overwrite([target], args.overwrite):
         return 2
     dataset = load_image_dataset(args.data)
     sizes = {row.size for row in dataset["image"]}
@@ -215,9 +221,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from medsyn.evaluation import evaluate as run_evaluation, load_image_set, write_report
 
     output_dir = Path(args.output_dir)
-    targets = [output_dir / "metrics.json", output_dir / "report.html"]
-    if any(t.exists() for t in targets) and not args.overwrite:
-        print(f"error: {output_dir} already holds an evaluation; pass --overwrite", file=sys.stderr)
+    if _would_overwrite([output_dir / "metrics.json", output_dir / "report.html"], args.overwrite):
         return 2
     sets = {name: load_image_set(spec, name) if spec else None for name, spec in (
         ("real", args.real), ("generated", args.generated), ("train", args.train), ("test", args.test))}
@@ -276,8 +280,7 @@ def evaluate_expert(args: argparse.Namespace) -> int:
     from medsyn.training.script_args import json_argument
 
     target = Path(args.output_dir) / "expert_accuracy.json"
-    if target.exists() and not args.overwrite:
-        print(f"error: {target} exists; pass --overwrite", file=sys.stderr)
+    if _would_overwrite([target], args.overwrite):
         return 2
     prompts = json_argument(args.prompts) if args.prompts else None
     expert = ExpertClassifier.from_pretrained(args.expert)
