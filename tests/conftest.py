@@ -123,3 +123,12 @@ def vae_path(tmp_path_factory) -> str:
                                 norm_num_groups=4, sample_size=16)
     AutoencoderKL(**config).save_pretrained(path)
     return str(path)
+
+
+def assert_same_weights(actual: torch.nn.Module, expected: torch.nn.Module) -> None:
+    """Every tensor of ``expected``'s state dict equals ``actual``'s exactly (a resumed or reloaded model)."""
+    actual_state = actual.state_dict()
+    for key, value in expected.state_dict().items():
+        torch.testing.assert_close(
+            actual_state[key], value, rtol=0, atol=0, msg=lambda message, key=key: f"{key}: {message}"
+        )

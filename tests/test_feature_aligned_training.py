@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from medsyn.train_scripts import train_expert, train_score_langevin
 
+from .conftest import assert_same_weights
 from .ddp_launch import run_two_ranks
 from .test_train_score_langevin import TINY as SCORE_TINY
 
@@ -45,8 +46,7 @@ def test_aligned_score_training_resumes_exactly(expert_path, tmp_path):
     straight = score_run(tmp_path, "straight", *extra, "--max_train_steps", "4")
     score_run(tmp_path, "resumed", *extra, "--max_train_steps", "2")
     resumed = score_run(tmp_path, "resumed", *extra, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
-    for key, value in straight.state_dict().items():
-        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    assert_same_weights(resumed, straight)
 
 
 def test_an_unknown_block_is_named(expert_path, tmp_path):
@@ -103,8 +103,7 @@ def test_aligned_medisyn_training_resumes_exactly(expert_path, vae_path, tmp_pat
     straight = run("straight", "--max_train_steps", "4")
     run("resumed", "--max_train_steps", "2")
     resumed = run("resumed", "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
-    for key, value in straight.unet.state_dict().items():
-        torch.testing.assert_close(resumed.unet.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    assert_same_weights(resumed.unet, straight.unet)
 
 
 @pytest.mark.slow

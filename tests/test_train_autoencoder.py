@@ -12,6 +12,7 @@ from medsyn.metrics.features import PooledImageEncoder
 from medsyn.train_scripts.train_autoencoder import main, parse_args
 from medsyn.training.autoencoder_losses import FeaturePerceptualLoss, adversarial_weight
 
+from .conftest import assert_same_weights
 from .ddp_launch import run_two_ranks
 
 TINY = [
@@ -40,8 +41,7 @@ def test_trains_saves_and_measures_the_latent_scale(tmp_path):
                 "--perceptual_network", tiny_resnet(tmp_path))
     out = tmp_path / "vae"
     loaded = AutoencoderKL.from_pretrained(out)
-    for key, value in model.state_dict().items():
-        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+    assert_same_weights(loaded, model)
     # The saved factor makes the training latents unit-variance: check with fresh posterior samples.
     from medsyn.data import image_transform, simulated_dataset
 
@@ -61,8 +61,7 @@ def test_resume_across_the_adversarial_warm_up_ends_with_the_same_weights(tmp_pa
     straight = run(tmp_path, "straight", *extra, "--max_train_steps", "5")
     run(tmp_path, "resumed", *extra, "--max_train_steps", "3")
     resumed = run(tmp_path, "resumed", *extra, "--max_train_steps", "5", "--resume_from_checkpoint", "latest")
-    for key, value in straight.state_dict().items():
-        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    assert_same_weights(resumed, straight)
 
 
 def test_fine_tunes_an_rgb_autoencoder_from_a_pipeline_folder(tmp_path):

@@ -12,6 +12,8 @@ from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageCla
 from medsyn.train_scripts.train_expert import main, parse_args
 from medsyn.training.feature_alignment import FrozenExpert
 
+from .conftest import assert_same_weights
+
 TINY = [
     "--resolution", "32", "--embedding_size", "8", "--hidden_sizes", "8", "16", "--depths", "1", "1",
     "--layer_type", "basic", "--simulated_num_images", "60", "--train_batch_size", "8", "--report_to", "none",
@@ -35,8 +37,7 @@ def test_trains_reports_and_loads_as_a_frozen_expert(tmp_path):
     expert = FrozenExpert.from_pretrained(str(out))
     assert expert.image_size == 32 and expert.feature_dim == 16
     loaded = ResNetForImageClassification.from_pretrained(out)
-    for key, value in model.state_dict().items():
-        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+    assert_same_weights(loaded, model)
     features = expert(torch.rand(1, 1, 20, 20) * 2 - 1)  # any size in, resized to 32; batch size 1
     assert features.shape == (1, 16)
 
@@ -46,8 +47,7 @@ def test_resume_ends_with_the_same_weights(tmp_path):
     straight = run(tmp_path, "straight", *extra, "--max_train_steps", "6")
     run(tmp_path, "resumed", *extra, "--max_train_steps", "3")
     resumed = run(tmp_path, "resumed", *extra, "--max_train_steps", "6", "--resume_from_checkpoint", "latest")
-    for key, value in straight.state_dict().items():
-        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    assert_same_weights(resumed, straight)
 
 
 def test_fine_tunes_rgb_weights_on_grayscale_scans(tmp_path):

@@ -14,6 +14,7 @@ from medsyn import MediSynPipeline
 from medsyn.models.latent_diffusion import autoencoder_config
 from medsyn.train_scripts.train_medisyn import main, parse_args
 
+from .conftest import assert_same_weights
 from .ddp_launch import run_two_ranks
 
 TINY_MODEL = [
@@ -72,16 +73,14 @@ def test_resume_ends_with_the_same_unet_and_text_encoder(vae_path, tmp_path):
     run(tmp_path, "resumed", *extra, "--max_train_steps", "2")
     resumed = run(tmp_path, "resumed", *extra, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
     for name in ("unet", "text_encoder"):
-        for key, value in weights(getattr(straight, name)).items():
-            torch.testing.assert_close(getattr(resumed, name).state_dict()[key], value, rtol=0, atol=0, msg=lambda m: key + m)
+        assert_same_weights(getattr(resumed, name), getattr(straight, name))
 
 
 def test_fine_tuning_trains_unet_and_text_encoder_but_not_the_autoencoder(scratch_model, tmp_path):
     base = MediSynPipeline.from_pretrained(scratch_model)
     tuned = run(tmp_path, "b", "--pretrained_model_name_or_path", scratch_model, "--train_text_encoder",
                 "--max_train_steps", "2", "--learning_rate", "1e-3", "--resolution", "16")
-    for key, value in weights(base.vae).items():
-        torch.testing.assert_close(tuned.vae.state_dict()[key], value, rtol=0, atol=0)
+    assert_same_weights(tuned.vae, base.vae)
     for name in ("unet", "text_encoder"):
         before, after = weights(getattr(base, name)), weights(getattr(tuned, name))
         assert any(not torch.equal(before[k], after[k]) for k in before), name

@@ -10,6 +10,7 @@ from PIL import Image
 from medsyn.pipelines import ScoreLangevinPipeline
 from medsyn.train_scripts.train_score_langevin import main, parse_args, sample_grid
 
+from .conftest import assert_same_weights
 from .ddp_launch import run_two_ranks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,10 +26,6 @@ def run(tmp_path, name, *extra):
     return main(parse_args(TINY + ["--output_dir", str(tmp_path / name), *extra]))
 
 
-def state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def test_train_save_reload_gives_identical_images(tmp_path):
     model = run(tmp_path, "run", "--class_conditional", "--use_ema", "--max_train_steps", "4", "--augment",
                 "--checkpointing_steps", "100", "--validation_steps", "2")
@@ -39,8 +36,7 @@ def test_train_save_reload_gives_identical_images(tmp_path):
     assert "healthy, tumor" in card and "| optimiser steps, batch size | 4, 4" in card and "$" not in card
     pipe = ScoreLangevinPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
-    for key, value in state(model).items():
-        torch.testing.assert_close(pipe.unet.state_dict()[key], value, rtol=0, atol=0)
+    assert_same_weights(pipe.unet, model)
     saved_grid = np.asarray(Image.open(out / "samples.png"))
     np.testing.assert_array_equal(sample_grid(pipe, ["healthy", "tumor"], 2, 3, 1.0, 7), saved_grid)
 
@@ -55,8 +51,7 @@ def test_resume_ends_with_the_same_weights(tmp_path, use_ema):
     if use_ema:
         assert (tmp_path / "resumed" / "checkpoint-3" / "unet_ema" / "diffusion_pytorch_model.safetensors").is_file()
     resumed = run(tmp_path, "resumed", *extra, "--max_train_steps", "7", "--resume_from_checkpoint", "latest")
-    for key, value in state(straight).items():
-        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    assert_same_weights(resumed, straight)
 
 
 def test_trains_on_an_image_folder_with_rgb(tmp_path):
