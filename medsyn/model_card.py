@@ -6,6 +6,8 @@ import string
 from importlib import resources
 from pathlib import Path
 
+from medsyn.output_files import write_text_atomically
+
 
 def write_model_card(output_dir: str | Path, template: str, **fields: object) -> Path:
     """Fill ``model_cards/<template>.md`` (``$name`` placeholders) and write it as ``output_dir/README.md``.
@@ -18,7 +20,7 @@ def write_model_card(output_dir: str | Path, template: str, **fields: object) ->
     except KeyError as error:
         raise ValueError(f"model card template {template!r} needs a value for {error.args[0]!r}") from error
     path = Path(output_dir) / "README.md"
-    path.write_text(card)
+    write_text_atomically(path, card)
     return path
 
 
@@ -73,5 +75,5 @@ def add_evaluation_to_model_card(model_dir: str | Path, metrics: dict) -> Path:
         before, _, after = text.partition(EVALUATION_HEADING)
         rest = after.split("\n## ", 1)
         text = before + ("## " + rest[1] if len(rest) > 1 else "")
-    path.write_text(text.rstrip("\n") + "\n\n" + evaluation_markdown(metrics))
+    write_text_atomically(path, text.rstrip("\n") + "\n\n" + evaluation_markdown(metrics))
     return path

@@ -32,6 +32,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from medsyn.models.latent_diffusion import encode_prompts, prompt_max_length, vae_scale_factor
+from medsyn.validation import finite_number, whole_number
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +190,8 @@ class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         callback_on_step_end_tensor_inputs: list[str],
     ) -> None:
         """Reject bad arguments with a message that names them, before any model runs."""
+        height, width = whole_number(height, "height"), whole_number(width, "width")
+        finite_number(guidance_scale, "guidance_scale", minimum=0)
         if height % self.vae_scale_factor or width % self.vae_scale_factor:
             raise ValueError(
                 f"height and width must be divisible by the autoencoder's factor {self.vae_scale_factor}, "
@@ -316,8 +319,9 @@ class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         Returns:
             [`ImagePipelineOutput`] with ``images``, or a tuple ``(images,)`` when ``return_dict`` is False.
         """
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        # 0 is an error, not the default: only None means "the unet's size".
+        height = self.unet.config.sample_size * self.vae_scale_factor if height is None else height
+        width = self.unet.config.sample_size * self.vae_scale_factor if width is None else width
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         self.check_inputs(
             prompt,
@@ -332,8 +336,8 @@ class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             output_type,
             callback_on_step_end_tensor_inputs,
         )
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        whole_number(num_images_per_prompt, "num_images_per_prompt")
+        whole_number(num_inference_steps, "num_inference_steps")
         device = self._execution_device
         do_classifier_free_guidance = guidance_scale > 1
 

@@ -22,6 +22,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from medsyn.models.score_unet import null_class_label
 from medsyn.schedulers.scheduling_annealed_langevin import AnnealedLangevinScheduler
+from medsyn.validation import finite_number, whole_number
 
 ClassLabels = int | str | list[int | str] | torch.Tensor
 
@@ -64,10 +65,36 @@ class ScoreLangevinPipeline(DiffusionPipeline):
                 if label not in names:
                     raise ValueError(f"unknown class label {label!r}; this model knows {names}")
                 label = names.index(label)
-            if not 0 <= int(label) < null_label:
+            label = whole_number(label, "class label", minimum=0)
+            if label >= null_label:
                 raise ValueError(f"class label {label} is out of range [0, {null_label})")
-            indices.append(int(label))
+            indices.append(label)
         return torch.tensor(indices, dtype=torch.long)
+
+    def check_inputs(
+        self,
+        batch_size: int,
+        num_inference_steps: int | None,
+        n_steps_each: int | None,
+        step_size: float | None,
+        guidance_scale: float,
+        output_type: str,
+        max_batch_size: int | None,
+    ) -> None:
+        """Reject bad arguments with a message that names them, before any model runs (None means the default;
+        0 is an error, never the default)."""
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        finite_number(guidance_scale, "guidance_scale", minimum=0)
+        whole_number(batch_size, "batch_size")
+        if num_inference_steps is not None:
+            whole_number(num_inference_steps, "num_inference_steps", minimum=2)
+        if n_steps_each is not None:
+            whole_number(n_steps_each, "n_steps_each")
+        if step_size is not None:
+            finite_number(step_size, "step_size", minimum=0, exclusive=True)
+        if max_batch_size is not None:
+            whole_number(max_batch_size, "max_batch_size")
 
     def prepare_generators(
         self, generator: torch.Generator | list[torch.Generator] | None, batch_size: int
@@ -173,19 +200,18 @@ class ScoreLangevinPipeline(DiffusionPipeline):
         Returns:
             [`ImagePipelineOutput`] with ``images``, or a tuple ``(images,)`` when ``return_dict`` is False.
         """
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        # 1. Check inputs
         if isinstance(class_labels, (list, tuple, torch.Tensor)):
             batch_size = len(class_labels)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.check_inputs(batch_size, num_inference_steps, n_steps_each, step_size, guidance_scale, output_type,
+                          max_batch_size)
+        # 2. Labels, generators and the initial sample
         labels = self.encode_class_labels(class_labels, batch_size)
         generators = self.prepare_generators(generator, batch_size)
         latents = self.prepare_latents(batch_size, generators, latents)
         schedule = dict(num_inference_steps=num_inference_steps, n_steps_each=n_steps_each, step_size=step_size)
 
+        # 3. Annealed Langevin dynamics, chunk by chunk
         chunk = max_batch_size or batch_size
         samples = []
         for start in range(0, batch_size, chunk):
@@ -201,6 +227,7 @@ class ScoreLangevinPipeline(DiffusionPipeline):
                     schedule,
                 )
             )
+        # 4. Post-process
         image = (torch.cat(samples) / 2 + 0.5).clamp(0, 1)
         if output_type == "np" or output_type == "pil":
             image = image.cpu().permute(0, 2, 3, 1).numpy()

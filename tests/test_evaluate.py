@@ -81,6 +81,7 @@ def test_evaluate_writes_metrics_and_a_self_contained_report(sets, tmp_path):
     # Different simulated slices are >= 0.04 apart (RMS on [0, 1]); the planted copies are at 0.
     pixel = metrics["privacy"]["pixel"]
     assert not pixel["passed"] and sorted(pixel["flagged_indices"]) == [4, 9] and pixel["min_distance"] == 0
+    assert sorted(pixel["near_copy_indices"]) == [4, 9] and pixel["verdict"].startswith("failed: 2 generated")
     assert sorted(metrics["flagged_pair_images"]) == [
         "flagged/flagged_000004_train_000010.png", "flagged/flagged_000009_train_000020.png"]
     assert set(metrics["diversity"]["per_class"]) == {"healthy", "tumor"}
@@ -90,7 +91,7 @@ def test_evaluate_writes_metrics_and_a_self_contained_report(sets, tmp_path):
     assert downstream["runs"]["real + synthetic"]["train_images"] == 160
     page = (out / "report.html").read_text()
     assert "AUC change from adding synthetic images" in page
-    assert "Privacy: memorisation audit" in page and "2 generated images flagged" in page
+    assert "Privacy: memorisation audit" in page and "failed: 2 generated images are within" in page
     assert "data:image/png;base64," in page and "src=\"http" not in page  # images inline, nothing fetched
 
 

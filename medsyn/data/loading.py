@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .intensity import to_uint8, window_to_uint8
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 NIFTI_SUFFIXES = {".nii", ".nii.gz"}
@@ -43,39 +45,14 @@ def _suffix(path: Path) -> str:
     return ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix.lower()
 
 
-def _to_uint8(array: np.ndarray, window: tuple[float, float] | None, source: str) -> np.ndarray:
-    """Map intensities to 0..255 through a (centre, width) window, or the 0.5-99.5 percentile range if none."""
-    array = np.asarray(array, dtype=np.float64)
-    if not np.isfinite(array).all():
-        raise ValueError(f"{source}: image contains NaN or Inf")
-    if window is not None:
-        centre, width = window
-        low, high = centre - width / 2, centre + width / 2
-    else:
-        low, high = np.percentile(array, [0.5, 99.5])
-    if high <= low:
-        return np.zeros(array.shape, dtype=np.uint8)
-    return np.round(np.clip((array - low) / (high - low), 0, 1) * 255).astype(np.uint8)
-
-
 def _array_to_image(array: np.ndarray, source: str) -> Image.Image:
-    """uint8/uint16/float-in-[0,1] array of shape (H, W), (H, W, 1) or (H, W, 3) to a PIL image."""
+    """An (H, W), (H, W, 1) or (H, W, 3) array to a PIL image: uint8 as it is, wider integers (12- or 16-bit
+    scans) windowed to their own 0.5-99.5 percentile range, floats only if in [0, 1]."""
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3):
         raise ValueError(f"{source}: expected an (H, W) or (H, W, 1|3) image, got shape {array.shape}")
-    if array.dtype == np.uint8:
-        pass
-    elif array.dtype == np.uint16:
-        array = (array >> 8).astype(np.uint8)
-    elif np.issubdtype(array.dtype, np.floating):
-        if not np.isfinite(array).all():
-            raise ValueError(f"{source}: image contains NaN or Inf")
-        if array.min() < 0 or array.max() > 1:
-            raise ValueError(f"{source}: float images must lie in [0, 1], got [{array.min():.3g}, {array.max():.3g}]")
-        array = np.round(array * 255).astype(np.uint8)
-    else:
-        raise ValueError(f"{source}: unsupported pixel type {array.dtype}")
+    array = to_uint8(array[None], source)[0]  # the pixel rules of medsyn.data.intensity
     return Image.fromarray(array, mode="L" if array.ndim == 2 else "RGB")
 
 
@@ -88,7 +65,7 @@ def _read_picture(path: Path) -> Image.Image:
     if image.mode in ("L", "RGB"):
         return image
     if image.mode in ("I;16", "I;16B", "I", "F"):
-        return _array_to_image(_to_uint8(np.asarray(image), None, str(path)), str(path))
+        return _array_to_image(window_to_uint8(np.asarray(image), None, str(path)), str(path))
     if image.mode in ("RGBA", "P", "CMYK", "YCbCr", "LA"):
         return image.convert("L" if image.mode == "LA" else "RGB")
     if image.mode == "1":
@@ -113,7 +90,7 @@ def _read_dicom(path: Path, window: tuple[float, float] | None) -> Iterator[tupl
         window = (first(centre), first(width))
     frames = pixels if pixels.ndim == 3 and dataset.get("SamplesPerPixel", 1) == 1 else pixels[None]
     for index, frame in enumerate(frames):
-        image = _to_uint8(frame, window, str(path))
+        image = window_to_uint8(frame, window, str(path))
         if dataset.get("PhotometricInterpretation") == "MONOCHROME1":
             image = 255 - image
         yield _array_to_image(image, str(path)), str(path) if len(frames) == 1 else f"{path}#frame={index}"
@@ -141,7 +118,7 @@ def _read_nifti(
         plane = np.take(volume, index, axis=slice_axis)
         if skip_empty_slices and np.ptp(plane) == 0:
             continue
-        yield _array_to_image(_to_uint8(plane, window, str(path)), str(path)), f"{path}#slice={index}"
+        yield _array_to_image(window_to_uint8(plane, window, str(path)), str(path)), f"{path}#slice={index}"
 
 
 def _read_file(path: Path, window, slice_axis, skip_empty_slices) -> Iterator[tuple[Image.Image, str]]:
@@ -280,7 +257,8 @@ def _harmonise_channels(records: list[Record], channels: int | None) -> None:
         by_mode.setdefault(record.image.mode, record.source)
     if len(by_mode) > 1:
         examples = ", ".join(f"{mode}: {source}" for mode, source in by_mode.items())
-        raise ValueError(f"mixed channel counts ({examples}); pass channels=1 or channels=3 to convert explicitly")
+        raise ValueError(f"mixed channel counts ({examples}); pass channels=1 or channels=3 "
+                         "(--num_channels 1 or 3 in the training scripts) to convert explicitly")
 
 
 def _to_dataset(rows: dict[str, list], names: list[str]):

@@ -89,9 +89,16 @@ def roc_auc(scores: torch.Tensor, labels: torch.Tensor, num_labels: int) -> floa
 def bootstrap_aucs(scores: list[torch.Tensor], labels: torch.Tensor, num_labels: int, resamples: int,
                    seed: int) -> np.ndarray:
     """(resamples, len(scores)) AUCs on test sets resampled with replacement, the same resamples for each model."""
+    missing = sorted(set(range(num_labels)) - set(labels.unique().tolist()))
+    if missing:
+        raise ValueError(f"the test set has no image of class {missing}: AUC needs every class present")
     rng = np.random.default_rng(seed)
-    rows = []
+    rows, attempts = [], 0
     while len(rows) < resamples:
+        attempts += 1
+        if attempts > 20 * resamples:
+            raise ValueError(f"a class is so rare in the test set ({len(labels)} images) that resamples keep missing "
+                             "it: add test images of every class")
         index = torch.as_tensor(rng.integers(0, len(labels), len(labels)))
         if len(labels[index].unique()) < num_labels:
             continue  # AUC needs every class present

@@ -7,6 +7,7 @@ never a placeholder number.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from medsyn.metrics.feature_distances import frechet_distance, kernel_distance
 from medsyn.metrics.features import extract_features
 from medsyn.metrics.image_statistics import STATISTICS, image_statistics, radial_power_spectrum
 from medsyn.metrics.manifold import manifold_metrics, realism_scores
-from medsyn.privacy import memorisation_audit, save_flagged_pairs
+from medsyn.privacy import AuditSpace, MemorisationAudit, memorisation_audit, save_flagged_pairs
 
 from .downstream import binarise, downstream_utility
 from .image_sets import ImageSet
@@ -34,6 +35,19 @@ def check_compatible(sets: list[ImageSet]) -> None:
     if len(shapes) > 1:
         listing = ", ".join(f"--{s.name}: {tuple(s.images.shape[1:])}" for s in sets)
         raise ValueError(f"image sets differ in (channels, height, width): {listing}")
+
+
+def _sample(image_set: ImageSet | None, max_images: int | None, rng: np.random.Generator) -> ImageSet | None:
+    """The set, or a seeded sample of ``max_images`` of it."""
+    if image_set is None or not max_images or len(image_set) <= max_images:
+        return image_set
+    return image_set.subset(np.sort(rng.choice(len(image_set), max_images, replace=False)))
+
+
+def _generated_indices(sample: ImageSet, whole: ImageSet, positions: np.ndarray) -> list[int]:
+    """Indices into the whole generated set of ``positions`` in its sample (reports show images of the whole)."""
+    kept = np.arange(len(whole)) if sample.kept is None else sample.kept
+    return kept[positions].tolist()
 
 
 def _feature_section(
@@ -110,12 +124,13 @@ def _privacy_section(
         progress=progress,
     )
     section = {"pixel": _audit_summary(audit)}
-    section["pixel"]["held_out_set"] = None if threshold is not None else held_out.name
+    section["pixel"]["held_out_set"] = held_out.name
     paths = save_flagged_pairs(audit, generated.as_hwc(), train.as_hwc(), output_dir / "flagged")
     if features is not None:
         # Always calibrated: a fixed threshold is an RMS pixel distance, meaningless in feature space.
         feature_audit = memorisation_audit(
-            features["generated"], features["train"], features["held_out"], percentile=percentile
+            features["audited"], features["train"], features["held_out"], percentile=percentile,
+            space=AuditSpace.FEATURES,
         )
         section["domain_features"] = _audit_summary(feature_audit)
     else:
@@ -123,13 +138,12 @@ def _privacy_section(
     return section, paths
 
 
-def _audit_summary(audit) -> dict:
-    summary = {name: getattr(audit, name) for name in (
-        "passed", "threshold", "threshold_source", "min_distance", "flagged_indices", "num_generated", "num_train",
-        "seconds", "histogram_counts", "histogram_edges",
-    )}
+def _audit_summary(audit: MemorisationAudit) -> dict:
+    summary = json.loads(audit.to_json())
     summary["flagged_indices"] = summary["flagged_indices"][:1000]
+    summary["near_copy_indices"] = summary["near_copy_indices"][:1000]
     summary["num_flagged"] = len(audit.flagged_indices)
+    summary["num_near_copies"] = len(audit.near_copy_indices)
     return summary
 
 
@@ -177,6 +191,7 @@ def evaluate(
     diversity_pairs: int = 1000,
     audit_threshold: float | None = None,
     audit_percentile: float = 1.0,
+    max_images: int | None = None,
     downstream: dict | None = None,
     score_model=None,
     batch_size: int = 32,
@@ -194,6 +209,8 @@ def evaluate(
         inception: a feature extractor for FID/KID (``FIDInceptionV3``); None skips them with ``inception_note``.
         domain_encoder: a medical-image encoder for domain FID, precision/recall and a feature-space audit.
         k: neighbours for the precision/recall/density/coverage balls.
+        max_images: use a seeded sample of at most this many images of ``real``, ``generated`` and ``test`` for
+            every metric but the memorisation audit, which always checks every generated image.
         downstream: options for ``downstream_utility`` (plus ``positive``: classes to binarise on); None
             skips it. It needs labelled ``train``, ``test`` and ``generated`` sets.
         score_model: a ``ScoreLangevinPipeline`` whose per-noise-level error is measured on ``test`` (or
@@ -202,8 +219,15 @@ def evaluate(
     output_dir = Path(output_dir)
     sets = [s for s in (real, generated, train, test) if s is not None]
     check_compatible(sets)
+    if max_images is not None and max_images < 2:
+        raise ValueError(f"max_images must be >= 2, got {max_images}")
     started = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    audited = generated  # the audit sees every generated image; the other metrics may see a sample
+    real, generated, test = (_sample(s, max_images, rng) for s in (real, generated, test))
+    sets = [s for s in (real, generated, train, test) if s is not None]
     result: dict = {"inputs": {s.name: s.summary() for s in sets}, "seed": seed}
+    result["inputs"]["generated"]["audited"] = len(audited)
     held_out = test if test is not None else real
     worst: dict[str, list[int]] = {}
 
@@ -224,7 +248,7 @@ def evaluate(
             section["inception_score"] = None
             section["inception_score_note"] = "not computed: the Inception weights have no classifier (pool3 only)"
         result["inception"] = section
-        worst["inception realism"] = np.argsort(realism)[:WORST_SHOWN].tolist()
+        worst["inception realism"] = _generated_indices(generated, audited, np.argsort(realism)[:WORST_SHOWN])
     else:
         result["inception"] = {"note": inception_note or "not computed"}
 
@@ -236,8 +260,10 @@ def evaluate(
             domain_features["real"], domain_features["generated"], k, kid_subset_size, seed
         )
         result["domain"] = section
-        worst["domain realism"] = np.argsort(realism)[:WORST_SHOWN].tolist()
+        worst["domain realism"] = _generated_indices(generated, audited, np.argsort(realism)[:WORST_SHOWN])
         if train is not None:
+            domain_features["audited"] = domain_features["generated"] if audited is generated else features_of(
+                audited, domain_encoder, "domain")
             domain_features["train"] = features_of(train, domain_encoder, "domain")
             domain_features["held_out"] = domain_features["real"] if held_out is real else features_of(
                 held_out, domain_encoder, "domain")
@@ -250,7 +276,7 @@ def evaluate(
         result["privacy"], flagged = {"note": "not run: pass --train (the images the model was trained on)"}, []
     else:
         result["privacy"], flagged = _privacy_section(
-            generated, train, held_out, audit_threshold, audit_percentile, output_dir, progress, domain_features
+            audited, train, held_out, audit_threshold, audit_percentile, output_dir, progress, domain_features
         )
     result["downstream"] = _downstream_section(train, test, generated, downstream, seed, progress)
     if score_model is not None:

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medsyn.data.intensity import to_uint8
+
 
 @dataclass
 class ImageSet:
@@ -24,6 +26,8 @@ class ImageSet:
     labels: np.ndarray | None
     class_names: list[str] | None
     source: str
+    kept: np.ndarray | None = None
+    """Indices of these images in the set they were sampled from (None: not a sample)."""
 
     def __len__(self) -> int:
         return len(self.images)
@@ -36,7 +40,7 @@ class ImageSet:
     def subset(self, indices: np.ndarray) -> ImageSet:
         index = torch.as_tensor(indices, dtype=torch.long)
         labels = None if self.labels is None else self.labels[indices]
-        return ImageSet(self.name, self.images[index], labels, self.class_names, self.source)
+        return ImageSet(self.name, self.images[index], labels, self.class_names, self.source, np.asarray(indices))
 
     def summary(self) -> dict:
         counts = None
@@ -86,16 +90,11 @@ def _from_npz(path: Path, filters: dict[str, str], spec: str) -> tuple[np.ndarra
         names = [str(n) for n in archive["class_names"]] if "class_names" in archive.files else None
     if images.ndim not in (3, 4):
         raise ValueError(f"{path}: 'images' must be (N, H, W) or (N, H, W, C), got shape {images.shape}")
-    if images.dtype != np.uint8:
-        if not np.issubdtype(images.dtype, np.floating):
-            raise ValueError(f"{path}: images must be uint8 or float in [0, 1], got {images.dtype}")
-        if not np.isfinite(images).all():
-            raise ValueError(f"{path}: images contain NaN or Inf")
-        images = np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)
     if labels is not None and (labels < 0).all():
         labels = None  # medsyn generate writes -1 for unconditional samples
     indices = np.flatnonzero(keep)
-    return images[indices], None if labels is None else labels[indices], names
+    # the loader's pixel rules: wider integers windowed per image, floats only if in [0, 1]
+    return to_uint8(images[indices], str(path)), None if labels is None else labels[indices], names
 
 
 def _from_dataset(path: Path) -> tuple[np.ndarray, np.ndarray | None, list | None]:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medsyn.output_files import write_text_atomically
+
 from .image_sets import ImageSet
 
 GRID_IMAGES = 16
@@ -149,13 +151,21 @@ def _privacy_html(section: dict, output_dir: Path, flagged: list[str]) -> str:
         if "note" in audit:
             parts.append(f"<h3>Audit in {title}</h3>" + _note(audit["note"]))
             continue
-        verdict = '<span class="pass">passed</span>' if audit["passed"] else (
-            f'<span class="fail">{audit["num_flagged"]} generated images flagged</span>')
-        parts.append(f"<h3>Audit in {title}: {verdict}</h3>")
+        verdict = '<span class="pass">passed</span>' if audit["passed"] else '<span class="fail">failed</span>'
+        parts.append(f"<h3>Audit in {title}: {verdict}</h3><p>{html.escape(audit['verdict'])}</p>")
         parts.append(_table(["", "value"], [
+            ["near-copies (always a failure)", f"{audit['num_near_copies']} within {audit['copy_distance']:g}"],
+            ["flagged (below the threshold)", audit["num_flagged"]],
+            ["flagged expected of fresh images", audit["expected_flagged"]],
+            ["p-value of the flagged count", audit["flagged_p_value"]],
+            ["data-copying Z_U (0: like held-out images)", audit["data_copying_z"]],
+            ["data-copying p-value", audit["data_copying_p_value"]],
+            ["alpha (both tests together)", audit["alpha"]],
             ["threshold", audit["threshold"]], ["threshold from", audit["threshold_source"]],
+            ["held-out images used / excluded as near-copies of training images",
+             f"{audit['held_out_used']} / {audit['held_out_duplicates_excluded']}"],
             ["closest generated-to-training distance", audit["min_distance"]],
-            ["generated images", audit["num_generated"]], ["training images", audit["num_train"]],
+            ["generated images (all audited)", audit["num_generated"]], ["training images", audit["num_train"]],
             ["seconds", audit["seconds"]],
         ]))
         parts.append(_histogram_plot(audit, f"Nearest training image, {title}"))
@@ -249,7 +259,7 @@ def write_report(metrics: dict, real: ImageSet, generated: ImageSet, output_dir:
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>medsyn evaluation</title>"
             f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>")
     path = output_dir / "report.html"
-    path.write_text(page, encoding="utf-8")
+    write_text_atomically(path, page)
     return path
 
 

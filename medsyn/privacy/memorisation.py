@@ -1,66 +1,174 @@
-"""Memorisation audit: is any generated image closer to a training image than unseen patients are?
+"""Memorisation audit: does any generated image copy a training image, and are generated images as a whole
+closer to the training set than unseen patients are?
 
-Every generated image is matched to its nearest training images (exact search, ``nearest_neighbours``). The
-threshold comes from the data: real held-out images are not in the training set, so their distances to it
-show how close two different patients' slices get; a generated image closer than a low percentile of those is
-flagged as a likely copy. A fixed threshold can be given instead.
+Every generated image is matched to its nearest training images (exact search, ``nearest_neighbours``) after
+both sets are brought to one representation (``image_arrays``). The verdict has two parts:
+
+1. Near-copies always fail: a generated image within ``copy_distance`` (RMS, on the [0, 1] scale) of a
+   training image is a copy, whatever any calibration says.
+2. A statistical comparison with held-out real images, which the model never saw: their distances to the
+   training set show how close different patients' images get by chance. The data-copying test (Mann-Whitney
+   U, Meehan et al. 2020) and an exact test of the count below a calibrated threshold (the ``percentile``-th
+   held-out distance) each run at ``alpha / 2``, so a generator drawing fresh images passes with probability
+   at least ``1 - alpha``. A percentile threshold flags about that percentile of novel images by design: the
+   flagged list is for reading, the tests decide.
+
+Held-out images that are themselves near-copies of training images (leaks between splits) would drag the
+calibration to 0; they are excluded with a warning that counts them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
+import warnings
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .nearest_neighbours import nearest_neighbours
+from .image_arrays import as_image_stack
+from .nearest_neighbours import nearest_neighbours, shift_tolerant_nearest
+from .statistics import data_copying_test, flagged_count_test
+
+NEAR_COPY_DISTANCE = 0.01
+"""RMS pixel distance on [0, 1] (2.6 grey levels) under which two images are the same image: a copy plus faint
+noise or recompression. Different patients' slices are several times further apart."""
+MIN_HELD_OUT = 20
+SHIFT_CANDIDATES = 8
+"""Nearest training images (by plain distance) that the shift-tolerant comparison re-examines."""
+
+
+class AuditSpace(StrEnum):
+    """What the audit compares: images (RMS pixel distance on [0, 1]) or an encoder's feature vectors."""
+
+    PIXELS = "pixels"
+    FEATURES = "features"
 
 
 @dataclass
 class MemorisationAudit:
-    """The audit's verdict; ``to_json`` drops the per-image arrays."""
+    """The audit's verdict and the numbers behind it; ``to_json`` drops the per-image arrays."""
 
     passed: bool
-    """No generated image is closer to a training image than the threshold."""
+    verdict: str
+    """Why it passed or failed, in one sentence."""
+    near_copy_indices: list[int]
+    """Generated images within ``copy_distance`` of a training image, closest first: always a failure."""
+    copy_distance: float
+    flagged_indices: list[int]
+    """Generated images closer than the threshold (or near-copies), closest first: the images to look at."""
     threshold: float
     threshold_source: str
+    expected_flagged: float | None
+    """Flagged images expected of a generator that draws fresh images (None for a fixed threshold)."""
+    flagged_p_value: float | None
+    data_copying_z: float | None
+    """Meehan et al.'s Z_U: 0 for fresh draws, well below 0 when generated images sit closer than held-out ones."""
+    data_copying_p_value: float | None
+    alpha: float
+    held_out_used: int | None
+    held_out_duplicates_excluded: int
     min_distance: float
-    flagged_indices: list[int]
-    """Generated images closer than the threshold, closest first."""
     num_generated: int
     num_train: int
+    space: str
     seconds: float
     histogram_counts: list[int]
     histogram_edges: list[float]
     distances: np.ndarray = field(repr=False)
-    """(num_generated, k) RMS pixel distances to the nearest training images, ascending."""
+    """(num_generated, k) plain distances to the nearest training images, ascending."""
     neighbours: np.ndarray = field(repr=False)
     """(num_generated, k) indices of those training images."""
+    held_out_distances: np.ndarray | None = field(default=None, repr=False)
+    """Nearest-training distances of the held-out images used for calibration."""
+    nearest_distances: np.ndarray | None = field(default=None, repr=False)
+    """(num_generated,) the distance decided on: to the nearest training image, shifts allowed."""
+    nearest_indices: np.ndarray | None = field(default=None, repr=False)
+    max_shift: int = 0
 
     def to_json(self) -> str:
         # Not asdict(): it would deep-copy the per-image arrays only to drop them.
-        summary = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("distances", "neighbours")}
-        return json.dumps(summary, indent=2)
+        arrays = ("distances", "neighbours", "held_out_distances", "nearest_distances", "nearest_indices")
+        return json.dumps({f.name: getattr(self, f.name) for f in fields(self) if f.name not in arrays}, indent=2)
+
+
+def _checked_number(value: float, name: str, low: float, high: float = math.inf, low_open: bool = False) -> float:
+    value = float(value)
+    if math.isnan(value) or value < low or value > high or (low_open and value == low):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ValueError(f"{name} must be a number in {interval}, got {value}")
+    return value
+
+
+def _calibration_rank(percentile: float, count: int) -> int:
+    """The order statistic that serves as the ``percentile``-th percentile of ``count`` values (at least the 1st)."""
+    return min(count, max(1, math.ceil(percentile / 100 * count)))
+
+
+def nearest_training_distances(
+    images: np.ndarray | torch.Tensor,
+    train: np.ndarray | torch.Tensor,
+    max_shift: int = 1,
+    k: int = 1,
+    **search,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The distance the audit decides on, for each image: to its nearest training image, allowing the training
+    images to move by up to ``max_shift`` pixels (0: plain distance; feature vectors are never shifted).
+
+    Returns (distance (N,), training index (N,)) and the plain k nearest (distances and indices, (N, k)).
+    Generated and held-out images go through this same function, so they stay comparable.
+    """
+    searched = max(k, SHIFT_CANDIDATES) if max_shift else k
+    distances, neighbours = nearest_neighbours(images, train, k=min(searched, len(train)), **search)
+    if max_shift and np.ndim(images) != 2:
+        nearest, index = shift_tolerant_nearest(images, train, neighbours, max_shift)
+    else:
+        nearest, index = distances[:, 0], neighbours[:, 0]
+    return nearest, index, distances[:, :k], neighbours[:, :k]
+
+
+def held_out_distances(
+    held_out: np.ndarray | torch.Tensor,
+    train: np.ndarray | torch.Tensor,
+    copy_distance: float = NEAR_COPY_DISTANCE,
+    max_shift: int = 1,
+    **search,
+) -> tuple[np.ndarray, int]:
+    """Held-out images' nearest-training distances, without the held-out images that are near-copies of training
+    images (a warning counts them); and how many were excluded.
+
+    Raises a ``ValueError`` when fewer than ``MIN_HELD_OUT`` remain: the held-out set overlaps the training set.
+    """
+    distances = nearest_training_distances(held_out, train, max_shift, **search)[0]
+    duplicates = int((distances <= copy_distance).sum())
+    kept = distances[distances > copy_distance]
+    if len(kept) < MIN_HELD_OUT:
+        raise ValueError(
+            f"held-out set: {duplicates} of {len(distances)} images are within {copy_distance:g} of a training image "
+            f"(the held-out set overlaps the training set); {len(kept)} remain, at least {MIN_HELD_OUT} are needed")
+    if duplicates:
+        warnings.warn(f"held-out set: {duplicates} of {len(distances)} images are near-copies of training images "
+                      f"(within {copy_distance:g}); excluded from the calibration", stacklevel=2)
+    return kept, duplicates
 
 
 def calibrate_threshold(
     held_out: np.ndarray | torch.Tensor,
     train: np.ndarray | torch.Tensor,
     percentile: float = 1.0,
+    copy_distance: float = NEAR_COPY_DISTANCE,
+    max_shift: int = 1,
     **search,
 ) -> float:
-    """The ``percentile``-th percentile of held-out real images' nearest-training-image distances.
-
-    Held-out images are real patients the model never saw, so a generated image closer to the training set
-    than (almost) all of them is closer than chance resemblance explains.
-    """
-    if not 0 <= percentile <= 100:
-        raise ValueError(f"percentile must be in [0, 100], got {percentile}")
-    distances, _ = nearest_neighbours(held_out, train, k=1, **search)
-    return float(np.percentile(distances[:, 0], percentile))
+    """The ``percentile``-th percentile (an order statistic) of held-out real images' nearest-training distances,
+    held-out near-copies of training images excluded."""
+    percentile = _checked_number(percentile, "percentile", 0, 100)
+    distances, _ = held_out_distances(held_out, train, copy_distance, max_shift, **search)
+    return float(np.sort(distances)[_calibration_rank(percentile, len(distances)) - 1])
 
 
 def memorisation_audit(
@@ -69,67 +177,142 @@ def memorisation_audit(
     held_out: np.ndarray | torch.Tensor | None = None,
     threshold: float | None = None,
     percentile: float = 1.0,
+    alpha: float = 0.05,
+    copy_distance: float | None = None,
+    space: AuditSpace | str = AuditSpace.PIXELS,
+    max_shift: int = 1,
     k: int = 3,
     bins: int = 50,
     **search,
 ) -> MemorisationAudit:
-    """Match every generated image to its k nearest training images and flag those below the threshold.
+    """Audit every generated image against the training set and decide (see the module docstring).
 
     Args:
-        generated, train, held_out: image stacks of one size (uint8 or [0, 1] floats).
-        threshold: a fixed RMS pixel distance; otherwise calibrated on ``held_out`` at ``percentile``.
+        generated, train, held_out: images in any layout and dtype ``as_image_stack`` accepts (each set may
+            differ), or (N, D) feature vectors with ``space="features"``.
+        threshold: a fixed distance; ``passed`` then also needs no generated image below it. Otherwise the
+            threshold is calibrated on ``held_out`` at ``percentile``.
+        alpha: the verdict's false-failure rate for a generator that draws fresh images.
+        copy_distance: near-copy distance; default ``NEAR_COPY_DISTANCE`` for pixels, 0 (identical vectors only)
+            for features.
+        max_shift: training images may move by up to this many pixels when compared (a copy moved by a pixel
+            is still a copy); 0 for plain distances. Ignored for features.
         k: training neighbours kept per generated image (for the side-by-side PNGs).
         search: passed to ``nearest_neighbours`` (``block_size``, ``device``, ``progress``).
     """
+    space = AuditSpace(space)
     if threshold is None and held_out is None:
         raise ValueError("give held-out real images to calibrate the threshold, or a fixed threshold")
-    if threshold is not None and threshold < 0:
-        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    if threshold is not None:
+        threshold = _checked_number(threshold, "threshold", 0)
+    percentile = _checked_number(percentile, "percentile", 0, 100)
+    alpha = _checked_number(alpha, "alpha", 0, 1, low_open=True)
+    if copy_distance is None:
+        copy_distance = NEAR_COPY_DISTANCE if space is AuditSpace.PIXELS else 0.0
+    copy_distance = _checked_number(copy_distance, "copy_distance", 0)
+    if isinstance(max_shift, bool) or not isinstance(max_shift, (int, np.integer)) or max_shift < 0:
+        raise ValueError(f"max_shift must be a whole number >= 0, got {max_shift!r}")
+    if space is AuditSpace.FEATURES:
+        max_shift = 0
+    else:  # convert once: each set is searched against train, maybe twice
+        generated, train = as_image_stack(generated, "generated"), as_image_stack(train, "train")
+        held_out = None if held_out is None else as_image_stack(held_out, "held_out")
     started = time.perf_counter()
+    nearest, nearest_index, distances, neighbours = nearest_training_distances(
+        generated, train, max_shift, k=min(k, len(train)), **search)
+    near_copies = np.flatnonzero(nearest <= copy_distance)
+    near_copies = near_copies[np.argsort(nearest[near_copies], kind="stable")]
+
+    calibration, excluded, expected, count_p, copying = None, 0, None, None, None
+    if held_out is not None:
+        calibration, excluded = held_out_distances(held_out, train, copy_distance, max_shift, **search)
+        copying = data_copying_test(nearest, calibration)
     if threshold is None:
-        threshold = calibrate_threshold(held_out, train, percentile, **search)
-        source = f"percentile {percentile:g} of {len(held_out)} held-out images' nearest-training distances"
+        rank = _calibration_rank(percentile, len(calibration))
+        threshold = float(np.sort(calibration)[rank - 1])
+        source = (f"order statistic {rank} of {len(calibration)} held-out images' nearest-training distances "
+                  f"(percentile {percentile:g})")
+        count = flagged_count_test(int((nearest < threshold).sum()), len(nearest), rank, len(calibration))
+        expected, count_p = count.statistic, count.p_value
+        tests_alpha = alpha / 2
     else:
         source = "fixed"
-    distances, neighbours = nearest_neighbours(generated, train, k=min(k, len(train)), **search)
-    nearest = distances[:, 0]
-    flagged = np.flatnonzero(nearest < threshold)
+        tests_alpha = alpha
+    flagged = np.flatnonzero((nearest < threshold) | (nearest <= copy_distance))
     flagged = flagged[np.argsort(nearest[flagged], kind="stable")]
+
+    if len(near_copies):
+        verdict = f"failed: {len(near_copies)} generated images are within {copy_distance:g} of a training image"
+    elif count_p is not None and count_p < tests_alpha:
+        verdict = (f"failed: {len(flagged)} generated images below the threshold where {expected:.1f} are expected "
+                   f"(p = {count_p:.2g} < {tests_alpha:g})")
+    elif copying is not None and copying.p_value < tests_alpha:
+        verdict = (f"failed: generated images are closer to the training set than held-out images are "
+                   f"(data-copying Z_U = {copying.statistic:.2f}, p = {copying.p_value:.2g} < {tests_alpha:g})")
+    elif source == "fixed" and len(flagged):
+        verdict = f"failed: {len(flagged)} generated images are closer than the fixed threshold {threshold:g}"
+    else:
+        verdict = "passed: no near-copies" + (
+            "" if copying is None else ", and generated images are no closer to the training set than held-out ones")
     counts, edges = np.histogram(nearest, bins=bins)
     return MemorisationAudit(
-        passed=len(flagged) == 0,
+        passed=verdict.startswith("passed"),
+        verdict=verdict,
+        near_copy_indices=near_copies.tolist(),
+        copy_distance=copy_distance,
+        flagged_indices=flagged.tolist(),
         threshold=float(threshold),
         threshold_source=source,
+        expected_flagged=expected,
+        flagged_p_value=count_p,
+        data_copying_z=None if copying is None else copying.statistic,
+        data_copying_p_value=None if copying is None else copying.p_value,
+        alpha=alpha,
+        held_out_used=None if calibration is None else len(calibration),
+        held_out_duplicates_excluded=excluded,
         min_distance=float(nearest.min()),
-        flagged_indices=flagged.tolist(),
         num_generated=len(nearest),
         num_train=len(train),
+        space=space.value,
         seconds=round(time.perf_counter() - started, 2),
         histogram_counts=counts.tolist(),
         histogram_edges=edges.tolist(),
         distances=distances,
         neighbours=neighbours,
+        held_out_distances=calibration,
+        nearest_distances=nearest,
+        nearest_indices=nearest_index,
+        max_shift=max_shift,
     )
 
 
 def save_flagged_pairs(
     audit: MemorisationAudit,
-    generated: np.ndarray,
-    train: np.ndarray,
+    generated: np.ndarray | torch.Tensor,
+    train: np.ndarray | torch.Tensor,
     output_dir: str | Path,
     max_images: int = 50,
 ) -> list[Path]:
     """One PNG per flagged image: the generated image, then its nearest training images, left to right."""
     from PIL import Image
 
+    from medsyn.output_files import atomic_write
+
+    shown = audit.flagged_indices[:max_images]
+    if not shown:
+        return []
+    generated, train = as_image_stack(generated, "generated"), as_image_stack(train, "train")
+    as_uint8 = lambda t: t if t.dtype == torch.uint8 else (t.double() * 255).round().to(torch.uint8)  # noqa: E731
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for index in audit.flagged_indices[:max_images]:
-        row = [generated[index]] + [train[j] for j in audit.neighbours[index]]
-        row = [np.asarray(image) if np.asarray(image).dtype == np.uint8 else
-               np.round(np.clip(np.asarray(image), 0, 1) * 255).astype(np.uint8) for image in row]
-        path = output_dir / f"flagged_{index:06d}_train_{audit.neighbours[index][0]:06d}.png"
-        Image.fromarray(np.concatenate(row, axis=1)).save(path)
+    for index in shown:
+        nearest = int(audit.nearest_indices[index])
+        others = [int(j) for j in audit.neighbours[index] if j != nearest]
+        shown_train = [nearest] + others[: audit.neighbours.shape[1] - 1]
+        row = torch.cat([as_uint8(generated[index])] + [as_uint8(train[j]) for j in shown_train], dim=1).numpy()
+        path = output_dir / f"flagged_{index:06d}_train_{nearest:06d}.png"
+        with atomic_write(path) as temporary:
+            Image.fromarray(row[..., 0] if row.shape[-1] == 1 else row).save(temporary, format="PNG")
         paths.append(path)
     return paths

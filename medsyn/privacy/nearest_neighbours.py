@@ -1,53 +1,76 @@
 """Exact k-nearest-neighbour search between two image sets, in blocks, as matrix products.
 
 A naive loop compares one generated image with every training image at a time; here a block of queries meets
-all references in one matrix product, ||q - r||^2 = ||q||^2 + ||r||^2 - 2 q.r, so the work runs at matmul
-speed and memory stays bounded by the block size. The float32 product loses a little precision (about 1e-7
-of ||q||^2 + ||r||^2, about 1e-6 of a typical squared RMS distance at 128x128), so the best k + RECHECKED
-candidates are re-measured from their differences (exact integers for uint8 images) and the best k of those
-returned: a true neighbour is missed only if rounding pushes it past RECHECKED others that close.
+all references in one float32 matrix product, ||q - r||^2 = ||q||^2 + ||r||^2 - 2 q.r, on images centred on
+the references' mean (which keeps the norms, and so the rounding, at the scale of the distances). The result is
+then made exact: every candidate whose float32 distance could, within the float32 rounding bound, be among the
+k nearest is re-measured from its differences (exact integers for uint8 images, float64 otherwise), and the k
+nearest of those are returned. The bound is the worst case for any summation order (Higham's gamma_n =
+n u / (1 - n u) with u = 2^-24), so near-ties are all re-checked, however many there are.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-RECHECKED = 4
+from .image_arrays import as_image_stack, common_representation
+
+UNIT_ROUNDOFF = 2.0**-24  # float32
 
 
-def as_flat_images(images: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
-    """Images (N, H, W), (N, H, W, C) or (N, C, H, W), uint8 or float in [0, 1], as (N, D), dtype kept.
+def rounding_bound_coefficient(dims: int) -> float:
+    """c such that the float32 squared distance of centred vectors errs by at most c (||q||^2 + ||r||^2).
 
-    uint8 stays uint8 so that 42,000 images of 128x128 take 0.7 GB, not 2.8 GB; blocks are cast when used.
+    The dot product errs by at most gamma_D |q||r| <= gamma_D (||q||^2 + ||r||^2) / 2, each norm by gamma_D of
+    itself, the centring and the final sum by a few u of the same: 3 gamma_D + 16 u covers all with margin.
     """
-    images = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
-    if images.ndim < 2 or len(images) == 0:
-        raise ValueError(f"{name}: need a non-empty stack of images, got shape {tuple(images.shape)}")
-    if images.is_floating_point() and not torch.isfinite(images).all():
-        raise ValueError(f"{name}: images contain NaN or Inf")
-    return images.reshape(len(images), -1)
+    gamma = dims * UNIT_ROUNDOFF / (1 - dims * UNIT_ROUNDOFF)
+    return 3 * gamma + 16 * UNIT_ROUNDOFF
 
 
-def _unit(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Images as ``dtype`` in [0, 1] (uint8 is divided by 255)."""
-    return values.to(dtype) / 255.0 if values.dtype == torch.uint8 else values.to(dtype)
+def _flat_pair(queries, references) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Both sets as (N, D) in one dtype, and the value that means 1.0 (255 for uint8 images, else 1)."""
+    if np.ndim(queries) == 2 and np.ndim(references) == 2:  # feature vectors, used as they are
+        q, r = (torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).cpu() for x in (queries, references))
+        for name, values in (("queries", q), ("references", r)):
+            if len(values) == 0:
+                raise ValueError(f"{name}: need a non-empty set of vectors, got shape {tuple(values.shape)}")
+            if values.is_floating_point() and not torch.isfinite(values).all():
+                raise ValueError(f"{name}: vectors contain NaN or Inf")
+        if q.shape[1] != r.shape[1]:
+            raise ValueError(f"queries have {q.shape[1]} values per vector but references {r.shape[1]}")
+        return q.double(), r.double(), 1.0
+    q, r = common_representation(as_image_stack(queries, "queries"), as_image_stack(references, "references"))
+    return q.reshape(len(q), -1), r.reshape(len(r), -1), 255.0 if q.dtype == torch.uint8 else 1.0
 
 
 def _exact_squared(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise squared distance on the [0, 1] scale, from differences: exact integers for uint8, else float64."""
+    """Row-wise squared distance in stored units: exact integers for uint8, else float64."""
     if a.dtype == torch.uint8:
         difference = a.to(torch.int32) - b.to(torch.int32)
-        return (difference * difference).sum(1, dtype=torch.int64).double() / 255.0**2
+        return (difference * difference).sum(1, dtype=torch.int64).double()
     return (a.double() - b.double()).square().sum(1)
 
 
 def _blocks(n: int, size: int) -> Iterator[slice]:
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
+
+
+@contextmanager
+def _full_float32_matmul():
+    """TF32 or bf16 matmuls would break the rounding bound; use full float32 inside the search."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 @torch.no_grad()
@@ -60,14 +83,16 @@ def nearest_neighbours(
     exclude_self: bool = False,
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """For each query image, its k nearest reference images by RMS pixel difference.
+    """For each query image, its k nearest reference images by RMS pixel difference, exactly.
 
     The distance is ||q - r|| / sqrt(D) on images scaled to [0, 1]: the root-mean-square difference per pixel,
-    comparable across resolutions (0 for a copy, about 0.1 for visibly different slices).
+    comparable across resolutions (0 for a copy, about 0.1 for visibly different slices). Ties go to the lower
+    reference index.
 
     Args:
-        queries, references: image stacks of the same size per image (see ``as_flat_images``), or feature
-            vectors (N, D) for a search in an encoder's feature space (floats are used as they are).
+        queries, references: image stacks of one size per image, in any layout and dtype ``as_image_stack``
+            accepts (each side may differ), or feature vectors (N, D) for a search in an encoder's feature
+            space (used as they are).
         k: neighbours per query.
         block_size: queries per matrix product; memory is about block_size x len(references) floats.
         device: where to compute (default: CUDA when available).
@@ -77,30 +102,94 @@ def nearest_neighbours(
     Returns:
         distances (N, k) float64 ascending, and indices (N, k) into ``references``.
     """
-    q, r = as_flat_images(queries, "queries"), as_flat_images(references, "references")
-    if q.shape[1] != r.shape[1]:
-        raise ValueError(f"queries have {q.shape[1]} values per image but references {r.shape[1]}: "
-                         "same size and channels needed")
+    q, r, one = _flat_pair(queries, references)
     if not 1 <= k <= len(r) - int(exclude_self):
         raise ValueError(f"k={k} needs at least {k + int(exclude_self)} references, got {len(r)}")
     if exclude_self and len(q) != len(r):
         raise ValueError("exclude_self needs the queries to be the references")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dims = q.shape[1]
     ref_raw = r.to(device)
-    ref = _unit(ref_raw, torch.float32)
+    ref = ref_raw.to(torch.float32) / one
+    centre = ref.double().mean(0).to(torch.float32)
+    ref -= centre
     ref_norms = ref.square().sum(1)
+    coefficient = rounding_bound_coefficient(dims)
     distances, indices = [], []
-    for rows in tqdm(list(_blocks(len(q), block_size)), desc="nearest neighbours", disable=not progress):
-        raw = q[rows].to(device)
-        block = _unit(raw, torch.float32)
-        squared = block.square().sum(1, keepdim=True) + ref_norms - 2 * block @ ref.T
-        candidates = squared.topk(min(k + RECHECKED + int(exclude_self), len(r)), dim=1, largest=False).indices
-        exact = torch.stack([_exact_squared(raw, ref_raw[column]) for column in candidates.T], 1)
-        if exclude_self:
-            own = torch.arange(rows.start, rows.stop, device=device)
-            exact[candidates == own[:, None]] = float("inf")
-        best = exact.topk(k, dim=1, largest=False, sorted=True)
-        distances.append((best.values / dims).sqrt().cpu())
-        indices.append(candidates.gather(1, best.indices).cpu())
+    with _full_float32_matmul():
+        for rows in tqdm(list(_blocks(len(q), block_size)), desc="nearest neighbours", disable=not progress):
+            raw = q[rows].to(device)
+            block = raw.to(torch.float32) / one - centre
+            block_norms = block.square().sum(1, keepdim=True)
+            squared = block_norms + ref_norms - 2 * block @ ref.T
+            bound = coefficient * (block_norms + ref_norms)
+            if exclude_self:
+                own = torch.arange(rows.start, rows.stop, device=device)
+                squared[torch.arange(len(own), device=device), own] = float("inf")
+            kth_upper = (squared + bound).topk(k, dim=1, largest=False).values[:, -1:]
+            lower = squared - bound
+            needed = (lower <= kth_upper).sum(1)  # a prefix of the candidates sorted by lower bound
+            candidates = lower.topk(int(needed.max()), dim=1, largest=False, sorted=True).indices
+            exact = torch.full(candidates.shape, float("inf"), dtype=torch.float64, device=device)
+            for column in range(candidates.shape[1]):
+                live = (needed > column).nonzero().squeeze(1)
+                exact[live, column] = _exact_squared(raw[live], ref_raw[candidates[live, column]])
+            by_index = candidates.argsort(dim=1)  # so that the stable sort below breaks ties by reference index
+            candidates, exact = candidates.gather(1, by_index), exact.gather(1, by_index)
+            order = exact.sort(dim=1, stable=True).indices[:, :k]
+            distances.append((exact.gather(1, order) / (dims * one**2)).sqrt().cpu())
+            indices.append(candidates.gather(1, order).cpu())
     return torch.cat(distances).numpy(), torch.cat(indices).numpy()
+
+
+def _shifted(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """(..., H, W, C) images moved down by dy and right by dx pixels, the uncovered band filled with 0."""
+    if dy == dx == 0:
+        return images
+    height, width = images.shape[-3:-1]
+    out = torch.zeros_like(images)
+    out[..., max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0), :] = (
+        images[..., max(-dy, 0) : height + min(-dy, 0), max(-dx, 0) : width + min(-dx, 0), :])
+    return out
+
+
+@torch.no_grad()
+def shift_tolerant_nearest(
+    queries: np.ndarray | torch.Tensor,
+    references: np.ndarray | torch.Tensor,
+    candidates: np.ndarray,
+    max_shift: int,
+    block_size: int = 64,
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each query, the smallest RMS distance (on [0, 1]) to any of its candidate references moved by up to
+    ``max_shift`` pixels in each direction (zero fill), and which reference that is.
+
+    A copy moved by a pixel is as far from its original as a different patient's slice by plain RMS distance;
+    here it is at the distance of whatever noise was added. The unshifted comparison is included, so the result
+    is never larger than the plain distance to the same candidates.
+    """
+    if max_shift < 0:
+        raise ValueError(f"max_shift must be >= 0, got {max_shift}")
+    q, r = common_representation(as_image_stack(queries, "queries"), as_image_stack(references, "references"))
+    one = 255.0 if q.dtype == torch.uint8 else 1.0
+    candidates = torch.as_tensor(np.asarray(candidates), dtype=torch.long)
+    best = torch.full((len(q),), float("inf"), dtype=torch.float64)
+    best_index = candidates[:, 0].clone()
+    wide = torch.int32 if q.dtype == torch.uint8 else torch.float64
+    for rows in _blocks(len(q), block_size):
+        block = q[rows, None].to(wide)  # (B, 1, H, W, C)
+        references_of_block = r[candidates[rows]].to(wide)  # (B, M, H, W, C)
+        for dy in range(-max_shift, max_shift + 1):
+            for dx in range(-max_shift, max_shift + 1):
+                difference = block - _shifted(references_of_block, dy, dx)
+                squared = (difference * difference).flatten(2).sum(2, dtype=torch.float64 if wide == torch.float64
+                                                                  else torch.int64).double()  # (B, M)
+                value, column = squared.min(1)
+                better = value < best[rows]
+                best[rows] = torch.where(better, value, best[rows])
+                best_index[rows] = torch.where(better, candidates[rows].gather(1, column[:, None])[:, 0],
+                                               best_index[rows])
+    dims = q[0].numel()
+    return (best / (dims * one**2)).sqrt().numpy(), best_index.numpy()

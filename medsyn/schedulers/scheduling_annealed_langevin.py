@@ -22,6 +22,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from medsyn.validation import finite_number, whole_number
+
 
 @dataclass
 class AnnealedLangevinSchedulerOutput(BaseOutput):
@@ -91,13 +93,12 @@ class AnnealedLangevinScheduler(SchedulerMixin, ConfigMixin):
             n_steps_each: Langevin steps per level (default: the config's).
             step_size: alpha for this schedule (default: the config's).
         """
-        num_levels = num_inference_steps or self.config.num_train_timesteps
-        n_steps_each = n_steps_each or self.config.n_steps_each
-        step_size = step_size or self.config.step_size
-        if n_steps_each < 1:
-            raise ValueError(f"n_steps_each must be >= 1, got {n_steps_each}")
-        if step_size <= 0:
-            raise ValueError(f"step_size must be > 0, got {step_size}")
+        # None means the default; 0 is an error, not the default.
+        num_levels = whole_number(
+            self.config.num_train_timesteps if num_inference_steps is None else num_inference_steps,
+            "num_inference_steps", minimum=2)
+        n_steps_each = whole_number(self.config.n_steps_each if n_steps_each is None else n_steps_each, "n_steps_each")
+        step_size = finite_number(self.config.step_size if step_size is None else step_size, "step_size", 0, True)
         self.num_inference_steps = num_levels
         self.n_steps_each = n_steps_each
         self.step_size = step_size

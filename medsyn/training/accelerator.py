@@ -14,7 +14,14 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from diffusers import ModelMixin
 from diffusers.training_utils import EMAModel
 
-from medsyn.training.checkpoints import checkpoint_step, prune_checkpoints, resolve_checkpoint
+from medsyn.training.checkpoints import (
+    checkpoint_step,
+    prune_checkpoints,
+    publish_checkpoint,
+    remove_leftovers,
+    resolve_checkpoint,
+    staging_folder,
+)
 
 
 def build_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -100,8 +107,15 @@ def resume_position(args: argparse.Namespace, accelerator: Accelerator, updates_
 
 
 def save_checkpoint(args: argparse.Namespace, accelerator: Accelerator, global_step: int) -> None:
-    """``checkpoint-<step>`` in the output folder, after pruning to --checkpoints_total_limit (on every rank)."""
+    """``checkpoint-<step>`` in the output folder, crash-safe (``medsyn.training.checkpoints``), then older ones
+    pruned to --checkpoints_total_limit. Every rank calls it: each saves its own random states."""
     if accelerator.is_main_process:
+        remove_leftovers(args.output_dir)
+    accelerator.wait_for_everyone()
+    staging = staging_folder(args.output_dir, global_step)
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        publish_checkpoint(staging, global_step)
         prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(Path(args.output_dir) / f"checkpoint-{global_step}"))
