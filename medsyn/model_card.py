@@ -53,9 +53,9 @@ def evaluation_markdown(metrics: dict) -> str:
     if pixel is None:
         lines.append(f"| memorisation audit | {metrics['privacy']['note']} |")
     else:
-        verdict = "passed" if pixel["passed"] else f"{pixel['num_flagged']} flagged"
-        lines.append(f"| memorisation audit (pixels) | {verdict}; closest {_number(pixel['min_distance'])}, "
-                     f"threshold {_number(pixel['threshold'])} ({pixel['threshold_source']}) |")
+        lines.append(f"| memorisation audit (pixels), {pixel['num_generated']} images | {pixel['verdict']}; "
+                     f"{pixel['num_near_copies']} near-copies, {pixel['num_flagged']} flagged, closest "
+                     f"{_number(pixel['min_distance'])}, data-copying Z_U {_number(pixel['data_copying_z'])} |")
     downstream = metrics.get("downstream", {})
     if "runs" in downstream:
         real, mixed = downstream["runs"]["real"], downstream["runs"]["real + synthetic"]

@@ -6,6 +6,7 @@ a class label 1.7 became 1; each public entry point checks its numbers with thes
 
 from __future__ import annotations
 
+import argparse
 import math
 import numbers
 
@@ -32,3 +33,28 @@ def finite_number(value, name: str, minimum: float | None = None, exclusive: boo
     if minimum is not None and (value < minimum or (exclusive and value == minimum)):
         raise ValueError(f"{name} must be {'>' if exclusive else '>='} {minimum:g}, got {value!r}")
     return float(value)
+
+
+def count_argument(minimum: int = 1):
+    """An argparse type for counts: 0 (where 1 is the least), -3, 1.7 and NaN are errors, not defaults."""
+
+    def parse(text: str) -> int:
+        try:
+            return whole_number(int(text) if text.strip().lstrip("-").isdigit() else float(text), "value", minimum)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, got {text!r}") from None
+
+    return parse
+
+
+def number_argument(minimum: float | None = None, exclusive: bool = False):
+    """An argparse type for finite numbers (NaN and inf are errors), optionally bounded below."""
+
+    def parse(text: str) -> float:
+        try:
+            return finite_number(float(text), "value", minimum, exclusive)
+        except ValueError:
+            bound = "" if minimum is None else f" {'>' if exclusive else '>='} {minimum:g}"
+            raise argparse.ArgumentTypeError(f"must be a finite number{bound}, got {text!r}") from None
+
+    return parse

@@ -82,6 +82,9 @@ def test_evaluate_writes_metrics_and_a_self_contained_report(sets, tmp_path):
     pixel = metrics["privacy"]["pixel"]
     assert not pixel["passed"] and sorted(pixel["flagged_indices"]) == [4, 9] and pixel["min_distance"] == 0
     assert sorted(pixel["near_copy_indices"]) == [4, 9] and pixel["verdict"].startswith("failed: 2 generated")
+    from medsyn.model_card import evaluation_markdown
+
+    assert "| memorisation audit (pixels), 40 images | failed: 2 generated images" in evaluation_markdown(metrics)
     assert sorted(metrics["flagged_pair_images"]) == [
         "flagged/flagged_000004_train_000010.png", "flagged/flagged_000009_train_000020.png"]
     assert set(metrics["diversity"]["per_class"]) == {"healthy", "tumor"}
@@ -119,3 +122,14 @@ def test_mismatched_sets_get_a_clear_error(sets, tmp_path, capsys):
     assert main(["evaluate", "--real", sets["real"], "--generated", str(bad), "--no-inception",
                  "--output-dir", str(tmp_path / "o")]) == 2
     assert "NaN" in capsys.readouterr().err
+
+
+def test_max_images_samples_the_metrics_but_the_audit_sees_every_generated_image(sets, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--real", sets["real"], "--generated", sets["generated"], "--train", sets["train"],
+                 "--no-inception", "--no-downstream", "--max-images", "5", "--diversity-pairs", "5",
+                 "--output-dir", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["inputs"]["generated"]["count"] == 5 and metrics["inputs"]["generated"]["audited"] == 40
+    pixel = metrics["privacy"]["pixel"]
+    assert pixel["num_generated"] == 40 and pixel["held_out_used"] == 40 and pixel["near_copy_indices"] == [4, 9]

@@ -50,6 +50,7 @@ from medsyn.training.script_args import (
     split_validation,
 )
 from medsyn.training.validation_images import image_grid, save_validation_image
+from medsyn.validation import count_argument, number_argument
 
 logger = get_logger(__name__)
 
@@ -63,29 +64,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                        help="An AutoencoderKL folder or Hub id to fine-tune; default: a new model.")
     model.add_argument("--subfolder", type=str, default=None, help='e.g. "vae" inside a pipeline folder.')
-    model.add_argument("--latent_channels", type=int, default=4)
-    model.add_argument("--block_out_channels", type=int, nargs="+", default=[64, 128, 256],
+    model.add_argument("--latent_channels", type=count_argument(), default=4)
+    model.add_argument("--block_out_channels", type=count_argument(), nargs="+", default=[64, 128, 256],
                        help="Channels per level; the image is downsampled 2**(levels - 1) times.")
-    model.add_argument("--layers_per_block", type=int, default=2)
-    model.add_argument("--norm_num_groups", type=int, default=32)
+    model.add_argument("--layers_per_block", type=count_argument(), default=2)
+    model.add_argument("--norm_num_groups", type=count_argument(), default=32)
 
     losses = parser.add_argument_group("losses")
-    losses.add_argument("--kl_weight", type=float, default=1e-6)
+    losses.add_argument("--kl_weight", type=number_argument(0), default=1e-6)
     losses.add_argument("--perceptual_network", type=str, default=None,
                         help="A local transformers vision model (e.g. a ResNet50) for the perceptual loss.")
-    losses.add_argument("--perceptual_weight", type=float, default=None,
+    losses.add_argument("--perceptual_weight", type=number_argument(0), default=None,
                         help="Default 0.001 with --perceptual_network; the loss is off without one.")
-    losses.add_argument("--adversarial_weight", type=float, default=0.01, help="0 turns the discriminator off.")
-    losses.add_argument("--adversarial_warmup_steps", type=int, default=1000,
+    losses.add_argument("--adversarial_weight", type=number_argument(0), default=0.01, help="0 turns the discriminator off.")
+    losses.add_argument("--adversarial_warmup_steps", type=count_argument(0), default=1000,
                         help="Optimiser steps of reconstruction-only training before the adversarial loss starts.")
-    losses.add_argument("--discriminator_learning_rate", type=float, default=5e-4)
-    losses.add_argument("--discriminator_channels", type=int, default=64)
-    losses.add_argument("--discriminator_layers", type=int, default=3)
+    losses.add_argument("--discriminator_learning_rate", type=number_argument(0, exclusive=True), default=5e-4)
+    losses.add_argument("--discriminator_channels", type=count_argument(), default=64)
+    losses.add_argument("--discriminator_layers", type=count_argument(), default=3)
 
     add_optimisation_arguments(parser, output_dir="medisyn-vae", learning_rate=1e-4)
     add_logging_and_hub_arguments(parser)
-    parser.add_argument("--num_validation_images", type=int, default=8, help="Reconstructions shown per log.")
-    parser.add_argument("--scaling_factor_images", type=int, default=512,
+    parser.add_argument("--num_validation_images", type=count_argument(), default=8, help="Reconstructions shown per log.")
+    parser.add_argument("--scaling_factor_images", type=count_argument(), default=512,
                         help="Training images encoded to measure the latents' standard deviation.")
 
     args = parser.parse_args(argv)

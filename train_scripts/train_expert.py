@@ -47,6 +47,7 @@ from medsyn.training.script_args import (
     push_output_to_hub,
     split_validation,
 )
+from medsyn.validation import count_argument
 
 logger = get_logger(__name__)
 
@@ -60,9 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = parser.add_argument_group("model (default: ResNet50's architecture)")
     model.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                        help="A transformers ResNet (e.g. microsoft/resnet-50) to fine-tune; default: from scratch.")
-    model.add_argument("--embedding_size", type=int, default=64)
-    model.add_argument("--hidden_sizes", type=int, nargs="+", default=[256, 512, 1024, 2048])
-    model.add_argument("--depths", type=int, nargs="+", default=[3, 4, 6, 3])
+    model.add_argument("--embedding_size", type=count_argument(), default=64)
+    model.add_argument("--hidden_sizes", type=count_argument(), nargs="+", default=[256, 512, 1024, 2048])
+    model.add_argument("--depths", type=count_argument(), nargs="+", default=[3, 4, 6, 3])
     model.add_argument("--layer_type", type=str, default="bottleneck", choices=("basic", "bottleneck"))
 
     add_optimisation_arguments(parser, output_dir="medsyn-expert", learning_rate=1e-4)

@@ -80,6 +80,7 @@ from medsyn.training.script_args import (
     push_output_to_hub,
 )
 from medsyn.training.validation_images import image_grid, save_validation_image
+from medsyn.validation import count_argument, number_argument
 
 logger = get_logger(__name__)
 
@@ -93,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--caption_column", type=str, default="caption", help="Caption column of --dataset_name.")
     parser.add_argument("--caption_templates", type=str, default=None,
                         help='JSON file or string mapping class name -> caption ("{label}" is replaced by the name).')
-    parser.add_argument("--caption_dropout", type=float, default=0.1,
+    parser.add_argument("--caption_dropout", type=number_argument(0), default=0.1,
                         help="Share of captions replaced by the empty caption, for classifier-free guidance.")
 
     model = parser.add_argument_group("model")
@@ -104,33 +105,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--text_encoder_name_or_path", type=str, default=None,
                        help="A BERT-family encoder and tokenizer (e.g. BioMedBERT); default: a new BERT with a "
                             "WordPiece vocabulary learned from the captions.")
-    model.add_argument("--text_encoder_layers", type=int, default=12, help="New encoder (BioMedBERT: 12).")
-    model.add_argument("--text_encoder_width", type=int, default=768, help="New encoder (BioMedBERT: 768).")
-    model.add_argument("--text_encoder_heads", type=int, default=12, help="New encoder (BioMedBERT: 12).")
-    model.add_argument("--vocab_size", type=int, default=4000, help="Largest WordPiece vocabulary of a new encoder.")
-    model.add_argument("--max_length", type=int, default=77, help="Tokens per prompt of a new tokenizer.")
-    model.add_argument("--unet_block_out_channels", type=int, nargs="+", default=[128, 256, 512])
-    model.add_argument("--unet_layers_per_block", type=int, default=2)
-    model.add_argument("--unet_norm_num_groups", type=int, default=32)
-    model.add_argument("--attention_head_dim", type=int, default=8)
+    model.add_argument("--text_encoder_layers", type=count_argument(), default=12, help="New encoder (BioMedBERT: 12).")
+    model.add_argument("--text_encoder_width", type=count_argument(), default=768, help="New encoder (BioMedBERT: 768).")
+    model.add_argument("--text_encoder_heads", type=count_argument(), default=12, help="New encoder (BioMedBERT: 12).")
+    model.add_argument("--vocab_size", type=count_argument(), default=4000, help="Largest WordPiece vocabulary of a new encoder.")
+    model.add_argument("--max_length", type=count_argument(), default=77, help="Tokens per prompt of a new tokenizer.")
+    model.add_argument("--unet_block_out_channels", type=count_argument(), nargs="+", default=[128, 256, 512])
+    model.add_argument("--unet_layers_per_block", type=count_argument(), default=2)
+    model.add_argument("--unet_norm_num_groups", type=count_argument(), default=32)
+    model.add_argument("--attention_head_dim", type=count_argument(), default=8)
     model.add_argument("--prediction_type", type=str, default="epsilon", choices=("epsilon", "v_prediction"),
                        help="For a new unet; a pretrained one keeps its scheduler's.")
     model.add_argument("--train_text_encoder", action="store_true",
                        help="Fine-tune the text encoder too (always on for a new encoder).")
     model.add_argument("--use_lora", action="store_true", help="Train LoRA adapters instead of the weights.")
-    model.add_argument("--rank", type=int, default=4, help="LoRA rank.")
-    model.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha; default: the rank.")
+    model.add_argument("--rank", type=count_argument(), default=4, help="LoRA rank.")
+    model.add_argument("--lora_alpha", type=number_argument(0, exclusive=True), default=None, help="LoRA alpha; default: the rank.")
 
     add_optimisation_arguments(parser, output_dir="medisyn-model", learning_rate=1e-4)
     parser.add_argument("--use_ema", action="store_true")
-    parser.add_argument("--ema_decay", type=float, default=0.9999)
+    parser.add_argument("--ema_decay", type=number_argument(0, exclusive=True), default=0.9999)
     add_alignment_arguments(parser)
     add_logging_and_hub_arguments(parser)
     parser.add_argument("--validation_prompts", type=str, nargs="+", default=None,
                         help="Default: one caption per class of the training data.")
-    parser.add_argument("--num_validation_images", type=int, default=4, help="Per prompt.")
-    parser.add_argument("--validation_inference_steps", type=int, default=25)
-    parser.add_argument("--validation_guidance_scale", type=float, default=4.0)
+    parser.add_argument("--num_validation_images", type=count_argument(), default=4, help="Per prompt.")
+    parser.add_argument("--validation_inference_steps", type=count_argument(), default=25)
+    parser.add_argument("--validation_guidance_scale", type=number_argument(0), default=4.0)
 
     args = parser.parse_args(argv)
     check_data_arguments(parser, args)

@@ -58,6 +58,7 @@ from medsyn.training.script_args import (
     push_output_to_hub,
 )
 from medsyn.training.validation_images import image_grid, save_validation_image
+from medsyn.validation import count_argument, number_argument
 
 logger = get_logger(__name__)
 
@@ -70,31 +71,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                        help="A ScoreLangevinPipeline folder or Hub id to fine-tune; default: a new model.")
-    model.add_argument("--base_channels", type=int, default=64)
-    model.add_argument("--channel_mult", type=int, nargs="+", default=[1, 2, 4, 8])
-    model.add_argument("--layers_per_block", type=int, default=2)
-    model.add_argument("--norm_num_groups", type=int, default=32)
+    model.add_argument("--base_channels", type=count_argument(), default=64)
+    model.add_argument("--channel_mult", type=count_argument(), nargs="+", default=[1, 2, 4, 8])
+    model.add_argument("--layers_per_block", type=count_argument(), default=2)
+    model.add_argument("--norm_num_groups", type=count_argument(), default=32)
     model.add_argument("--class_conditional", action="store_true", help="Condition on the dataset's labels.")
-    model.add_argument("--label_drop_rate", type=float, default=0.1,
+    model.add_argument("--label_drop_rate", type=number_argument(0), default=0.1,
                        help="Fraction of labels replaced by the null class, for classifier-free guidance.")
 
     noise = parser.add_argument_group("noise schedule (default: NCSNv2 techniques 1, 2, 4 on the data)")
-    noise.add_argument("--sigma_max", type=float, default=None, help="Default: largest pairwise data distance.")
-    noise.add_argument("--sigma_min", type=float, default=0.01)
-    noise.add_argument("--num_noise_levels", type=int, default=None, help="Default: NCSNv2 technique 2.")
-    noise.add_argument("--n_steps_each", type=int, default=5)
-    noise.add_argument("--step_size", type=float, default=None, help="Langevin alpha; default: technique 4.")
+    noise.add_argument("--sigma_max", type=number_argument(0, exclusive=True), default=None, help="Default: largest pairwise data distance.")
+    noise.add_argument("--sigma_min", type=number_argument(0, exclusive=True), default=0.01)
+    noise.add_argument("--num_noise_levels", type=count_argument(2), default=None, help="Default: NCSNv2 technique 2.")
+    noise.add_argument("--n_steps_each", type=count_argument(), default=5)
+    noise.add_argument("--step_size", type=number_argument(0, exclusive=True), default=None, help="Langevin alpha; default: technique 4.")
 
     add_optimisation_arguments(parser, output_dir="score-langevin-model", learning_rate=1e-4)
     parser.add_argument("--use_ema", action="store_true")
-    parser.add_argument("--ema_decay", type=float, default=0.999)
+    parser.add_argument("--ema_decay", type=number_argument(0, exclusive=True), default=0.999)
 
     add_alignment_arguments(parser)
     add_logging_and_hub_arguments(parser)
-    parser.add_argument("--num_validation_images", type=int, default=4, help="Per class.")
-    parser.add_argument("--validation_num_levels", type=int, default=None,
+    parser.add_argument("--num_validation_images", type=count_argument(), default=4, help="Per class.")
+    parser.add_argument("--validation_num_levels", type=count_argument(2), default=None,
                         help="Noise levels for validation sampling; default: the trained number.")
-    parser.add_argument("--validation_guidance_scale", type=float, default=1.0)
+    parser.add_argument("--validation_guidance_scale", type=number_argument(0), default=1.0)
 
     args = parser.parse_args(argv)
     check_data_arguments(parser, args)

@@ -210,7 +210,8 @@ def evaluate(
         domain_encoder: a medical-image encoder for domain FID, precision/recall and a feature-space audit.
         k: neighbours for the precision/recall/density/coverage balls.
         max_images: use a seeded sample of at most this many images of ``real``, ``generated`` and ``test`` for
-            every metric but the memorisation audit, which always checks every generated image.
+            every metric but the memorisation audit, which always checks every generated image (and calibrates
+            on every held-out one).
         downstream: options for ``downstream_utility`` (plus ``positive``: classes to binarise on); None
             skips it. It needs labelled ``train``, ``test`` and ``generated`` sets.
         score_model: a ``ScoreLangevinPipeline`` whose per-noise-level error is measured on ``test`` (or
@@ -223,7 +224,8 @@ def evaluate(
         raise ValueError(f"max_images must be >= 2, got {max_images}")
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
-    audited = generated  # the audit sees every generated image; the other metrics may see a sample
+    # The audit sees every generated image and calibrates on every held-out one; other metrics may see samples.
+    audited, calibration = generated, test if test is not None else real
     real, generated, test = (_sample(s, max_images, rng) for s in (real, generated, test))
     sets = [s for s in (real, generated, train, test) if s is not None]
     result: dict = {"inputs": {s.name: s.summary() for s in sets}, "seed": seed}
@@ -265,8 +267,8 @@ def evaluate(
             domain_features["audited"] = domain_features["generated"] if audited is generated else features_of(
                 audited, domain_encoder, "domain")
             domain_features["train"] = features_of(train, domain_encoder, "domain")
-            domain_features["held_out"] = domain_features["real"] if held_out is real else features_of(
-                held_out, domain_encoder, "domain")
+            domain_features["held_out"] = domain_features["real"] if calibration is real else features_of(
+                calibration, domain_encoder, "domain")
     else:
         result["domain"] = {"note": "not computed: pass --domain-encoder (a model trained on medical images)"}
 
@@ -276,7 +278,7 @@ def evaluate(
         result["privacy"], flagged = {"note": "not run: pass --train (the images the model was trained on)"}, []
     else:
         result["privacy"], flagged = _privacy_section(
-            audited, train, held_out, audit_threshold, audit_percentile, output_dir, progress, domain_features
+            audited, train, calibration, audit_threshold, audit_percentile, output_dir, progress, domain_features
         )
     result["downstream"] = _downstream_section(train, test, generated, downstream, seed, progress)
     if score_model is not None:

@@ -38,8 +38,9 @@ NEAR_COPY_DISTANCE = 0.01
 """RMS pixel distance on [0, 1] (2.6 grey levels) under which two images are the same image: a copy plus faint
 noise or recompression. Different patients' slices are several times further apart."""
 MIN_HELD_OUT = 20
-SHIFT_CANDIDATES = 8
-"""Nearest training images (by plain distance) that the shift-tolerant comparison re-examines."""
+SHIFT_CANDIDATES = 3
+"""Nearest training images (by plain distance) that the shift-tolerant comparison re-examines; the same number
+for generated and held-out images, so that their distances stay comparable."""
 
 
 class AuditSpace(StrEnum):
@@ -125,7 +126,7 @@ def nearest_training_distances(
     searched = max(k, SHIFT_CANDIDATES) if max_shift else k
     distances, neighbours = nearest_neighbours(images, train, k=min(searched, len(train)), **search)
     if max_shift and np.ndim(images) != 2:
-        nearest, index = shift_tolerant_nearest(images, train, neighbours, max_shift)
+        nearest, index = shift_tolerant_nearest(images, train, neighbours[:, :SHIFT_CANDIDATES], max_shift)
     else:
         nearest, index = distances[:, 0], neighbours[:, 0]
     return nearest, index, distances[:, :k], neighbours[:, :k]

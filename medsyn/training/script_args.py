@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from medsyn.data import load_image_dataset, simulated_dataset
+from medsyn.validation import count_argument, number_argument
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, resolution: int = 128) -> None:
@@ -23,41 +24,41 @@ def add_data_arguments(parser: argparse.ArgumentParser, resolution: int = 128) -
                       help="A dataset saved with datasets' save_to_disk, or a Hub dataset id (needs network).")
     data.add_argument("--image_column", type=str, default="image")
     data.add_argument("--label_column", type=str, default="label")
-    data.add_argument("--simulated_num_images", type=int, default=2000,
+    data.add_argument("--simulated_num_images", type=count_argument(), default=2000,
                       help="Size of the simulated brain MRI set used when no data is given.")
-    data.add_argument("--max_train_samples", type=int, default=None)
-    data.add_argument("--resolution", type=int, default=resolution)
+    data.add_argument("--max_train_samples", type=count_argument(), default=None)
+    data.add_argument("--resolution", type=count_argument(8), default=resolution)
     data.add_argument("--num_channels", type=int, default=None, choices=(1, 3),
                       help="Convert images to this many channels; default: keep the data's own.")
-    data.add_argument("--dataloader_num_workers", type=int, default=0)
+    data.add_argument("--dataloader_num_workers", type=count_argument(0), default=0)
 
 
 def add_optimisation_arguments(parser: argparse.ArgumentParser, output_dir: str, learning_rate: float) -> None:
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", type=str, default=output_dir)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--train_batch_size", type=int, default=16)
-    train.add_argument("--num_train_epochs", type=int, default=100)
-    train.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    train.add_argument("--learning_rate", type=float, default=learning_rate)
+    train.add_argument("--seed", type=count_argument(0), default=0)
+    train.add_argument("--train_batch_size", type=count_argument(), default=16)
+    train.add_argument("--num_train_epochs", type=count_argument(), default=100)
+    train.add_argument("--max_train_steps", type=count_argument(), default=None, help="Overrides --num_train_epochs.")
+    train.add_argument("--gradient_accumulation_steps", type=count_argument(), default=1)
+    train.add_argument("--learning_rate", type=number_argument(0, exclusive=True), default=learning_rate)
     train.add_argument("--lr_scheduler", type=str, default="constant")
-    train.add_argument("--lr_warmup_steps", type=int, default=0)
+    train.add_argument("--lr_warmup_steps", type=count_argument(0), default=0)
     train.add_argument("--adam_beta1", type=float, default=0.9)
     train.add_argument("--adam_beta2", type=float, default=0.999)
-    train.add_argument("--adam_weight_decay", type=float, default=0.0)
-    train.add_argument("--adam_epsilon", type=float, default=1e-8)
-    train.add_argument("--max_grad_norm", type=float, default=1.0)
+    train.add_argument("--adam_weight_decay", type=number_argument(0), default=0.0)
+    train.add_argument("--adam_epsilon", type=number_argument(0, exclusive=True), default=1e-8)
+    train.add_argument("--max_grad_norm", type=number_argument(0, exclusive=True), default=1.0)
     train.add_argument("--mixed_precision", type=str, default=None, choices=("no", "fp16", "bf16"))
-    train.add_argument("--checkpointing_steps", type=int, default=500)
-    train.add_argument("--checkpoints_total_limit", type=int, default=None)
+    train.add_argument("--checkpointing_steps", type=count_argument(), default=500)
+    train.add_argument("--checkpoints_total_limit", type=count_argument(), default=None)
     train.add_argument("--resume_from_checkpoint", type=str, default=None,
                        help='"latest" or a checkpoint folder; starts fresh if "latest" finds none.')
 
 
 def add_logging_and_hub_arguments(parser: argparse.ArgumentParser) -> None:
     logs = parser.add_argument_group("validation and logging")
-    logs.add_argument("--validation_steps", type=int, default=500)
+    logs.add_argument("--validation_steps", type=count_argument(), default=500)
     logs.add_argument("--report_to", type=str, default="tensorboard")
     logs.add_argument("--logging_dir", type=str, default="logs")
     hub = parser.add_argument_group("hub")
