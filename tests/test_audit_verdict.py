@@ -106,6 +106,14 @@ def test_search_is_exact_among_near_ties():
     np.testing.assert_allclose(distances, np.sort(expected, 1)[:, :3], rtol=1e-12)
 
 
+def test_search_is_exact_below_float32_resolution():
+    """float64 images closer together than float32 can tell: rounding to float32 alone would pick the wrong one."""
+    references = np.stack([np.full((8, 8), 0.5), np.full((8, 8), 0.5 + 3.1e-8)])
+    distances, indices = nearest_neighbours(np.full((1, 8, 8), 0.5 + 2.9e-8), references, k=2)
+    assert indices.tolist() == [[1, 0]]
+    np.testing.assert_allclose(distances, [[2e-9, 2.9e-8]], rtol=1e-6)
+
+
 def test_data_copying_test_matches_scipy():
     rng = np.random.default_rng(0)
     generated, held_out = rng.random(50).round(2), rng.random(70).round(2) + 0.05  # ties included

@@ -6,7 +6,9 @@ the references' mean (which keeps the norms, and so the rounding, at the scale o
 then made exact: every candidate whose float32 distance could, within the float32 rounding bound, be among the
 k nearest is re-measured from its differences (exact integers for uint8 images, float64 otherwise), and the k
 nearest of those are returned. The bound is the worst case for any summation order (Higham's gamma_n =
-n u / (1 - n u) with u = 2^-24), so near-ties are all re-checked, however many there are.
+n u / (1 - n u) with u = 2^-24), plus what converting float64 values to float32 moved each vector, so near-ties
+are all re-checked, however many there are. Everything runs in stored units (0..255 for uint8, exact in
+float32) and is scaled to [0, 1] at the end.
 """
 
 from __future__ import annotations
@@ -66,6 +68,15 @@ def _exact_squared(queries: torch.Tensor, references: torch.Tensor, rows: torch.
     return out
 
 
+def _as_float32(stored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A float32 copy of ``stored``, and how far (L2, per row) the conversion moved each row when it was not exact
+    (float64 input); None when every value is exactly representable (uint8, float16, bfloat16, float32)."""
+    converted = stored.to(torch.float32, copy=True)
+    if stored.dtype != torch.float64:
+        return converted, None
+    return converted, (stored - converted.double()).norm(dim=1)
+
+
 def _blocks(n: int, size: int) -> Iterator[slice]:
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
@@ -120,20 +131,27 @@ def nearest_neighbours(
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dims = q.shape[1]
-    ref_raw = r.to(device)
-    centre = (ref_raw.sum(0, dtype=torch.float64) / (len(ref_raw) * one)).to(torch.float32)
-    ref = ref_raw.to(torch.float32, copy=True)  # ref_raw keeps the stored values for the exact re-check
-    ref.div_(one).sub_(centre)
+    ref_raw = r.to(device)  # the stored values, for the exact re-check
+    centre = (ref_raw.sum(0, dtype=torch.float64) / len(ref_raw)).to(torch.float32)
+    ref, ref_moved = _as_float32(ref_raw)
+    ref -= centre
     ref_norms = ref.square().sum(1)
     coefficient = rounding_bound_coefficient(dims)
     distances, indices = [], []
     with _full_float32_matmul():
         for block_rows in tqdm(list(_blocks(len(q), block_size)), desc="nearest neighbours", disable=not progress):
             raw = q[block_rows].to(device)
-            block = raw.to(torch.float32) / one - centre
+            block, block_moved = _as_float32(raw)
+            block -= centre
             block_norms = block.square().sum(1, keepdim=True)
             squared = block_norms + ref_norms - 2 * block @ ref.T
             bound = coefficient * (block_norms + ref_norms)
+            if ref_moved is not None or block_moved is not None:
+                # |d - d32| <= moved_q + moved_r, so |d^2 - d32^2| <= m (2 d32 + m) with m their sum
+                moved = sum(x for x in (None if block_moved is None else block_moved[:, None],
+                                        None if ref_moved is None else ref_moved[None]) if x is not None)
+                moved = moved.to(torch.float32) * (1 + 4 * UNIT_ROUNDOFF)
+                bound += moved * (2 * (squared + bound).clamp(min=0).sqrt() + moved)
             if exclude_self:
                 own = torch.arange(block_rows.start, block_rows.stop, device=device)
                 squared[torch.arange(len(own), device=device), own] = float("inf")
