@@ -192,6 +192,7 @@ def test_overlapping_held_out_set_cannot_collapse_the_threshold(slices):
     with pytest.warns(UserWarning, match="25 of 125 images are near-copies"):
         audit = memorisation_audit(slices["novel"], train, held_out=leaky)
     assert audit.held_out_duplicates_excluded == 25 and audit.held_out_used == 100 and audit.threshold > 0.01
+    assert audit.held_out_excluded_indices == list(range(100, 125))
 
 
 @pytest.mark.skipif(not BRAIN_MRI.exists(), reason=f"the shared brain MRI set is not at {BRAIN_MRI}")

@@ -133,3 +133,17 @@ def test_max_images_samples_the_metrics_but_the_audit_sees_every_generated_image
     assert metrics["inputs"]["generated"]["count"] == 5 and metrics["inputs"]["generated"]["audited"] == 40
     pixel = metrics["privacy"]["pixel"]
     assert pixel["num_generated"] == 40 and pixel["held_out_used"] == 40 and pixel["near_copy_indices"] == [4, 9]
+
+
+def test_held_out_images_leaked_from_training_are_left_out_of_both_calibrations(sets, tmp_path):
+    train, real = np.load(sets["train"]), np.load(sets["real"])
+    leaky = _save(tmp_path / "leaky.npz", np.concatenate([real["images"][:30], train["images"][:10]]),
+                  np.concatenate([real["labels"][:30], train["labels"][:10]]))
+    out = tmp_path / "eval"
+    with pytest.warns(UserWarning, match="10 of 40 images are near-copies"):
+        assert main(["evaluate", "--real", leaky, "--generated", sets["generated"], "--train", sets["train"],
+                     "--no-inception", "--no-downstream", "--domain-encoder", sets["encoder"],
+                     "--diversity-pairs", "5", "--output-dir", str(out)]) == 0
+    privacy = json.loads((out / "metrics.json").read_text())["privacy"]
+    assert privacy["pixel"]["held_out_excluded_indices"] == list(range(30, 40))
+    assert privacy["pixel"]["held_out_used"] == privacy["domain_features"]["held_out_used"] == 30

@@ -127,9 +127,11 @@ def _privacy_section(
     section["pixel"]["held_out_set"] = held_out.name
     paths = save_flagged_pairs(audit, generated.as_hwc(), train.as_hwc(), output_dir / "flagged")
     if features is not None:
-        # Always calibrated: a fixed threshold is an RMS pixel distance, meaningless in feature space.
+        # Always calibrated: a fixed threshold is an RMS pixel distance, meaningless in feature space. Held-out
+        # images found to be copies of training images in pixels are left out here too.
+        keep = np.setdiff1d(np.arange(len(features["held_out"])), audit.held_out_excluded_indices)
         feature_audit = memorisation_audit(
-            features["audited"], features["train"], features["held_out"], percentile=percentile,
+            features["audited"], features["train"], features["held_out"][keep], percentile=percentile,
             space=AuditSpace.FEATURES,
         )
         section["domain_features"] = _audit_summary(feature_audit)
@@ -142,6 +144,7 @@ def _audit_summary(audit: MemorisationAudit) -> dict:
     summary = json.loads(audit.to_json())
     summary["flagged_indices"] = summary["flagged_indices"][:1000]
     summary["near_copy_indices"] = summary["near_copy_indices"][:1000]
+    summary["held_out_excluded_indices"] = summary["held_out_excluded_indices"][:1000]
     summary["num_flagged"] = len(audit.flagged_indices)
     summary["num_near_copies"] = len(audit.near_copy_indices)
     return summary

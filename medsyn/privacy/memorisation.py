@@ -73,6 +73,8 @@ class MemorisationAudit:
     alpha: float
     held_out_used: int | None
     held_out_duplicates_excluded: int
+    held_out_excluded_indices: list[int]
+    """Held-out images left out of the calibration as near-copies of training images (leaks between splits)."""
     min_distance: float
     num_generated: int
     num_train: int
@@ -138,14 +140,15 @@ def held_out_distances(
     copy_distance: float = NEAR_COPY_DISTANCE,
     max_shift: int = 1,
     **search,
-) -> tuple[np.ndarray, int]:
+) -> tuple[np.ndarray, np.ndarray]:
     """Held-out images' nearest-training distances, without the held-out images that are near-copies of training
-    images (a warning counts them); and how many were excluded.
+    images (a warning counts them); and the indices of those excluded.
 
     Raises a ``ValueError`` when fewer than ``MIN_HELD_OUT`` remain: the held-out set overlaps the training set.
     """
     distances = nearest_training_distances(held_out, train, max_shift, **search)[0]
-    duplicates = int((distances <= copy_distance).sum())
+    excluded = np.flatnonzero(distances <= copy_distance)
+    duplicates = len(excluded)
     kept = distances[distances > copy_distance]
     if len(kept) < MIN_HELD_OUT:
         raise ValueError(
@@ -154,7 +157,7 @@ def held_out_distances(
     if duplicates:
         warnings.warn(f"held-out set: {duplicates} of {len(distances)} images are near-copies of training images "
                       f"(within {copy_distance:g}); excluded from the calibration", stacklevel=2)
-    return kept, duplicates
+    return kept, excluded
 
 
 def calibrate_threshold(
@@ -224,7 +227,7 @@ def memorisation_audit(
     near_copies = np.flatnonzero(nearest <= copy_distance)
     near_copies = near_copies[np.argsort(nearest[near_copies], kind="stable")]
 
-    calibration, excluded, expected, count_p, copying = None, 0, None, None, None
+    calibration, excluded, expected, count_p, copying = None, np.array([], dtype=int), None, None, None
     if held_out is not None:
         calibration, excluded = held_out_distances(held_out, train, copy_distance, max_shift, **search)
         copying = data_copying_test(nearest, calibration)
@@ -270,7 +273,8 @@ def memorisation_audit(
         data_copying_p_value=None if copying is None else copying.p_value,
         alpha=alpha,
         held_out_used=None if calibration is None else len(calibration),
-        held_out_duplicates_excluded=excluded,
+        held_out_duplicates_excluded=len(excluded),
+        held_out_excluded_indices=excluded.tolist(),
         min_distance=float(nearest.min()),
         num_generated=len(nearest),
         num_train=len(train),
