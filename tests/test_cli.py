@@ -64,3 +64,51 @@ def test_demo_runs_end_to_end(tmp_path):
     assert probe["frechet_distance"] > probe["real_frechet_distance"]
     assert (out / "model" / "README.md").is_file()
     assert main(["demo", "--output-dir", str(out)]) == 2  # never overwrites a finished demo silently
+
+
+@pytest.fixture
+def medisyn_dir(tmp_path):
+    from .conftest import get_dummy_medisyn_pipeline
+
+    get_dummy_medisyn_pipeline().save_pretrained(tmp_path / "medisyn")
+    return tmp_path / "medisyn"
+
+
+def test_generate_drives_a_medisyn_model_by_prompt_with_the_seed_rule(medisyn_dir, tmp_path):
+    prompt = "axial T1 brain MRI, healthy"
+    common = ["generate", "--model", str(medisyn_dir), "--prompt", prompt, "--num-inference-steps", "2",
+              "--num-images", "3", "--seed", "5"]
+    assert main([*common, "--output-dir", str(tmp_path / "a"), "--batch-size", "2"]) == 0
+    assert main([*common, "--output-dir", str(tmp_path / "b"), "--batch-size", "3", "--format", "npz"]) == 0
+    files = sorted((tmp_path / "a").glob("*.png"))
+    assert [f.name for f in files] == [f"axial_T1_brain_MRI_healthy_5_{i:06d}.png" for i in range(3)]
+    stacked = np.load(tmp_path / "b" / "samples.npz")
+    assert stacked["captions"].tolist() == [prompt] * 3
+    for i, file in enumerate(files):  # image i depends only on (seed, i)
+        assert np.abs(np.asarray(Image.open(file), dtype=int) - stacked["images"][i].astype(int)).max() <= 1
+
+
+def test_generate_says_which_option_fits_which_model(medisyn_dir, model_dir, tmp_path, capsys):
+    assert main(["generate", "--model", str(medisyn_dir), "--output-dir", str(tmp_path / "x")]) == 2
+    assert "pass --prompt" in capsys.readouterr().err
+    assert main(["generate", "--model", str(model_dir), "--prompt", "a", "--output-dir", str(tmp_path / "y")]) == 2
+    assert "pass --class-label, not --prompt" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "z")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_evaluate_expert_with_a_missing_expert_is_one_line(tmp_path, capsys):
+    assert main(["evaluate-expert", "--model", "m", "--expert", str(tmp_path / "nope"),
+                 "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --expert") and "Traceback" not in err
+
+
+def test_every_flag_has_help():
+    from medsyn.cli import build_parser
+
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if a.dest == "command").choices
+    missing = [f"{name} {action.option_strings[0]}" for name, sub in subcommands.items()
+               for action in sub._actions if action.option_strings and action.dest != "help" and not action.help]
+    assert missing == []

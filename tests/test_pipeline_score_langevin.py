@@ -48,6 +48,22 @@ def test_per_image_generators_equal_one_by_one(pipe):
         torch.testing.assert_close(batched.images[i], single.images[0], atol=1e-5, rtol=0)
 
 
+def test_one_generator_for_one_image_equals_a_list_of_it(pipe):
+    """As in diffusers: ``generator=G`` and ``generator=[G]`` give the same single image."""
+    single = pipe(class_labels=[1], generator=torch.Generator().manual_seed(9), output_type="pt").images
+    listed = pipe(class_labels=[1], generator=[torch.Generator().manual_seed(9)], output_type="pt").images
+    assert torch.equal(single, listed)
+
+
+def test_a_pipeline_moved_to_bfloat16_samples_close_to_float32(pipe):
+    generators = lambda: [torch.Generator().manual_seed(s) for s in (0, 1)]  # noqa: E731
+    full = pipe(class_labels=[1, 0], generator=generators(), guidance_scale=2.0, output_type="pt").images
+    pipe.to(torch.bfloat16)
+    half = pipe(class_labels=[1, 0], generator=generators(), guidance_scale=2.0, output_type="pt").images
+    assert pipe.unet.dtype == torch.bfloat16 and half.dtype == torch.float32
+    assert (half - full).abs().mean() < 0.01
+
+
 def test_guidance_changes_output_and_one_equals_conditional(pipe):
     plain = pipe(**get_dummy_inputs()).images
     guided = pipe(**get_dummy_inputs(guidance_scale=3.0)).images
