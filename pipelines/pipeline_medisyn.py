@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
@@ -273,6 +274,27 @@ class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             latents = latents + self.vae.config.shift_factor
         return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
 
+    # What diffusers' step-end callbacks read and write (SDCFGCutoffCallback sets _guidance_scale to 0).
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    @property
+    def cross_attention_kwargs(self) -> dict[str, Any] | None:
+        return self._cross_attention_kwargs
+
     @torch.no_grad()
     def __call__(
         self,
@@ -291,8 +313,9 @@ class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         negative_prompt_attention_mask: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | PipelineCallback | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate images from text.
 
@@ -314,7 +337,10 @@ class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
             callback_on_step_end: called as ``f(pipe, step, timestep, tensors)`` after every step with the tensors
                 named in ``callback_on_step_end_tensor_inputs``; tensors in the dict it returns replace them.
-            callback_on_step_end_tensor_inputs: names from ``_callback_tensor_inputs`` (default: latents).
+            callback_on_step_end_tensor_inputs: names from ``_callback_tensor_inputs`` (default: latents; a
+                diffusers ``PipelineCallback`` brings its own ``tensor_inputs``). A callback may set
+                ``pipe._guidance_scale`` (guidance off from the next step) or ``pipe._interrupt`` (skip the rest).
+            cross_attention_kwargs: passed to the unet's attention processors (e.g. ``{"scale": 0.5}`` for LoRA).
 
         Returns:
             [`ImagePipelineOutput`] with ``images``, or a tuple ``(images,)`` when ``return_dict`` is False.
@@ -322,6 +348,8 @@ class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         # 0 is an error, not the default: only None means "the unet's size".
         height = self.unet.config.sample_size * self.vae_scale_factor if height is None else height
         width = self.unet.config.sample_size * self.vae_scale_factor if width is None else width
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         self.check_inputs(
             prompt,
@@ -339,7 +367,9 @@ class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         whole_number(num_images_per_prompt, "num_images_per_prompt")
         whole_number(num_inference_steps, "num_inference_steps")
         device = self._execution_device
-        do_classifier_free_guidance = guidance_scale > 1
+        self._guidance_scale, self._interrupt = guidance_scale, False
+        self._cross_attention_kwargs = cross_attention_kwargs
+        do_classifier_free_guidance = self.do_classifier_free_guidance
 
         prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask = (
             self.encode_prompt(
@@ -358,10 +388,16 @@ class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         latents = self.prepare_latents(batch_size, height, width, prompt_embeds.dtype, device, generator, latents)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._num_timesteps = len(self.scheduler.timesteps)
         # Deterministic solvers (UniPC, DPM-Solver++) take no generator; stochastic ones (DDPM, Euler a) need it.
         takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
         step_kwargs = {"generator": generator} if takes_generator else {}
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            if self.interrupt:
+                continue
+            # Read each step: a callback may have turned guidance off (and kept only the conditional states).
+            do_classifier_free_guidance = self.do_classifier_free_guidance and negative_prompt_embeds is not None
+            prompt_attention_mask = prompt_attention_mask[-len(prompt_embeds):]
             model_input = torch.cat([latents] * 2) if do_classifier_free_guidance else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
             if do_classifier_free_guidance:
@@ -370,11 +406,12 @@ class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             else:
                 context, context_mask = prompt_embeds, prompt_attention_mask
             noise_pred = self.unet(
-                model_input, t, encoder_hidden_states=context, encoder_attention_mask=context_mask, return_dict=False
+                model_input, t, encoder_hidden_states=context, encoder_attention_mask=context_mask,
+                cross_attention_kwargs=self.cross_attention_kwargs, return_dict=False,
             )[0]
             if do_classifier_free_guidance:
                 conditional, unconditional = noise_pred.chunk(2)
-                noise_pred = unconditional + guidance_scale * (conditional - unconditional)
+                noise_pred = unconditional + self.guidance_scale * (conditional - unconditional)
             latents = self.scheduler.step(noise_pred, t, latents, return_dict=False, **step_kwargs)[0]
 
             if callback_on_step_end is not None:

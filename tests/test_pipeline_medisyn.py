@@ -207,3 +207,38 @@ def test_callback_sees_every_step_and_can_replace_latents(pipe):
 def test_bad_input_gets_a_clear_error(pipe, overrides, message):
     with pytest.raises(ValueError, match=message):
         pipe(**get_dummy_inputs(**overrides))
+
+
+def _unet_batches(pipe, **inputs) -> tuple[list[int], list[dict | None]]:
+    """The batch size and cross_attention_kwargs of every unet call in one run."""
+    sizes, kwargs = [], []
+
+    def record(module, args, named):
+        sizes.append(args[0].shape[0])
+        kwargs.append(named.get("cross_attention_kwargs"))
+
+    handle = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        pipe(**inputs)
+    finally:
+        handle.remove()
+    return sizes, kwargs
+
+
+def test_diffusers_cfg_cutoff_callback_turns_guidance_off_midway(pipe):
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    sizes, _ = _unet_batches(pipe, **get_dummy_inputs(num_inference_steps=4),
+                             callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.5))
+    assert pipe.num_timesteps == 4 and sizes == [2, 2, 2, 1]  # cut off after step index 2 = 4 x 0.5
+    assert not pipe.do_classifier_free_guidance and pipe.guidance_scale == 0.0
+
+
+def test_interrupt_skips_the_remaining_steps_and_kwargs_reach_the_unet(pipe):
+    def stop_after_first(pipeline, step, timestep, tensors):
+        pipeline._interrupt = True
+        return tensors
+
+    inputs = get_dummy_inputs(num_inference_steps=3, cross_attention_kwargs={"scale": 1.0})
+    sizes, kwargs = _unet_batches(pipe, **inputs, callback_on_step_end=stop_after_first)
+    assert sizes == [2] and pipe.interrupt and kwargs == [{"scale": 1.0}]
