@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
 from medsyn.models.score_unet import null_class_label
@@ -149,23 +150,39 @@ class ScoreLangevinPipeline(DiffusionPipeline):
         latents: torch.Tensor,
         labels: torch.Tensor | None,
         generators: list[torch.Generator],
-        guidance_scale: float,
         autocast_dtype: torch.dtype | None,
         callback_on_step_end: Callable | None,
         schedule: dict[str, Any],
     ) -> torch.Tensor:
         self.scheduler.set_timesteps(device=self.device, **schedule)
+        self._num_timesteps = len(self.scheduler.timesteps)
         autocast = (
             torch.autocast(self.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
         )
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            if self.interrupt:
+                continue
             with autocast:
-                score = self.score(latents, t, labels, guidance_scale)
+                score = self.score(latents, t, labels, self.guidance_scale)  # a callback may change the scale
             latents = self.scheduler.step(score, t, latents, generator=generators).prev_sample
             if callback_on_step_end is not None:
                 outputs = callback_on_step_end(self, i, t, {"latents": latents})
                 latents = outputs.pop("latents", latents)
         return latents
+
+    # What diffusers' step-end callbacks read and write.
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int:
+        """Steps of one sampling run: noise levels x Langevin steps per level (+1 for the final denoising)."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
 
     @torch.no_grad()
     def __call__(
@@ -180,7 +197,8 @@ class ScoreLangevinPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | PipelineCallback | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
         max_batch_size: int | None = None,
         autocast_dtype: torch.dtype | None = None,
     ) -> ImagePipelineOutput | tuple:
@@ -199,8 +217,10 @@ class ScoreLangevinPipeline(DiffusionPipeline):
             latents: initial samples of shape (batch, channels, height, width); default: N(0, sigma_1^2 I).
             output_type: "pil", "np" (B, H, W, C) in [0, 1] or "pt" (B, C, H, W) in [0, 1].
             return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
-            callback_on_step_end: called as ``f(pipe, step, sigma, {"latents": x})`` after every step; a
-                "latents" entry in the dict it returns replaces the sample.
+            callback_on_step_end: called as ``f(pipe, step, sigma, {"latents": x})`` after every step (a function
+                or a diffusers ``PipelineCallback``); a "latents" entry in the dict it returns replaces the sample.
+                It may set ``pipe._guidance_scale`` or ``pipe._interrupt`` (skip the remaining steps).
+            callback_on_step_end_tensor_inputs: names from ``_callback_tensor_inputs`` ("latents").
             max_batch_size: generate in chunks of at most this many images (bounds memory for large n).
             autocast_dtype: run the network under autocast in this dtype (e.g. ``torch.bfloat16``); the Langevin
                 updates stay in float32.
@@ -213,6 +233,13 @@ class ScoreLangevinPipeline(DiffusionPipeline):
             batch_size = len(class_labels)
         self.check_inputs(batch_size, num_inference_steps, n_steps_each, step_size, guidance_scale, output_type,
                           max_batch_size)
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        unknown = set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {sorted(unknown)} are not among "
+                             f"{self._callback_tensor_inputs}")
+        self._guidance_scale, self._interrupt = guidance_scale, False
         # 2. Labels, generators and the initial sample
         labels = self.encode_class_labels(class_labels, batch_size)
         generators = self.prepare_generators(generator, batch_size)
@@ -229,7 +256,6 @@ class ScoreLangevinPipeline(DiffusionPipeline):
                     latents[part],
                     None if labels is None else labels[part].to(self.device),
                     generators[part],
-                    guidance_scale,
                     autocast_dtype,
                     callback_on_step_end,
                     schedule,

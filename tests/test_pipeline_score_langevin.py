@@ -137,3 +137,22 @@ def test_return_tuple(pipe):
     output = pipe(**get_dummy_inputs(return_dict=False))
     assert isinstance(output, tuple) and output[0].shape == (2, 16, 16, 1)
     assert isinstance(pipe(**get_dummy_inputs()), ImagePipelineOutput)
+
+
+def test_callbacks_can_read_steps_change_guidance_and_interrupt(pipe):
+    seen = []
+
+    def callback(pipeline, step, sigma, tensors):
+        seen.append((step, pipeline.num_timesteps, pipeline.guidance_scale))
+        if step == 1:
+            pipeline._guidance_scale = 1.0  # guidance off from the next step
+        if step == 3:
+            pipeline._interrupt = True
+        return tensors
+
+    pipe(class_labels=[1], guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
+         callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"])
+    total = pipe.scheduler.num_inference_steps * pipe.scheduler.n_steps_each + int(pipe.scheduler.config.denoise_final)
+    assert seen == [(0, total, 3.0), (1, total, 3.0), (2, total, 1.0), (3, total, 1.0)]
+    with pytest.raises(ValueError, match="not among"):
+        pipe(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["prompt_embeds"])
