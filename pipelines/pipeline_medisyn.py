@@ -77,13 +77,20 @@ class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def save_lora_adapters(self, save_directory: str | os.PathLike) -> None:
         """Save the LoRA adapters of the unet (diffusers' format) and, when it has them, of the text encoder (PEFT's
         format, in ``text_encoder_lora/``), for ``load_lora_weights`` on the base pipeline.
+
+        The unet adapter's config (rank, alpha, target modules) travels as diffusers' adapter metadata: without it
+        a reload assumes alpha = rank, and an adapter trained with ``--lora_alpha 16 --rank 4`` would come back
+        with a quarter of its effect.
         """
         from peft.utils import get_peft_model_state_dict
 
         from diffusers.utils import convert_state_dict_to_diffusers
 
+        (adapter,) = self.unet.active_adapters()
         self.save_lora_weights(
-            save_directory, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+            save_directory,
+            unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet)),
+            unet_lora_adapter_metadata=self.unet.peft_config[adapter].to_dict(),
         )
         if getattr(self.text_encoder, "_hf_peft_config_loaded", False):
             self.text_encoder.save_pretrained(Path(save_directory) / TEXT_ENCODER_LORA_FOLDER)

@@ -87,9 +87,11 @@ def test_fine_tuning_trains_unet_and_text_encoder_but_not_the_autoencoder(scratc
     assert tuned.tokenizer.get_vocab() == base.tokenizer.get_vocab()
 
 
-def test_lora_adapters_change_the_output_and_reload_onto_the_base(scratch_model, tmp_path):
+@pytest.mark.parametrize("alpha", [[], ["--lora_alpha", "16"]])  # alpha != rank: the scaling must survive too
+def test_lora_adapters_change_the_output_and_reload_onto_the_base(scratch_model, tmp_path, alpha):
     adapted = run(tmp_path, "c", "--pretrained_model_name_or_path", scratch_model, "--use_lora", "--rank", "4",
-                  "--train_text_encoder", "--max_train_steps", "3", "--learning_rate", "1e-2", "--resolution", "16")
+                  "--train_text_encoder", "--max_train_steps", "3", "--learning_rate", "1e-2", "--resolution", "16",
+                  *alpha)
     out = tmp_path / "c"
     assert (out / "pytorch_lora_weights.safetensors").is_file() and not (out / "unet").exists()
     assert (out / "text_encoder_lora" / "adapter_model.safetensors").is_file()
