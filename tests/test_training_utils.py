@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
 import torch
 
 from medsyn.training.accelerator import step_budget
@@ -34,8 +35,31 @@ def test_push_uploads_the_model_without_checkpoints_or_logs(tmp_path, monkeypatc
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kwargs: calls.setdefault("upload", kwargs))
     assert push_output_to_hub(tmp_path / "medisyn-test", None, "token") == "user/medisyn-test"
     assert calls["create"][0] == "medisyn-test" and calls["create"][1]["token"] == "token"
+    assert calls["create"][1]["private"] is False
     assert calls["upload"]["repo_id"] == "user/medisyn-test"
-    assert set(calls["upload"]["ignore_patterns"]) == {"checkpoint-*", "logs/*", "validation/*"}
+    assert set(calls["upload"]["ignore_patterns"]) == {
+        "checkpoint-*", ".staging-checkpoint-*", ".tmp-*", "logs/*", "validation/*"}
+    push_output_to_hub(tmp_path / "medisyn-test", "user/private-one", None, private=True)  # --hub_private_repo
+    assert calls["create"] == ("user/private-one", {"exist_ok": True, "token": None, "private": True})
+
+
+def test_scale_lr_tf32_and_tracker_name_do_what_they_do_in_diffusers(tmp_path):
+    from medsyn.train_scripts.train_score_langevin import main, parse_args
+
+    from .test_train_score_langevin import TINY
+
+    args = parse_args(TINY + ["--output_dir", str(tmp_path / "run"), "--max_train_steps", "1", "--scale_lr",
+                              "--learning_rate", "1e-4", "--gradient_accumulation_steps", "2", "--allow_tf32",
+                              "--checkpointing_steps", "100", "--validation_steps", "100", "--report_to",
+                              "tensorboard", "--tracker_project_name", "brain-mri-runs"])
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        main(args)
+        assert torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert args.learning_rate == pytest.approx(1e-4 * 4 * 2)  # batch 4 x accumulation 2 x 1 process
+    assert (tmp_path / "run" / "logs" / "brain-mri-runs").is_dir()
 
 
 def test_global_reseeding_depends_only_on_the_key():

@@ -193,7 +193,8 @@ def main(args: argparse.Namespace) -> AutoencoderKL:
     updates_per_epoch, max_train_steps, num_epochs = step_budget(args, len(train_loader))
     lr_scheduler = build_lr_scheduler(args, accelerator, optimizer, max_train_steps)
     if accelerator.is_main_process:
-        accelerator.init_trackers("autoencoder", config={k: str(v) for k, v in vars(args).items()})
+        accelerator.init_trackers(args.tracker_project_name or "autoencoder",
+                                  config={k: str(v) for k, v in vars(args).items()})
 
     global_step, first_epoch, resume_batches = resume_position(args, accelerator, updates_per_epoch)
 
@@ -278,7 +279,7 @@ def main(args: argparse.Namespace) -> AutoencoderKL:
         write_autoencoder_card(args, accelerator, model, data_description, len(train_set), len(validation_set),
                                channels, global_step, metrics, recent)
         if args.push_to_hub:
-            push_output_to_hub(output_dir, args.hub_model_id, args.hub_token)
+            push_output_to_hub(output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
     accelerator.end_training()
     return model
 

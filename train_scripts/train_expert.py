@@ -143,7 +143,8 @@ def main(args: argparse.Namespace) -> ResNetForImageClassification:
     updates_per_epoch, max_train_steps, num_epochs = step_budget(args, len(train_loader))
     lr_scheduler = build_lr_scheduler(args, accelerator, optimizer, max_train_steps)
     if accelerator.is_main_process:
-        accelerator.init_trackers("expert", config={k: str(v) for k, v in vars(args).items()})
+        accelerator.init_trackers(args.tracker_project_name or "expert",
+                                  config={k: str(v) for k, v in vars(args).items()})
 
     global_step, first_epoch, resume_batches = resume_position(args, accelerator, updates_per_epoch)
 
@@ -237,7 +238,7 @@ def save_expert(args, accelerator, model, mean, std, metrics, class_names, data_
         final_loss=f"{np.mean(recent_losses):.4f}" if recent_losses else "n/a",
     )
     if args.push_to_hub:
-        push_output_to_hub(output_dir, args.hub_model_id, args.hub_token)
+        push_output_to_hub(output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
 
 
 if __name__ == "__main__":

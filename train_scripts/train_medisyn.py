@@ -287,7 +287,8 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
     lr_scheduler = build_lr_scheduler(args, accelerator, optimizer, max_train_steps)
     ema = attach_ema(accelerator, accelerator.unwrap_model(unet), args.ema_decay, "unet_ema") if args.use_ema else None
     if accelerator.is_main_process:
-        accelerator.init_trackers("medisyn", config={k: str(v) for k, v in vars(args).items()})
+        accelerator.init_trackers(args.tracker_project_name or "medisyn",
+                                  config={k: str(v) for k, v in vars(args).items()})
 
     global_step, first_epoch, resume_batches = resume_position(args, accelerator, updates_per_epoch)
 
@@ -473,7 +474,7 @@ def save_result(args, accelerator, pipeline, prompts, data_description, num_imag
                     f"x{pipeline.vae_scale_factor}, scaling factor {pipeline.vae.config.scaling_factor:.4g}",
     )
     if args.push_to_hub:
-        push_output_to_hub(output_dir, args.hub_model_id, args.hub_token)
+        push_output_to_hub(output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
 
 
 if __name__ == "__main__":

@@ -197,7 +197,8 @@ def main(args: argparse.Namespace) -> UNet2DModel:
     lr_scheduler = build_lr_scheduler(args, accelerator, optimizer, max_train_steps)
     ema = attach_ema(accelerator, accelerator.unwrap_model(unet), args.ema_decay, "unet_ema") if args.use_ema else None
     if accelerator.is_main_process:
-        accelerator.init_trackers("score_langevin", config={k: str(v) for k, v in vars(args).items()})
+        accelerator.init_trackers(args.tracker_project_name or "score_langevin",
+                                  config={k: str(v) for k, v in vars(args).items()})
 
     global_step, first_epoch, resume_batches = resume_position(args, accelerator, updates_per_epoch)
 
@@ -323,7 +324,7 @@ def save_pipeline(args, accelerator, model, noise_scheduler, class_names, data_d
         f"channels {list(model.config.block_out_channels)}",
     )
     if args.push_to_hub:
-        push_output_to_hub(output_dir, args.hub_model_id, args.hub_token)
+        push_output_to_hub(output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
 
 if __name__ == "__main__":
     main(parse_args())

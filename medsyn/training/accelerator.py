@@ -25,8 +25,15 @@ from medsyn.training.checkpoints import (
 
 
 def build_accelerator(args: argparse.Namespace) -> Accelerator:
-    """One ``Accelerator`` from the shared flags, logging set up, seed set and the output folder made."""
+    """One ``Accelerator`` from the shared flags, logging set up, seed set and the output folder made.
+
+    ``--scale_lr`` rescales ``args.learning_rate`` in place (by batch size x accumulation x processes), as
+    diffusers' examples do, so everything after (optimiser, model card) sees the rate actually used.
+    """
     output_dir = Path(args.output_dir)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -36,6 +43,8 @@ def build_accelerator(args: argparse.Namespace) -> Accelerator:
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(args.seed)
+    if args.scale_lr:
+        args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     return accelerator

@@ -42,6 +42,10 @@ def add_optimisation_arguments(parser: argparse.ArgumentParser, output_dir: str,
     train.add_argument("--max_train_steps", type=count_argument(), default=None, help="Overrides --num_train_epochs.")
     train.add_argument("--gradient_accumulation_steps", type=count_argument(), default=1)
     train.add_argument("--learning_rate", type=number_argument(0, exclusive=True), default=learning_rate)
+    train.add_argument("--scale_lr", action="store_true",
+                       help="Multiply --learning_rate by batch size x accumulation steps x processes (as diffusers).")
+    train.add_argument("--allow_tf32", action="store_true",
+                       help="Allow TF32 matmuls on Ampere+ GPUs: faster, slightly less exact (as diffusers).")
     train.add_argument("--lr_scheduler", type=str, default="constant")
     train.add_argument("--lr_warmup_steps", type=count_argument(0), default=0)
     train.add_argument("--adam_beta1", type=float, default=0.9)
@@ -61,10 +65,13 @@ def add_logging_and_hub_arguments(parser: argparse.ArgumentParser) -> None:
     logs.add_argument("--validation_steps", type=count_argument(), default=500)
     logs.add_argument("--report_to", type=str, default="tensorboard")
     logs.add_argument("--logging_dir", type=str, default="logs")
+    logs.add_argument("--tracker_project_name", type=str, default=None,
+                      help="Project name for the trackers (default: the training method).")
     hub = parser.add_argument_group("hub")
     hub.add_argument("--push_to_hub", action="store_true")
     hub.add_argument("--hub_model_id", type=str, default=None)
     hub.add_argument("--hub_token", type=str, default=None)
+    hub.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
 
 
 def add_validation_fraction_argument(parser: argparse.ArgumentParser, default: float) -> None:
@@ -141,11 +148,13 @@ def split_validation(dataset, fraction: float, seed: int):
     return dataset.select(np.sort(order[held_out:])), dataset.select(np.sort(order[:held_out]))
 
 
-def push_output_to_hub(output_dir: Path, hub_model_id: str | None, hub_token: str | None) -> str:
-    """Upload a trained model folder (without checkpoints, logs and validation images); returns the repo id."""
+def push_output_to_hub(output_dir: Path, hub_model_id: str | None, hub_token: str | None,
+                       private: bool = False) -> str:
+    """Upload a trained model folder (without checkpoints, logs, validation images and unfinished files);
+    returns the repo id."""
     from huggingface_hub import create_repo, upload_folder
 
-    repo_id = create_repo(hub_model_id or output_dir.name, exist_ok=True, token=hub_token).repo_id
+    repo_id = create_repo(hub_model_id or output_dir.name, exist_ok=True, token=hub_token, private=private).repo_id
     upload_folder(repo_id=repo_id, folder_path=output_dir, token=hub_token,
-                  ignore_patterns=["checkpoint-*", "logs/*", "validation/*"])
+                  ignore_patterns=["checkpoint-*", ".staging-checkpoint-*", ".tmp-*", "logs/*", "validation/*"])
     return repo_id
