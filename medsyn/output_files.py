@@ -41,12 +41,13 @@ def fsync_path(path: str | Path) -> None:
         os.close(descriptor)
 
 
-def _explained(error: OSError, path: Path) -> OSError:
+def _raise_explained(error: OSError, path: Path):
+    """Re-raise ``error``, in words a user acts on for a full disk or a folder they may not write to."""
     if error.errno == errno.ENOSPC:
-        return OSError(error.errno, f"{path}: no space left on device; nothing was written there")
+        raise OSError(error.errno, f"{path}: no space left on device; nothing was written there") from error
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return OSError(error.errno, f"{path}: cannot write there ({os.strerror(error.errno)})")
-    return error
+        raise OSError(error.errno, f"{path}: cannot write there ({os.strerror(error.errno)})") from error
+    raise error
 
 
 @contextmanager
@@ -62,11 +63,11 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         fsync_path(temporary)
         os.replace(temporary, path)
         fsync_path(path.parent)
-    except OSError as error:
-        temporary.unlink(missing_ok=True)
-        raise _explained(error, path) from error
-    except BaseException:
-        temporary.unlink(missing_ok=True)
+    except BaseException as error:
+        with suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            _raise_explained(error, path)
         raise
 
 
@@ -81,7 +82,7 @@ def check_writable(folder: str | Path) -> None:
     except OSError as error:
         with suppress(OSError):
             probe.unlink(missing_ok=True)
-        raise _explained(error, folder) from error
+        _raise_explained(error, folder)
 
 
 def write_text_atomically(path: str | Path, text: str) -> None:
