@@ -48,6 +48,12 @@ class ScoreLangevinPipeline(DiffusionPipeline):
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(class_names=list(class_names) if class_names is not None else None)
 
+    @property
+    def components(self) -> dict[str, Any]:
+        """The modules and the class names: ``ScoreLangevinPipeline(**pipe.components)`` is the same pipeline
+        (diffusers leaves out every argument with a default, which dropped the names)."""
+        return {**super().components, "class_names": self.config.class_names}
+
     def encode_class_labels(self, class_labels: ClassLabels | None, batch_size: int) -> torch.Tensor | None:
         """Class indices for ``batch_size`` images; the null class when the unet is conditional and none given."""
         null_label = null_class_label(self.unet)

@@ -156,3 +156,9 @@ def test_callbacks_can_read_steps_change_guidance_and_interrupt(pipe):
     assert seen == [(0, total, 3.0), (1, total, 3.0), (2, total, 1.0), (3, total, 1.0)]
     with pytest.raises(ValueError, match="not among"):
         pipe(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+
+
+def test_components_round_trip_keeps_the_class_names(pipe):
+    rebuilt = type(pipe)(**pipe.components)
+    assert rebuilt.config.class_names == ["healthy", "tumor"]
+    assert torch.equal(rebuilt.encode_class_labels("tumor", 1), pipe.encode_class_labels("tumor", 1))
