@@ -419,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-inception", action="store_true", help="skip FID/KID on Inception features")
     ev.add_argument("--domain-encoder", help="a transformers vision model folder (e.g. medsyn's expert classifier)")
     ev.add_argument("--max-images", type=count_argument(2), default=None,
-                    help="use at most this many images of --real, --generated and --test (seeded sample)")
+                    help="use a seeded sample of at most this many images of --real, --generated and --test for every "
+                    "metric but the audit, which checks every generated image")
     ev.add_argument("--k", type=count_argument(), default=3, help="neighbours for precision/recall/density/coverage")
     ev.add_argument("--kid-subset-size", type=count_argument(2), default=1000, help="images per KID subset")
     ev.add_argument("--diversity-pairs", type=count_argument(), default=1000,

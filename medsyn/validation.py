@@ -13,25 +13,22 @@ import numbers
 
 def whole_number(value, name: str, minimum: int = 1) -> int:
     """``value`` as an int if it is a whole number >= ``minimum`` (1.0 is accepted, 1.7, NaN and True are not)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    whole = not isinstance(value, bool) and (isinstance(value, numbers.Integral) or (
+        isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer()))
+    if not whole or value < minimum:
         raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
-    if isinstance(value, numbers.Integral):
-        whole = int(value)
-    elif math.isfinite(value) and float(value).is_integer():
-        whole = int(value)
-    else:
-        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
-    if whole < minimum:
-        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
-    return whole
+    return int(value)
 
 
-def finite_number(value, name: str, minimum: float | None = None, exclusive: bool = False) -> float:
-    """``value`` as a float if it is finite (and >= ``minimum``, or > it when ``exclusive``)."""
+def finite_number(value, name: str, minimum: float | None = None, exclusive: bool = False,
+                  maximum: float | None = None) -> float:
+    """``value`` as a float if it is finite (and >= ``minimum``, or > it when ``exclusive``; and <= ``maximum``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if minimum is not None and (value < minimum or (exclusive and value == minimum)):
         raise ValueError(f"{name} must be {'>' if exclusive else '>='} {minimum:g}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum:g}, got {value!r}")
     return float(value)
 
 

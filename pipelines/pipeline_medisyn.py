@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
-from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.callbacks import PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
@@ -35,6 +35,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from medsyn.models.latent_diffusion import encode_prompts, prompt_max_length, vae_scale_factor
 from medsyn.validation import finite_number, whole_number
 
+from .step_callbacks import StepCallbackMixin
+
 logger = logging.getLogger(__name__)
 
 Prompt = str | list[str]
@@ -42,7 +44,7 @@ Prompt = str | list[str]
 TEXT_ENCODER_LORA_FOLDER = "text_encoder_lora"
 
 
-class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, StepCallbackMixin):
     r"""Pipeline for text-to-image generation in the latent space of a medical-image autoencoder.
 
     Parameters:
@@ -195,7 +197,6 @@ class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         prompt_attention_mask: torch.Tensor | None,
         negative_prompt_attention_mask: torch.Tensor | None,
         output_type: str,
-        callback_on_step_end_tensor_inputs: list[str],
     ) -> None:
         """Reject bad arguments with a message that names them, before any model runs."""
         height, width = whole_number(height, "height"), whole_number(width, "width")
@@ -241,11 +242,6 @@ class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {expected}")
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
-        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
-        if unknown:
-            raise ValueError(
-                f"callback_on_step_end_tensor_inputs {sorted(unknown)} are not among {self._callback_tensor_inputs}"
-            )
 
     def prepare_latents(
         self,
@@ -281,22 +277,10 @@ class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             latents = latents + self.vae.config.shift_factor
         return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
 
-    # What diffusers' step-end callbacks read and write (SDCFGCutoffCallback sets _guidance_scale to 0).
-    @property
-    def guidance_scale(self) -> float:
-        return self._guidance_scale
-
+    # Besides StepCallbackMixin's (SDCFGCutoffCallback sets _guidance_scale to 0, which turns this off).
     @property
     def do_classifier_free_guidance(self) -> bool:
         return self._guidance_scale > 1
-
-    @property
-    def num_timesteps(self) -> int:
-        return self._num_timesteps
-
-    @property
-    def interrupt(self) -> bool:
-        return self._interrupt
 
     @property
     def cross_attention_kwargs(self) -> dict[str, Any] | None:
@@ -355,9 +339,8 @@ class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         # 0 is an error, not the default: only None means "the unet's size".
         height = self.unet.config.sample_size * self.vae_scale_factor if height is None else height
         width = self.unet.config.sample_size * self.vae_scale_factor if width is None else width
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        callback_on_step_end_tensor_inputs = self.callback_tensor_inputs(
+            callback_on_step_end, callback_on_step_end_tensor_inputs, default=["latents"])
         self.check_inputs(
             prompt,
             height,
@@ -369,7 +352,6 @@ class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             prompt_attention_mask,
             negative_prompt_attention_mask,
             output_type,
-            callback_on_step_end_tensor_inputs,
         )
         whole_number(num_images_per_prompt, "num_images_per_prompt")
         whole_number(num_inference_steps, "num_inference_steps")

@@ -18,17 +18,19 @@ from typing import Any, Callable
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
-from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.callbacks import PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
 from medsyn.models.score_unet import null_class_label
 from medsyn.schedulers.scheduling_annealed_langevin import AnnealedLangevinScheduler
 from medsyn.validation import finite_number, whole_number
 
+from .step_callbacks import StepCallbackMixin
+
 ClassLabels = int | str | list[int | str] | torch.Tensor
 
 
-class ScoreLangevinPipeline(DiffusionPipeline):
+class ScoreLangevinPipeline(DiffusionPipeline, StepCallbackMixin):
     r"""Pipeline for image generation by annealed Langevin dynamics on a learned score.
 
     Parameters:
@@ -176,20 +178,6 @@ class ScoreLangevinPipeline(DiffusionPipeline):
                 latents = outputs.pop("latents", latents)
         return latents
 
-    # What diffusers' step-end callbacks read and write.
-    @property
-    def guidance_scale(self) -> float:
-        return self._guidance_scale
-
-    @property
-    def num_timesteps(self) -> int:
-        """Steps of one sampling run: noise levels x Langevin steps per level (+1 for the final denoising)."""
-        return self._num_timesteps
-
-    @property
-    def interrupt(self) -> bool:
-        return self._interrupt
-
     @torch.no_grad()
     def __call__(
         self,
@@ -239,12 +227,7 @@ class ScoreLangevinPipeline(DiffusionPipeline):
             batch_size = len(class_labels)
         self.check_inputs(batch_size, num_inference_steps, n_steps_each, step_size, guidance_scale, output_type,
                           max_batch_size)
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        unknown = set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs)
-        if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs {sorted(unknown)} are not among "
-                             f"{self._callback_tensor_inputs}")
+        self.callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs, default=["latents"])
         self._guidance_scale, self._interrupt = guidance_scale, False
         # 2. Labels, generators and the initial sample
         labels = self.encode_class_labels(class_labels, batch_size)

@@ -33,11 +33,11 @@ def window_to_uint8(array: np.ndarray, window: tuple[float, float] | None, sourc
     return np.round(np.clip((array - low) / (high - low), 0, 1) * 255).astype(np.uint8)
 
 
-def check_unit_range(array: np.ndarray, source: str) -> None:
-    """Floats must be finite and in [0, 1]; the error names the range found and the usual conversions."""
-    if not np.isfinite(array).all():
+def check_unit_range(finite: bool, low: float, high: float, source: str) -> None:
+    """Floats must be finite and in [0, 1]; the error names the range found and the usual conversions. Takes the
+    facts rather than the array, so numpy and torch callers (bfloat16 included) share it."""
+    if not finite:
         raise ValueError(f"{source}: images contain NaN or Inf")
-    low, high = float(array.min()), float(array.max())
     if low < 0 or high > 1:
         hint = "divide 0..255 values by 255" if high > 1 and low >= 0 else "map [-1, 1] values with (x + 1) / 2"
         raise ValueError(f"{source}: float images must lie in [0, 1], got [{low:.4g}, {high:.4g}] ({hint}, "
@@ -55,6 +55,8 @@ def to_uint8(images: np.ndarray, source: str, window: tuple[float, float] | None
     if np.issubdtype(images.dtype, np.integer):
         return np.stack([window_to_uint8(image, window, f"{source}[{i}]") for i, image in enumerate(images)])
     if np.issubdtype(images.dtype, np.floating):
-        check_unit_range(images, source)
+        finite = bool(np.isfinite(images).all())
+        check_unit_range(finite, float(images.min()) if finite else 0.0, float(images.max()) if finite else 0.0,
+                         source)
         return np.round(images.astype(np.float64) * 255).astype(np.uint8)
     raise ValueError(f"{source}: unsupported pixel type {images.dtype}")

@@ -13,7 +13,7 @@ from enum import StrEnum
 import numpy as np
 import torch
 
-from medsyn.data.intensity import to_uint8
+from medsyn.data.intensity import check_unit_range, to_uint8
 
 CHANNEL_COUNTS = (1, 3)
 
@@ -59,28 +59,25 @@ def as_image_stack(images: np.ndarray | torch.Tensor, name: str, layout: Layout 
     if tensor.dtype == torch.uint8:
         return tensor.contiguous()
     if tensor.is_floating_point():
-        if not torch.isfinite(tensor).all():
-            raise ValueError(f"{name}: images contain NaN or Inf")
-        low, high = float(tensor.min()), float(tensor.max())
-        if low < 0 or high > 1:
-            hint = "divide 0..255 values by 255" if low >= 0 else "map [-1, 1] values with (x + 1) / 2"
-            raise ValueError(f"{name}: float images must lie in [0, 1], got [{low:.4g}, {high:.4g}] ({hint})")
+        finite = bool(torch.isfinite(tensor).all())
+        check_unit_range(finite, float(tensor.min()) if finite else 0.0, float(tensor.max()) if finite else 0.0, name)
         return tensor.contiguous()
     return torch.from_numpy(to_uint8(tensor.numpy(), name))
 
 
-def common_representation(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two (N, H, W, C) stacks in one dtype: uint8 if both are, else the less precise float of the two.
+def common_representation(*stacks: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(N, H, W, C) stacks in one dtype: uint8 if all are, else the least precise float among them.
 
     A uint8 image becomes ``value / 255`` in that float dtype, exactly what ``images / 255`` gives in numpy, so a
-    float copy of a uint8 training image is at distance 0.
+    float copy of a uint8 training image is at distance 0. Stacks already in that dtype come back as they are.
     """
-    if a.shape[1:] != b.shape[1:]:
-        raise ValueError(f"images differ in (height, width, channels): {tuple(a.shape[1:])} and "
-                         f"{tuple(b.shape[1:])}; same size and channels needed")
-    if a.dtype == b.dtype:
-        return a, b
-    floats = [t.dtype for t in (a, b) if t.is_floating_point()]
+    sizes = {tuple(t.shape[1:]) for t in stacks}
+    if len(sizes) > 1:
+        raise ValueError(f"images differ in (height, width, channels): {' and '.join(map(str, sorted(sizes)))}; "
+                         "same size and channels needed")
+    floats = [t.dtype for t in stacks if t.is_floating_point()]
+    if not floats:
+        return stacks
     dtype = max(floats, key=lambda d: torch.finfo(d).eps)
     convert = lambda t: t.to(dtype) / 255 if t.dtype == torch.uint8 else t.to(dtype)  # noqa: E731
-    return convert(a), convert(b)
+    return tuple(convert(t) for t in stacks)

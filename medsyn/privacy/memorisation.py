@@ -30,7 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .image_arrays import as_image_stack
+from medsyn.validation import finite_number
+
+from .image_arrays import as_image_stack, common_representation
 from .nearest_neighbours import nearest_neighbours, shift_tolerant_nearest
 from .statistics import data_copying_test, flagged_count_test
 
@@ -99,14 +101,6 @@ class MemorisationAudit:
         return json.dumps({f.name: getattr(self, f.name) for f in fields(self) if f.name not in arrays}, indent=2)
 
 
-def _checked_number(value: float, name: str, low: float, high: float = math.inf, low_open: bool = False) -> float:
-    value = float(value)
-    if math.isnan(value) or value < low or value > high or (low_open and value == low):
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise ValueError(f"{name} must be a number in {interval}, got {value}")
-    return value
-
-
 def _calibration_rank(percentile: float, count: int) -> int:
     """The order statistic that serves as the ``percentile``-th percentile of ``count`` values (at least the 1st)."""
     return min(count, max(1, math.ceil(percentile / 100 * count)))
@@ -170,7 +164,7 @@ def calibrate_threshold(
 ) -> float:
     """The ``percentile``-th percentile (an order statistic) of held-out real images' nearest-training distances,
     held-out near-copies of training images excluded."""
-    percentile = _checked_number(percentile, "percentile", 0, 100)
+    percentile = finite_number(percentile, "percentile", 0, maximum=100)
     distances, _ = held_out_distances(held_out, train, copy_distance, max_shift, **search)
     return float(np.sort(distances)[_calibration_rank(percentile, len(distances)) - 1])
 
@@ -208,19 +202,21 @@ def memorisation_audit(
     if threshold is None and held_out is None:
         raise ValueError("give held-out real images to calibrate the threshold, or a fixed threshold")
     if threshold is not None:
-        threshold = _checked_number(threshold, "threshold", 0)
-    percentile = _checked_number(percentile, "percentile", 0, 100)
-    alpha = _checked_number(alpha, "alpha", 0, 1, low_open=True)
+        threshold = finite_number(threshold, "threshold", 0)
+    percentile = finite_number(percentile, "percentile", 0, maximum=100)
+    alpha = finite_number(alpha, "alpha", 0, exclusive=True, maximum=1)
     if copy_distance is None:
         copy_distance = NEAR_COPY_DISTANCE if space is AuditSpace.PIXELS else 0.0
-    copy_distance = _checked_number(copy_distance, "copy_distance", 0)
+    copy_distance = finite_number(copy_distance, "copy_distance", 0)
     if isinstance(max_shift, bool) or not isinstance(max_shift, (int, np.integer)) or max_shift < 0:
         raise ValueError(f"max_shift must be a whole number >= 0, got {max_shift!r}")
     if space is AuditSpace.FEATURES:
         max_shift = 0
-    else:  # convert once: each set is searched against train, maybe twice
-        generated, train = as_image_stack(generated, "generated"), as_image_stack(train, "train")
-        held_out = None if held_out is None else as_image_stack(held_out, "held_out")
+    else:  # convert once, to one dtype: each set is searched against train, some twice
+        stacks = [as_image_stack(x, name) for x, name in ((generated, "generated"), (train, "train"),
+                                                          (held_out, "held_out")) if x is not None]
+        generated, train, *rest = common_representation(*stacks)
+        held_out = rest[0] if rest else None
     started = time.perf_counter()
     nearest, nearest_index, distances, neighbours = nearest_training_distances(
         generated, train, max_shift, k=min(k, len(train)), **search)
@@ -291,6 +287,13 @@ def memorisation_audit(
     )
 
 
+def _one_image(images: np.ndarray | torch.Tensor, index: int, name: str) -> torch.Tensor:
+    """Image ``index`` of a stack (or the one image given alone) as (H, W, C): only the images shown are
+    converted, not whole sets."""
+    stack = images[None] if np.ndim(images) == 2 else images
+    return as_image_stack(stack[index : index + 1], name)[0]
+
+
 def save_flagged_pairs(
     audit: MemorisationAudit,
     generated: np.ndarray | torch.Tensor,
@@ -306,7 +309,6 @@ def save_flagged_pairs(
     shown = audit.flagged_indices[:max_images]
     if not shown:
         return []
-    generated, train = as_image_stack(generated, "generated"), as_image_stack(train, "train")
     as_uint8 = lambda t: t if t.dtype == torch.uint8 else (t.double() * 255).round().to(torch.uint8)  # noqa: E731
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -315,7 +317,8 @@ def save_flagged_pairs(
         nearest = int(audit.nearest_indices[index])
         others = [int(j) for j in audit.neighbours[index] if j != nearest]
         shown_train = [nearest] + others[: audit.neighbours.shape[1] - 1]
-        row = torch.cat([as_uint8(generated[index])] + [as_uint8(train[j]) for j in shown_train], dim=1).numpy()
+        images = [_one_image(generated, index, "generated")] + [_one_image(train, j, "train") for j in shown_train]
+        row = torch.cat([as_uint8(image) for image in images], dim=1).numpy()
         path = output_dir / f"flagged_{index:06d}_train_{nearest:06d}.png"
         with atomic_write(path) as temporary:
             Image.fromarray(row[..., 0] if row.shape[-1] == 1 else row).save(temporary, format="PNG")

@@ -51,6 +51,12 @@ def _flat_pair(queries, references) -> tuple[torch.Tensor, torch.Tensor, float]:
     return q.reshape(len(q), -1), r.reshape(len(r), -1), 255.0 if q.dtype == torch.uint8 else 1.0
 
 
+def _exact_dtype(stored: torch.dtype) -> torch.dtype:
+    """Where differences are exact: float32 for uint8 (integers up to 255, squares up to 65,025), else float64;
+    their squares are then summed in float64."""
+    return torch.float32 if stored == torch.uint8 else torch.float64
+
+
 def _exact_squared(queries: torch.Tensor, references: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor,
                    chunk: int = 16) -> torch.Tensor:
     """Squared distances of the pairs (queries[rows[i]], references[columns[i]]) in stored units, exactly.
@@ -58,7 +64,7 @@ def _exact_squared(queries: torch.Tensor, references: torch.Tensor, rows: torch.
     uint8: differences and their squares are exact in float32 and their sum (< 2^53) exact in float64; other
     dtypes are compared in float64. Small chunks keep the temporaries in cache (3-10x faster than whole blocks).
     """
-    wide = torch.float32 if queries.dtype == torch.uint8 else torch.float64
+    wide = _exact_dtype(queries.dtype)
     out = torch.empty(len(rows), dtype=torch.float64, device=queries.device)
     for start in range(0, len(rows), chunk):
         part = slice(start, start + chunk)
@@ -148,8 +154,8 @@ def nearest_neighbours(
             bound = coefficient * (block_norms + ref_norms)
             if ref_moved is not None or block_moved is not None:
                 # |d - d32| <= moved_q + moved_r, so |d^2 - d32^2| <= m (2 d32 + m) with m their sum
-                moved = sum(x for x in (None if block_moved is None else block_moved[:, None],
-                                        None if ref_moved is None else ref_moved[None]) if x is not None)
+                moved = (0 if block_moved is None else block_moved[:, None]) + (
+                    0 if ref_moved is None else ref_moved[None])
                 moved = moved.to(torch.float32) * (1 + 4 * UNIT_ROUNDOFF)
                 bound += moved * (2 * (squared + bound).clamp(min=0).sqrt() + moved)
             if exclude_self:
@@ -202,7 +208,7 @@ def shift_tolerant_nearest(
     candidates = torch.as_tensor(np.asarray(candidates), dtype=torch.long)
     best = torch.full((len(q),), float("inf"), dtype=torch.float64)
     best_index = candidates[:, 0].clone()
-    wide = torch.float32 if q.dtype == torch.uint8 else torch.float64  # exact for uint8, as in _exact_squared
+    wide = _exact_dtype(q.dtype)
     for rows in _blocks(len(q), block_size):
         block = q[rows, None].to(wide)  # (B, 1, H, W, C)
         references_of_block = r[candidates[rows]].to(wide)  # (B, M, H, W, C)

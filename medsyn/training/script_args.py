@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from medsyn.data import load_image_dataset, simulated_dataset
+from medsyn.output_files import TEMPORARY_PREFIX
+from medsyn.training.checkpoints import CHECKPOINT_PREFIX, STAGING_PREFIX
 from medsyn.validation import count_argument, number_argument
 
 
@@ -155,6 +157,6 @@ def push_output_to_hub(output_dir: Path, hub_model_id: str | None, hub_token: st
     from huggingface_hub import create_repo, upload_folder
 
     repo_id = create_repo(hub_model_id or output_dir.name, exist_ok=True, token=hub_token, private=private).repo_id
-    upload_folder(repo_id=repo_id, folder_path=output_dir, token=hub_token,
-                  ignore_patterns=["checkpoint-*", ".staging-checkpoint-*", ".tmp-*", "logs/*", "validation/*"])
+    upload_folder(repo_id=repo_id, folder_path=output_dir, token=hub_token, ignore_patterns=[
+        f"{CHECKPOINT_PREFIX}*", f"{STAGING_PREFIX}*", f"{TEMPORARY_PREFIX}*", "logs/*", "validation/*"])
     return repo_id
