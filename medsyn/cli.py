@@ -108,7 +108,7 @@ def demo_probe(model: Path, resolution: int, seed: int, per_class: int) -> dict:
         output_type="np",
     ).images
     generated = np.round(images[..., 0] * 255).astype(np.uint8)
-    names = pipe.config.class_names
+    names = pipe.class_names
     report = label_probe_report(probe, generated, np.array(labels), held_out["images"], held_out["labels"], names)
     noisy = pixel_noise_baseline(held_out["images"][: len(labels)], seed=seed)
     baseline = label_probe_report(probe, noisy, held_out["labels"][: len(labels)], held_out["images"][len(labels):],
@@ -219,7 +219,7 @@ def generate(args: argparse.Namespace) -> int:
         arrays = {
             "images": stacked[..., 0] if stacked.shape[-1] == 1 else stacked,
             "labels": np.array(labels if labels is not None else [-1] * args.num_images, dtype=np.int64),
-            "class_names": np.array([] if text_guided else pipe.config.class_names or []),
+            "class_names": np.array([] if text_guided else pipe.class_names or []),
         }
         if text_guided:
             arrays["captions"] = np.array([args.prompt] * args.num_images)

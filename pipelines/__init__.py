@@ -28,6 +28,8 @@ def load_pipeline(path: str | Path):
             raise ValueError(f"{path}: no such folder, and no pipeline with that Hub id could be read "
                              f"({type(error).__name__})") from error
     name = json.loads(index.read_text()).get("_class_name")
+    if isinstance(name, list):  # a folder that ships its code: ["module", "Class"]
+        name = name[-1]
     classes = {cls.__name__: cls for cls in (MediSynPipeline, ScoreLangevinPipeline)}
     if name not in classes:
         from diffusers import DiffusionPipeline

@@ -35,6 +35,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from medsyn.models.latent_diffusion import encode_prompts, prompt_max_length, vae_scale_factor
 from medsyn.validation import finite_number, whole_number
 
+from .hub_folder import HubFolderMixin
 from .step_callbacks import StepCallbackMixin
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ Prompt = str | list[str]
 TEXT_ENCODER_LORA_FOLDER = "text_encoder_lora"
 
 
-class MediSynPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, StepCallbackMixin):
+class MediSynPipeline(HubFolderMixin, DiffusionPipeline, StableDiffusionLoraLoaderMixin, StepCallbackMixin):
     r"""Pipeline for text-to-image generation in the latent space of a medical-image autoencoder.
 
     Parameters:

@@ -25,36 +25,51 @@ from medsyn.models.score_unet import null_class_label
 from medsyn.schedulers.scheduling_annealed_langevin import AnnealedLangevinScheduler
 from medsyn.validation import finite_number, whole_number
 
+from .hub_folder import HubFolderMixin
 from .step_callbacks import StepCallbackMixin
 
 ClassLabels = int | str | list[int | str] | torch.Tensor
 
 
-class ScoreLangevinPipeline(DiffusionPipeline, StepCallbackMixin):
+class ScoreLangevinPipeline(HubFolderMixin, DiffusionPipeline, StepCallbackMixin):
     r"""Pipeline for image generation by annealed Langevin dynamics on a learned score.
 
     Parameters:
         unet ([`UNet2DModel`]): a noise-conditional score network (``time_embedding_type="fourier"``; see
             ``medsyn.models.score_unet``). Its ``timestep`` input is the noise level sigma.
         scheduler ([`AnnealedLangevinScheduler`]): the noise levels and the Langevin step.
-        class_names (`list[str]`, *optional*): names of the unet's classes, so labels can be given by name.
+        class_names (`list[str]`, *optional*): names of the unet's classes, so labels can be given by name. The
+            config holds them as ``{"0": name, ...}`` (transformers' ``id2label``): a list in model_index.json
+            is what diffusers' Hub download reads as a component.
     """
 
     model_cpu_offload_seq = "unet"
     _callback_tensor_inputs = ["latents"]
 
     def __init__(
-        self, unet: UNet2DModel, scheduler: AnnealedLangevinScheduler, class_names: list[str] | None = None
+        self,
+        unet: UNet2DModel,
+        scheduler: AnnealedLangevinScheduler,
+        class_names: list[str] | dict[str, str] | None = None,
     ):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
-        self.register_to_config(class_names=list(class_names) if class_names is not None else None)
+        if isinstance(class_names, dict):  # as saved: {"0": name, ...}
+            class_names = [class_names[key] for key in sorted(class_names, key=int)]
+        names = None if class_names is None else {str(i): name for i, name in enumerate(class_names)}
+        self.register_to_config(class_names=names)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The names of the unet's classes, in index order."""
+        names = self.config.class_names
+        return None if names is None else [names[str(i)] for i in range(len(names))]
 
     @property
     def components(self) -> dict[str, Any]:
         """The modules and the class names: ``ScoreLangevinPipeline(**pipe.components)`` is the same pipeline
         (diffusers leaves out every argument with a default, which dropped the names)."""
-        return {**super().components, "class_names": self.config.class_names}
+        return {**super().components, "class_names": self.class_names}
 
     def encode_class_labels(self, class_labels: ClassLabels | None, batch_size: int) -> torch.Tensor | None:
         """Class indices for ``batch_size`` images; the null class when the unet is conditional and none given."""
@@ -67,7 +82,7 @@ class ScoreLangevinPipeline(DiffusionPipeline, StepCallbackMixin):
             class_labels = class_labels.tolist()
         if not isinstance(class_labels, (list, tuple)):
             class_labels = [class_labels] * batch_size
-        names = self.config.class_names or []
+        names = self.class_names or []
         indices = []
         for label in class_labels:
             if isinstance(label, str):

@@ -13,6 +13,7 @@ from medsyn.data import load_image_dataset
 from medsyn.evaluation import load_image_set
 from medsyn.evaluation.downstream import bootstrap_aucs
 from medsyn.output_files import safe_file_stem
+from medsyn.pipelines import ScoreLangevinPipeline
 
 from .conftest import get_dummy_medisyn_pipeline, get_dummy_pipeline
 
@@ -58,8 +59,7 @@ def test_mixed_channels_error_names_the_script_flag(tmp_path):
                                             ("glioma grade IV", "glioma_grade_IV"), ("/etc/passwd", "etc_passwd")])
 def test_class_names_become_safe_file_names(tmp_path, name, stem):
     assert safe_file_stem(name) == stem
-    pipe = get_dummy_pipeline()
-    pipe.register_to_config(class_names=[name, "tumor"])
+    pipe = ScoreLangevinPipeline(**{**get_dummy_pipeline().components, "class_names": [name, "tumor"]})
     pipe.save_pretrained(tmp_path / "model")
     out = tmp_path / "deep" / "out"
     assert main(["generate", "--model", str(tmp_path / "model"), "--class-label", name, "--num-images", "2",

@@ -86,7 +86,7 @@ def test_save_and_reload_gives_identical_images(pipe, tmp_path):
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     loaded = ScoreLangevinPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
-    assert loaded.config.class_names == ["healthy", "tumor"]
+    assert loaded.class_names == ["healthy", "tumor"]
     np.testing.assert_array_equal(before, loaded(**get_dummy_inputs()).images)
 
 
@@ -160,5 +160,5 @@ def test_callbacks_can_read_steps_change_guidance_and_interrupt(pipe):
 
 def test_components_round_trip_keeps_the_class_names(pipe):
     rebuilt = type(pipe)(**pipe.components)
-    assert rebuilt.config.class_names == ["healthy", "tumor"]
+    assert rebuilt.class_names == ["healthy", "tumor"]
     assert torch.equal(rebuilt.encode_class_labels("tumor", 1), pipe.encode_class_labels("tumor", 1))

@@ -64,7 +64,7 @@ def test_trains_on_an_image_folder_with_rgb(tmp_path):
                 "--max_train_steps", "2", "--checkpointing_steps", "100", "--validation_steps", "100")
     assert model.config.in_channels == 3
     pipe = ScoreLangevinPipeline.from_pretrained(tmp_path / "rgb")
-    assert pipe.config.class_names == ["glaucoma", "normal"]
+    assert pipe.class_names == ["glaucoma", "normal"]
     assert np.asarray(Image.open(tmp_path / "rgb" / "samples.png")).shape == (32, 32, 3)
 
 
@@ -81,7 +81,7 @@ def test_trains_on_a_saved_dataset_with_other_column_names(tmp_path):
     model = run(tmp_path, "saved-run", *common, "--label_column", "finding", "--class_conditional",
                 "--num_channels", "1")
     assert model.config.in_channels == 1
-    assert ScoreLangevinPipeline.from_pretrained(tmp_path / "saved-run").config.class_names == ["none", "tumour"]
+    assert ScoreLangevinPipeline.from_pretrained(tmp_path / "saved-run").class_names == ["none", "tumour"]
     unconditional = run(tmp_path, "unconditional", *common, "--label_column", "absent")
     assert unconditional.config.in_channels == 3 and unconditional.config.num_class_embeds is None
     with pytest.raises(ValueError, match="no column 'absent'"):

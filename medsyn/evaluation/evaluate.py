@@ -167,7 +167,7 @@ def _downstream_section(train, test, generated, options: dict | None, seed: int,
 
 def _score_error_section(pipeline, held_out: ImageSet, batch_size: int, seed: int) -> dict:
     labels = None
-    model_names = pipeline.config.class_names
+    model_names = pipeline.class_names
     if pipeline.unet.config.num_class_embeds is not None:
         if held_out.labels is None or not model_names:
             raise ValueError(f"the score model is class-conditional: --{held_out.name} needs labels it knows")
