@@ -1,26 +1,111 @@
-"""Model cards filled from a run's real results, from the templates in ``model_cards/``."""
+"""Model cards a Hub reviewer accepts, filled from a run's real results (templates in ``model_cards/``).
+
+The YAML metadata is built here and checked by huggingface_hub's ``ModelCard``: ``base_model`` and ``datasets``
+hold Hub ids only (a local path is named in the text instead, never in the metadata), ``inference: false``. Until
+the model has a Hub id, the card says ``YOUR_HUB_USER/<name>``; ``medsyn push`` puts the real id in.
+"""
 
 from __future__ import annotations
 
+import os
 import string
 from importlib import resources
 from pathlib import Path
 
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
 from medsyn.output_files import write_text_atomically
+from medsyn.pipelines.hub_folder import REPO_ID_PLACEHOLDER_USER
+
+#: template -> (library_name, pipeline_tag, method tags)
+CARD_KINDS = {
+    "score_langevin": ("diffusers", "unconditional-image-generation", ["score-based", "ncsn", "annealed-langevin"]),
+    "medisyn": ("diffusers", "text-to-image", ["medisyn", "latent-diffusion", "text-to-image"]),
+    "medisyn_lora": ("diffusers", "text-to-image", ["medisyn", "lora", "text-to-image"]),
+    "autoencoder": ("diffusers", None, ["autoencoder", "autoencoderkl", "latent-diffusion"]),
+    "expert": ("transformers", "image-classification", ["resnet", "feature-aligned-diffusion"]),
+}
+
+CITATIONS = {
+    "score_langevin": [
+        "Song & Ermon. Generative Modeling by Estimating Gradients of the Data Distribution. NeurIPS 2019.",
+        "Song & Ermon. Improved Techniques for Training Score-Based Generative Models. NeurIPS 2020.",
+        "Ho & Salimans. Classifier-Free Diffusion Guidance. 2022.",
+    ],
+    "medisyn": [
+        "Cho et al. MediSyn: Text-Guided Diffusion Models for Broad Medical 2D and 3D Image Synthesis. 2024.",
+        "Rombach et al. High-Resolution Image Synthesis with Latent Diffusion Models. CVPR 2022.",
+        "Ho & Salimans. Classifier-Free Diffusion Guidance. 2022.",
+    ],
+    "autoencoder": [
+        "Kingma & Welling. Auto-Encoding Variational Bayes. ICLR 2014.",
+        "Rombach et al. High-Resolution Image Synthesis with Latent Diffusion Models. CVPR 2022.",
+    ],
+    "expert": ["He et al. Deep Residual Learning for Image Recognition. CVPR 2016."],
+}
+CITATIONS["medisyn_lora"] = CITATIONS["medisyn"] + ["Hu et al. LoRA: Low-Rank Adaptation of Large Language Models. "
+                                                    "ICLR 2022."]
 
 
-def write_model_card(output_dir: str | Path, template: str, **fields: object) -> Path:
-    """Fill ``model_cards/<template>.md`` (``$name`` placeholders) and write it as ``output_dir/README.md``.
-
-    A placeholder without a value is an error, so a card never ships with a hole in it.
-    """
-    text = resources.files("medsyn.model_cards").joinpath(f"{template}.md").read_text()
+def hub_id(name: str | os.PathLike | None) -> str | None:
+    """``name`` when it is a Hub repo id (``user/name``) and not a local path, else None."""
+    if name is None or os.path.exists(name) or str(name).count("/") != 1:
+        return None
     try:
-        card = string.Template(text).substitute({k: str(v) for k, v in fields.items()})
+        validate_repo_id(str(name))
+    except HFValidationError:
+        return None
+    return str(name)
+
+
+def card_repo_id(hub_model_id: str | None, output_dir: Path) -> str:
+    """The id the card's snippets load: the Hub id when known, else ``YOUR_HUB_USER/<name>`` for push to fill."""
+    return hub_id(hub_model_id) or f"{REPO_ID_PLACEHOLDER_USER}/{hub_model_id or output_dir.name}"
+
+
+def card_metadata(template: str, license: str, base_model: str | None, dataset: str | None) -> ModelCardData:
+    library, pipeline_tag, method_tags = CARD_KINDS[template]
+    tags = ["medsyn", "medical-imaging", *(["synthetic-data", "diffusers"] if library == "diffusers" else []),
+            *method_tags]
+    extra = {"license_name": "training-data-terms", "license_link": "README.md"} if license == "other" else {}
+    return ModelCardData(license=license, library_name=library, pipeline_tag=pipeline_tag, tags=tags,
+                         base_model=hub_id(base_model), datasets=[hub_id(dataset)] if hub_id(dataset) else None,
+                         inference=False, **extra)
+
+
+def write_model_card(output_dir: str | Path, template: str, *, hub_model_id: str | None, license: str = "other",
+                     base_model: str | None = None, dataset: str | None = None, **fields: object) -> Path:
+    """Fill ``model_cards/<template>.md`` and the shared sections (``$name`` placeholders), put the metadata on top,
+    check it parses, and write it as ``output_dir/README.md``.
+
+    ``base_model`` and ``dataset`` go into the metadata when they are Hub ids; a local one is named in the text
+    by its folder name only. A placeholder without a value is an error, so a card never ships with a hole in it.
+    """
+    output_dir = Path(output_dir)
+    folder = resources.files("medsyn.model_cards")
+    text = folder.joinpath(f"{template}.md").read_text() + folder.joinpath("responsible_use.md").read_text()
+    base_id = hub_id(base_model)
+    base_text = f"`{base_id}`" if base_id else f"`{Path(str(base_model)).name}` (a local folder, not on the Hub)"
+    data_text = str(fields.get("data_description", ""))
+    values = {
+        "repo_id": card_repo_id(hub_model_id, output_dir),
+        "base_model": base_text if base_model else "",
+        "base_model_id": base_id or (f"path/to/{Path(str(base_model)).name}" if base_model else ""),
+        "license_text": f"`{license}`." if license != "other" else (
+            f"The weights carry the terms of their training data ({data_text}); pass `--license` when those terms "
+            "are known. medsyn's code is Apache-2.0."),
+        "citation": "\n".join(f"- {entry}" for entry in CITATIONS[template]),
+        **{key: str(value) for key, value in fields.items()},
+    }
+    try:
+        body = string.Template(text).substitute(values)
     except KeyError as error:
         raise ValueError(f"model card template {template!r} needs a value for {error.args[0]!r}") from error
-    path = Path(output_dir) / "README.md"
-    write_text_atomically(path, card)
+    card = ModelCard(f"---\n{card_metadata(template, license, base_model, dataset).to_yaml()}\n---\n\n{body}")
+    path = output_dir / "README.md"
+    write_text_atomically(path, str(card))
     return path
 
 
@@ -71,9 +156,10 @@ def add_evaluation_to_model_card(model_dir: str | Path, metrics: dict) -> Path:
     if not path.is_file():
         raise ValueError(f"{path}: no model card to add the evaluation to")
     text = path.read_text()
-    if EVALUATION_HEADING in text:
-        before, _, after = text.partition(EVALUATION_HEADING)
-        rest = after.split("\n## ", 1)
-        text = before + ("## " + rest[1] if len(rest) > 1 else "")
-    write_text_atomically(path, text.rstrip("\n") + "\n\n" + evaluation_markdown(metrics))
+    if EVALUATION_HEADING not in text:
+        write_text_atomically(path, text.rstrip("\n") + "\n\n" + evaluation_markdown(metrics))
+        return path
+    before, _, after = text.partition(EVALUATION_HEADING)
+    rest = after.split("\n## ", 1)
+    write_text_atomically(path, before + evaluation_markdown(metrics) + ("\n## " + rest[1] if len(rest) > 1 else ""))
     return path

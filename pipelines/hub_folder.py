@@ -17,11 +17,16 @@ import ast
 import importlib.util
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from medsyn.output_files import write_text_atomically
+
+#: Model cards written before the model has a Hub id load ``YOUR_HUB_USER/<name>``; pushing puts the real id in.
+REPO_ID_PLACEHOLDER_USER = "YOUR_HUB_USER"
+CARD_PLACEHOLDER = re.compile(rf"{REPO_ID_PLACEHOLDER_USER}/[A-Za-z0-9._-]+")
 
 #: Packages a shipped module may import besides the standard library and its sibling shipped files.
 SHIPPABLE_IMPORTS = {"torch", "diffusers", "transformers", "tokenizers", "huggingface_hub", "safetensors", "numpy",
@@ -141,6 +146,30 @@ class HubFolderMixin:
         write_text_atomically(folder / "model_index.json",
                               json.dumps({**index, **entries}, indent=2, sort_keys=True) + "\n")
 
+    def _upload_folder(self, working_dir: str | os.PathLike, repo_id: str, *args, **kwargs):
+        """``push_to_hub`` uploads the model card of the folder this pipeline was loaded from (naming ``repo_id``),
+        not diffusers' generic one."""
+        card = self._source_model_card()
+        if card is not None:
+            with open(os.path.join(working_dir, "README.md"), "w", encoding="utf-8") as file:
+                file.write(name_repo_in_card(card, repo_id))
+        return super()._upload_folder(working_dir, repo_id, *args, **kwargs)
+
+    def _source_model_card(self) -> str | None:
+        source = str(self.config.get("_name_or_path") or "")
+        if os.path.isfile(os.path.join(source, "README.md")):
+            with open(os.path.join(source, "README.md"), encoding="utf-8") as file:
+                return file.read()
+        if not source or os.path.exists(source):
+            return None
+        from huggingface_hub import hf_hub_download
+
+        try:
+            with open(hf_hub_download(source, "README.md"), encoding="utf-8") as file:
+                return file.read()
+        except Exception:  # no card on the Hub, or the Hub out of reach: diffusers' card stands
+            return None
+
     @classmethod
     def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict[str, Any]:
         """A shipped pipeline entry ``["module", "Class"]`` read as the class's name, so diffusers' download and
@@ -162,6 +191,11 @@ class HubFolderMixin:
                     and value[0] not in sys.modules and isinstance(getattr(module, value[1], None), type)):
                 config[name] = [getattr(module, value[1]).__module__, value[1]]
         return loaded
+
+
+def name_repo_in_card(card: str, repo_id: str) -> str:
+    """The card with ``YOUR_HUB_USER/<name>`` placeholders replaced by the repo id it is pushed to."""
+    return CARD_PLACEHOLDER.sub(repo_id, card)
 
 
 def remote_code(pipeline: Any) -> tuple[dict[str, str], dict[str, list[str]]]:

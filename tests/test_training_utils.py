@@ -1,4 +1,4 @@
-"""The helpers every training script shares: step budget, Hub upload, global reseeding."""
+"""The helpers every training script shares: step budget, global reseeding, diffusers' flags."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 
 from medsyn.training.accelerator import step_budget
 from medsyn.training.checkpoints import seed_global_rng
-from medsyn.training.script_args import push_output_to_hub
 
 
 def test_step_budget_counts_optimiser_steps_from_the_prepared_loader():
@@ -17,30 +16,6 @@ def test_step_budget_counts_optimiser_steps_from_the_prepared_loader():
     assert step_budget(args, 7) == (4, 12, 3)  # 7 batches, 2 per update: the last update takes one batch
     args.max_train_steps = 10
     assert step_budget(args, 7) == (4, 10, 3)
-
-
-def test_push_uploads_the_model_without_checkpoints_or_logs(tmp_path, monkeypatch):
-    import huggingface_hub
-
-    calls = {}
-
-    class Repo:
-        repo_id = "user/medisyn-test"
-
-    def create_repo(name, **kwargs):
-        calls["create"] = (name, kwargs)
-        return Repo
-
-    monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
-    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kwargs: calls.setdefault("upload", kwargs))
-    assert push_output_to_hub(tmp_path / "medisyn-test", None, "token") == "user/medisyn-test"
-    assert calls["create"][0] == "medisyn-test" and calls["create"][1]["token"] == "token"
-    assert calls["create"][1]["private"] is False
-    assert calls["upload"]["repo_id"] == "user/medisyn-test"
-    assert set(calls["upload"]["ignore_patterns"]) == {
-        "checkpoint-*", ".staging-checkpoint-*", ".tmp-*", "logs/*", "validation/*"}
-    push_output_to_hub(tmp_path / "medisyn-test", "user/private-one", None, private=True)  # --hub_private_repo
-    assert calls["create"] == ("user/private-one", {"exist_ok": True, "token": None, "private": True})
 
 
 def test_scale_lr_tf32_and_tracker_name_do_what_they_do_in_diffusers(tmp_path):

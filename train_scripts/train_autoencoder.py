@@ -28,6 +28,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from tqdm.auto import tqdm
 
 from medsyn.data import image_channels, image_transform
+from medsyn.hub_upload import push_model_folder
 from medsyn.model_card import write_model_card
 from medsyn.models.latent_diffusion import autoencoder_config, latent_size, vae_scale_factor
 from medsyn.training.accelerator import (
@@ -46,7 +47,6 @@ from medsyn.training.script_args import (
     add_validation_fraction_argument,
     check_data_arguments,
     load_training_data,
-    push_output_to_hub,
     split_validation,
 )
 from medsyn.training.validation_images import image_grid, save_validation_image
@@ -279,7 +279,7 @@ def main(args: argparse.Namespace) -> AutoencoderKL:
         write_autoencoder_card(args, accelerator, model, data_description, len(train_set), len(validation_set),
                                channels, global_step, metrics, recent)
         if args.push_to_hub:
-            push_output_to_hub(output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
+            push_model_folder(output_dir, args.hub_model_id or output_dir.name, args.hub_token, args.hub_private_repo)
     accelerator.end_training()
     return model
 
@@ -306,7 +306,10 @@ def write_autoencoder_card(args, accelerator, vae, data_description, num_train, 
         output_dir,
         "autoencoder",
         model_name=output_dir.name,
-        repo_id=args.hub_model_id or str(output_dir),
+        hub_model_id=args.hub_model_id,
+        license=args.license,
+        dataset=args.dataset_name,
+        base_model=args.pretrained_model_name_or_path,
         num_shown=min(args.num_validation_images, num_validation),
         data_description=data_description,
         num_train_images=num_train,

@@ -28,6 +28,7 @@ from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageCla
 
 from medsyn.data import image_channels, image_transform, random_affine
 from medsyn.metrics.features import PooledImageEncoder
+from medsyn.hub_upload import push_model_folder
 from medsyn.model_card import write_model_card
 from medsyn.training.accelerator import (
     build_accelerator,
@@ -44,7 +45,6 @@ from medsyn.training.script_args import (
     add_validation_fraction_argument,
     check_data_arguments,
     load_training_data,
-    push_output_to_hub,
     split_validation,
 )
 from medsyn.validation import count_argument
@@ -217,7 +217,10 @@ def save_expert(args, accelerator, model, mean, std, metrics, class_names, data_
         output_dir,
         "expert",
         model_name=output_dir.name,
-        repo_id=args.hub_model_id or str(output_dir),
+        hub_model_id=args.hub_model_id,
+        license=args.license,
+        dataset=args.dataset_name,
+        base_model=args.pretrained_model_name_or_path,
         accuracy=f"{metrics['accuracy']:.4f}",
         num_validation_images=num_validation,
         confusion_matrix="\n".join([header, "|---" * (len(class_names) + 1) + "|", *rows]),
@@ -238,7 +241,7 @@ def save_expert(args, accelerator, model, mean, std, metrics, class_names, data_
         final_loss=f"{np.mean(recent_losses):.4f}" if recent_losses else "n/a",
     )
     if args.push_to_hub:
-        push_output_to_hub(output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
+        push_model_folder(output_dir, args.hub_model_id or output_dir.name, args.hub_token, args.hub_private_repo)
 
 
 if __name__ == "__main__":

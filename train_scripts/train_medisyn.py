@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, BertModel
 
 from medsyn.data import image_channels, image_transform
+from medsyn.hub_upload import push_model_folder
 from medsyn.model_card import write_model_card
 from medsyn.models.latent_diffusion import (
     bert_text_encoder_config,
@@ -77,7 +78,6 @@ from medsyn.training.script_args import (
     check_data_arguments,
     json_argument,
     load_training_data,
-    push_output_to_hub,
 )
 from medsyn.training.validation_images import image_grid, save_validation_image
 from medsyn.validation import count_argument, number_argument
@@ -442,8 +442,10 @@ def save_result(args, accelerator, pipeline, prompts, data_description, num_imag
         output_dir,
         "medisyn_lora" if args.use_lora else "medisyn",
         model_name=output_dir.name,
-        repo_id=args.hub_model_id or str(output_dir),
-        base_model=args.pretrained_model_name_or_path or "",
+        hub_model_id=args.hub_model_id,
+        license=args.license,
+        dataset=args.dataset_name,
+        base_model=args.pretrained_model_name_or_path,
         example_prompt=json.dumps(prompts[0]),
         guidance_scale=args.validation_guidance_scale,
         sample_caption=f"Rows: {'; '.join(prompts)}. {args.validation_inference_steps} DPM-Solver steps, guidance "
@@ -474,7 +476,7 @@ def save_result(args, accelerator, pipeline, prompts, data_description, num_imag
                     f"x{pipeline.vae_scale_factor}, scaling factor {pipeline.vae.config.scaling_factor:.4g}",
     )
     if args.push_to_hub:
-        push_output_to_hub(output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
+        push_model_folder(output_dir, args.hub_model_id or output_dir.name, args.hub_token, args.hub_private_repo)
 
 
 if __name__ == "__main__":

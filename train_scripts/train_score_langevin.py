@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from medsyn.data import image_channels, image_transform, random_affine
+from medsyn.hub_upload import push_model_folder
 from medsyn.model_card import write_model_card
 from medsyn.models.score_unet import null_class_label, score_unet_config
 from medsyn.pipelines import ScoreLangevinPipeline
@@ -55,7 +57,6 @@ from medsyn.training.script_args import (
     add_optimisation_arguments,
     check_data_arguments,
     load_training_data,
-    push_output_to_hub,
 )
 from medsyn.training.validation_images import image_grid, save_validation_image
 from medsyn.validation import count_argument, number_argument
@@ -294,8 +295,12 @@ def save_pipeline(args, accelerator, model, noise_scheduler, class_names, data_d
         output_dir,
         "score_langevin",
         model_name=output_dir.name,
-        repo_id=args.hub_model_id or str(output_dir),
+        hub_model_id=args.hub_model_id,
+        license=args.license,
+        dataset=args.dataset_name,
+        base_model=args.pretrained_model_name_or_path,
         example_labels=json.dumps(class_names[:1] * 4) if class_names else "None",
+        example_cli=f"--class-label {shlex.quote(class_names[0])}" if class_names else "",
         sample_grid="samples.png",
         sample_caption=(f"Rows: {', '.join(class_names)}" if class_names else "Unconditional samples")
         + f"; {levels_used} noise levels x {config.n_steps_each} steps, guidance {args.validation_guidance_scale}, "
@@ -324,7 +329,7 @@ def save_pipeline(args, accelerator, model, noise_scheduler, class_names, data_d
         f"channels {list(model.config.block_out_channels)}",
     )
     if args.push_to_hub:
-        push_output_to_hub(output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
+        push_model_folder(output_dir, args.hub_model_id or output_dir.name, args.hub_token, args.hub_private_repo)
 
 if __name__ == "__main__":
     main(parse_args())

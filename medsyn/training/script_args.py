@@ -13,8 +13,6 @@ from pathlib import Path
 import numpy as np
 
 from medsyn.data import load_image_dataset, simulated_dataset
-from medsyn.output_files import TEMPORARY_PREFIX
-from medsyn.training.checkpoints import CHECKPOINT_PREFIX, STAGING_PREFIX
 from medsyn.validation import count_argument, number_argument
 
 
@@ -74,6 +72,9 @@ def add_logging_and_hub_arguments(parser: argparse.ArgumentParser) -> None:
     hub.add_argument("--hub_model_id", type=str, default=None)
     hub.add_argument("--hub_token", type=str, default=None)
     hub.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
+    hub.add_argument("--license", type=str, default="other",
+                     help="The weights' license in the model card (a Hub license id). The default 'other' says "
+                          "they carry the training data's terms.")
 
 
 def add_validation_fraction_argument(parser: argparse.ArgumentParser, default: float) -> None:
@@ -148,15 +149,3 @@ def split_validation(dataset, fraction: float, seed: int):
     if held_out >= len(dataset):
         raise ValueError(f"{len(dataset)} images are too few to hold out {held_out} for validation")
     return dataset.select(np.sort(order[held_out:])), dataset.select(np.sort(order[:held_out]))
-
-
-def push_output_to_hub(output_dir: Path, hub_model_id: str | None, hub_token: str | None,
-                       private: bool = False) -> str:
-    """Upload a trained model folder (without checkpoints, logs, validation images and unfinished files);
-    returns the repo id."""
-    from huggingface_hub import create_repo, upload_folder
-
-    repo_id = create_repo(hub_model_id or output_dir.name, exist_ok=True, token=hub_token, private=private).repo_id
-    upload_folder(repo_id=repo_id, folder_path=output_dir, token=hub_token, ignore_patterns=[
-        f"{CHECKPOINT_PREFIX}*", f"{STAGING_PREFIX}*", f"{TEMPORARY_PREFIX}*", "logs/*", "validation/*"])
-    return repo_id

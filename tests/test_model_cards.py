@@ -1,0 +1,123 @@
+"""Model cards a Hub reviewer accepts, `medsyn push`, and `pipe.push_to_hub` keeping medsyn's card."""
+
+from __future__ import annotations
+
+import pytest
+from huggingface_hub import ModelCard
+
+from medsyn.cli import main as cli
+from medsyn.model_card import add_evaluation_to_model_card, card_metadata, hub_id
+from medsyn.pipelines import ScoreLangevinPipeline
+from medsyn.train_scripts.train_score_langevin import main, parse_args
+
+from .test_train_score_langevin import TINY
+
+SECTIONS = ["## How to use", "## Training", "## Limitations", "## Evaluation (medsyn evaluate)", "## Intended uses",
+            "## Out-of-scope uses", "## Bias, risks and limitations", "## License", "## Citation"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cards") / "brain-score"
+    main(parse_args(TINY + ["--output_dir", str(folder), "--class_conditional", "--max_train_steps", "1",
+                            "--checkpointing_steps", "1", "--validation_steps", "100"]))
+    return folder
+
+
+def test_a_trained_model_card_has_hub_metadata_and_the_sections_reviewers_ask_for(trained):
+    card = ModelCard.load(trained / "README.md")
+    data = card.data.to_dict()
+    assert data["license"] == "other" and data["license_name"] and data["license_link"]
+    assert data["library_name"] == "diffusers" and data["pipeline_tag"] == "unconditional-image-generation"
+    assert {"medsyn", "medical-imaging", "synthetic-data", "diffusers", "ncsn"} <= set(data["tags"])
+    assert data["inference"] is False and "base_model" not in data and "datasets" not in data
+    positions = [card.text.index(section) for section in SECTIONS]
+    assert positions == sorted(positions)
+    assert 'from_pretrained("YOUR_HUB_USER/brain-score")' in card.text  # never the local path
+    assert str(trained.parent) not in card.text
+    assert 'DiffusionPipeline.from_pretrained("YOUR_HUB_USER/brain-score", trust_remote_code=True)' in card.text
+    assert "medsyn generate --model YOUR_HUB_USER/brain-score --class-label healthy" in card.text
+    assert "not for diagnosis" in card.text.lower() and "Song & Ermon" in card.text
+
+
+def test_only_hub_ids_enter_the_metadata(tmp_path):
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "base").mkdir()
+    assert hub_id("org/medisyn-base") == "org/medisyn-base"
+    for not_an_id in (str(tmp_path), "a/b/c", "imagefolder", "bad id/x", None):
+        assert hub_id(not_an_id) is None
+    data = card_metadata("medisyn_lora", "cc-by-4.0", base_model=str(tmp_path / "org" / "base"), dataset="imagefolder")
+    assert data.base_model is None and data.datasets is None and data.license == "cc-by-4.0"
+    data = card_metadata("medisyn_lora", "other", base_model="org/medisyn-base", dataset="org/brain-mri")
+    assert data.base_model == "org/medisyn-base" and data.datasets == ["org/brain-mri"]
+    assert "lora" in data.tags
+
+
+def test_the_evaluation_replaces_its_placeholder_in_place(trained, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(trained, folder)
+    metrics = {"inputs": {"generated": {"count": 4}, "real": {"count": 4}},
+               "inception": {"note": "skipped"}, "domain": {"note": "skipped"},
+               "diversity": {"overall": {"generated": 0.5, "real": 0.4}},
+               "privacy": {"pixel": {"num_generated": 4, "verdict": "pass", "num_near_copies": 0, "num_flagged": 0,
+                                     "min_distance": 0.2, "data_copying_z": 1.0}}}
+    text = add_evaluation_to_model_card(folder, metrics).read_text()
+    assert "Not measured yet" not in text and "| memorisation audit (pixels), 4 images | pass" in text
+    assert text.index("## Evaluation") < text.index("## Intended uses")  # where the placeholder was
+    assert ModelCard.load(folder / "README.md").data.license == "other"
+
+
+def test_push_names_the_repo_in_the_card_and_leaves_run_files_local(trained, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import medsyn.hub_upload as hub_upload
+
+    folder = tmp_path / "brain-score"
+    shutil.copytree(trained, folder)
+    calls = {}
+
+    class Repo:
+        repo_id = "hospital/brain-score"
+
+    monkeypatch.setattr(hub_upload, "create_repo", lambda name, **kw: calls.setdefault("create", (name, kw)) and Repo)
+    monkeypatch.setattr(hub_upload, "upload_folder", lambda **kw: calls.setdefault("upload", kw))
+    assert cli(["push", str(folder), "--repo-id", "hospital/brain-score", "--private"]) == 0
+    assert calls["create"] == ("hospital/brain-score", {"exist_ok": True, "token": None, "private": True})
+    assert calls["upload"]["folder_path"] == folder and calls["upload"]["repo_id"] == "hospital/brain-score"
+    assert {"checkpoint-*", ".staging-checkpoint-*", ".tmp-*", "logs/*", "validation/*"} <= set(
+        calls["upload"]["ignore_patterns"])
+    card = (folder / "README.md").read_text()
+    assert "YOUR_HUB_USER" not in card and 'from_pretrained("hospital/brain-score")' in card
+    assert (folder / "checkpoint-1").is_dir()  # the run's files stay where they are
+
+    (folder / "README.md").write_text("---\nbase_model: /data/models/base\n---\n# x\n")
+    assert cli(["push", str(folder), "--repo-id", "hospital/brain-score"]) == 2
+    assert "not a Hub id" in capsys.readouterr().err
+    (folder / "README.md").unlink()
+    assert cli(["push", str(folder), "--repo-id", "hospital/brain-score"]) == 2
+    assert "no model card" in capsys.readouterr().err
+    assert cli(["push", str(tmp_path / "nope"), "--repo-id", "hospital/x"]) == 2
+
+
+def test_pipe_push_to_hub_uploads_medsyns_card_not_diffusers_generic_one(trained, monkeypatch):
+    import diffusers.utils.hub_utils as hub_utils
+
+    uploaded = {}
+
+    class Repo:
+        repo_id = "hospital/brain-score"
+
+    def upload_folder(repo_id, folder_path, **kwargs):
+        uploaded["card"] = open(f"{folder_path}/README.md").read()
+        uploaded["files"] = sorted(p.name for p in __import__("pathlib").Path(folder_path).iterdir())
+
+    monkeypatch.setattr(hub_utils, "create_repo", lambda *a, **kw: Repo)
+    monkeypatch.setattr(hub_utils, "load_or_create_model_card", lambda *a, **kw: ModelCard("generic"))
+    monkeypatch.setattr(hub_utils, "upload_folder", upload_folder)
+    pipe = ScoreLangevinPipeline.from_pretrained(trained)
+    pipe.push_to_hub("hospital/brain-score")
+    expected = (trained / "README.md").read_text().replace("YOUR_HUB_USER/brain-score", "hospital/brain-score")
+    assert uploaded["card"] == expected
+    assert "pipeline_score_langevin.py" in uploaded["files"]
