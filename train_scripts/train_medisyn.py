@@ -91,7 +91,8 @@ LORA_BERT_MODULES = ["query", "key", "value"]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_arguments(parser)
-    parser.add_argument("--caption_column", type=str, default="caption", help="Caption column of --dataset_name.")
+    parser.add_argument("--caption_column", type=str, default="text",
+                        help="Column holding the captions ('caption' is read when 'text' is missing).")
     parser.add_argument("--caption_templates", type=str, default=None,
                         help='JSON file or string mapping class name -> caption ("{label}" is replaced by the name).')
     parser.add_argument("--caption_dropout", type=number_argument(0), default=0.1,
@@ -230,7 +231,8 @@ def add_lora(model: torch.nn.Module, target_modules: list[str], args: argparse.N
 def main(args: argparse.Namespace) -> MediSynPipeline:
     """Train and save (main process); return the final pipeline (with LoRA adapters loaded in LoRA mode)."""
     accelerator = build_accelerator(args)
-    dataset, data_description = load_training_data(args, caption_column=args.caption_column)
+    dataset, data_description = load_training_data(args, caption_column=None if args.caption_templates else
+                                                   args.caption_column)
     captions = caption_rows(dataset, args.caption_templates)
     dataset = dataset.remove_columns([c for c in ("caption",) if c in dataset.column_names]).add_column("caption", captions)
     channels = image_channels(dataset)

@@ -19,11 +19,15 @@ from medsyn.validation import count_argument, number_argument
 def add_data_arguments(parser: argparse.ArgumentParser, resolution: int = 128) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--train_data_dir", type=str, default=None,
-                      help="Image folder with class sub-folders, a .csv/.jsonl manifest, or an .npz.")
+                      help="Image folder with class sub-folders, a .csv/.jsonl manifest, or an .npz; a folder with a "
+                           "metadata.jsonl/.csv (an HF imagefolder) is read as diffusers reads it.")
     data.add_argument("--dataset_name", type=str, default=None,
-                      help="A dataset saved with datasets' save_to_disk, or a Hub dataset id (needs network).")
-    data.add_argument("--image_column", type=str, default="image")
-    data.add_argument("--label_column", type=str, default="label")
+                      help="A Hub dataset id (needs network), a dataset saved with datasets' save_to_disk, or "
+                           "'imagefolder' (with --train_data_dir).")
+    data.add_argument("--dataset_config_name", type=str, default=None, help="The dataset's config, if it has several.")
+    data.add_argument("--cache_dir", type=str, default=None, help="Where downloaded datasets and models are cached.")
+    data.add_argument("--image_column", type=str, default="image", help="Image column of --dataset_name.")
+    data.add_argument("--label_column", type=str, default="label", help="Label column of --dataset_name.")
     data.add_argument("--simulated_num_images", type=count_argument(), default=2000,
                       help="Size of the simulated brain MRI set used when no data is given.")
     data.add_argument("--max_train_samples", type=count_argument(), default=None)
@@ -90,9 +94,51 @@ def add_validation_fraction_argument(parser: argparse.ArgumentParser, default: f
                         help="Share of the images held out for validation (at least one image).")
 
 
+IMAGEFOLDER = "imagefolder"
+IMAGEFOLDER_METADATA = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+
+
 def check_data_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.train_data_dir and args.dataset_name:
+    if args.dataset_name == IMAGEFOLDER and not args.train_data_dir:
+        parser.error("--dataset_name imagefolder reads the folder given by --train_data_dir")
+    if args.train_data_dir and args.dataset_name and args.dataset_name != IMAGEFOLDER:
         parser.error("give --train_data_dir or --dataset_name, not both")
+
+
+def is_imagefolder_with_metadata(folder: str | None) -> bool:
+    """A folder laid out as datasets' imagefolder with a metadata file (captions), at its top or in split folders."""
+    if folder is None or not Path(folder).is_dir():
+        return False
+    places = [Path(folder), *(p for p in Path(folder).iterdir() if p.is_dir())]
+    return any((place / name).is_file() for place in places for name in IMAGEFOLDER_METADATA)
+
+
+def caption_column_of(dataset, requested: str) -> str:
+    """The column holding captions: ``requested`` (diffusers' default is ``text``; medsyn's loader and many sets
+    say ``caption``, accepted when the default is missing). A column that is not there is an error."""
+    if requested in dataset.column_names:
+        return requested
+    if requested == "text" and "caption" in dataset.column_names:
+        return "caption"
+    raise ValueError(f"--caption_column {requested!r} is not a column of the data (columns: {dataset.column_names})")
+
+
+def _load_datasets_library_set(args: argparse.Namespace):
+    """``--dataset_name`` (a Hub id or a save_to_disk folder) or an imagefolder, as diffusers' scripts load them."""
+    import datasets
+
+    if args.dataset_name in (None, IMAGEFOLDER):
+        dataset = datasets.load_dataset(IMAGEFOLDER, args.dataset_config_name, data_dir=args.train_data_dir,
+                                        cache_dir=args.cache_dir, split="train")
+        return dataset, f"`{Path(args.train_data_dir).name}` (imagefolder)"
+    path = Path(args.dataset_name)
+    if path.exists():
+        dataset = datasets.load_from_disk(str(path))
+        dataset = dataset["train"] if isinstance(dataset, datasets.DatasetDict) else dataset
+    else:
+        dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir,
+                                        split="train")
+    return dataset, f"`{args.dataset_name}`"
 
 
 def load_training_data(args: argparse.Namespace, require_labels: bool = False, caption_column: str | None = None):
@@ -102,32 +148,37 @@ def load_training_data(args: argparse.Namespace, require_labels: bool = False, c
         args: parsed flags from ``add_data_arguments`` (and ``--seed``).
         require_labels: fail when a ``--dataset_name`` set lacks ``--label_column``; otherwise every image gets
             label 0.
-        caption_column: the ``--dataset_name`` column holding captions, renamed to ``caption`` when present.
+        caption_column: the column holding captions (see ``caption_column_of``), renamed to ``caption``; None when
+            the captions come from elsewhere.
     """
-    if args.train_data_dir:
-        dataset = load_image_dataset(args.train_data_dir, channels=args.num_channels)
-        description = f"`{args.train_data_dir}`"
-    elif args.dataset_name:
+    if args.dataset_name or is_imagefolder_with_metadata(args.train_data_dir):
         import datasets
 
-        path = Path(args.dataset_name)
-        dataset = datasets.load_from_disk(str(path)) if path.exists() else datasets.load_dataset(args.dataset_name)["train"]
+        dataset, description = _load_datasets_library_set(args)
         needed = (args.image_column, args.label_column) if require_labels else (args.image_column,)
         for column in needed:
             if column not in dataset.column_names:
                 raise ValueError(f"--dataset_name {args.dataset_name}: no column {column!r} ({dataset.column_names})")
-        if args.label_column in dataset.column_names:
-            dataset = dataset.rename_columns({args.image_column: "image", args.label_column: "label"})
-            if not isinstance(dataset.features["label"], datasets.ClassLabel):  # strings or ints: name the classes
-                dataset = dataset.class_encode_column("label")
-        else:
-            dataset = dataset.rename_column(args.image_column, "image").add_column("label", [0] * len(dataset))
-        if caption_column and caption_column in dataset.column_names and caption_column != "caption":
-            dataset = dataset.rename_column(caption_column, "caption")
+        has_labels = args.label_column in dataset.column_names
+        renames = {args.image_column: "image", **({args.label_column: "label"} if has_labels else {})}
+        dataset = dataset.rename_columns({old: new for old, new in renames.items() if old != new})
+        if not has_labels:
+            dataset = dataset.add_column("label", [0] * len(dataset))
+        elif not isinstance(dataset.features["label"], datasets.ClassLabel):  # strings or ints: name the classes
+            dataset = dataset.class_encode_column("label")
+        if caption_column:
+            column = caption_column_of(dataset, caption_column)
+            if column != "caption":
+                dataset = dataset.remove_columns([c for c in ["caption"] if c in dataset.column_names])
+                dataset = dataset.rename_column(column, "caption")
         if args.num_channels:
             mode = "L" if args.num_channels == 1 else "RGB"
             dataset = dataset.map(lambda row: {"image": row["image"].convert(mode)})
-        description = f"`{args.dataset_name}`"
+    elif args.train_data_dir:
+        dataset = load_image_dataset(args.train_data_dir, channels=args.num_channels)
+        description = f"`{args.train_data_dir}`"
+        if caption_column:
+            caption_column_of(dataset, caption_column)
     else:
         dataset = simulated_dataset(args.simulated_num_images, resolution=args.resolution, seed=args.seed)
         description = f"medsyn simulated brain MRI ({args.simulated_num_images} images, seed {args.seed})"
