@@ -34,9 +34,12 @@ from medsyn.models.latent_diffusion import autoencoder_config, latent_size, vae_
 from medsyn.training.accelerator import (
     build_accelerator,
     build_lr_scheduler,
+    build_optimizer,
+    enable_gradient_checkpointing,
     resume_position,
     save_checkpoint,
     step_budget,
+    validation_due,
 )
 from medsyn.training.autoencoder_losses import FeaturePerceptualLoss, VariationalReconstruction, adversarial_weight
 from medsyn.training.checkpoints import step_generator
@@ -44,9 +47,11 @@ from medsyn.training.script_args import (
     add_data_arguments,
     add_logging_and_hub_arguments,
     add_optimisation_arguments,
+    add_pretrained_arguments,
     add_validation_fraction_argument,
     check_data_arguments,
     load_training_data,
+    pretrained_kwargs,
     split_validation,
 )
 from medsyn.training.validation_images import image_grid, save_validation_image
@@ -63,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                        help="An AutoencoderKL folder or Hub id to fine-tune; default: a new model.")
+    add_pretrained_arguments(model)
     model.add_argument("--subfolder", type=str, default=None, help='e.g. "vae" inside a pipeline folder.')
     model.add_argument("--latent_channels", type=count_argument(), default=4)
     model.add_argument("--block_out_channels", type=count_argument(), nargs="+", default=[64, 128, 256],
@@ -103,7 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_autoencoder(args: argparse.Namespace, channels: int) -> AutoencoderKL:
     if args.pretrained_model_name_or_path:
-        return AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder=args.subfolder)
+        return AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder=args.subfolder,
+                                             **pretrained_kwargs(args))
     config = autoencoder_config(
         in_channels=channels,
         latent_channels=args.latent_channels,
@@ -156,8 +163,9 @@ def main(args: argparse.Namespace) -> AutoencoderKL:
     dataset, data_description = load_training_data(args)
     train_set, validation_set = split_validation(dataset, args.validation_fraction, args.seed)
     channels = image_channels(dataset)
-    to_tensor = image_transform(args.resolution)
+    to_tensor = image_transform(args.resolution, center_crop=args.center_crop)
     vae = build_autoencoder(args, channels)
+    enable_gradient_checkpointing(args, vae)
     if vae.config.in_channels != channels:
         raise ValueError(f"the data has {channels} channels but the autoencoder expects {vae.config.in_channels}")
     side = latent_size(vae, args.resolution)
@@ -181,12 +189,9 @@ def main(args: argparse.Namespace) -> AutoencoderKL:
     )
     validation_loader = torch.utils.data.DataLoader(validation_set, shuffle=False, **loader_kwargs)
     autoencoder = VariationalReconstruction(vae)
-    optimizer = torch.optim.AdamW(
-        autoencoder.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-    )
-    optimizer_d = torch.optim.AdamW(discriminator.parameters(), lr=args.discriminator_learning_rate,
-                                    betas=(args.adam_beta1, args.adam_beta2))
+    optimizer = build_optimizer(args, autoencoder.parameters())
+    optimizer_d = build_optimizer(args, discriminator.parameters(), learning_rate=args.discriminator_learning_rate,
+                                  weight_decay=0.01)
     autoencoder, discriminator, optimizer, optimizer_d, train_loader = accelerator.prepare(
         autoencoder, discriminator, optimizer, optimizer_d, train_loader
     )
@@ -259,7 +264,7 @@ def main(args: argparse.Namespace) -> AutoencoderKL:
                 progress.set_postfix(l1=f"{logs['l1']:.4g}")
                 if global_step % args.checkpointing_steps == 0:
                     save_checkpoint(args, accelerator, global_step)
-                if global_step % args.validation_steps == 0 and global_step < max_train_steps and accelerator.is_main_process:
+                if validation_due(args, global_step, max_train_steps, updates_per_epoch) and accelerator.is_main_process:
                     log_validation(args, accelerator, accelerator.unwrap_model(autoencoder).vae, validation_loader, global_step)
                     autoencoder.train()
                 if global_step >= max_train_steps:

@@ -33,18 +33,23 @@ from medsyn.model_card import write_model_card
 from medsyn.training.accelerator import (
     build_accelerator,
     build_lr_scheduler,
+    build_optimizer,
+    enable_gradient_checkpointing,
     resume_position,
     save_checkpoint,
     step_budget,
+    validation_due,
 )
 from medsyn.training.checkpoints import step_generator
 from medsyn.training.script_args import (
     add_data_arguments,
     add_logging_and_hub_arguments,
     add_optimisation_arguments,
+    add_pretrained_arguments,
     add_validation_fraction_argument,
     check_data_arguments,
     load_training_data,
+    pretrained_kwargs,
     split_validation,
 )
 from medsyn.validation import count_argument
@@ -61,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = parser.add_argument_group("model (default: ResNet50's architecture)")
     model.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                        help="A transformers ResNet (e.g. microsoft/resnet-50) to fine-tune; default: from scratch.")
+    add_pretrained_arguments(model)
     model.add_argument("--embedding_size", type=count_argument(), default=64)
     model.add_argument("--hidden_sizes", type=count_argument(), nargs="+", default=[256, 512, 1024, 2048])
     model.add_argument("--depths", type=count_argument(), nargs="+", default=[3, 4, 6, 3])
@@ -86,9 +92,10 @@ def build_classifier(args, channels: int, class_names: list[str]) -> tuple[ResNe
         from transformers import AutoImageProcessor
 
         model = ResNetForImageClassification.from_pretrained(
-            args.pretrained_model_name_or_path, ignore_mismatched_sizes=True, **labels
+            args.pretrained_model_name_or_path, ignore_mismatched_sizes=True, **labels, **pretrained_kwargs(args)
         )
-        processor = AutoImageProcessor.from_pretrained(args.pretrained_model_name_or_path)
+        processor = AutoImageProcessor.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
+                                                       cache_dir=args.cache_dir)
         mean, std = list(processor.image_mean), list(processor.image_std)
         if channels not in (1, model.config.num_channels):
             raise ValueError(f"the data has {channels} channels; the pretrained model takes {model.config.num_channels}")
@@ -124,8 +131,9 @@ def main(args: argparse.Namespace) -> ResNetForImageClassification:
     train_set, validation_set = split_validation(dataset, args.validation_fraction, args.seed)
     channels = image_channels(dataset)
     classifier, mean, std = build_classifier(args, channels, class_names)
+    enable_gradient_checkpointing(args, classifier)
     encoder = PooledImageEncoder(classifier.resnet, mean, std)  # the normalisation FrozenExpert will apply
-    to_tensor = image_transform(args.resolution)
+    to_tensor = image_transform(args.resolution, center_crop=args.center_crop)
 
     def collate(rows):
         return {"pixel_values": torch.stack([to_tensor(row["image"]) for row in rows]),
@@ -136,8 +144,7 @@ def main(args: argparse.Namespace) -> ResNetForImageClassification:
         train_set, shuffle=True, drop_last=len(train_set) >= args.train_batch_size, **loader_kwargs
     )
     validation_loader = torch.utils.data.DataLoader(validation_set, shuffle=False, **loader_kwargs)
-    optimizer = torch.optim.AdamW(classifier.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer = build_optimizer(args, classifier.parameters())
     classifier, optimizer, train_loader = accelerator.prepare(classifier, optimizer, train_loader)
     encoder.to(accelerator.device)
     updates_per_epoch, max_train_steps, num_epochs = step_budget(args, len(train_loader))
@@ -181,8 +188,7 @@ def main(args: argparse.Namespace) -> ResNetForImageClassification:
                 progress.set_postfix(loss=f"{step_loss:.4g}")
                 if global_step % args.checkpointing_steps == 0:
                     save_checkpoint(args, accelerator, global_step)
-                if global_step % args.validation_steps == 0 and global_step < max_train_steps \
-                        and accelerator.is_main_process:
+                if validation_due(args, global_step, max_train_steps, updates_per_epoch) and accelerator.is_main_process:
                     metrics = evaluate(classifier, encoder, validation_loader, accelerator.device, len(class_names))
                     accelerator.log({"validation/accuracy": metrics["accuracy"]}, step=global_step)
                     classifier.train()

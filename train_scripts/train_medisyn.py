@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate.logging import get_logger
 from diffusers import (
     AutoencoderKL,
@@ -55,15 +54,19 @@ from medsyn.training.accelerator import (
     attach_ema,
     build_accelerator,
     build_lr_scheduler,
+    build_optimizer,
     ema_or_trained_model,
+    enable_gradient_checkpointing,
     resume_position,
     save_checkpoint,
     step_budget,
+    validation_due,
 )
 from medsyn.training.checkpoints import (
     seed_global_rng,
     step_generator,
 )
+from medsyn.training.denoising_loss import denoising_loss, offset_noise
 from medsyn.training.feature_alignment import (
     FeatureAligner,
     FrozenExpert,
@@ -75,9 +78,11 @@ from medsyn.training.script_args import (
     add_data_arguments,
     add_logging_and_hub_arguments,
     add_optimisation_arguments,
+    add_pretrained_arguments,
     check_data_arguments,
     json_argument,
     load_training_data,
+    pretrained_kwargs,
 )
 from medsyn.training.validation_images import image_grid, save_validation_image
 from medsyn.validation import count_argument, number_argument
@@ -101,6 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                        help="A MediSyn or Stable-Diffusion-style pipeline to fine-tune (modes b and c).")
+    add_pretrained_arguments(model)
     model.add_argument("--vae_model_name_or_path", type=str, default=None,
                        help="The stage-1 AutoencoderKL (train_autoencoder.py) for training from scratch (mode a).")
     model.add_argument("--text_encoder_name_or_path", type=str, default=None,
@@ -115,6 +121,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--unet_layers_per_block", type=count_argument(), default=2)
     model.add_argument("--unet_norm_num_groups", type=count_argument(), default=32)
     model.add_argument("--attention_head_dim", type=count_argument(), default=8)
+    model.add_argument("--snr_gamma", type=number_argument(0, exclusive=True), default=None,
+                       help="Min-SNR-gamma loss weighting (Hang et al. 2023; 5.0 is their choice); default: none.")
+    model.add_argument("--noise_offset", type=number_argument(0), default=0.0,
+                       help="Scale of a per-channel constant added to the noise (offset noise); 0: none.")
     model.add_argument("--prediction_type", type=str, default="epsilon", choices=("epsilon", "v_prediction"),
                        help="For a new unet; a pretrained one keeps its scheduler's.")
     model.add_argument("--train_text_encoder", action="store_true",
@@ -177,11 +187,14 @@ def load_components(args: argparse.Namespace, captions: list[str]):
     """(vae, text_encoder, tokenizer, unet, noise_scheduler, whether the text encoder is new)."""
     if args.pretrained_model_name_or_path:
         path = args.pretrained_model_name_or_path
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
-        text_encoder = AutoModel.from_pretrained(path, subfolder="text_encoder")
-        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
-        noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+        kwargs = pretrained_kwargs(args)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs)
+        text_encoder = AutoModel.from_pretrained(path, subfolder="text_encoder", **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", revision=args.revision,
+                                                  cache_dir=args.cache_dir)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs)
+        noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=args.revision,
+                                                        cache_dir=args.cache_dir)
         return vae, text_encoder, tokenizer, unet, noise_scheduler, False
 
     vae = AutoencoderKL.from_pretrained(args.vae_model_name_or_path)
@@ -251,6 +264,7 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
         add_lora(unet, LORA_UNET_MODULES, args)
         if train_text_encoder:
             add_lora(text_encoder, LORA_BERT_MODULES, args)
+    enable_gradient_checkpointing(args, unet, *([text_encoder] if train_text_encoder else []))
     # Frozen parts run in the mixed-precision dtype; trained weights stay float32 (autocast handles the rest).
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     vae.to(accelerator.device)
@@ -261,7 +275,7 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
             text_encoder.to(dtype=weight_dtype)
 
     max_length = prompt_max_length(tokenizer, text_encoder)
-    to_tensor = image_transform(args.resolution)
+    to_tensor = image_transform(args.resolution, center_crop=args.center_crop)
 
     def collate(rows):
         return {"pixel_values": torch.stack([to_tensor(row["image"]) for row in rows]),
@@ -276,10 +290,7 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
     parameters = [p for model in trained for p in model.parameters() if p.requires_grad]
     if aligner is not None:
         parameters += list(aligner.projection.parameters())
-    optimizer = torch.optim.AdamW(
-        parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-    )
+    optimizer = build_optimizer(args, parameters)
     if train_text_encoder:
         unet, text_encoder, optimizer, dataloader = accelerator.prepare(unet, text_encoder, optimizer, dataloader)
     else:
@@ -320,6 +331,8 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
                     posterior = vae.encode(pixels).latent_dist
                     latents = (posterior.sample(generator=generator).float() - shift) * scaling
                 noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+                if args.noise_offset:
+                    noise = offset_noise(noise, args.noise_offset, generator)
                 timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,),
                                           generator=generator, device=latents.device)
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
@@ -329,7 +342,7 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
                                   return_dict=False)[0]
                 target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
                     noise_scheduler.get_velocity(latents, noise, timesteps)
-                loss = F.mse_loss(prediction.float(), target.float())
+                loss = denoising_loss(prediction, target, timesteps, noise_scheduler, args.snr_gamma)
                 if aligner is not None:
                     # The expert sees the pixel image noised to the latent's timestep (see medsyn.training.feature_alignment).
                     seen = pixels.float()
@@ -361,8 +374,7 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
                 progress.set_postfix(loss=f"{step_loss:.4g}")
                 if global_step % args.checkpointing_steps == 0:
                     save_checkpoint(args, accelerator, global_step)
-                if global_step % args.validation_steps == 0 and global_step < max_train_steps \
-                        and accelerator.is_main_process:
+                if validation_due(args, global_step, max_train_steps, updates_per_epoch) and accelerator.is_main_process:
                     pipeline = assemble_pipeline(accelerator, vae, text_encoder, tokenizer, unet, ema, noise_scheduler)
                     grid = sample_grid(pipeline, validation_prompts, args.num_validation_images,
                                        args.validation_inference_steps, args.validation_guidance_scale, args.seed)

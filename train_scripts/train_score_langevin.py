@@ -35,10 +35,13 @@ from medsyn.training.accelerator import (
     attach_ema,
     build_accelerator,
     build_lr_scheduler,
+    build_optimizer,
     ema_or_trained_model,
+    enable_gradient_checkpointing,
     resume_position,
     save_checkpoint,
     step_budget,
+    validation_due,
 )
 from medsyn.training.checkpoints import (
     step_generator,
@@ -54,9 +57,13 @@ from medsyn.training.feature_alignment import (
 from medsyn.training.script_args import (
     add_data_arguments,
     add_logging_and_hub_arguments,
+    add_not_applicable_arguments,
     add_optimisation_arguments,
+    add_pretrained_arguments,
     check_data_arguments,
+    check_not_applicable,
     load_training_data,
+    pretrained_kwargs,
 )
 from medsyn.training.validation_images import image_grid, save_validation_image
 from medsyn.validation import count_argument, number_argument
@@ -64,14 +71,25 @@ from medsyn.validation import count_argument, number_argument
 logger = get_logger(__name__)
 
 
+
+#: diffusers' flags that belong to a DDPM noise schedule, not to multi-scale denoising score matching.
+NOT_APPLICABLE = {
+    "--snr_gamma": "min-SNR weighting needs a DDPM schedule's SNR; the score model's loss is weighted by sigma^2 "
+                   "per noise level (NCSN), which already balances the levels",
+    "--noise_offset": "offset noise shifts a DDPM's Gaussian noise; the score model is trained on isotropic "
+                      "Gaussian perturbations at each sigma, whose score the sampler assumes",
+}
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_arguments(parser)
+    add_not_applicable_arguments(parser, NOT_APPLICABLE)
     parser.add_argument("--augment", action="store_true", help="Small random affine (MONAI DDPM tutorial); no flips.")
 
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                        help="A ScoreLangevinPipeline folder or Hub id to fine-tune; default: a new model.")
+    add_pretrained_arguments(model)
     model.add_argument("--base_channels", type=count_argument(), default=64)
     model.add_argument("--channel_mult", type=count_argument(), nargs="+", default=[1, 2, 4, 8])
     model.add_argument("--layers_per_block", type=count_argument(), default=2)
@@ -100,6 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     args = parser.parse_args(argv)
     check_data_arguments(parser, args)
+    check_not_applicable(parser, args, NOT_APPLICABLE)
     if not 0.0 <= args.label_drop_rate < 1.0:
         parser.error(f"--label_drop_rate must be in [0, 1), got {args.label_drop_rate}")
     if args.resolution % 2 ** (len(args.channel_mult) - 1):
@@ -110,7 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_model_and_scheduler(args, dataset, to_tensor, num_classes, channels):
     """A new score UNet and a noise schedule from the data, or both from a pretrained pipeline."""
     if args.pretrained_model_name_or_path:
-        pipeline = ScoreLangevinPipeline.from_pretrained(args.pretrained_model_name_or_path)
+        pipeline = ScoreLangevinPipeline.from_pretrained(args.pretrained_model_name_or_path, **pretrained_kwargs(args))
         return pipeline.unet, pipeline.scheduler
     unet = UNet2DModel(
         **score_unet_config(
@@ -167,12 +186,13 @@ def main(args: argparse.Namespace) -> UNet2DModel:
     dataset, data_description = load_training_data(args, require_labels=args.class_conditional)
     class_names = list(dataset.features["label"].names) if args.class_conditional else None
     channels = image_channels(dataset)
-    to_tensor = image_transform(args.resolution)
+    to_tensor = image_transform(args.resolution, center_crop=args.center_crop)
     unet, noise_scheduler = build_model_and_scheduler(
         args, dataset, to_tensor, len(class_names or []), channels
     )
     if unet.config.in_channels != channels:
         raise ValueError(f"the data has {channels} channels but the model expects {unet.config.in_channels}")
+    enable_gradient_checkpointing(args, unet)
     null_label = null_class_label(unet)
     train_sigmas = geometric_sigmas(
         noise_scheduler.config.sigma_max, noise_scheduler.config.sigma_min, noise_scheduler.config.num_train_timesteps
@@ -188,10 +208,7 @@ def main(args: argparse.Namespace) -> UNet2DModel:
     )
     aligner = build_aligner(args, unet, to_tensor(dataset[0]["image"]), train_sigmas, null_label)
     trained_parameters = list(unet.parameters()) + (list(aligner.projection.parameters()) if aligner else [])
-    optimizer = torch.optim.AdamW(
-        trained_parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-    )
+    optimizer = build_optimizer(args, trained_parameters)
     unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
     projection = accelerator.prepare(aligner.projection) if aligner else None
     updates_per_epoch, max_train_steps, num_epochs = step_budget(args, len(dataloader))
@@ -253,7 +270,7 @@ def main(args: argparse.Namespace) -> UNet2DModel:
                 progress.set_postfix(loss=f"{step_loss:.4g}")
                 if global_step % args.checkpointing_steps == 0:
                     save_checkpoint(args, accelerator, global_step)
-                if global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                if validation_due(args, global_step, max_train_steps, updates_per_epoch) and accelerator.is_main_process:
                     log_validation(args, accelerator, unet, ema, noise_scheduler, class_names, global_step)
                 if global_step >= max_train_steps:
                     break

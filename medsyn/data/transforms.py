@@ -21,12 +21,11 @@ def image_transform(resolution: int, center_crop: bool = True) -> Callable[[Imag
 
     Args:
         resolution: output height and width.
-        center_crop: resize the short side, then crop the centre square; otherwise squash to a square.
+        center_crop: resize the short side, then crop the centre square; otherwise crop a random square (diffusers'
+            scripts without ``--center_crop``). A square image is only resized either way.
     """
-    size = resolution if center_crop else (resolution, resolution)
-    steps: list = [v2.PILToTensor(), v2.Resize(size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)]
-    if center_crop:
-        steps.append(v2.CenterCrop(resolution))
+    steps: list = [v2.PILToTensor(), v2.Resize(resolution, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
+                   v2.CenterCrop(resolution) if center_crop else v2.RandomCrop(resolution)]
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5], [0.5])]
     return v2.Compose(steps)
 

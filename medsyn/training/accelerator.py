@@ -24,6 +24,34 @@ from medsyn.training.checkpoints import (
 )
 
 
+def build_optimizer(args: argparse.Namespace, parameters, learning_rate: float | None = None,
+                    weight_decay: float | None = None) -> torch.optim.Optimizer:
+    """AdamW with the script's flags, or bitsandbytes' 8-bit AdamW with ``--use_8bit_adam`` (as diffusers)."""
+    optimizer_class = torch.optim.AdamW
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes
+        except ImportError as error:
+            raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    return optimizer_class(
+        parameters, lr=args.learning_rate if learning_rate is None else learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+        weight_decay=args.adam_weight_decay if weight_decay is None else weight_decay,
+    )
+
+
+def enable_gradient_checkpointing(args: argparse.Namespace, *models: torch.nn.Module) -> None:
+    """``--gradient_checkpointing`` on diffusers models and transformers models alike."""
+    if not args.gradient_checkpointing:
+        return
+    for model in models:
+        if hasattr(model, "enable_gradient_checkpointing"):
+            model.enable_gradient_checkpointing()
+        else:
+            model.gradient_checkpointing_enable()
+
+
 def build_accelerator(args: argparse.Namespace) -> Accelerator:
     """One ``Accelerator`` from the shared flags, logging set up, seed set and the output folder made.
 
@@ -91,6 +119,16 @@ def ema_or_trained_model(accelerator: Accelerator, model: torch.nn.Module, ema: 
         ema.copy_to(copy.parameters())
         model = copy
     return model.eval()
+
+
+def validation_due(args: argparse.Namespace, global_step: int, max_train_steps: int, updates_per_epoch: int) -> bool:
+    """Every ``--validation_steps`` steps, and at the end of every ``--validation_epochs``-th epoch; not at the last
+    step, where the final model gets its own images."""
+    if global_step >= max_train_steps:
+        return False
+    epochs_done, into_epoch = divmod(global_step, updates_per_epoch)
+    at_epoch_end = bool(args.validation_epochs) and into_epoch == 0 and epochs_done % args.validation_epochs == 0
+    return global_step % args.validation_steps == 0 or at_epoch_end
 
 
 def build_lr_scheduler(args: argparse.Namespace, accelerator: Accelerator, optimizer, max_train_steps: int):

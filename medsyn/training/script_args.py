@@ -34,6 +34,9 @@ def add_data_arguments(parser: argparse.ArgumentParser, resolution: int = 128) -
     data.add_argument("--resolution", type=count_argument(8), default=resolution)
     data.add_argument("--num_channels", type=int, default=None, choices=(1, 3),
                       help="Convert images to this many channels; default: keep the data's own.")
+    data.add_argument("--center_crop", action="store_true",
+                      help="Crop the centre square after resizing the short side; without it, a random square is "
+                           "cropped (as diffusers; square images are not cropped either way).")
     data.add_argument("--dataloader_num_workers", type=count_argument(0), default=0)
 
 
@@ -50,6 +53,9 @@ def add_optimisation_arguments(parser: argparse.ArgumentParser, output_dir: str,
                        help="Multiply --learning_rate by batch size x accumulation steps x processes (as diffusers).")
     train.add_argument("--allow_tf32", action="store_true",
                        help="Allow TF32 matmuls on Ampere+ GPUs: faster, slightly less exact (as diffusers).")
+    train.add_argument("--gradient_checkpointing", action="store_true",
+                       help="Recompute activations in the backward pass: less memory, about a third slower.")
+    train.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (must be installed).")
     train.add_argument("--lr_scheduler", type=str, default="constant")
     train.add_argument("--lr_warmup_steps", type=count_argument(0), default=0)
     train.add_argument("--adam_beta1", type=float, default=0.9)
@@ -64,9 +70,34 @@ def add_optimisation_arguments(parser: argparse.ArgumentParser, output_dir: str,
                        help='"latest" or a checkpoint folder; starts fresh if "latest" finds none.')
 
 
+def add_pretrained_arguments(group) -> None:
+    """``--revision`` and ``--variant`` of ``--pretrained_model_name_or_path``, as in diffusers' scripts."""
+    group.add_argument("--revision", type=str, default=None, help="Branch, tag or commit of a Hub model.")
+    group.add_argument("--variant", type=str, default=None, help="Weights variant to load, e.g. fp16.")
+
+
+def pretrained_kwargs(args: argparse.Namespace) -> dict:
+    """The keyword arguments every ``from_pretrained`` of the script's pretrained model takes."""
+    return {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
+
+
+def add_not_applicable_arguments(parser: argparse.ArgumentParser, reasons: dict[str, str]) -> None:
+    """Flags of diffusers' scripts that do not apply to this method: accepted by name, refused with the reason."""
+    for flag, reason in reasons.items():
+        parser.add_argument(flag, type=str, default=None, help=f"Not applicable: {reason}")
+
+
+def check_not_applicable(parser: argparse.ArgumentParser, args: argparse.Namespace, reasons: dict[str, str]) -> None:
+    for flag, reason in reasons.items():
+        if getattr(args, flag.lstrip("-")) is not None:
+            parser.error(f"{flag} does not apply here: {reason}")
+
+
 def add_logging_and_hub_arguments(parser: argparse.ArgumentParser) -> None:
     logs = parser.add_argument_group("validation and logging")
     logs.add_argument("--validation_steps", type=count_argument(), default=500)
+    logs.add_argument("--validation_epochs", type=count_argument(), default=None,
+                      help="Also make the validation images at the end of every this many epochs.")
     logs.add_argument("--report_to", type=str, default="tensorboard")
     logs.add_argument("--logging_dir", type=str, default="logs")
     logs.add_argument("--tracker_project_name", type=str, default=None,
