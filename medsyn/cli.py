@@ -135,9 +135,13 @@ def _would_overwrite(targets: list[Path], overwrite: bool) -> bool:
 
 def generate(args: argparse.Namespace) -> int:
     """Generate images from a saved medsyn pipeline (score-Langevin by class, MediSyn by prompt) into PNG files or
-    one NPZ. Image i depends only on (seed, i), whatever the batch size."""
+    one NPZ. Image i depends only on (seed, i), whatever the batch size or the number of processes: under
+    ``accelerate launch -m medsyn.cli generate ...`` each process makes a contiguous share of the indices, and the
+    main process writes the NPZ."""
     import numpy as np
     import torch
+    from accelerate import PartialState
+    from accelerate.utils import gather_object, parse_flag_from_env
     from PIL import Image
     from tqdm.auto import tqdm
 
@@ -154,13 +158,18 @@ def generate(args: argparse.Namespace) -> int:
     stem = safe_file_stem(label) if label is not None else "sample"
     names = [f"{stem}_{args.seed}_{i:06d}.png" for i in range(args.num_images)]
     targets = [output_dir / "samples.npz"] if args.format == "npz" else [output_dir / n for n in names]
+    # Processes started by accelerate launch form one group; a CPU-only machine (or ACCELERATE_USE_CPU) uses gloo.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
     if _would_overwrite(targets, args.overwrite):
         return 2
     check_writable(output_dir)  # before minutes of sampling, not after
+    state.wait_for_everyone()  # every process has checked before any writes
+    with state.split_between_processes(list(range(args.num_images))) as share:
+        indices = list(share)
 
     # 2. Load whichever medsyn pipeline the folder holds, and check its own arguments
     pipe = load_pipeline(args.model)
-    pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+    pipe.to(state.device)
     pipe.set_progress_bar_config(disable=True)  # one bar over all images instead
     text_guided = isinstance(pipe, MediSynPipeline)
     if text_guided:
@@ -183,10 +192,12 @@ def generate(args: argparse.Namespace) -> int:
 
     # 3. Sample batch by batch, image i from its own generator keyed by (seed, i)
     images = []
-    with tqdm(total=args.num_images, desc="generating", unit="image") as progress:
-        for start in range(0, args.num_images, args.batch_size):
-            count = min(args.batch_size, args.num_images - start)
-            generators = [keyed_generator(args.seed, i) for i in range(start, start + count)]
+    description = "generating" if state.num_processes == 1 else f"generating (process 0 of {state.num_processes})"
+    with tqdm(total=len(indices), desc=description, unit="image", disable=not state.is_main_process) as progress:
+        for position in range(0, len(indices), args.batch_size):
+            batch_indices = indices[position : position + args.batch_size]
+            start, count = batch_indices[0], len(batch_indices)
+            generators = [keyed_generator(args.seed, i) for i in batch_indices]
             if text_guided:
                 options = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
                 if args.num_inference_steps is not None:
@@ -213,9 +224,11 @@ def generate(args: argparse.Namespace) -> int:
                 images.append(batch)
             progress.update(count)
 
-    # 4. One NPZ, in the layout medsyn evaluate reads
+    # 4. One NPZ, in the layout medsyn evaluate reads, from every process's share in index order
     if args.format == "npz":
-        stacked = np.concatenate(images)
+        shares = gather_object([np.concatenate(images)] if images else []) if state.num_processes > 1 else images
+    if args.format == "npz" and state.is_main_process:
+        stacked = np.concatenate(shares)
         arrays = {
             "images": stacked[..., 0] if stacked.shape[-1] == 1 else stacked,
             "labels": np.array(labels if labels is not None else [-1] * args.num_images, dtype=np.int64),
@@ -225,7 +238,9 @@ def generate(args: argparse.Namespace) -> int:
             arrays["captions"] = np.array([args.prompt] * args.num_images)
         with atomic_write(output_dir / "samples.npz") as temporary, open(temporary, "wb") as file:
             np.savez_compressed(file, **arrays)
-    print(f"wrote {args.num_images} images to {output_dir}")
+    state.wait_for_everyone()
+    if state.is_main_process:
+        print(f"wrote {args.num_images} images to {output_dir}")
     return 0
 
 
