@@ -143,6 +143,7 @@ class HubFolderMixin:
         for relative_path, source in code.items():
             write_text_atomically(folder / relative_path, source)
         index = json.loads((folder / "model_index.json").read_text())
+        index.pop("_name_or_path", None)  # where it was loaded from: a local path means nothing on the Hub
         write_text_atomically(folder / "model_index.json",
                               json.dumps({**index, **entries}, indent=2, sort_keys=True) + "\n")
 

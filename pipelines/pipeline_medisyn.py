@@ -58,10 +58,13 @@ class MediSynPipeline(HubFolderMixin, DiffusionPipeline, StableDiffusionLoraLoad
         unet ([`UNet2DConditionModel`]): denoises latents; ``cross_attention_dim`` equals the encoder's hidden size.
         scheduler ([`SchedulerMixin`]): any diffusers noise scheduler (DDPM, DDIM, DPMSolverMultistep, UniPC...);
             swap one in with ``SchedulerClass.from_config(pipe.scheduler.config)``.
+
+    ``vae`` and ``unet`` may be None, as in diffusers: ``from_pretrained(path, vae=None, unet=None)`` loads only
+    the text encoder, for precomputing ``prompt_embeds``; without a vae, ``output_type="latent"`` still works.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components: list[str] = []
+    _optional_components = ["vae", "unet"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(
@@ -74,7 +77,8 @@ class MediSynPipeline(HubFolderMixin, DiffusionPipeline, StableDiffusionLoraLoad
     ):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
-        self.vae_scale_factor = vae_scale_factor(self.vae)
+        # Without a vae the factor only sizes latents from height and width; 8 is diffusers' default too.
+        self.vae_scale_factor = vae_scale_factor(vae) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     def save_lora_adapters(self, save_directory: str | os.PathLike) -> None:
@@ -162,9 +166,10 @@ class MediSynPipeline(HubFolderMixin, DiffusionPipeline, StableDiffusionLoraLoad
         elif prompt_attention_mask is None:
             prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long)
         batch_size = prompt_embeds.shape[0]
+        dtype = self.unet.dtype if self.unet is not None else self.text_encoder.dtype
 
         def per_image(states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            states = states.to(device, self.unet.dtype).repeat_interleave(num_images_per_prompt, 0)
+            states = states.to(device, dtype).repeat_interleave(num_images_per_prompt, 0)
             return states, mask.to(device).repeat_interleave(num_images_per_prompt, 0)
 
         prompt_embeds, prompt_attention_mask = per_image(prompt_embeds, prompt_attention_mask)
@@ -337,6 +342,11 @@ class MediSynPipeline(HubFolderMixin, DiffusionPipeline, StableDiffusionLoraLoad
         Returns:
             [`ImagePipelineOutput`] with ``images``, or a tuple ``(images,)`` when ``return_dict`` is False.
         """
+        if self.unet is None:
+            raise ValueError("this pipeline has no unet (loaded with unet=None): it can encode prompts, not generate")
+        if self.vae is None and output_type != "latent":
+            raise ValueError(f"this pipeline has no vae (loaded with vae=None): use output_type='latent', "
+                             f"not {output_type!r}")
         # 0 is an error, not the default: only None means "the unet's size".
         height = self.unet.config.sample_size * self.vae_scale_factor if height is None else height
         width = self.unet.config.sample_size * self.vae_scale_factor if width is None else width

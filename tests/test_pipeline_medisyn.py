@@ -12,7 +12,8 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 from medsyn import MediSynPipeline
 from medsyn.models.latent_diffusion import prompt_max_length
 
-from .conftest import get_dummy_medisyn_pipeline
+from .conftest import get_dummy_medisyn_components, get_dummy_medisyn_pipeline
+from .pipeline_test_mixin import MedsynPipelineTesterMixin
 
 PROMPT = "axial T1 brain MRI, healthy"
 OTHER = "fundus photograph with diabetic retinopathy"
@@ -53,13 +54,6 @@ def test_same_seed_same_image_and_other_seed_differs(pipe):
     np.testing.assert_array_equal(first, again)
     assert np.abs(first - other).max() > 1e-3
 
-
-def test_batched_equals_one_by_one_with_a_generator_per_image(pipe):
-    prompts = [PROMPT, OTHER]
-    generators = [torch.Generator().manual_seed(s) for s in (3, 4)]
-    batched = pipe(**get_dummy_inputs(prompt=prompts, generator=generators)).images
-    singles = [pipe(**get_dummy_inputs(prompt=p, seed=s)).images[0] for p, s in zip(prompts, (3, 4))]
-    np.testing.assert_allclose(batched, np.stack(singles), atol=1e-5)
 
 
 def test_num_images_per_prompt_repeats_each_prompt(pipe):
@@ -242,3 +236,40 @@ def test_interrupt_skips_the_remaining_steps_and_kwargs_reach_the_unet(pipe):
     inputs = get_dummy_inputs(num_inference_steps=3, cross_attention_kwargs={"scale": 1.0})
     sizes, kwargs = _unet_batches(pipe, **inputs, callback_on_step_end=stop_after_first)
     assert sizes == [2] and pipe.interrupt and kwargs == [{"scale": 1.0}]
+
+
+class TestMediSynPipelineContract(MedsynPipelineTesterMixin):
+    pipeline_class = MediSynPipeline
+
+    def get_dummy_components(self):
+        return get_dummy_medisyn_components()
+
+    def get_dummy_inputs(self, seed=0, batch=1):
+        prompts = [PROMPT, OTHER]
+        return {"prompt": [prompts[(seed + i) % 2] for i in range(batch)], "num_inference_steps": 3,
+                "guidance_scale": 3.0, "output_type": "np",
+                "generator": [torch.Generator().manual_seed(seed + i) for i in range(batch)]}
+
+
+def test_a_text_encoder_only_pipeline_encodes_prompts_like_the_full_one(pipe, tmp_path):
+    """diffusers' way to precompute embeddings: from_pretrained(path, vae=None, unet=None)."""
+    pipe.save_pretrained(tmp_path / "full")
+    text_only = MediSynPipeline.from_pretrained(tmp_path / "full", vae=None, unet=None)
+    assert text_only.vae is None and text_only.unet is None
+    embeds, mask, negative, negative_mask = text_only.encode_prompt(PROMPT, "cpu", 1, True)
+    expected = pipe.encode_prompt(PROMPT, "cpu", 1, True)
+    for actual, wanted in zip((embeds, mask, negative, negative_mask), expected):
+        assert torch.equal(actual, wanted)
+    image = pipe(**get_dummy_inputs(prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask,
+                                    negative_prompt_embeds=negative, negative_prompt_attention_mask=negative_mask)).images
+    np.testing.assert_array_equal(image, pipe(**get_dummy_inputs()).images)
+    text_only.save_pretrained(tmp_path / "text-only")  # and saved, it loads back the same way
+    again = MediSynPipeline.from_pretrained(tmp_path / "text-only")
+    assert again.vae is None and again.unet is None
+    with pytest.raises(ValueError, match="no unet"):
+        again(PROMPT)
+    no_vae = MediSynPipeline.from_pretrained(tmp_path / "full", vae=None)
+    with pytest.raises(ValueError, match="output_type='latent'"):
+        no_vae(PROMPT)
+    latents = no_vae(**get_dummy_inputs(output_type="latent")).images
+    assert torch.equal(latents, pipe(**get_dummy_inputs(output_type="latent")).images)
