@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -42,7 +46,10 @@ def run(tmp_path, name, *extra) -> MediSynPipeline:
     return main(parse_args([*TINY_RUN, "--output_dir", str(tmp_path / name), *extra]))
 
 
-def images(pipe: MediSynPipeline, prompt: str = "axial T1 brain MRI, no tumor, normal brain") -> np.ndarray:
+PROMPT = "axial T1 brain MRI, no tumor, normal brain"
+
+
+def images(pipe: MediSynPipeline, prompt: str = PROMPT) -> np.ndarray:
     pipe.set_progress_bar_config(disable=True)
     return pipe(prompt, num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
                 output_type="np").images
@@ -221,3 +228,27 @@ def test_learning_the_prompt_decides_the_contrast(tmp_path):
         judged_t1.append((probe_outputs(probe, samples[..., 0])[0] == 0).mean())
     # Measured: 1.00 of the T1-prompt samples and 0.31 of the T2-prompt samples read as T1 (a gap of 0.69).
     assert judged_t1[0] - judged_t1[1] >= 0.4, judged_t1
+
+
+def test_lora_loads_onto_the_base_without_medsyn(scratch_model, tmp_path):
+    """The base folder's shipped pipeline code reads the adapters (text encoder included) as medsyn does."""
+    from .test_hub_sharing import BLOCK_MEDSYN
+
+    adapted = run(tmp_path, "lora", "--pretrained_model_name_or_path", scratch_model, "--use_lora", "--rank", "4",
+                  "--lora_alpha", "16", "--train_text_encoder", "--max_train_steps", "2", "--learning_rate", "1e-2",
+                  "--resolution", "16")
+    np.save(tmp_path / "adapted.npy", images(adapted))
+    code = BLOCK_MEDSYN + textwrap.dedent(f'''
+        import numpy as np, torch
+        from diffusers import DiffusionPipeline
+        pipe = DiffusionPipeline.from_pretrained("{scratch_model}", trust_remote_code=True)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_lora_weights("{tmp_path / 'lora'}")
+        assert pipe.text_encoder.active_adapters(), "the text encoder's adapter was dropped"
+        image = pipe({PROMPT!r}, num_inference_steps=3, guidance_scale=3.0, output_type="np",
+                     generator=torch.Generator().manual_seed(0)).images
+        np.testing.assert_allclose(image, np.load("{tmp_path / 'adapted.npy'}"), atol=1e-5)
+    ''')
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
