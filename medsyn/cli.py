@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from medsyn.validation import count_argument, number_argument
+from medsyn.validation import DefaultsShown, count_argument, number_argument
 
 # At guidance 2 the label probe read most healthy samples of this tiny model as tumours; at 4 both classes hold.
 DEMO_GUIDANCE = 4.0
@@ -362,15 +362,6 @@ def evaluate_expert(args: argparse.Namespace) -> int:
     write_text_atomically(target, json.dumps(summary, indent=2))
     print(f"wrote {target}")
     return 0
-
-
-class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
-    """Help that ends with the default, unless there is none or the help already says it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False) or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:

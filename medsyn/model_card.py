@@ -60,6 +60,12 @@ def hub_id(name: str | os.PathLike | None) -> str | None:
     return str(name)
 
 
+def card_reference(name: str | os.PathLike) -> str:
+    """How a card names a model or dataset it came from: a Hub id as it is, a local path by its last part only
+    (a hospital's folder layout is nobody's business, and means nothing to a reader of the Hub)."""
+    return f"`{hub_id(name)}`" if hub_id(name) else f"`{Path(str(name)).name}` (local)"
+
+
 def card_repo_id(hub_model_id: str | None, output_dir: Path) -> str:
     """The id the card's snippets load: the Hub id when known, else ``YOUR_HUB_USER/<name>`` for push to fill."""
     return hub_id(hub_model_id) or f"{REPO_ID_PLACEHOLDER_USER}/{hub_model_id or output_dir.name}"

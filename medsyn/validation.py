@@ -55,3 +55,12 @@ def number_argument(minimum: float | None = None, exclusive: bool = False):
             raise argparse.ArgumentTypeError(f"must be a finite number{bound}, got {text!r}") from None
 
     return parse
+
+
+class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that ends with the default, unless there is none or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)

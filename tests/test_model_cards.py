@@ -121,3 +121,18 @@ def test_pipe_push_to_hub_uploads_medsyns_card_not_diffusers_generic_one(trained
     expected = (trained / "README.md").read_text().replace("YOUR_HUB_USER/brain-score", "hospital/brain-score")
     assert uploaded["card"] == expected
     assert "pipeline_score_langevin.py" in uploaded["files"]
+
+
+def test_local_paths_are_named_by_their_last_part_only(tmp_path):
+    import numpy as np
+
+    from medsyn.data import SimulatedBrainMRI
+
+    data = SimulatedBrainMRI(resolution=16, seed=0).generate(12)
+    (tmp_path / "hospital" / "ward-7").mkdir(parents=True)
+    path = tmp_path / "hospital" / "ward-7" / "mri.npz"
+    np.savez(path, images=data["images"], labels=data["labels"], class_names=np.array(["healthy", "tumor"]))
+    main(parse_args(TINY + ["--output_dir", str(tmp_path / "model"), "--train_data_dir", str(path),
+                            "--max_train_steps", "1", "--checkpointing_steps", "100", "--validation_steps", "100"]))
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "`mri.npz` (local)" in card and "ward-7" not in card and str(tmp_path) not in card

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from medsyn.data import image_channels, image_transform
 from medsyn.hub_upload import push_model_folder
-from medsyn.model_card import write_model_card
+from medsyn.model_card import card_reference, write_model_card
 from medsyn.models.latent_diffusion import autoencoder_config, latent_size, vae_scale_factor
 from medsyn.training.accelerator import (
     build_accelerator,
@@ -55,13 +55,13 @@ from medsyn.training.script_args import (
     split_validation,
 )
 from medsyn.training.validation_images import image_grid, save_validation_image
-from medsyn.validation import count_argument, number_argument
+from medsyn.validation import DefaultsShown, count_argument, number_argument
 
 logger = get_logger(__name__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsShown)
     add_data_arguments(parser)
     add_validation_fraction_argument(parser, default=0.05)
 
@@ -70,28 +70,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="An AutoencoderKL folder or Hub id to fine-tune; default: a new model.")
     add_pretrained_arguments(model)
     model.add_argument("--subfolder", type=str, default=None, help='e.g. "vae" inside a pipeline folder.')
-    model.add_argument("--latent_channels", type=count_argument(), default=4)
+    model.add_argument("--latent_channels", type=count_argument(), default=4, help="Channels of the latent space.")
     model.add_argument("--block_out_channels", type=count_argument(), nargs="+", default=[64, 128, 256],
                        help="Channels per level; the image is downsampled 2**(levels - 1) times.")
-    model.add_argument("--layers_per_block", type=count_argument(), default=2)
-    model.add_argument("--norm_num_groups", type=count_argument(), default=32)
+    model.add_argument("--layers_per_block", type=count_argument(), default=2, help="Residual blocks per level.")
+    model.add_argument("--norm_num_groups", type=count_argument(), default=32,
+                       help="Groups of the group normalisation.")
 
     losses = parser.add_argument_group("losses")
-    losses.add_argument("--kl_weight", type=number_argument(0), default=1e-6)
+    losses.add_argument("--kl_weight", type=number_argument(0), default=1e-6, help="Weight of the KL term.")
     losses.add_argument("--perceptual_network", type=str, default=None,
                         help="A local transformers vision model (e.g. a ResNet50) for the perceptual loss.")
     losses.add_argument("--perceptual_weight", type=number_argument(0), default=None,
                         help="Default 0.001 with --perceptual_network; the loss is off without one.")
-    losses.add_argument("--adversarial_weight", type=number_argument(0), default=0.01, help="0 turns the discriminator off.")
+    losses.add_argument("--adversarial_weight", type=number_argument(0), default=0.01,
+                        help="0 turns the discriminator off.")
     losses.add_argument("--adversarial_warmup_steps", type=count_argument(0), default=1000,
                         help="Optimiser steps of reconstruction-only training before the adversarial loss starts.")
-    losses.add_argument("--discriminator_learning_rate", type=number_argument(0, exclusive=True), default=5e-4)
-    losses.add_argument("--discriminator_channels", type=count_argument(), default=64)
-    losses.add_argument("--discriminator_layers", type=count_argument(), default=3)
+    losses.add_argument("--discriminator_learning_rate", type=number_argument(0, exclusive=True), default=5e-4,
+                        help="Learning rate of the PatchGAN discriminator.")
+    losses.add_argument("--discriminator_channels", type=count_argument(), default=64,
+                        help="Channels of the discriminator's first layer.")
+    losses.add_argument("--discriminator_layers", type=count_argument(), default=3,
+                        help="Strided layers of the discriminator.")
 
     add_optimisation_arguments(parser, output_dir="medisyn-vae", learning_rate=1e-4)
     add_logging_and_hub_arguments(parser)
-    parser.add_argument("--num_validation_images", type=count_argument(), default=8, help="Reconstructions shown per log.")
+    parser.add_argument("--num_validation_images", type=count_argument(), default=8,
+                        help="Reconstructions shown per log.")
     parser.add_argument("--scaling_factor_images", type=count_argument(), default=512,
                         help="Training images encoded to measure the latents' standard deviation.")
 
@@ -333,7 +339,8 @@ def write_autoencoder_card(args, accelerator, vae, data_description, num_train, 
         learning_rate=args.learning_rate,
         mixed_precision=accelerator.mixed_precision,
         kl_weight=args.kl_weight,
-        perceptual=f"weight {args.perceptual_weight} on `{args.perceptual_network}`" if args.perceptual_network
+        perceptual=f"weight {args.perceptual_weight} on {card_reference(args.perceptual_network)}"
+        if args.perceptual_network
         else "off (no feature network given)",
         adversarial=adversarial,
         final_l1=mean("l1"),

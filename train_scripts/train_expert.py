@@ -29,7 +29,7 @@ from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageCla
 from medsyn.data import image_channels, image_transform, random_affine
 from medsyn.metrics.features import PooledImageEncoder
 from medsyn.hub_upload import push_model_folder
-from medsyn.model_card import write_model_card
+from medsyn.model_card import card_reference, write_model_card
 from medsyn.training.accelerator import (
     build_accelerator,
     build_lr_scheduler,
@@ -52,13 +52,13 @@ from medsyn.training.script_args import (
     pretrained_kwargs,
     split_validation,
 )
-from medsyn.validation import count_argument
+from medsyn.validation import DefaultsShown, count_argument
 
 logger = get_logger(__name__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsShown)
     add_data_arguments(parser, resolution=224)
     add_validation_fraction_argument(parser, default=0.1)
     parser.add_argument("--augment", action="store_true", help="Small random affine (no flips).")
@@ -67,10 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                        help="A transformers ResNet (e.g. microsoft/resnet-50) to fine-tune; default: from scratch.")
     add_pretrained_arguments(model)
-    model.add_argument("--embedding_size", type=count_argument(), default=64)
-    model.add_argument("--hidden_sizes", type=count_argument(), nargs="+", default=[256, 512, 1024, 2048])
-    model.add_argument("--depths", type=count_argument(), nargs="+", default=[3, 4, 6, 3])
-    model.add_argument("--layer_type", type=str, default="bottleneck", choices=("basic", "bottleneck"))
+    model.add_argument("--embedding_size", type=count_argument(), default=64, help="Channels of the ResNet stem.")
+    model.add_argument("--hidden_sizes", type=count_argument(), nargs="+", default=[256, 512, 1024, 2048],
+                       help="Channels per ResNet stage.")
+    model.add_argument("--depths", type=count_argument(), nargs="+", default=[3, 4, 6, 3],
+                       help="Blocks per ResNet stage.")
+    model.add_argument("--layer_type", type=str, default="bottleneck", choices=("basic", "bottleneck"),
+                       help="ResNet block type.")
 
     add_optimisation_arguments(parser, output_dir="medsyn-expert", learning_rate=1e-4)
     parser.set_defaults(train_batch_size=64, num_train_epochs=15, adam_weight_decay=1e-2)
@@ -235,7 +238,8 @@ def save_expert(args, accelerator, model, mean, std, metrics, class_names, data_
         class_names=", ".join(class_names),
         resolution=args.resolution,
         channels=channels,
-        initialisation=f"fine-tuned from `{args.pretrained_model_name_or_path}`" if args.pretrained_model_name_or_path
+        initialisation=f"fine-tuned from {card_reference(args.pretrained_model_name_or_path)}"
+        if args.pretrained_model_name_or_path
         else "from scratch",
         architecture=f"ResNet, depths {list(model.config.depths)}, widths {list(model.config.hidden_sizes)}, "
                      f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters",

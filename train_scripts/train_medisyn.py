@@ -40,7 +40,7 @@ from transformers import AutoModel, AutoTokenizer, BertModel
 
 from medsyn.data import image_channels, image_transform
 from medsyn.hub_upload import push_model_folder
-from medsyn.model_card import write_model_card
+from medsyn.model_card import card_reference, write_model_card
 from medsyn.models.latent_diffusion import (
     bert_text_encoder_config,
     build_wordpiece_tokenizer,
@@ -85,7 +85,7 @@ from medsyn.training.script_args import (
     pretrained_kwargs,
 )
 from medsyn.training.validation_images import image_grid, save_validation_image
-from medsyn.validation import count_argument, number_argument
+from medsyn.validation import DefaultsShown, count_argument, number_argument
 
 logger = get_logger(__name__)
 
@@ -94,7 +94,7 @@ LORA_BERT_MODULES = ["query", "key", "value"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsShown)
     add_data_arguments(parser)
     parser.add_argument("--caption_column", type=str, default="text",
                         help="Column holding the captions ('caption' is read when 'text' is missing).")
@@ -113,14 +113,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="A BERT-family encoder and tokenizer (e.g. BioMedBERT); default: a new BERT with a "
                             "WordPiece vocabulary learned from the captions.")
     model.add_argument("--text_encoder_layers", type=count_argument(), default=12, help="New encoder (BioMedBERT: 12).")
-    model.add_argument("--text_encoder_width", type=count_argument(), default=768, help="New encoder (BioMedBERT: 768).")
+    model.add_argument("--text_encoder_width", type=count_argument(), default=768,
+                       help="New encoder (BioMedBERT: 768).")
     model.add_argument("--text_encoder_heads", type=count_argument(), default=12, help="New encoder (BioMedBERT: 12).")
-    model.add_argument("--vocab_size", type=count_argument(), default=4000, help="Largest WordPiece vocabulary of a new encoder.")
+    model.add_argument("--vocab_size", type=count_argument(), default=4000,
+                       help="Largest WordPiece vocabulary of a new encoder.")
     model.add_argument("--max_length", type=count_argument(), default=77, help="Tokens per prompt of a new tokenizer.")
-    model.add_argument("--unet_block_out_channels", type=count_argument(), nargs="+", default=[128, 256, 512])
-    model.add_argument("--unet_layers_per_block", type=count_argument(), default=2)
-    model.add_argument("--unet_norm_num_groups", type=count_argument(), default=32)
-    model.add_argument("--attention_head_dim", type=count_argument(), default=8)
+    model.add_argument("--unet_block_out_channels", type=count_argument(), nargs="+", default=[128, 256, 512],
+                       help="Channels per UNet level.")
+    model.add_argument("--unet_layers_per_block", type=count_argument(), default=2,
+                       help="Residual blocks per UNet level.")
+    model.add_argument("--unet_norm_num_groups", type=count_argument(), default=32,
+                       help="Groups of the UNet's group normalisation.")
+    model.add_argument("--attention_head_dim", type=count_argument(), default=8, help="Channels per attention head.")
     model.add_argument("--snr_gamma", type=number_argument(0, exclusive=True), default=None,
                        help="Min-SNR-gamma loss weighting (Hang et al. 2023; 5.0 is their choice); default: none.")
     model.add_argument("--noise_offset", type=number_argument(0), default=0.0,
@@ -131,18 +136,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="Fine-tune the text encoder too (always on for a new encoder).")
     model.add_argument("--use_lora", action="store_true", help="Train LoRA adapters instead of the weights.")
     model.add_argument("--rank", type=count_argument(), default=4, help="LoRA rank.")
-    model.add_argument("--lora_alpha", type=number_argument(0, exclusive=True), default=None, help="LoRA alpha; default: the rank.")
+    model.add_argument("--lora_alpha", type=number_argument(0, exclusive=True), default=None,
+                       help="LoRA alpha; default: the rank.")
 
     add_optimisation_arguments(parser, output_dir="medisyn-model", learning_rate=1e-4)
-    parser.add_argument("--use_ema", action="store_true")
-    parser.add_argument("--ema_decay", type=number_argument(0, exclusive=True), default=0.9999)
+    parser.add_argument("--use_ema", action="store_true",
+                        help="Keep an exponential moving average of the weights and save it as the model.")
+    parser.add_argument("--ema_decay", type=number_argument(0, exclusive=True), default=0.9999,
+                        help="Decay of the moving average.")
     add_alignment_arguments(parser)
     add_logging_and_hub_arguments(parser)
     parser.add_argument("--validation_prompts", type=str, nargs="+", default=None,
                         help="Default: one caption per class of the training data.")
     parser.add_argument("--num_validation_images", type=count_argument(), default=4, help="Per prompt.")
-    parser.add_argument("--validation_inference_steps", type=count_argument(), default=25)
-    parser.add_argument("--validation_guidance_scale", type=number_argument(0), default=4.0)
+    parser.add_argument("--validation_inference_steps", type=count_argument(), default=25,
+                        help="Sampling steps of the validation images.")
+    parser.add_argument("--validation_guidance_scale", type=number_argument(0), default=4.0,
+                        help="Guidance weight of the validation images.")
 
     args = parser.parse_args(argv)
     check_data_arguments(parser, args)
@@ -173,6 +183,11 @@ def caption_rows(dataset, templates: str | None) -> list[str]:
     if missing:
         raise ValueError(f"--caption_templates has no caption for the classes {missing} (it has {sorted(mapping)})")
     return [mapping[names[label]].format(label=names[label]) for label in dataset["label"]]
+
+
+def describe_templates(templates: str) -> str:
+    """``--caption_templates`` for the model card: a file by its name, inline JSON as it is."""
+    return card_reference(templates) if Path(templates).is_file() else f"`{templates}`"
 
 
 def default_validation_prompts(dataset, captions: list[str]) -> list[str]:
@@ -447,11 +462,11 @@ def save_result(args, accelerator, pipeline, prompts, data_description, num_imag
     unet, text_encoder = pipeline.unet, pipeline.text_encoder
     if args.pretrained_model_name_or_path:
         mode = f"{'LoRA (rank ' + str(args.rank) + ') on' if args.use_lora else 'fine-tuned from'} " \
-               f"`{args.pretrained_model_name_or_path}`"
+               f"{card_reference(args.pretrained_model_name_or_path)}"
     else:
-        mode = f"from scratch on the autoencoder `{args.vae_model_name_or_path}`"
+        mode = f"from scratch on the autoencoder {card_reference(args.vae_model_name_or_path)}"
     encoder_origin = "new, WordPiece vocabulary learned from the captions" if new_encoder else \
-        f"pretrained `{args.text_encoder_name_or_path or args.pretrained_model_name_or_path}`"
+        f"pretrained {card_reference(args.text_encoder_name_or_path or args.pretrained_model_name_or_path)}"
     write_model_card(
         output_dir,
         "medisyn_lora" if args.use_lora else "medisyn",
@@ -467,7 +482,8 @@ def save_result(args, accelerator, pipeline, prompts, data_description, num_imag
         training_mode=mode,
         data_description=data_description,
         num_train_images=num_images,
-        caption_source=f"templates `{args.caption_templates}`" if args.caption_templates else "the data's captions",
+        caption_source=f"templates {describe_templates(args.caption_templates)}" if args.caption_templates
+        else "the data's captions",
         caption_dropout=args.caption_dropout,
         resolution=args.resolution,
         channels=channels,

@@ -66,7 +66,7 @@ from medsyn.training.script_args import (
     pretrained_kwargs,
 )
 from medsyn.training.validation_images import image_grid, save_validation_image
-from medsyn.validation import count_argument, number_argument
+from medsyn.validation import DefaultsShown, count_argument, number_argument
 
 logger = get_logger(__name__)
 
@@ -81,7 +81,7 @@ NOT_APPLICABLE = {
 }
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsShown)
     add_data_arguments(parser)
     add_not_applicable_arguments(parser, NOT_APPLICABLE)
     parser.add_argument("--augment", action="store_true", help="Small random affine (MONAI DDPM tutorial); no flips.")
@@ -90,31 +90,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                        help="A ScoreLangevinPipeline folder or Hub id to fine-tune; default: a new model.")
     add_pretrained_arguments(model)
-    model.add_argument("--base_channels", type=count_argument(), default=64)
-    model.add_argument("--channel_mult", type=count_argument(), nargs="+", default=[1, 2, 4, 8])
-    model.add_argument("--layers_per_block", type=count_argument(), default=2)
-    model.add_argument("--norm_num_groups", type=count_argument(), default=32)
+    model.add_argument("--base_channels", type=count_argument(), default=64, help="Channels of the first UNet level.")
+    model.add_argument("--channel_mult", type=count_argument(), nargs="+", default=[1, 2, 4, 8],
+                       help="Channel multiplier per UNet level (the number of levels sets the downsampling).")
+    model.add_argument("--layers_per_block", type=count_argument(), default=2, help="Residual blocks per level.")
+    model.add_argument("--norm_num_groups", type=count_argument(), default=32,
+                       help="Groups of the group normalisation.")
     model.add_argument("--class_conditional", action="store_true", help="Condition on the dataset's labels.")
     model.add_argument("--label_drop_rate", type=number_argument(0), default=0.1,
                        help="Fraction of labels replaced by the null class, for classifier-free guidance.")
 
     noise = parser.add_argument_group("noise schedule (default: NCSNv2 techniques 1, 2, 4 on the data)")
-    noise.add_argument("--sigma_max", type=number_argument(0, exclusive=True), default=None, help="Default: largest pairwise data distance.")
-    noise.add_argument("--sigma_min", type=number_argument(0, exclusive=True), default=0.01)
+    noise.add_argument("--sigma_max", type=number_argument(0, exclusive=True), default=None,
+                       help="Default: largest pairwise data distance.")
+    noise.add_argument("--sigma_min", type=number_argument(0, exclusive=True), default=0.01,
+                       help="Smallest noise level.")
     noise.add_argument("--num_noise_levels", type=count_argument(2), default=None, help="Default: NCSNv2 technique 2.")
-    noise.add_argument("--n_steps_each", type=count_argument(), default=5)
-    noise.add_argument("--step_size", type=number_argument(0, exclusive=True), default=None, help="Langevin alpha; default: technique 4.")
+    noise.add_argument("--n_steps_each", type=count_argument(), default=5,
+                       help="Langevin steps per noise level when sampling.")
+    noise.add_argument("--step_size", type=number_argument(0, exclusive=True), default=None,
+                       help="Langevin alpha; default: technique 4.")
 
     add_optimisation_arguments(parser, output_dir="score-langevin-model", learning_rate=1e-4)
-    parser.add_argument("--use_ema", action="store_true")
-    parser.add_argument("--ema_decay", type=number_argument(0, exclusive=True), default=0.999)
+    parser.add_argument("--use_ema", action="store_true",
+                        help="Keep an exponential moving average of the weights and save it as the model.")
+    parser.add_argument("--ema_decay", type=number_argument(0, exclusive=True), default=0.999,
+                        help="Decay of the moving average.")
 
     add_alignment_arguments(parser)
     add_logging_and_hub_arguments(parser)
     parser.add_argument("--num_validation_images", type=count_argument(), default=4, help="Per class.")
     parser.add_argument("--validation_num_levels", type=count_argument(2), default=None,
                         help="Noise levels for validation sampling; default: the trained number.")
-    parser.add_argument("--validation_guidance_scale", type=number_argument(0), default=1.0)
+    parser.add_argument("--validation_guidance_scale", type=number_argument(0), default=1.0,
+                        help="Guidance weight of the validation images.")
 
     args = parser.parse_args(argv)
     check_data_arguments(parser, args)

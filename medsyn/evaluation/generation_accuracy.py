@@ -94,7 +94,7 @@ def generation_accuracy(
     names = expert.class_names
     if prompts is not None and set(names) - set(prompts):
         raise ValueError(f"prompts has no prompt for the expert's classes {sorted(set(names) - set(prompts))}")
-    known = getattr(getattr(pipeline, "config", None), "class_names", None)
+    known = getattr(pipeline, "class_names", None)
     if prompts is None and known is not None and set(names) - set(known):
         raise ValueError(f"the model does not know the expert's classes {sorted(set(names) - set(known))} "
                          f"(it knows {known}); give prompts for a text-guided model")

@@ -182,5 +182,7 @@ def describe_alignment(args) -> str:
     """The alignment settings in one line, for model cards."""
     if not args.align_expert:
         return "off"
-    return (f"expert `{args.align_expert}`, weight {args.align_weight}, block `{args.align_block}`, "
+    from medsyn.model_card import card_reference
+
+    return (f"expert {card_reference(args.align_expert)}, weight {args.align_weight}, block `{args.align_block}`, "
             f"the expert sees the {args.align_on} input")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from medsyn.data import load_image_dataset, simulated_dataset
+from medsyn.model_card import card_reference
 from medsyn.validation import count_argument, number_argument
 
 
@@ -30,25 +31,34 @@ def add_data_arguments(parser: argparse.ArgumentParser, resolution: int = 128) -
     data.add_argument("--label_column", type=str, default="label", help="Label column of --dataset_name.")
     data.add_argument("--simulated_num_images", type=count_argument(), default=2000,
                       help="Size of the simulated brain MRI set used when no data is given.")
-    data.add_argument("--max_train_samples", type=count_argument(), default=None)
-    data.add_argument("--resolution", type=count_argument(8), default=resolution)
+    data.add_argument("--max_train_samples", type=count_argument(), default=None,
+                      help="Use only the first this many images (for quick runs).")
+    data.add_argument("--resolution", type=count_argument(8), default=resolution,
+                      help="Image size in pixels (images are resized, then cropped to a square).")
     data.add_argument("--num_channels", type=int, default=None, choices=(1, 3),
                       help="Convert images to this many channels; default: keep the data's own.")
     data.add_argument("--center_crop", action="store_true",
                       help="Crop the centre square after resizing the short side; without it, a random square is "
                            "cropped (as diffusers; square images are not cropped either way).")
-    data.add_argument("--dataloader_num_workers", type=count_argument(0), default=0)
+    data.add_argument("--dataloader_num_workers", type=count_argument(0), default=0,
+                      help="Data-loading worker processes; 0 loads in the main process.")
 
 
 def add_optimisation_arguments(parser: argparse.ArgumentParser, output_dir: str, learning_rate: float) -> None:
     train = parser.add_argument_group("training")
-    train.add_argument("--output_dir", type=str, default=output_dir)
-    train.add_argument("--seed", type=count_argument(0), default=0)
-    train.add_argument("--train_batch_size", type=count_argument(), default=16)
-    train.add_argument("--num_train_epochs", type=count_argument(), default=100)
+    train.add_argument("--output_dir", type=str, default=output_dir,
+                       help="Where the model, checkpoints, logs and model card go.")
+    train.add_argument("--seed", type=count_argument(0), default=0,
+                       help="Seed of the data order, noise and initialisation; a run is reproducible from it.")
+    train.add_argument("--train_batch_size", type=count_argument(), default=16,
+                       help="Images per process per optimiser step (before accumulation).")
+    train.add_argument("--num_train_epochs", type=count_argument(), default=100,
+                       help="Passes over the data, unless --max_train_steps is given.")
     train.add_argument("--max_train_steps", type=count_argument(), default=None, help="Overrides --num_train_epochs.")
-    train.add_argument("--gradient_accumulation_steps", type=count_argument(), default=1)
-    train.add_argument("--learning_rate", type=number_argument(0, exclusive=True), default=learning_rate)
+    train.add_argument("--gradient_accumulation_steps", type=count_argument(), default=1,
+                       help="Batches accumulated per optimiser step.")
+    train.add_argument("--learning_rate", type=number_argument(0, exclusive=True), default=learning_rate,
+                       help="Peak learning rate (after warm-up).")
     train.add_argument("--scale_lr", action="store_true",
                        help="Multiply --learning_rate by batch size x accumulation steps x processes (as diffusers).")
     train.add_argument("--allow_tf32", action="store_true",
@@ -56,16 +66,24 @@ def add_optimisation_arguments(parser: argparse.ArgumentParser, output_dir: str,
     train.add_argument("--gradient_checkpointing", action="store_true",
                        help="Recompute activations in the backward pass: less memory, about a third slower.")
     train.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (must be installed).")
-    train.add_argument("--lr_scheduler", type=str, default="constant")
-    train.add_argument("--lr_warmup_steps", type=count_argument(0), default=0)
-    train.add_argument("--adam_beta1", type=float, default=0.9)
-    train.add_argument("--adam_beta2", type=float, default=0.999)
-    train.add_argument("--adam_weight_decay", type=number_argument(0), default=0.0)
-    train.add_argument("--adam_epsilon", type=number_argument(0, exclusive=True), default=1e-8)
-    train.add_argument("--max_grad_norm", type=number_argument(0, exclusive=True), default=1.0)
-    train.add_argument("--mixed_precision", type=str, default=None, choices=("no", "fp16", "bf16"))
-    train.add_argument("--checkpointing_steps", type=count_argument(), default=500)
-    train.add_argument("--checkpoints_total_limit", type=count_argument(), default=None)
+    train.add_argument("--lr_scheduler", type=str, default="constant",
+                       help="diffusers' learning-rate schedule (constant, linear, cosine, constant_with_warmup...).")
+    train.add_argument("--lr_warmup_steps", type=count_argument(0), default=0,
+                       help="Optimiser steps of linear warm-up.")
+    train.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW's beta1.")
+    train.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW's beta2.")
+    train.add_argument("--adam_weight_decay", type=number_argument(0), default=0.0,
+                       help="AdamW's decoupled weight decay.")
+    train.add_argument("--adam_epsilon", type=number_argument(0, exclusive=True), default=1e-8,
+                       help="AdamW's epsilon.")
+    train.add_argument("--max_grad_norm", type=number_argument(0, exclusive=True), default=1.0,
+                       help="Gradients are clipped to this norm.")
+    train.add_argument("--mixed_precision", type=str, default=None, choices=("no", "fp16", "bf16"),
+                       help="Autocast dtype; default: accelerate's config.")
+    train.add_argument("--checkpointing_steps", type=count_argument(), default=500,
+                       help="Save a resumable checkpoint every this many optimiser steps.")
+    train.add_argument("--checkpoints_total_limit", type=count_argument(), default=None,
+                       help="Keep at most this many checkpoints (older ones go once a new one is complete).")
     train.add_argument("--resume_from_checkpoint", type=str, default=None,
                        help='"latest" or a checkpoint folder; starts fresh if "latest" finds none.')
 
@@ -95,17 +113,21 @@ def check_not_applicable(parser: argparse.ArgumentParser, args: argparse.Namespa
 
 def add_logging_and_hub_arguments(parser: argparse.ArgumentParser) -> None:
     logs = parser.add_argument_group("validation and logging")
-    logs.add_argument("--validation_steps", type=count_argument(), default=500)
+    logs.add_argument("--validation_steps", type=count_argument(), default=500,
+                      help="Make validation images every this many optimiser steps.")
     logs.add_argument("--validation_epochs", type=count_argument(), default=None,
                       help="Also make the validation images at the end of every this many epochs.")
-    logs.add_argument("--report_to", type=str, default="tensorboard")
-    logs.add_argument("--logging_dir", type=str, default="logs")
+    logs.add_argument("--report_to", type=str, default="tensorboard", help="Tracker: tensorboard, wandb, all or none.")
+    logs.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, inside --output_dir.")
     logs.add_argument("--tracker_project_name", type=str, default=None,
                       help="Project name for the trackers (default: the training method).")
     hub = parser.add_argument_group("hub")
-    hub.add_argument("--push_to_hub", action="store_true")
-    hub.add_argument("--hub_model_id", type=str, default=None)
-    hub.add_argument("--hub_token", type=str, default=None)
+    hub.add_argument("--push_to_hub", action="store_true",
+                     help="Upload the model folder and its card to the Hub at the end (checkpoints, logs stay local).")
+    hub.add_argument("--hub_model_id", type=str, default=None,
+                     help="The Hub repo (user/name); default: the output folder's name under your user.")
+    hub.add_argument("--hub_token", type=str, default=None,
+                     help="A Hub token; default: the one `hf auth login` stored.")
     hub.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
     hub.add_argument("--license", type=str, default="other",
                      help="The weights' license in the model card (a Hub license id). The default 'other' says "
@@ -161,7 +183,7 @@ def _load_datasets_library_set(args: argparse.Namespace):
     if args.dataset_name in (None, IMAGEFOLDER):
         dataset = datasets.load_dataset(IMAGEFOLDER, args.dataset_config_name, data_dir=args.train_data_dir,
                                         cache_dir=args.cache_dir, split="train")
-        return dataset, f"`{Path(args.train_data_dir).name}` (imagefolder)"
+        return dataset, f"{card_reference(args.train_data_dir)} imagefolder"
     path = Path(args.dataset_name)
     if path.exists():
         dataset = datasets.load_from_disk(str(path))
@@ -169,7 +191,7 @@ def _load_datasets_library_set(args: argparse.Namespace):
     else:
         dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir,
                                         split="train")
-    return dataset, f"`{args.dataset_name}`"
+    return dataset, card_reference(args.dataset_name)
 
 
 def load_training_data(args: argparse.Namespace, require_labels: bool = False, caption_column: str | None = None):
@@ -207,7 +229,7 @@ def load_training_data(args: argparse.Namespace, require_labels: bool = False, c
             dataset = dataset.map(lambda row: {"image": row["image"].convert(mode)})
     elif args.train_data_dir:
         dataset = load_image_dataset(args.train_data_dir, channels=args.num_channels)
-        description = f"`{args.train_data_dir}`"
+        description = card_reference(args.train_data_dir)
         if caption_column:
             caption_column_of(dataset, caption_column)
     else:
