@@ -152,6 +152,9 @@ class HubFolderMixin:
         not diffusers' generic one."""
         card = self._source_model_card()
         if card is not None:
+            source = str(self.config.get("_name_or_path") or "")
+            if not os.path.exists(source):  # a Hub repo pushed on under another id: the snippets load the new one
+                card = card.replace(f'"{source}"', f'"{repo_id}"').replace(f"--model {source} ", f"--model {repo_id} ")
             with open(os.path.join(working_dir, "README.md"), "w", encoding="utf-8") as file:
                 file.write(name_repo_in_card(card, repo_id))
         return super()._upload_folder(working_dir, repo_id, *args, **kwargs)
