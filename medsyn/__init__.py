@@ -14,6 +14,7 @@ _EXPORTS = {
     "MediSynPipeline": "medsyn.pipelines",
     "ScoreLangevinPipeline": "medsyn.pipelines",
     "AnnealedLangevinScheduler": "medsyn.schedulers",
+    "EDMHeunScheduler": "medsyn.schedulers",
     "build_score_unet": "medsyn.models.score_unet",
     "score_unet_config": "medsyn.models.score_unet",
     "load_image_dataset": "medsyn.data",

@@ -22,7 +22,10 @@ from diffusers.callbacks import PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
 from medsyn.models.score_unet import null_class_label
+from medsyn.schedulers.denoiser import SamplerInput, sampler_input, to_scheduler_output
 from medsyn.schedulers.scheduling_annealed_langevin import AnnealedLangevinScheduler
+# Imported so that a saved folder with this scheduler ships its code and loads it back as medsyn's.
+from medsyn.schedulers.scheduling_edm_heun import DEFAULT_STEPS, EDMHeunScheduler  # noqa: F401
 from medsyn.validation import finite_number, whole_number
 
 from .hub_folder import HubFolderMixin
@@ -37,7 +40,11 @@ class ScoreLangevinPipeline(HubFolderMixin, DiffusionPipeline, StepCallbackMixin
     Parameters:
         unet ([`UNet2DModel`]): a noise-conditional score network (``time_embedding_type="fourier"``; see
             ``medsyn.models.score_unet``). Its ``timestep`` input is the noise level sigma.
-        scheduler ([`AnnealedLangevinScheduler`]): the noise levels and the Langevin step.
+        scheduler ([`AnnealedLangevinScheduler`]): the sampler. Annealed Langevin dynamics by default; any sampler
+            of the variance-exploding process swaps in with ``X.from_config(pipe.scheduler.config)``: medsyn's
+            ``EDMHeunScheduler`` (EDM's Heun, deterministic or stochastic) or diffusers' EDM schedulers such as
+            ``EDMDPMSolverMultistepScheduler`` (DPM-Solver++ 2M), which see the score model as the denoiser
+            D(x, sigma) = x + sigma^2 s(x, sigma).
         class_names (`list[str]`, *optional*): names of the unet's classes, so labels can be given by name. The
             config holds them as ``{"0": name, ...}`` (transformers' ``id2label``): a list in model_index.json
             is what diffusers' Hub download reads as a component.
@@ -113,6 +120,10 @@ class ScoreLangevinPipeline(HubFolderMixin, DiffusionPipeline, StepCallbackMixin
         whole_number(batch_size, "batch_size")
         if num_inference_steps is not None:
             whole_number(num_inference_steps, "num_inference_steps", minimum=2)
+        kind = sampler_input(self.scheduler)  # an unsupported scheduler is an error here
+        if kind is not SamplerInput.SCORE and (n_steps_each is not None or step_size is not None):
+            raise ValueError(f"n_steps_each and step_size set annealed Langevin's steps; "
+                             f"{type(self.scheduler).__name__} takes num_inference_steps only")
         if n_steps_each is not None:
             whole_number(n_steps_each, "n_steps_each")
         if step_size is not None:
@@ -140,17 +151,25 @@ class ScoreLangevinPipeline(HubFolderMixin, DiffusionPipeline, StepCallbackMixin
     def prepare_latents(
         self, batch_size: int, generators: list[torch.Generator], latents: torch.Tensor | None
     ) -> torch.Tensor:
-        """Initial samples from the prior at the largest noise level, N(0, sigma_1^2 I)."""
+        """Initial samples from the prior at the largest noise level, N(0, sigma_max^2 I) (the schedule is set)."""
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (batch_size, self.unet.config.in_channels, *size)
         if latents is None:
-            return randn_tensor(shape, generator=generators, device=self.device) * self.scheduler.init_noise_sigma
+            return randn_tensor(shape, generator=generators, device=self.device) * self.prior_sigma
         if tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
         if not torch.isfinite(latents).all():
             raise ValueError("latents contain NaN or Inf")
         return latents.to(self.device, torch.float32)
+
+    @property
+    def prior_sigma(self) -> float:
+        """The standard deviation of the first sample: the scheduler's, except that diffusers' EDM schedulers
+        report the variance-preserving sqrt(sigma_max^2 + 1), where a variance-exploding model starts at sigma_max."""
+        if sampler_input(self.scheduler) is SamplerInput.PRECONDITIONED:
+            return float(self.scheduler.sigmas[0])
+        return float(self.scheduler.init_noise_sigma)
 
     def score(
         self, sample: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None, guidance_scale: float
@@ -177,21 +196,36 @@ class ScoreLangevinPipeline(HubFolderMixin, DiffusionPipeline, StepCallbackMixin
         callback_on_step_end: Callable | None,
         schedule: dict[str, Any],
     ) -> torch.Tensor:
-        self.scheduler.set_timesteps(device=self.device, **schedule)
-        self._num_timesteps = len(self.scheduler.timesteps)
+        self.set_schedule(schedule)
+        kind = sampler_input(self.scheduler)
         autocast = (
             torch.autocast(self.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
         )
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             if self.interrupt:
                 continue
+            if kind is SamplerInput.PRECONDITIONED:  # diffusers' EDM schedulers: t is c_noise(sigma)
+                self.scheduler.scale_model_input(latents, t)  # only its step bookkeeping; the unet takes x as it is
+                sigma = self.scheduler.sigmas[self.scheduler.step_index].to(latents.device)
+            else:
+                sigma = t
             with autocast:
-                score = self.score(latents, t, labels, self.guidance_scale)  # a callback may change the scale
-            latents = self.scheduler.step(score, t, latents, generator=generators).prev_sample
+                score = self.score(latents, sigma, labels, self.guidance_scale)  # a callback may change the scale
+            output = to_scheduler_output(self.scheduler, kind, latents, score, sigma)
+            latents = self.scheduler.step(output, t, latents, generator=generators).prev_sample
             if callback_on_step_end is not None:
                 outputs = callback_on_step_end(self, i, t, {"latents": latents})
                 latents = outputs.pop("latents", latents)
         return latents
+
+    def set_schedule(self, schedule: dict[str, Any]) -> None:
+        """``set_timesteps`` with the arguments this scheduler takes (Langevin's own only for Langevin)."""
+        if sampler_input(self.scheduler) is not SamplerInput.SCORE:
+            schedule = {"num_inference_steps": schedule.get("num_inference_steps")}
+        if schedule.get("num_inference_steps") is None and not isinstance(self.scheduler, AnnealedLangevinScheduler):
+            schedule["num_inference_steps"] = DEFAULT_STEPS  # diffusers' EDM schedulers' own 1000 is a training count
+        self.scheduler.set_timesteps(device=self.device, **schedule)
+        self._num_timesteps = len(self.scheduler.timesteps)
 
     @torch.no_grad()
     def __call__(
@@ -247,8 +281,9 @@ class ScoreLangevinPipeline(HubFolderMixin, DiffusionPipeline, StepCallbackMixin
         # 2. Labels, generators and the initial sample
         labels = self.encode_class_labels(class_labels, batch_size)
         generators = self.prepare_generators(generator, batch_size)
-        latents = self.prepare_latents(batch_size, generators, latents)
         schedule = dict(num_inference_steps=num_inference_steps, n_steps_each=n_steps_each, step_size=step_size)
+        self.set_schedule(schedule)  # the prior's width can depend on it (EDM's churn)
+        latents = self.prepare_latents(batch_size, generators, latents)
 
         # 3. Annealed Langevin dynamics, chunk by chunk
         chunk = max_batch_size or batch_size

@@ -22,6 +22,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from medsyn.schedulers.ncsn_rules import langevin_step_size
 from medsyn.validation import finite_number, whole_number
 
 
@@ -60,6 +61,8 @@ class AnnealedLangevinScheduler(SchedulerMixin, ConfigMixin):
     """
 
     order = 1
+    #: what ``step`` takes as ``model_output`` (see ``medsyn.schedulers.denoiser``)
+    model_output_type = "score"
 
     @register_to_config
     def __init__(
@@ -91,14 +94,19 @@ class AnnealedLangevinScheduler(SchedulerMixin, ConfigMixin):
                 stay geometric between ``sigma_max`` and ``sigma_min``.
             device: where ``timesteps`` live.
             n_steps_each: Langevin steps per level (default: the config's).
-            step_size: alpha for this schedule (default: the config's).
+            step_size: alpha for this schedule. Default: the config's for the trained schedule; for any other
+                number of levels or steps, NCSNv2's technique 4 for that schedule (the trained alpha, kept, made
+                samples with fewer levels collapse).
         """
         # None means the default; 0 is an error, not the default.
         num_levels = whole_number(
             self.config.num_train_timesteps if num_inference_steps is None else num_inference_steps,
             "num_inference_steps", minimum=2)
         n_steps_each = whole_number(self.config.n_steps_each if n_steps_each is None else n_steps_each, "n_steps_each")
-        step_size = finite_number(self.config.step_size if step_size is None else step_size, "step_size", 0, True)
+        if step_size is None:
+            trained = (num_levels, n_steps_each) == (self.config.num_train_timesteps, self.config.n_steps_each)
+            step_size = self.config.step_size if trained else self._technique_four(num_levels, n_steps_each)
+        step_size = finite_number(step_size, "step_size", 0, True)
         self.num_inference_steps = num_levels
         self.n_steps_each = n_steps_each
         self.step_size = step_size
@@ -108,6 +116,13 @@ class AnnealedLangevinScheduler(SchedulerMixin, ConfigMixin):
             timesteps = torch.cat([timesteps, self.sigmas[-1:]])
         self.timesteps = timesteps.to(device=device, dtype=torch.float32)
         self._step_index = 0
+
+    def _technique_four(self, num_levels: int, n_steps_each: int) -> float:
+        cache = self.__dict__.setdefault("_step_sizes", {})
+        if (num_levels, n_steps_each) not in cache:
+            cache[num_levels, n_steps_each] = langevin_step_size(
+                self.config.sigma_max, self.config.sigma_min, num_levels, n_steps_each)
+        return cache[num_levels, n_steps_each]
 
     @property
     def step_index(self) -> int:
