@@ -15,6 +15,7 @@ _EXPORTS = {
     "ScoreLangevinPipeline": "medsyn.pipelines",
     "AnnealedLangevinScheduler": "medsyn.schedulers",
     "EDMHeunScheduler": "medsyn.schedulers",
+    "PredictorCorrectorScheduler": "medsyn.schedulers",
     "build_score_unet": "medsyn.models.score_unet",
     "score_unet_config": "medsyn.models.score_unet",
     "load_image_dataset": "medsyn.data",

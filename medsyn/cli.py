@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from medsyn.schedulers.samplers import Sampler, sampler_scheduler
 from medsyn.validation import DefaultsShown, count_argument, number_argument
 
 # At guidance 2 the label probe read most healthy samples of this tiny model as tumours; at 4 both classes hold.
@@ -175,12 +176,15 @@ def generate(args: argparse.Namespace) -> int:
     if text_guided:
         if args.prompt is None:
             raise ValueError(f"{args.model} is a text-guided MediSyn model: pass --prompt")
-        for flag, value in (("--n-steps-each", args.n_steps_each), ("--bf16", args.bf16 or None)):
+        for flag, value in (("--n-steps-each", args.n_steps_each), ("--bf16", args.bf16 or None),
+                            ("--sampler", None if args.sampler == "langevin" else args.sampler)):
             if value is not None:
                 raise ValueError(f"{flag} applies to score-Langevin models only")
     else:
         if args.prompt is not None or args.negative_prompt is not None:
             raise ValueError(f"{args.model} is a class-conditional score model: pass --class-label, not --prompt")
+        if args.sampler != Sampler.LANGEVIN:
+            pipe.scheduler = sampler_scheduler(args.sampler, pipe.scheduler.config)
         pipe.check_inputs(args.batch_size, args.num_inference_steps, args.n_steps_each, None,
                           1.0 if args.guidance_scale is None else args.guidance_scale, "np", None)
     if args.compile:
@@ -398,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--n-steps-each", type=count_argument(), default=None,
                      help="score models: Langevin steps per level")
     gen.add_argument("--bf16", action="store_true", help="run the network under bfloat16 autocast")
+    gen.add_argument("--sampler", choices=[s.value for s in Sampler], default=Sampler.LANGEVIN.value,
+                     help="score models' sampler; --num-inference-steps then counts its steps (see README: Fast "
+                          "sampling)")
     gen.add_argument("--compile", action="store_true", help="torch.compile the network (slow first batch)")
     gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
     gen.set_defaults(handler=generate)

@@ -26,6 +26,7 @@ from medsyn.schedulers.denoiser import SamplerInput, sampler_input, to_scheduler
 from medsyn.schedulers.scheduling_annealed_langevin import AnnealedLangevinScheduler
 # Imported so that a saved folder with this scheduler ships its code and loads it back as medsyn's.
 from medsyn.schedulers.scheduling_edm_heun import DEFAULT_STEPS, EDMHeunScheduler  # noqa: F401
+from medsyn.schedulers.scheduling_predictor_corrector import PredictorCorrectorScheduler  # noqa: F401
 from medsyn.validation import finite_number, whole_number
 
 from .hub_folder import HubFolderMixin
@@ -42,7 +43,8 @@ class ScoreLangevinPipeline(HubFolderMixin, DiffusionPipeline, StepCallbackMixin
             ``medsyn.models.score_unet``). Its ``timestep`` input is the noise level sigma.
         scheduler ([`AnnealedLangevinScheduler`]): the sampler. Annealed Langevin dynamics by default; any sampler
             of the variance-exploding process swaps in with ``X.from_config(pipe.scheduler.config)``: medsyn's
-            ``EDMHeunScheduler`` (EDM's Heun, deterministic or stochastic) or diffusers' EDM schedulers such as
+            ``EDMHeunScheduler`` (EDM's Heun, deterministic or stochastic), ``PredictorCorrectorScheduler``
+            (Song et al.'s predictor-corrector) or diffusers' EDM schedulers such as
             ``EDMDPMSolverMultistepScheduler`` (DPM-Solver++ 2M), which see the score model as the denoiser
             D(x, sigma) = x + sigma^2 s(x, sigma).
         class_names (`list[str]`, *optional*): names of the unet's classes, so labels can be given by name. The
@@ -120,8 +122,9 @@ class ScoreLangevinPipeline(HubFolderMixin, DiffusionPipeline, StepCallbackMixin
         whole_number(batch_size, "batch_size")
         if num_inference_steps is not None:
             whole_number(num_inference_steps, "num_inference_steps", minimum=2)
-        kind = sampler_input(self.scheduler)  # an unsupported scheduler is an error here
-        if kind is not SamplerInput.SCORE and (n_steps_each is not None or step_size is not None):
+        sampler_input(self.scheduler)  # an unsupported scheduler is an error here
+        langevin = isinstance(self.scheduler, AnnealedLangevinScheduler)
+        if not langevin and (n_steps_each is not None or step_size is not None):
             raise ValueError(f"n_steps_each and step_size set annealed Langevin's steps; "
                              f"{type(self.scheduler).__name__} takes num_inference_steps only")
         if n_steps_each is not None:
@@ -220,10 +223,10 @@ class ScoreLangevinPipeline(HubFolderMixin, DiffusionPipeline, StepCallbackMixin
 
     def set_schedule(self, schedule: dict[str, Any]) -> None:
         """``set_timesteps`` with the arguments this scheduler takes (Langevin's own only for Langevin)."""
-        if sampler_input(self.scheduler) is not SamplerInput.SCORE:
+        if not isinstance(self.scheduler, AnnealedLangevinScheduler):
             schedule = {"num_inference_steps": schedule.get("num_inference_steps")}
-        if schedule.get("num_inference_steps") is None and not isinstance(self.scheduler, AnnealedLangevinScheduler):
-            schedule["num_inference_steps"] = DEFAULT_STEPS  # diffusers' EDM schedulers' own 1000 is a training count
+        if schedule["num_inference_steps"] is None and sampler_input(self.scheduler) is SamplerInput.PRECONDITIONED:
+            schedule["num_inference_steps"] = DEFAULT_STEPS  # diffusers' EDM schedulers have no default of their own
         self.scheduler.set_timesteps(device=self.device, **schedule)
         self._num_timesteps = len(self.scheduler.timesteps)
 
@@ -251,9 +254,11 @@ class ScoreLangevinPipeline(HubFolderMixin, DiffusionPipeline, StepCallbackMixin
             batch_size: number of images when ``class_labels`` is a single label or None.
             class_labels: a class index or name, or one per image (then it sets the batch size). None on a
                 class-conditional model samples the unconditional (null-class) score.
-            num_inference_steps: number of noise levels L (default: the number trained on).
-            n_steps_each: Langevin steps per level (default: the scheduler's).
-            step_size: alpha of the Langevin step size (default: the scheduler's).
+            num_inference_steps: annealed Langevin: the number of noise levels L (default: the number trained on;
+                another L re-derives the step size); other samplers: their steps (EDM Heun 2N - 1 network
+                evaluations, DPM-Solver++ N, predictor-corrector 2N; default 18, or 100 for predictor-corrector).
+            n_steps_each: Langevin steps per level (default: the scheduler's); annealed Langevin only.
+            step_size: alpha of the Langevin step size (default: the scheduler's); annealed Langevin only.
             guidance_scale: classifier-free guidance weight w; 1 disables guidance.
             generator: a generator, or one per image; the only source of randomness. An image depends only on its
                 own generator, so results are the same for any ``max_batch_size``.
@@ -285,7 +290,7 @@ class ScoreLangevinPipeline(HubFolderMixin, DiffusionPipeline, StepCallbackMixin
         self.set_schedule(schedule)  # the prior's width can depend on it (EDM's churn)
         latents = self.prepare_latents(batch_size, generators, latents)
 
-        # 3. Annealed Langevin dynamics, chunk by chunk
+        # 3. Sampling, chunk by chunk
         chunk = max_batch_size or batch_size
         samples = []
         for start in range(0, batch_size, chunk):

@@ -32,7 +32,8 @@ def sampler_input(scheduler) -> SamplerInput:
         return SamplerInput.PRECONDITIONED
     raise ValueError(
         f"{type(scheduler).__name__} does not sample a variance-exploding score model: use AnnealedLangevinScheduler, "
-        "EDMHeunScheduler, or one of diffusers' EDM schedulers (EDMDPMSolverMultistepScheduler, EDMEulerScheduler)"
+        "EDMHeunScheduler, PredictorCorrectorScheduler, or one of diffusers' EDM schedulers "
+        "(EDMDPMSolverMultistepScheduler, EDMEulerScheduler)"
     )
 
 
