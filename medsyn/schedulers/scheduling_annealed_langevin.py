@@ -22,6 +22,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from medsyn.schedulers.evaluation_schedule import EvaluationSchedule
 from medsyn.schedulers.ncsn_rules import langevin_step_size
 from medsyn.validation import finite_number, whole_number
 
@@ -48,7 +49,7 @@ def geometric_sigmas(sigma_max: float, sigma_min: float, num_levels: int) -> tor
     return torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), num_levels, dtype=torch.float64))
 
 
-class AnnealedLangevinScheduler(SchedulerMixin, ConfigMixin):
+class AnnealedLangevinScheduler(EvaluationSchedule, SchedulerMixin, ConfigMixin):
     """Sampler for noise-conditional score networks by annealed Langevin dynamics.
 
     Args:
@@ -124,14 +125,6 @@ class AnnealedLangevinScheduler(SchedulerMixin, ConfigMixin):
                 self.config.sigma_max, self.config.sigma_min, num_levels, n_steps_each)
         return cache[num_levels, n_steps_each]
 
-    @property
-    def step_index(self) -> int:
-        """Index into ``timesteps`` of the next step."""
-        return self._step_index
-
-    def scale_model_input(self, sample: torch.Tensor, timestep: torch.Tensor | float | None = None) -> torch.Tensor:
-        """Identity: the score network takes the noisy sample as it is (kept for the diffusers contract)."""
-        return sample
 
     def step(
         self,
@@ -150,13 +143,7 @@ class AnnealedLangevinScheduler(SchedulerMixin, ConfigMixin):
             generator: the only source of the Langevin noise; a list gives one generator per batch item.
             return_dict: return an ``AnnealedLangevinSchedulerOutput`` rather than a tuple.
         """
-        if self._step_index >= len(self.timesteps):
-            raise ValueError(
-                f"step() called {self._step_index + 1} times for a schedule of {len(self.timesteps)} steps; "
-                "call set_timesteps() before sampling again"
-            )
-        if model_output.shape != sample.shape:
-            raise ValueError(f"model_output shape {tuple(model_output.shape)} != sample shape {tuple(sample.shape)}")
+        self._check_step(model_output, sample)
         sigma = float(timestep)
         score = model_output.to(sample.dtype)
         pred_original_sample = sample + sigma**2 * score

@@ -27,8 +27,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from medsyn.schedulers.evaluation_schedule import EvaluationSchedule
 from medsyn.validation import finite_number, whole_number
-
 
 #: Steps when none are asked for: EDM's choice (35 network evaluations).
 DEFAULT_STEPS = 18
@@ -56,7 +56,7 @@ def karras_sigmas(sigma_max: float, sigma_min: float, num_steps: int, rho: float
     return (high + ramp * (low - high)) ** rho
 
 
-class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
+class EDMHeunScheduler(EvaluationSchedule, SchedulerMixin, ConfigMixin):
     """EDM's deterministic (``s_churn=0``) or stochastic Heun sampler for denoisers of a variance-exploding process.
 
     Swap it into a ``ScoreLangevinPipeline`` with ``EDMHeunScheduler.from_config(pipe.scheduler.config)``: it takes
@@ -113,14 +113,6 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = 0
         self._first_order: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    @property
-    def step_index(self) -> int:
-        """Index into ``timesteps`` of the next evaluation."""
-        return self._step_index
-
-    def scale_model_input(self, sample: torch.Tensor, timestep: torch.Tensor | float | None = None) -> torch.Tensor:
-        """Identity: the score network takes the noisy sample as it is (kept for the diffusers contract)."""
-        return sample
 
     def step(
         self,
@@ -139,11 +131,7 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
             generator: the only source of the churn noise; a list gives one generator per batch item.
             return_dict: return an ``EDMHeunSchedulerOutput`` rather than a tuple.
         """
-        if self._step_index >= len(self.timesteps):
-            raise ValueError(f"step() called {self._step_index + 1} times for a schedule of {len(self.timesteps)} "
-                             "evaluations; call set_timesteps() before sampling again")
-        if model_output.shape != sample.shape:
-            raise ValueError(f"model_output shape {tuple(model_output.shape)} != sample shape {tuple(sample.shape)}")
+        self._check_step(model_output, sample)
         denoised = model_output.to(sample.dtype)
         step = (self._step_index + 1) // 2  # evaluations: hat_0, (1, hat_1), (2, hat_2), ... pairs after the first
         sigma = float(self._evaluation_sigmas[self._step_index])  # ``timestep`` is its float32 copy

@@ -28,6 +28,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from medsyn.schedulers.evaluation_schedule import EvaluationSchedule
 from medsyn.schedulers.scheduling_annealed_langevin import geometric_sigmas
 from medsyn.validation import finite_number, whole_number
 
@@ -48,7 +49,7 @@ class PredictorCorrectorSchedulerOutput(BaseOutput):
     pred_original_sample: torch.Tensor
 
 
-class PredictorCorrectorScheduler(SchedulerMixin, ConfigMixin):
+class PredictorCorrectorScheduler(EvaluationSchedule, SchedulerMixin, ConfigMixin):
     """Reverse-diffusion predictor with Langevin corrector (Song et al. 2021) for a score network.
 
     Swap it into a ``ScoreLangevinPipeline`` with ``PredictorCorrectorScheduler.from_config(pipe.scheduler.config)``.
@@ -81,14 +82,6 @@ class PredictorCorrectorScheduler(SchedulerMixin, ConfigMixin):
         self.init_noise_sigma = self.config.sigma_max
         self._step_index = 0
 
-    @property
-    def step_index(self) -> int:
-        """Index into ``timesteps`` of the next evaluation."""
-        return self._step_index
-
-    def scale_model_input(self, sample: torch.Tensor, timestep: torch.Tensor | float | None = None) -> torch.Tensor:
-        """Identity: the score network takes the noisy sample as it is (kept for the diffusers contract)."""
-        return sample
 
     def step(
         self,
@@ -107,11 +100,7 @@ class PredictorCorrectorScheduler(SchedulerMixin, ConfigMixin):
             generator: the only source of noise; a list gives one generator per batch item.
             return_dict: return a ``PredictorCorrectorSchedulerOutput`` rather than a tuple.
         """
-        if self._step_index >= len(self.timesteps):
-            raise ValueError(f"step() called {self._step_index + 1} times for a schedule of {len(self.timesteps)} "
-                             "evaluations; call set_timesteps() before sampling again")
-        if model_output.shape != sample.shape:
-            raise ValueError(f"model_output shape {tuple(model_output.shape)} != sample shape {tuple(sample.shape)}")
+        self._check_step(model_output, sample)
         score = model_output.to(sample.dtype)
         level, position = divmod(self._step_index, self.config.correct_steps + 1)
         sigma = float(self.sigmas[level])
