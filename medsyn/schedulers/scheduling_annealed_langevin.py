@@ -125,7 +125,6 @@ class AnnealedLangevinScheduler(EvaluationSchedule, SchedulerMixin, ConfigMixin)
                 self.config.sigma_max, self.config.sigma_min, num_levels, n_steps_each)
         return cache[num_levels, n_steps_each]
 
-
     def step(
         self,
         model_output: torch.Tensor,

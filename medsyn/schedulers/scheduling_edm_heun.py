@@ -113,7 +113,6 @@ class EDMHeunScheduler(EvaluationSchedule, SchedulerMixin, ConfigMixin):
         self._step_index = 0
         self._first_order: tuple[torch.Tensor, torch.Tensor] | None = None
 
-
     def step(
         self,
         model_output: torch.Tensor,

@@ -82,7 +82,6 @@ class PredictorCorrectorScheduler(EvaluationSchedule, SchedulerMixin, ConfigMixi
         self.init_noise_sigma = self.config.sigma_max
         self._step_index = 0
 
-
     def step(
         self,
         model_output: torch.Tensor,
