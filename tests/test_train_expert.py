@@ -42,6 +42,16 @@ def test_trains_reports_and_loads_as_a_frozen_expert(tmp_path):
     assert features.shape == (1, 16)
 
 
+def test_a_nan_loss_stops_training_before_anything_is_saved(tmp_path, monkeypatch):
+    from medsyn.train_scripts import train_expert
+
+    nan_loss = lambda logits, labels: logits.sum() * float("nan")  # noqa: E731
+    monkeypatch.setattr(train_expert.F, "cross_entropy", nan_loss)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 0"):
+        run(tmp_path, "expert", "--max_train_steps", "2")
+    assert not (tmp_path / "expert" / "model.safetensors").exists()
+
+
 def test_resume_ends_with_the_same_weights(tmp_path):
     extra = ["--checkpointing_steps", "3", "--augment"]
     straight = run(tmp_path, "straight", *extra, "--max_train_steps", "6")

@@ -25,7 +25,6 @@ from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import PatchDiscriminator
 from PIL import Image
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
-from tqdm.auto import tqdm
 
 from medsyn.data import image_channels, image_transform
 from medsyn.hub_upload import push_model_folder
@@ -36,13 +35,10 @@ from medsyn.training.accelerator import (
     build_lr_scheduler,
     build_optimizer,
     enable_gradient_checkpointing,
-    resume_position,
-    save_checkpoint,
     step_budget,
-    validation_due,
 )
 from medsyn.training.autoencoder_losses import FeaturePerceptualLoss, VariationalReconstruction, adversarial_weight
-from medsyn.training.checkpoints import step_generator
+from medsyn.training.loop import TrainingResult, TrainingRun, training_loop
 from medsyn.training.script_args import (
     add_data_arguments,
     add_logging_and_hub_arguments,
@@ -201,94 +197,64 @@ def main(args: argparse.Namespace) -> AutoencoderKL:
     autoencoder, discriminator, optimizer, optimizer_d, train_loader = accelerator.prepare(
         autoencoder, discriminator, optimizer, optimizer_d, train_loader
     )
-    updates_per_epoch, max_train_steps, num_epochs = step_budget(args, len(train_loader))
+    updates_per_epoch, max_train_steps, _ = step_budget(args, len(train_loader))
     lr_scheduler = build_lr_scheduler(args, accelerator, optimizer, max_train_steps)
-    if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name or "autoencoder",
-                                  config={k: str(v) for k, v in vars(args).items()})
+    fakes: list[torch.Tensor] = []  # this step's reconstructions, for the discriminator's update after it
 
-    global_step, first_epoch, resume_batches = resume_position(args, accelerator, updates_per_epoch)
+    def loss_fn(batch, step):
+        """L1 + KL (+ perceptual, + the adversarial term once the discriminator is warmed up)."""
+        images = batch["pixel_values"]
+        adv_weight = adversarial_weight(step.global_step, args.adversarial_weight, args.adversarial_warmup_steps)
+        reconstruction, kl = autoencoder(images, step.generator)
+        losses = {"l1": F.l1_loss(reconstruction.float(), images.float()), "kl": kl}
+        if perceptual_loss is not None:
+            losses["perceptual"] = perceptual_loss(reconstruction.float(), images.float())
+        if adv_weight > 0:
+            # The generator's adversarial term goes through a frozen copy of the discriminator's weights, so
+            # it adds no gradient to the discriminator (which would accumulate into its own update).
+            critic = accelerator.unwrap_model(discriminator).requires_grad_(False)
+            with accelerator.autocast():
+                logits = critic(reconstruction.contiguous())[-1]
+            critic.requires_grad_(True)
+            losses["adversarial"] = adversarial_loss(logits.float(), target_is_real=True, for_discriminator=False)
+            fakes[:] = [reconstruction.detach()]
+        losses["loss"] = (losses["l1"] + args.kl_weight * kl + args.perceptual_weight * losses.get("perceptual", 0)
+                          + adv_weight * losses.get("adversarial", 0))
+        losses["adversarial_weight"] = adv_weight
+        return losses
+
+    def update_discriminator(batch, losses):
+        if not fakes:
+            return {}
+        # One forward for fakes and reals: DDP allows one forward per backward.
+        fake, real = discriminator(torch.cat([fakes.pop(), batch["pixel_values"]]).contiguous())[-1].chunk(2)
+        loss = 0.5 * (adversarial_loss(fake.float(), target_is_real=False, for_discriminator=True)
+                      + adversarial_loss(real.float(), target_is_real=True, for_discriminator=True))
+        accelerator.backward(loss)
+        optimizer_d.step()
+        optimizer_d.zero_grad()
+        return {"discriminator": loss}
+
+    def validate(step):
+        log_validation(args, accelerator, accelerator.unwrap_model(autoencoder).vae, validation_loader, step)
 
     logger.info(f"{len(train_set)} training and {len(validation_set)} validation images, {max_train_steps} steps, "
                 f"latents {vae.config.latent_channels} x {side}^2")
-    progress = tqdm(range(max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
-    recent: dict[str, list[float]] = {}
-    micro_step = global_step * args.gradient_accumulation_steps
-    for epoch in range(first_epoch, num_epochs):
-        autoencoder.train()
-        discriminator.train()
-        train_loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(train_loader, resume_batches) if epoch == first_epoch else train_loader
-        for batch in batches:
-            generator = step_generator(args.seed, micro_step, accelerator.process_index, accelerator.device)
-            micro_step += 1
-            images = batch["pixel_values"]
-            adv_weight = adversarial_weight(global_step, args.adversarial_weight, args.adversarial_warmup_steps)
-            with accelerator.accumulate(autoencoder, discriminator):
-                reconstruction, kl = autoencoder(images, generator)
-                losses = {"l1": F.l1_loss(reconstruction.float(), images.float()), "kl": kl}
-                if perceptual_loss is not None:
-                    losses["perceptual"] = perceptual_loss(reconstruction.float(), images.float())
-                if adv_weight > 0:
-                    # The generator's adversarial term goes through a frozen copy of the discriminator's weights, so
-                    # it adds no gradient to the discriminator (which would accumulate into its own update).
-                    critic = accelerator.unwrap_model(discriminator).requires_grad_(False)
-                    with accelerator.autocast():
-                        logits = critic(reconstruction.contiguous())[-1]
-                    critic.requires_grad_(True)
-                    losses["adversarial"] = adversarial_loss(logits.float(), target_is_real=True, for_discriminator=False)
-                loss = (losses["l1"] + args.kl_weight * kl + args.perceptual_weight * losses.get("perceptual", 0)
-                        + adv_weight * losses.get("adversarial", 0))
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {global_step}; lower --learning_rate")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(autoencoder.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
+    run = TrainingRun(accelerator, [autoencoder, discriminator], list(autoencoder.parameters()), optimizer,
+                      lr_scheduler, train_loader, updates_per_epoch, max_train_steps)
+    result = training_loop(args, run, loss_fn, tracker_project_name="autoencoder",
+                           after_update=update_discriminator, validate=validate)
 
-                if adv_weight > 0:
-                    # One forward for fakes and reals: DDP allows one forward per backward.
-                    fake, real = discriminator(torch.cat([reconstruction.detach(), images]).contiguous())[-1].chunk(2)
-                    losses["discriminator"] = 0.5 * (
-                        adversarial_loss(fake.float(), target_is_real=False, for_discriminator=True)
-                        + adversarial_loss(real.float(), target_is_real=True, for_discriminator=True)
-                    )
-                    accelerator.backward(losses["discriminator"])
-                    optimizer_d.step()
-                    optimizer_d.zero_grad()
-
-            if accelerator.sync_gradients:
-                global_step += 1
-                progress.update(1)
-                logs = {name: accelerator.gather(value.detach()[None]).mean().item() for name, value in losses.items()}
-                for name, value in logs.items():
-                    recent[name] = (recent.get(name, []) + [value])[-50:]
-                accelerator.log({**logs, "lr": lr_scheduler.get_last_lr()[0], "adversarial_weight": adv_weight},
-                                step=global_step)
-                progress.set_postfix(l1=f"{logs['l1']:.4g}")
-                if global_step % args.checkpointing_steps == 0:
-                    save_checkpoint(args, accelerator, global_step)
-                if validation_due(args, global_step, max_train_steps, updates_per_epoch) and accelerator.is_main_process:
-                    log_validation(args, accelerator, accelerator.unwrap_model(autoencoder).vae, validation_loader, global_step)
-                    autoencoder.train()
-                if global_step >= max_train_steps:
-                    break
-        if global_step >= max_train_steps:
-            break
-
-    accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(autoencoder).vae.eval()
     if accelerator.is_main_process:
         scaling_factor = latent_scaling_factor(model, train_loader, accelerator.device, args.scaling_factor_images,
                                                args.seed)
         model.register_to_config(scaling_factor=scaling_factor)
-        metrics, strip = log_validation(args, accelerator, model, validation_loader, global_step)
+        metrics, strip = log_validation(args, accelerator, model, validation_loader, result.global_step)
         model.save_pretrained(output_dir)
         Image.fromarray(strip).save(output_dir / "reconstructions.png")
         write_autoencoder_card(args, accelerator, model, data_description, len(train_set), len(validation_set),
-                               channels, global_step, metrics, recent)
+                               channels, metrics, result)
         if args.push_to_hub:
             push_model_folder(output_dir, args.hub_model_id or output_dir.name, args.hub_token, args.hub_private_repo)
     accelerator.end_training()
@@ -306,11 +272,10 @@ def log_validation(args, accelerator, vae: AutoencoderKL, loader, step: int) -> 
     return metrics, strip
 
 
-def write_autoencoder_card(args, accelerator, vae, data_description, num_train, num_validation, channels, steps,
-                           metrics, recent) -> None:
+def write_autoencoder_card(args, accelerator, vae, data_description, num_train, num_validation, channels, metrics,
+                           result: TrainingResult) -> None:
     output_dir = Path(args.output_dir)
     side = latent_size(vae, args.resolution)
-    mean = lambda name: f"{np.mean(recent[name]):.4g}" if recent.get(name) else "n/a"  # noqa: E731
     adversarial = (f"weight {args.adversarial_weight} from step {args.adversarial_warmup_steps}, discriminator lr "
                    f"{args.discriminator_learning_rate}" if args.adversarial_weight > 0 else "off")
     write_model_card(
@@ -332,7 +297,7 @@ def write_autoencoder_card(args, accelerator, vae, data_description, num_train, 
         psnr=f"{metrics['psnr']:.2f}",
         ssim=f"{metrics['ssim']:.4f}",
         scaling_factor=f"{vae.config.scaling_factor:.5g}",
-        train_steps=steps,
+        train_steps=result.global_step,
         batch_size=args.train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         num_processes=accelerator.num_processes,
@@ -343,8 +308,8 @@ def write_autoencoder_card(args, accelerator, vae, data_description, num_train, 
         if args.perceptual_network
         else "off (no feature network given)",
         adversarial=adversarial,
-        final_l1=mean("l1"),
-        final_kl=mean("kl"),
+        final_l1=result.mean("l1"),
+        final_kl=result.mean("kl"),
         parameters=f"{sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters, channels "
         f"{list(vae.config.block_out_channels)}",
     )

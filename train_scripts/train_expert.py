@@ -18,29 +18,24 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
 from torchmetrics.functional.classification import multiclass_confusion_matrix
-from tqdm.auto import tqdm
 from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
 
 from medsyn.data import image_channels, image_transform, random_affine
-from medsyn.metrics.features import PooledImageEncoder
 from medsyn.hub_upload import push_model_folder
+from medsyn.metrics.features import PooledImageEncoder
 from medsyn.model_card import card_reference, write_model_card
 from medsyn.training.accelerator import (
     build_accelerator,
     build_lr_scheduler,
     build_optimizer,
     enable_gradient_checkpointing,
-    resume_position,
-    save_checkpoint,
     step_budget,
-    validation_due,
 )
-from medsyn.training.checkpoints import step_generator
+from medsyn.training.loop import TrainingResult, TrainingRun, training_loop
 from medsyn.training.script_args import (
     add_data_arguments,
     add_logging_and_hub_arguments,
@@ -150,69 +145,38 @@ def main(args: argparse.Namespace) -> ResNetForImageClassification:
     optimizer = build_optimizer(args, classifier.parameters())
     classifier, optimizer, train_loader = accelerator.prepare(classifier, optimizer, train_loader)
     encoder.to(accelerator.device)
-    updates_per_epoch, max_train_steps, num_epochs = step_budget(args, len(train_loader))
+    updates_per_epoch, max_train_steps, _ = step_budget(args, len(train_loader))
     lr_scheduler = build_lr_scheduler(args, accelerator, optimizer, max_train_steps)
-    if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name or "expert",
-                                  config={k: str(v) for k, v in vars(args).items()})
 
-    global_step, first_epoch, resume_batches = resume_position(args, accelerator, updates_per_epoch)
+    def loss_fn(batch, step):
+        images = batch["pixel_values"]
+        if args.augment:
+            images = random_affine(images, generator=step.generator)
+        logits = classifier(pixel_values=encoder.normalise(images / 2 + 0.5)).logits
+        return {"loss": F.cross_entropy(logits.float(), batch["labels"])}
+
+    def validate(step):
+        metrics = evaluate(classifier, encoder, validation_loader, accelerator.device, len(class_names))
+        accelerator.log({"validation/accuracy": metrics["accuracy"]}, step=step)
 
     logger.info(f"{len(train_set)} training and {len(validation_set)} validation images, classes {class_names}, "
                 f"{max_train_steps} steps")
-    progress = tqdm(range(max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
-    recent_losses: list[float] = []
-    micro_step = global_step * args.gradient_accumulation_steps
-    for epoch in range(first_epoch, num_epochs):
-        classifier.train()
-        train_loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(train_loader, resume_batches) if epoch == first_epoch else train_loader
-        for batch in batches:
-            generator = step_generator(args.seed, micro_step, accelerator.process_index, accelerator.device)
-            micro_step += 1
-            images = batch["pixel_values"]
-            if args.augment:
-                images = random_affine(images, generator=generator)
-            with accelerator.accumulate(classifier):
-                logits = classifier(pixel_values=encoder.normalise(images / 2 + 0.5)).logits
-                loss = F.cross_entropy(logits.float(), batch["labels"])
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(classifier.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            if accelerator.sync_gradients:
-                global_step += 1
-                progress.update(1)
-                step_loss = accelerator.gather(loss.detach()[None]).mean().item()
-                recent_losses = (recent_losses + [step_loss])[-50:]
-                accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
-                progress.set_postfix(loss=f"{step_loss:.4g}")
-                if global_step % args.checkpointing_steps == 0:
-                    save_checkpoint(args, accelerator, global_step)
-                if validation_due(args, global_step, max_train_steps, updates_per_epoch) and accelerator.is_main_process:
-                    metrics = evaluate(classifier, encoder, validation_loader, accelerator.device, len(class_names))
-                    accelerator.log({"validation/accuracy": metrics["accuracy"]}, step=global_step)
-                    classifier.train()
-                if global_step >= max_train_steps:
-                    break
-        if global_step >= max_train_steps:
-            break
+    run = TrainingRun(accelerator, [classifier], list(classifier.parameters()), optimizer, lr_scheduler, train_loader,
+                      updates_per_epoch, max_train_steps)
+    result = training_loop(args, run, loss_fn, tracker_project_name="expert", validate=validate)
 
-    accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(classifier).eval()
     if accelerator.is_main_process:
         metrics = evaluate(model, encoder, validation_loader, accelerator.device, len(class_names))
         logger.info(f"validation accuracy {metrics['accuracy']:.4f}")
         save_expert(args, accelerator, model, mean, std, metrics, class_names, data_description, len(train_set),
-                    len(validation_set), channels, global_step, recent_losses)
+                    len(validation_set), channels, result)
     accelerator.end_training()
     return model
 
 
 def save_expert(args, accelerator, model, mean, std, metrics, class_names, data_description, num_train,
-                num_validation, channels, steps, recent_losses) -> None:
+                num_validation, channels, result: TrainingResult) -> None:
     output_dir = Path(args.output_dir)
     model.config.image_size = args.resolution  # the side FrozenExpert resizes noisy inputs to
     model.save_pretrained(output_dir)
@@ -243,12 +207,12 @@ def save_expert(args, accelerator, model, mean, std, metrics, class_names, data_
         else "from scratch",
         architecture=f"ResNet, depths {list(model.config.depths)}, widths {list(model.config.hidden_sizes)}, "
                      f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters",
-        train_steps=steps,
+        train_steps=result.global_step,
         batch_size=args.train_batch_size,
         num_processes=accelerator.num_processes,
         learning_rate=args.learning_rate,
         weight_decay=args.adam_weight_decay,
-        final_loss=f"{np.mean(recent_losses):.4f}" if recent_losses else "n/a",
+        final_loss=result.mean(),
     )
     if args.push_to_hub:
         push_model_folder(output_dir, args.hub_model_id or output_dir.name, args.hub_token, args.hub_private_repo)

@@ -34,8 +34,8 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     UNet2DConditionModel,
 )
+from medsyn.pipelines import MediSynPipeline
 from PIL import Image
-from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, BertModel
 
 from medsyn.data import image_channels, image_transform
@@ -49,7 +49,6 @@ from medsyn.models.latent_diffusion import (
     latent_size,
     prompt_max_length,
 )
-from medsyn.pipelines import MediSynPipeline
 from medsyn.training.accelerator import (
     attach_ema,
     build_accelerator,
@@ -57,15 +56,9 @@ from medsyn.training.accelerator import (
     build_optimizer,
     ema_or_trained_model,
     enable_gradient_checkpointing,
-    resume_position,
-    save_checkpoint,
     step_budget,
-    validation_due,
 )
-from medsyn.training.checkpoints import (
-    seed_global_rng,
-    step_generator,
-)
+from medsyn.training.checkpoints import seed_global_rng
 from medsyn.training.denoising_loss import denoising_loss, offset_noise
 from medsyn.training.feature_alignment import (
     FeatureAligner,
@@ -74,6 +67,7 @@ from medsyn.training.feature_alignment import (
     block_channels,
     describe_alignment,
 )
+from medsyn.training.loop import TrainingResult, TrainingRun, training_loop
 from medsyn.training.script_args import (
     add_data_arguments,
     add_logging_and_hub_arguments,
@@ -301,8 +295,8 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
         num_workers=args.dataloader_num_workers, drop_last=len(dataset) >= args.train_batch_size,
     )
     aligner = build_aligner(args, unet, vae, text_encoder, max_length, accelerator.device)
-    trained = [unet, text_encoder] if train_text_encoder else [unet]
-    parameters = [p for model in trained for p in model.parameters() if p.requires_grad]
+    parameters = [p for model in [unet, text_encoder][:1 + train_text_encoder] for p in model.parameters()
+                  if p.requires_grad]
     if aligner is not None:
         parameters += list(aligner.projection.parameters())
     optimizer = build_optimizer(args, parameters)
@@ -310,98 +304,60 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
         unet, text_encoder, optimizer, dataloader = accelerator.prepare(unet, text_encoder, optimizer, dataloader)
     else:
         unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
+    trained = [unet, text_encoder][:1 + train_text_encoder]
     projection = accelerator.prepare(aligner.projection) if aligner else None
-    updates_per_epoch, max_train_steps, num_epochs = step_budget(args, len(dataloader))
+    updates_per_epoch, max_train_steps, _ = step_budget(args, len(dataloader))
     lr_scheduler = build_lr_scheduler(args, accelerator, optimizer, max_train_steps)
     ema = attach_ema(accelerator, accelerator.unwrap_model(unet), args.ema_decay, "unet_ema") if args.use_ema else None
-    if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name or "medisyn",
-                                  config={k: str(v) for k, v in vars(args).items()})
-
-    global_step, first_epoch, resume_batches = resume_position(args, accelerator, updates_per_epoch)
-
     scaling, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
+
+    def loss_fn(batch, step):
+        """The DDPM noise-prediction loss on the frozen autoencoder's latents, captions dropped for guidance."""
+        generator = step.generator
+        seed_global_rng(args.seed, step.micro_step, accelerator.process_index)  # text-encoder dropout
+        pixels = batch["pixel_values"].to(weight_dtype)
+        batch_size = pixels.shape[0]
+        drop = torch.rand(batch_size, generator=generator, device=pixels.device) < args.caption_dropout
+        captions = ["" if dropped else caption for dropped, caption in zip(drop.tolist(), batch["captions"])]
+        with torch.no_grad():
+            posterior = vae.encode(pixels).latent_dist
+            latents = (posterior.sample(generator=generator).float() - shift) * scaling
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+        if args.noise_offset:
+            noise = offset_noise(noise, args.noise_offset, generator)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,),
+                                  generator=generator, device=latents.device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        with torch.set_grad_enabled(train_text_encoder):
+            context, context_mask = encode_prompts(text_encoder, tokenizer, captions, max_length, latents.device)
+        prediction = unet(noisy, timesteps, encoder_hidden_states=context, encoder_attention_mask=context_mask,
+                          return_dict=False)[0]
+        target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
+            noise_scheduler.get_velocity(latents, noise, timesteps)
+        losses = {"loss": denoising_loss(prediction, target, timesteps, noise_scheduler, args.snr_gamma)}
+        if aligner is not None:
+            # The expert sees the pixel image noised to the latent's timestep (see medsyn.training.feature_alignment).
+            seen = pixels.float()
+            if args.align_on == "noisy":
+                pixel_noise = torch.randn(seen.shape, generator=generator, device=seen.device)
+                seen = noise_scheduler.add_noise(seen, pixel_noise, timesteps)
+            losses["align_loss"] = aligner.loss(seen, projection)
+            losses["loss"] = losses["loss"] + args.align_weight * losses["align_loss"]
+        return losses
+
+    def validate(step):
+        pipeline = assemble_pipeline(accelerator, vae, text_encoder, tokenizer, unet, ema, noise_scheduler)
+        grid = sample_grid(pipeline, validation_prompts, args.num_validation_images,
+                           args.validation_inference_steps, args.validation_guidance_scale, args.seed)
+        save_validation_image(args, accelerator, grid, step)
+
     logger.info(f"{len(dataset)} image-text pairs, {max_train_steps} steps; text encoder "
                 f"{'new' if new_encoder else 'pretrained'}, {'trained' if train_text_encoder else 'frozen'}"
                 f"{'; LoRA rank ' + str(args.rank) if args.use_lora else ''}")
-    progress = tqdm(range(max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
-    recent_losses: list[float] = []
-    micro_step = global_step * args.gradient_accumulation_steps
-    for epoch in range(first_epoch, num_epochs):
-        unet.train()
-        if train_text_encoder:
-            text_encoder.train()
-        dataloader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(dataloader, resume_batches) if epoch == first_epoch else dataloader
-        for batch in batches:
-            generator = step_generator(args.seed, micro_step, accelerator.process_index, accelerator.device)
-            seed_global_rng(args.seed, micro_step, accelerator.process_index)  # text-encoder dropout
-            micro_step += 1
-            pixels = batch["pixel_values"].to(weight_dtype)
-            batch_size = pixels.shape[0]
-            drop = torch.rand(batch_size, generator=generator, device=pixels.device) < args.caption_dropout
-            captions = ["" if dropped else caption for dropped, caption in zip(drop.tolist(), batch["captions"])]
-            with accelerator.accumulate(*trained):
-                with torch.no_grad():
-                    posterior = vae.encode(pixels).latent_dist
-                    latents = (posterior.sample(generator=generator).float() - shift) * scaling
-                noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-                if args.noise_offset:
-                    noise = offset_noise(noise, args.noise_offset, generator)
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,),
-                                          generator=generator, device=latents.device)
-                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                with torch.set_grad_enabled(train_text_encoder):
-                    context, context_mask = encode_prompts(text_encoder, tokenizer, captions, max_length, latents.device)
-                prediction = unet(noisy, timesteps, encoder_hidden_states=context, encoder_attention_mask=context_mask,
-                                  return_dict=False)[0]
-                target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
-                    noise_scheduler.get_velocity(latents, noise, timesteps)
-                loss = denoising_loss(prediction, target, timesteps, noise_scheduler, args.snr_gamma)
-                if aligner is not None:
-                    # The expert sees the pixel image noised to the latent's timestep (see medsyn.training.feature_alignment).
-                    seen = pixels.float()
-                    if args.align_on == "noisy":
-                        pixel_noise = torch.randn(seen.shape, generator=generator, device=seen.device)
-                        seen = noise_scheduler.add_noise(seen, pixel_noise, timesteps)
-                    align_loss = aligner.loss(seen, projection)
-                    loss = loss + args.align_weight * align_loss
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {global_step}; lower --learning_rate")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(parameters, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
+    run = TrainingRun(accelerator, trained, parameters, optimizer, lr_scheduler, dataloader, updates_per_epoch,
+                      max_train_steps, ema)
+    result = training_loop(args, run, loss_fn, tracker_project_name="medisyn", validate=validate)
 
-            if accelerator.sync_gradients:
-                if ema is not None:
-                    ema.step(accelerator.unwrap_model(unet).parameters())
-                global_step += 1
-                progress.update(1)
-                step_loss = accelerator.gather(loss.detach()[None]).mean().item()
-                recent_losses = (recent_losses + [step_loss])[-50:]
-                logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
-                if aligner is not None:
-                    logs["align_loss"] = accelerator.gather(align_loss.detach()[None]).mean().item()
-                accelerator.log(logs, step=global_step)
-                progress.set_postfix(loss=f"{step_loss:.4g}")
-                if global_step % args.checkpointing_steps == 0:
-                    save_checkpoint(args, accelerator, global_step)
-                if validation_due(args, global_step, max_train_steps, updates_per_epoch) and accelerator.is_main_process:
-                    pipeline = assemble_pipeline(accelerator, vae, text_encoder, tokenizer, unet, ema, noise_scheduler)
-                    grid = sample_grid(pipeline, validation_prompts, args.num_validation_images,
-                                       args.validation_inference_steps, args.validation_guidance_scale, args.seed)
-                    save_validation_image(args, accelerator, grid, global_step)
-                    for model in trained:
-                        model.train()
-                if global_step >= max_train_steps:
-                    break
-        if global_step >= max_train_steps:
-            break
-
-    accelerator.wait_for_everyone()
     if aligner is not None:
         aligner.features.remove()  # the hook was for training; the saved pipeline runs without it
     if weight_dtype != torch.float32:  # the frozen parts ran in the mixed-precision dtype; the saved model is float32
@@ -410,7 +366,7 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
     pipeline = assemble_pipeline(accelerator, vae, text_encoder, tokenizer, unet, ema, noise_scheduler)
     if accelerator.is_main_process:
         save_result(args, accelerator, pipeline, validation_prompts, data_description, len(dataset), channels,
-                    global_step, recent_losses, new_encoder, train_text_encoder)
+                    result, new_encoder, train_text_encoder)
     accelerator.end_training()
     return pipeline
 
@@ -448,8 +404,8 @@ def sample_grid(pipeline: MediSynPipeline, prompts: list[str], per_prompt: int, 
     return image_grid(images, rows=len(prompts))
 
 
-def save_result(args, accelerator, pipeline, prompts, data_description, num_images, channels, steps,
-                recent_losses, new_encoder, train_text_encoder) -> None:
+def save_result(args, accelerator, pipeline, prompts, data_description, num_images, channels,
+                result: TrainingResult, new_encoder, train_text_encoder) -> None:
     """The pipeline (or, with LoRA, the adapters alone), sample grid and model card; then the Hub upload."""
     output_dir = Path(args.output_dir)
     if args.use_lora:
@@ -487,7 +443,7 @@ def save_result(args, accelerator, pipeline, prompts, data_description, num_imag
         caption_dropout=args.caption_dropout,
         resolution=args.resolution,
         channels=channels,
-        train_steps=steps,
+        train_steps=result.global_step,
         batch_size=args.train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         num_processes=accelerator.num_processes,
@@ -495,7 +451,7 @@ def save_result(args, accelerator, pipeline, prompts, data_description, num_imag
         ema=f"decay {args.ema_decay}" if args.use_ema else "off",
         mixed_precision=accelerator.mixed_precision,
         prediction_type=pipeline.scheduler.config.prediction_type,
-        final_loss=f"{np.mean(recent_losses):.4f}" if recent_losses else "n/a",
+        final_loss=result.mean(),
         text_encoder=f"{type(text_encoder).__name__}, {text_encoder.config.num_hidden_layers} layers x "
                      f"{text_encoder.config.hidden_size}, {encoder_origin}, "
                      f"{'trained' if train_text_encoder else 'frozen'}; {prompt_max_length(pipeline.tokenizer, text_encoder)} tokens per prompt",

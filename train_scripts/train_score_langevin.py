@@ -16,18 +16,16 @@ import shlex
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate.logging import get_logger
 from diffusers import UNet2DModel
+from medsyn.pipelines import ScoreLangevinPipeline
 from PIL import Image
-from tqdm.auto import tqdm
 
 from medsyn.data import image_channels, image_transform, random_affine
 from medsyn.hub_upload import push_model_folder
 from medsyn.model_card import write_model_card
 from medsyn.models.score_unet import null_class_label, score_unet_config
-from medsyn.pipelines import ScoreLangevinPipeline
 from medsyn.schedulers import AnnealedLangevinScheduler, noise_schedule_from_data
 from medsyn.schedulers.ncsn_rules import langevin_step_size
 from medsyn.schedulers.scheduling_annealed_langevin import geometric_sigmas
@@ -38,13 +36,7 @@ from medsyn.training.accelerator import (
     build_optimizer,
     ema_or_trained_model,
     enable_gradient_checkpointing,
-    resume_position,
-    save_checkpoint,
     step_budget,
-    validation_due,
-)
-from medsyn.training.checkpoints import (
-    step_generator,
 )
 from medsyn.training.dsm_loss import dsm_loss, perturb
 from medsyn.training.feature_alignment import (
@@ -54,6 +46,7 @@ from medsyn.training.feature_alignment import (
     block_channels,
     describe_alignment,
 )
+from medsyn.training.loop import TrainingResult, TrainingRun, training_loop
 from medsyn.training.script_args import (
     add_data_arguments,
     add_logging_and_hub_arguments,
@@ -69,7 +62,6 @@ from medsyn.training.validation_images import image_grid, save_validation_image
 from medsyn.validation import DefaultsShown, count_argument, number_argument
 
 logger = get_logger(__name__)
-
 
 
 #: diffusers' flags that belong to a DDPM noise schedule, not to multi-scale denoising score matching.
@@ -220,79 +212,43 @@ def main(args: argparse.Namespace) -> UNet2DModel:
     optimizer = build_optimizer(args, trained_parameters)
     unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
     projection = accelerator.prepare(aligner.projection) if aligner else None
-    updates_per_epoch, max_train_steps, num_epochs = step_budget(args, len(dataloader))
+    updates_per_epoch, max_train_steps, _ = step_budget(args, len(dataloader))
     lr_scheduler = build_lr_scheduler(args, accelerator, optimizer, max_train_steps)
     ema = attach_ema(accelerator, accelerator.unwrap_model(unet), args.ema_decay, "unet_ema") if args.use_ema else None
-    if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name or "score_langevin",
-                                  config={k: str(v) for k, v in vars(args).items()})
 
-    global_step, first_epoch, resume_batches = resume_position(args, accelerator, updates_per_epoch)
+    def loss_fn(batch, step):
+        """Multi-scale denoising score matching (sigma^2-weighted), plus the alignment term when asked for."""
+        clean = batch["pixel_values"]
+        if args.augment:
+            clean = random_affine(clean, generator=step.generator)
+        labels = None
+        if null_label is not None:
+            drop = torch.rand(clean.shape[0], generator=step.generator, device=clean.device) < args.label_drop_rate
+            labels = torch.where(drop, torch.full_like(batch["labels"], null_label), batch["labels"])
+        noisy, noise, sigma = perturb(clean, train_sigmas, generator=step.generator)
+        score = unet(noisy, sigma, class_labels=labels).sample
+        losses = {"loss": dsm_loss(score.float(), noise.float(), sigma.float()).mean()}
+        if aligner is not None:
+            losses["align_loss"] = aligner.loss(noisy if args.align_on == "noisy" else clean, projection)
+            losses["loss"] = losses["loss"] + args.align_weight * losses["align_loss"]
+        return losses
 
-    logger.info(f"{len(dataset)} images, {max_train_steps} optimiser steps, {num_epochs} epochs, "
+    def validate(step):
+        log_validation(args, accelerator, unet, ema, noise_scheduler, class_names, step)
+
+    logger.info(f"{len(dataset)} images, {max_train_steps} optimiser steps, "
                 f"{noise_scheduler.config.num_train_timesteps} noise levels "
                 f"(sigma {noise_scheduler.config.sigma_max:.3g} to {noise_scheduler.config.sigma_min:.3g})")
-    progress = tqdm(range(max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
-    recent_losses: list[float] = []
-    micro_step = global_step * args.gradient_accumulation_steps
-    for epoch in range(first_epoch, num_epochs):
-        unet.train()
-        dataloader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(dataloader, resume_batches) if epoch == first_epoch else dataloader
-        for batch in batches:
-            generator = step_generator(args.seed, micro_step, accelerator.process_index, accelerator.device)
-            micro_step += 1
-            clean = batch["pixel_values"]
-            if args.augment:
-                clean = random_affine(clean, generator=generator)
-            labels = None
-            if null_label is not None:
-                drop = torch.rand(clean.shape[0], generator=generator, device=clean.device) < args.label_drop_rate
-                labels = torch.where(drop, torch.full_like(batch["labels"], null_label), batch["labels"])
-            with accelerator.accumulate(unet):
-                noisy, noise, sigma = perturb(clean, train_sigmas, generator=generator)
-                score = unet(noisy, sigma, class_labels=labels).sample
-                loss = dsm_loss(score.float(), noise.float(), sigma.float()).mean()
-                if aligner is not None:
-                    align_loss = aligner.loss(noisy if args.align_on == "noisy" else clean, projection)
-                    loss = loss + args.align_weight * align_loss
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {global_step}; lower --learning_rate")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(trained_parameters, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
+    run = TrainingRun(accelerator, [unet], trained_parameters, optimizer, lr_scheduler, dataloader,
+                      updates_per_epoch, max_train_steps, ema)
+    result = training_loop(args, run, loss_fn, tracker_project_name="score_langevin", validate=validate)
 
-            if accelerator.sync_gradients:
-                if ema is not None:
-                    ema.step(accelerator.unwrap_model(unet).parameters())
-                global_step += 1
-                progress.update(1)
-                step_loss = accelerator.gather(loss.detach()[None]).mean().item()
-                recent_losses = (recent_losses + [step_loss])[-50:]
-                logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
-                if aligner is not None:
-                    logs["align_loss"] = accelerator.gather(align_loss.detach()[None]).mean().item()
-                accelerator.log(logs, step=global_step)
-                progress.set_postfix(loss=f"{step_loss:.4g}")
-                if global_step % args.checkpointing_steps == 0:
-                    save_checkpoint(args, accelerator, global_step)
-                if validation_due(args, global_step, max_train_steps, updates_per_epoch) and accelerator.is_main_process:
-                    log_validation(args, accelerator, unet, ema, noise_scheduler, class_names, global_step)
-                if global_step >= max_train_steps:
-                    break
-        if global_step >= max_train_steps:
-            break
-
-    accelerator.wait_for_everyone()
     if aligner is not None:
         aligner.features.remove()  # the hook was for training; the saved pipeline runs without it
     model = ema_or_trained_model(accelerator, unet, ema)
     if accelerator.is_main_process:
         save_pipeline(args, accelerator, model, noise_scheduler, class_names, data_description, len(dataset),
-                      channels, global_step, recent_losses)
+                      channels, result)
     accelerator.end_training()
     return model
 
@@ -307,7 +263,7 @@ def log_validation(args, accelerator, unet, ema, noise_scheduler, class_names, s
 
 
 def save_pipeline(args, accelerator, model, noise_scheduler, class_names, data_description, num_images,
-                  channels, global_step, recent_losses) -> None:
+                  channels, result: TrainingResult) -> None:
     output_dir = Path(args.output_dir)
     pipeline = ScoreLangevinPipeline(model, noise_scheduler, class_names=class_names)
     pipeline.save_pretrained(output_dir)
@@ -336,7 +292,7 @@ def save_pipeline(args, accelerator, model, noise_scheduler, class_names, data_d
         class_names=", ".join(class_names) if class_names else "unconditional",
         resolution=args.resolution if not args.pretrained_model_name_or_path else model.config.sample_size,
         channels=channels,
-        train_steps=global_step,
+        train_steps=result.global_step,
         batch_size=args.train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         num_processes=accelerator.num_processes,
@@ -349,7 +305,7 @@ def save_pipeline(args, accelerator, model, noise_scheduler, class_names, data_d
         n_steps_each=config.n_steps_each,
         step_size=f"{config.step_size:.3g}",
         label_drop_rate=args.label_drop_rate if class_names else "n/a",
-        final_loss=f"{np.mean(recent_losses):.4f}" if recent_losses else "n/a",
+        final_loss=result.mean(),
         alignment=describe_alignment(args),
         unet_summary=f"UNet2DModel, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"channels {list(model.config.block_out_channels)}",
