@@ -11,6 +11,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "ClassConditionalDDPMPipeline": "medsyn.pipelines",
     "MediSynPipeline": "medsyn.pipelines",
     "ScoreLangevinPipeline": "medsyn.pipelines",
     "AnnealedLangevinScheduler": "medsyn.schedulers",
@@ -18,6 +19,7 @@ _EXPORTS = {
     "PredictorCorrectorScheduler": "medsyn.schedulers",
     "build_score_unet": "medsyn.models.score_unet",
     "score_unet_config": "medsyn.models.score_unet",
+    "ddpm_unet_config": "medsyn.models.ddpm_unet",
     "load_image_dataset": "medsyn.data",
     "SimulatedBrainMRI": "medsyn.data",
 }

@@ -147,7 +147,7 @@ def generate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from medsyn.output_files import atomic_write, check_writable, safe_file_stem
-    from medsyn.pipelines import MediSynPipeline, load_pipeline
+    from medsyn.pipelines import ClassConditionalDDPMPipeline, MediSynPipeline, load_pipeline
     from medsyn.seeding import keyed_generator
 
     # 1. Check the arguments and the output folder before any model is loaded
@@ -180,6 +180,15 @@ def generate(args: argparse.Namespace) -> int:
                             ("--sampler", None if args.sampler == "langevin" else args.sampler)):
             if value is not None:
                 raise ValueError(f"{flag} applies to score-Langevin models only")
+    elif isinstance(pipe, ClassConditionalDDPMPipeline):
+        if args.prompt is not None or args.negative_prompt is not None:
+            raise ValueError(f"{args.model} is a class-conditional DDPM: pass --class-label, not --prompt")
+        for flag, value in (("--n-steps-each", args.n_steps_each),
+                            ("--sampler", None if args.sampler == "langevin" else args.sampler)):
+            if value is not None:
+                raise ValueError(f"{flag} applies to score-Langevin models only")
+        pipe.check_inputs(args.batch_size, args.num_inference_steps,
+                          1.0 if args.guidance_scale is None else args.guidance_scale, "np", None)
     else:
         if args.prompt is not None or args.negative_prompt is not None:
             raise ValueError(f"{args.model} is a class-conditional score model: pass --class-label, not --prompt")
@@ -209,15 +218,16 @@ def generate(args: argparse.Namespace) -> int:
                 batch = pipe([args.prompt] * count, negative_prompt=None if args.negative_prompt is None else
                              [args.negative_prompt] * count, generator=generators, output_type="np", **options).images
             else:
+                langevin = {} if isinstance(pipe, ClassConditionalDDPMPipeline) else {"n_steps_each": args.n_steps_each}
                 batch = pipe(
                     batch_size=count,
                     class_labels=None if labels is None else labels[start : start + count],
                     num_inference_steps=args.num_inference_steps,
-                    n_steps_each=args.n_steps_each,
                     guidance_scale=1.0 if args.guidance_scale is None else args.guidance_scale,
                     generator=generators,
                     output_type="np",
                     autocast_dtype=torch.bfloat16 if args.bf16 else None,
+                    **langevin,
                 ).images
             batch = np.round(batch * 255).astype(np.uint8)
             if args.format == "png":
@@ -385,8 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.set_defaults(handler=demo)
 
     gen = commands.add_parser("generate", **shown, help="generate images from a saved model")
-    gen.add_argument("--model", required=True, help="a saved medsyn pipeline (score-Langevin or MediSyn) folder")
-    gen.add_argument("--class-label", default=None, help="score models: class name or index (default: unconditional)")
+    gen.add_argument("--model", required=True,
+                     help="a saved medsyn pipeline (score-Langevin, DDPM or MediSyn): a folder or Hub id")
+    gen.add_argument("--class-label", default=None,
+                     help="score and DDPM models: class name or index (default: unconditional)")
     gen.add_argument("--prompt", default=None, help="MediSyn models: the text prompt")
     gen.add_argument("--negative-prompt", default=None, help="MediSyn models: what guidance steers away from")
     gen.add_argument("--num-images", type=count_argument(), default=16, help="images to generate")
@@ -395,10 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--format", choices=("png", "npz"), default="png", help="one PNG per image, or one NPZ")
     gen.add_argument("--batch-size", type=count_argument(), default=16, help="images per network call")
     gen.add_argument("--guidance-scale", type=number_argument(0), default=None,
-                     help="classifier-free guidance weight (default: 1.0, none, for score models; the pipeline's "
-                     "4.0 for MediSyn)")
+                     help="classifier-free guidance weight (default: 1.0, none, for score and DDPM models; the "
+                     "pipeline's 4.0 for MediSyn)")
     gen.add_argument("--num-inference-steps", type=count_argument(), default=None,
-                     help="noise levels of a score model (default: as trained) or MediSyn denoising steps (50)")
+                     help="noise levels of a score model (default: as trained), or denoising steps of DDPM (25) and "
+                     "MediSyn (50) models")
     gen.add_argument("--n-steps-each", type=count_argument(), default=None,
                      help="score models: Langevin steps per level")
     gen.add_argument("--bf16", action="store_true", help="run the network under bfloat16 autocast")

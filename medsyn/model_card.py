@@ -22,6 +22,7 @@ from medsyn.pipelines.hub_folder import REPO_ID_PLACEHOLDER_USER
 #: template -> (library_name, pipeline_tag, method tags)
 CARD_KINDS = {
     "score_langevin": ("diffusers", "unconditional-image-generation", ["score-based", "ncsn", "annealed-langevin"]),
+    "ddpm": ("diffusers", "unconditional-image-generation", ["ddpm", "pixel-diffusion", "classifier-free-guidance"]),
     "medisyn": ("diffusers", "text-to-image", ["medisyn", "latent-diffusion", "text-to-image"]),
     "medisyn_lora": ("diffusers", "text-to-image", ["medisyn", "lora", "text-to-image"]),
     "autoencoder": ("diffusers", None, ["autoencoder", "autoencoderkl", "latent-diffusion"]),
@@ -33,6 +34,11 @@ CITATIONS = {
         "Song & Ermon. Generative Modeling by Estimating Gradients of the Data Distribution. NeurIPS 2019.",
         "Song & Ermon. Improved Techniques for Training Score-Based Generative Models. NeurIPS 2020.",
         "Ho & Salimans. Classifier-Free Diffusion Guidance. 2022.",
+    ],
+    "ddpm": [
+        "Ho et al. Denoising Diffusion Probabilistic Models. NeurIPS 2020.",
+        "Ho & Salimans. Classifier-Free Diffusion Guidance. 2022.",
+        "Lu et al. DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models. 2022.",
     ],
     "medisyn": [
         "Cho et al. MediSyn: Text-Guided Diffusion Models for Broad Medical 2D and 3D Image Synthesis. 2024.",

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .pipeline_class_conditional_ddpm import ClassConditionalDDPMPipeline
 from .pipeline_medisyn import MediSynPipeline
 from .pipeline_score_langevin import ScoreLangevinPipeline
 
-__all__ = ["MediSynPipeline", "ScoreLangevinPipeline", "load_pipeline"]
+__all__ = ["ClassConditionalDDPMPipeline", "MediSynPipeline", "ScoreLangevinPipeline", "load_pipeline"]
 
 
 def load_pipeline(path: str | Path):
@@ -30,7 +31,7 @@ def load_pipeline(path: str | Path):
     name = json.loads(index.read_text()).get("_class_name")
     if isinstance(name, list):  # a folder that ships its code: ["module", "Class"]
         name = name[-1]
-    classes = {cls.__name__: cls for cls in (MediSynPipeline, ScoreLangevinPipeline)}
+    classes = {cls.__name__: cls for cls in (ClassConditionalDDPMPipeline, MediSynPipeline, ScoreLangevinPipeline)}
     if name not in classes:
         from diffusers import DiffusionPipeline
 

@@ -29,13 +29,11 @@ from medsyn.schedulers.scheduling_edm_heun import DEFAULT_STEPS, EDMHeunSchedule
 from medsyn.schedulers.scheduling_predictor_corrector import PredictorCorrectorScheduler  # noqa: F401
 from medsyn.validation import finite_number, whole_number
 
+from .class_conditioning import ClassConditionalMixin, ClassLabels
 from .hub_folder import HubFolderMixin
 from .step_callbacks import StepCallbackMixin
 
-ClassLabels = int | str | list[int | str] | torch.Tensor
-
-
-class ScoreLangevinPipeline(HubFolderMixin, DiffusionPipeline, StepCallbackMixin):
+class ScoreLangevinPipeline(ClassConditionalMixin, HubFolderMixin, DiffusionPipeline, StepCallbackMixin):
     r"""Pipeline for image generation by annealed Langevin dynamics on a learned score.
 
     Parameters:
@@ -63,46 +61,7 @@ class ScoreLangevinPipeline(HubFolderMixin, DiffusionPipeline, StepCallbackMixin
     ):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
-        if isinstance(class_names, dict):  # as saved: {"0": name, ...}
-            class_names = [class_names[key] for key in sorted(class_names, key=int)]
-        names = None if class_names is None else {str(i): name for i, name in enumerate(class_names)}
-        self.register_to_config(class_names=names)
-
-    @property
-    def class_names(self) -> list[str] | None:
-        """The names of the unet's classes, in index order."""
-        names = self.config.class_names
-        return None if names is None else [names[str(i)] for i in range(len(names))]
-
-    @property
-    def components(self) -> dict[str, Any]:
-        """The modules and the class names: ``ScoreLangevinPipeline(**pipe.components)`` is the same pipeline
-        (diffusers leaves out every argument with a default, which dropped the names)."""
-        return {**super().components, "class_names": self.class_names}
-
-    def encode_class_labels(self, class_labels: ClassLabels | None, batch_size: int) -> torch.Tensor | None:
-        """Class indices for ``batch_size`` images; the null class when the unet is conditional and none given."""
-        null_label = null_class_label(self.unet)
-        if class_labels is None:
-            return None if null_label is None else torch.full((batch_size,), null_label, dtype=torch.long)
-        if null_label is None:
-            raise ValueError("class_labels were given but this unet is unconditional (num_class_embeds is None)")
-        if torch.is_tensor(class_labels):
-            class_labels = class_labels.tolist()
-        if not isinstance(class_labels, (list, tuple)):
-            class_labels = [class_labels] * batch_size
-        names = self.class_names or []
-        indices = []
-        for label in class_labels:
-            if isinstance(label, str):
-                if label not in names:
-                    raise ValueError(f"unknown class label {label!r}; this model knows {names}")
-                label = names.index(label)
-            label = whole_number(label, "class label", minimum=0)
-            if label >= null_label:
-                raise ValueError(f"class label {label} is out of range [0, {null_label})")
-            indices.append(label)
-        return torch.tensor(indices, dtype=torch.long)
+        self.register_class_names(class_names)
 
     def check_inputs(
         self,
@@ -134,30 +93,11 @@ class ScoreLangevinPipeline(HubFolderMixin, DiffusionPipeline, StepCallbackMixin
         if max_batch_size is not None:
             whole_number(max_batch_size, "max_batch_size")
 
-    def prepare_generators(
-        self, generator: torch.Generator | list[torch.Generator] | None, batch_size: int
-    ) -> list[torch.Generator]:
-        """One generator per image, so an image does not depend on how the batch is split into chunks.
-
-        A list must have one per image; a single generator is the image's own for one image (so ``G`` and
-        ``[G]`` give the same image, as in diffusers) and seeds the per-image ones in order for several.
-        """
-        if isinstance(generator, list):
-            if len(generator) != batch_size:
-                raise ValueError(f"got {len(generator)} generators for {batch_size} images")
-            return generator
-        if isinstance(generator, torch.Generator) and batch_size == 1:
-            return [generator]
-        seeds = torch.randint(0, 2**63 - 1, (batch_size,), generator=generator).tolist()
-        return [torch.Generator().manual_seed(seed) for seed in seeds]
-
     def prepare_latents(
         self, batch_size: int, generators: list[torch.Generator], latents: torch.Tensor | None
     ) -> torch.Tensor:
         """Initial samples from the prior at the largest noise level, N(0, sigma_max^2 I) (the schedule is set)."""
-        size = self.unet.config.sample_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        shape = (batch_size, self.unet.config.in_channels, *size)
+        shape = self.sample_shape(batch_size)
         if latents is None:
             return randn_tensor(shape, generator=generators, device=self.device) * self.prior_sigma
         if tuple(latents.shape) != shape:
@@ -306,11 +246,7 @@ class ScoreLangevinPipeline(HubFolderMixin, DiffusionPipeline, StepCallbackMixin
                 )
             )
         # 4. Post-process
-        image = (torch.cat(samples) / 2 + 0.5).clamp(0, 1)
-        if output_type == "np" or output_type == "pil":
-            image = image.cpu().permute(0, 2, 3, 1).numpy()
-            if output_type == "pil":
-                image = self.numpy_to_pil(image)
+        image = self.to_output_type(torch.cat(samples), output_type, self.numpy_to_pil)
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from medsyn.pipelines import ScoreLangevinPipeline
-from medsyn.train_scripts.train_score_langevin import main, parse_args, sample_grid
+from medsyn.train_scripts.train_score_langevin import main, parse_args
+from medsyn.training.class_conditional import class_sample_grid
 
 from .conftest import assert_same_weights
 from .ddp_launch import run_two_ranks
@@ -38,7 +39,8 @@ def test_train_save_reload_gives_identical_images(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     assert_same_weights(pipe.unet, model)
     saved_grid = np.asarray(Image.open(out / "samples.png"))
-    np.testing.assert_array_equal(sample_grid(pipe, ["healthy", "tumor"], 2, 3, 1.0, 7), saved_grid)
+    np.testing.assert_array_equal(class_sample_grid(pipe, ["healthy", "tumor"], 2, 1.0, 7, num_inference_steps=3),
+                                  saved_grid)
 
 
 @pytest.mark.parametrize("use_ema", [False, True])

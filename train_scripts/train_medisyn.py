@@ -70,6 +70,7 @@ from medsyn.training.feature_alignment import (
 from medsyn.training.loop import TrainingResult, TrainingRun, training_loop
 from medsyn.training.script_args import (
     add_data_arguments,
+    add_ema_arguments,
     add_logging_and_hub_arguments,
     add_optimisation_arguments,
     add_pretrained_arguments,
@@ -134,10 +135,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="LoRA alpha; default: the rank.")
 
     add_optimisation_arguments(parser, output_dir="medisyn-model", learning_rate=1e-4)
-    parser.add_argument("--use_ema", action="store_true",
-                        help="Keep an exponential moving average of the weights and save it as the model.")
-    parser.add_argument("--ema_decay", type=number_argument(0, exclusive=True), default=0.9999,
-                        help="Decay of the moving average.")
+    add_ema_arguments(parser, decay=0.9999)
     add_alignment_arguments(parser)
     add_logging_and_hub_arguments(parser)
     parser.add_argument("--validation_prompts", type=str, nargs="+", default=None,

@@ -25,7 +25,7 @@ from PIL import Image
 from medsyn.data import image_channels, image_transform, random_affine
 from medsyn.hub_upload import push_model_folder
 from medsyn.model_card import write_model_card
-from medsyn.models.score_unet import null_class_label, score_unet_config
+from medsyn.models.score_unet import null_class_label
 from medsyn.schedulers import AnnealedLangevinScheduler, noise_schedule_from_data
 from medsyn.schedulers.ncsn_rules import langevin_step_size
 from medsyn.schedulers.scheduling_annealed_langevin import geometric_sigmas
@@ -38,6 +38,14 @@ from medsyn.training.accelerator import (
     enable_gradient_checkpointing,
     step_budget,
 )
+from medsyn.training.class_conditional import (
+    add_class_unet_arguments,
+    check_class_unet_arguments,
+    class_sample_grid,
+    drop_labels,
+    labelled_dataloader,
+    unet_config_from_arguments,
+)
 from medsyn.training.dsm_loss import dsm_loss, perturb
 from medsyn.training.feature_alignment import (
     FeatureAligner,
@@ -49,6 +57,7 @@ from medsyn.training.feature_alignment import (
 from medsyn.training.loop import TrainingResult, TrainingRun, training_loop
 from medsyn.training.script_args import (
     add_data_arguments,
+    add_ema_arguments,
     add_logging_and_hub_arguments,
     add_not_applicable_arguments,
     add_optimisation_arguments,
@@ -58,7 +67,7 @@ from medsyn.training.script_args import (
     load_training_data,
     pretrained_kwargs,
 )
-from medsyn.training.validation_images import image_grid, save_validation_image
+from medsyn.training.validation_images import save_validation_image
 from medsyn.validation import DefaultsShown, count_argument, number_argument
 
 logger = get_logger(__name__)
@@ -78,19 +87,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_not_applicable_arguments(parser, NOT_APPLICABLE)
     parser.add_argument("--augment", action="store_true", help="Small random affine (MONAI DDPM tutorial); no flips.")
 
-    model = parser.add_argument_group("model")
+    model = add_class_unet_arguments(parser)
     model.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                        help="A ScoreLangevinPipeline folder or Hub id to fine-tune; default: a new model.")
     add_pretrained_arguments(model)
-    model.add_argument("--base_channels", type=count_argument(), default=64, help="Channels of the first UNet level.")
-    model.add_argument("--channel_mult", type=count_argument(), nargs="+", default=[1, 2, 4, 8],
-                       help="Channel multiplier per UNet level (the number of levels sets the downsampling).")
-    model.add_argument("--layers_per_block", type=count_argument(), default=2, help="Residual blocks per level.")
-    model.add_argument("--norm_num_groups", type=count_argument(), default=32,
-                       help="Groups of the group normalisation.")
-    model.add_argument("--class_conditional", action="store_true", help="Condition on the dataset's labels.")
-    model.add_argument("--label_drop_rate", type=number_argument(0), default=0.1,
-                       help="Fraction of labels replaced by the null class, for classifier-free guidance.")
 
     noise = parser.add_argument_group("noise schedule (default: NCSNv2 techniques 1, 2, 4 on the data)")
     noise.add_argument("--sigma_max", type=number_argument(0, exclusive=True), default=None,
@@ -104,10 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="Langevin alpha; default: technique 4.")
 
     add_optimisation_arguments(parser, output_dir="score-langevin-model", learning_rate=1e-4)
-    parser.add_argument("--use_ema", action="store_true",
-                        help="Keep an exponential moving average of the weights and save it as the model.")
-    parser.add_argument("--ema_decay", type=number_argument(0, exclusive=True), default=0.999,
-                        help="Decay of the moving average.")
+    add_ema_arguments(parser, decay=0.999)
 
     add_alignment_arguments(parser)
     add_logging_and_hub_arguments(parser)
@@ -120,10 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     check_data_arguments(parser, args)
     check_not_applicable(parser, args, NOT_APPLICABLE)
-    if not 0.0 <= args.label_drop_rate < 1.0:
-        parser.error(f"--label_drop_rate must be in [0, 1), got {args.label_drop_rate}")
-    if args.resolution % 2 ** (len(args.channel_mult) - 1):
-        parser.error(f"--resolution {args.resolution} must be divisible by 2**{len(args.channel_mult) - 1}")
+    check_class_unet_arguments(parser, args)
     return args
 
 
@@ -132,17 +126,7 @@ def build_model_and_scheduler(args, dataset, to_tensor, num_classes, channels):
     if args.pretrained_model_name_or_path:
         pipeline = ScoreLangevinPipeline.from_pretrained(args.pretrained_model_name_or_path, **pretrained_kwargs(args))
         return pipeline.unet, pipeline.scheduler
-    unet = UNet2DModel(
-        **score_unet_config(
-            sample_size=args.resolution,
-            in_channels=channels,
-            num_classes=num_classes if args.class_conditional else None,
-            base_channels=args.base_channels,
-            channel_mult=tuple(args.channel_mult),
-            layers_per_block=args.layers_per_block,
-            norm_num_groups=args.norm_num_groups,
-        )
-    )
+    unet = UNet2DModel(**unet_config_from_arguments(args, channels, num_classes))
     sample = torch.stack([to_tensor(dataset[i]["image"]) for i in range(min(len(dataset), 2000))])
     schedule = noise_schedule_from_data(sample, sigma_min=args.sigma_min, n_steps_each=args.n_steps_each)
     if args.sigma_max is not None:
@@ -166,20 +150,6 @@ def build_aligner(args, unet, example: torch.Tensor, sigmas: torch.Tensor, null_
     return FeatureAligner(expert, unet, args.align_block, width)
 
 
-def sample_grid(pipeline, class_names, per_class, num_levels, guidance_scale, seed):
-    """A (classes x per_class) grid of samples as a uint8 array, rows in class order."""
-    labels = [c for c in range(len(class_names)) for _ in range(per_class)] if class_names else None
-    images = pipeline(
-        batch_size=per_class,
-        class_labels=labels,
-        num_inference_steps=num_levels,
-        guidance_scale=guidance_scale if labels else 1.0,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="np",
-    ).images
-    return image_grid(images, rows=max(1, len(class_names or [None])))
-
-
 def main(args: argparse.Namespace) -> UNet2DModel:
     """Train, save the pipeline and model card (main process), and return the final network on every rank."""
     accelerator = build_accelerator(args)
@@ -199,14 +169,7 @@ def main(args: argparse.Namespace) -> UNet2DModel:
         noise_scheduler.config.sigma_max, noise_scheduler.config.sigma_min, noise_scheduler.config.num_train_timesteps
     ).float().to(accelerator.device)
 
-    def collate(rows):
-        pixels = torch.stack([to_tensor(row["image"]) for row in rows])
-        return {"pixel_values": pixels, "labels": torch.tensor([row["label"] for row in rows], dtype=torch.long)}
-
-    dataloader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
-        num_workers=args.dataloader_num_workers, drop_last=len(dataset) >= args.train_batch_size,
-    )
+    dataloader = labelled_dataloader(dataset, to_tensor, args)
     aligner = build_aligner(args, unet, to_tensor(dataset[0]["image"]), train_sigmas, null_label)
     trained_parameters = list(unet.parameters()) + (list(aligner.projection.parameters()) if aligner else [])
     optimizer = build_optimizer(args, trained_parameters)
@@ -221,10 +184,7 @@ def main(args: argparse.Namespace) -> UNet2DModel:
         clean = batch["pixel_values"]
         if args.augment:
             clean = random_affine(clean, generator=step.generator)
-        labels = None
-        if null_label is not None:
-            drop = torch.rand(clean.shape[0], generator=step.generator, device=clean.device) < args.label_drop_rate
-            labels = torch.where(drop, torch.full_like(batch["labels"], null_label), batch["labels"])
+        labels = drop_labels(batch["labels"], null_label, args.label_drop_rate, step.generator)
         noisy, noise, sigma = perturb(clean, train_sigmas, generator=step.generator)
         score = unet(noisy, sigma, class_labels=labels).sample
         losses = {"loss": dsm_loss(score.float(), noise.float(), sigma.float()).mean()}
@@ -256,8 +216,8 @@ def main(args: argparse.Namespace) -> UNet2DModel:
 def log_validation(args, accelerator, unet, ema, noise_scheduler, class_names, step) -> None:
     pipeline = ScoreLangevinPipeline(ema_or_trained_model(accelerator, unet, ema), noise_scheduler, class_names=class_names)
     pipeline.set_progress_bar_config(disable=True)
-    grid = sample_grid(pipeline, class_names, args.num_validation_images, args.validation_num_levels,
-                       args.validation_guidance_scale, args.seed)
+    grid = class_sample_grid(pipeline, class_names, args.num_validation_images, args.validation_guidance_scale,
+                             args.seed, num_inference_steps=args.validation_num_levels)
     save_validation_image(args, accelerator, grid, step)
     unet.train()
 
@@ -268,8 +228,8 @@ def save_pipeline(args, accelerator, model, noise_scheduler, class_names, data_d
     pipeline = ScoreLangevinPipeline(model, noise_scheduler, class_names=class_names)
     pipeline.save_pretrained(output_dir)
     pipeline.set_progress_bar_config(disable=True)
-    grid = sample_grid(pipeline, class_names, args.num_validation_images, args.validation_num_levels,
-                       args.validation_guidance_scale, args.seed)
+    grid = class_sample_grid(pipeline, class_names, args.num_validation_images, args.validation_guidance_scale,
+                             args.seed, num_inference_steps=args.validation_num_levels)
     Image.fromarray(grid).save(output_dir / "samples.png")
     config = noise_scheduler.config
     levels_used = args.validation_num_levels or config.num_train_timesteps

@@ -88,6 +88,13 @@ def add_optimisation_arguments(parser: argparse.ArgumentParser, output_dir: str,
                        help='"latest" or a checkpoint folder; starts fresh if "latest" finds none.')
 
 
+def add_ema_arguments(parser: argparse.ArgumentParser, decay: float) -> None:
+    parser.add_argument("--use_ema", action="store_true",
+                        help="Keep an exponential moving average of the weights and save it as the model.")
+    parser.add_argument("--ema_decay", type=number_argument(0, exclusive=True), default=decay,
+                        help="Decay of the moving average.")
+
+
 def add_pretrained_arguments(group) -> None:
     """``--revision`` and ``--variant`` of ``--pretrained_model_name_or_path``, as in diffusers' scripts."""
     group.add_argument("--revision", type=str, default=None, help="Branch, tag or commit of a Hub model.")
