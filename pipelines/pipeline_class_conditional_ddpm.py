@@ -6,7 +6,8 @@ Example:
     >>> from medsyn import ClassConditionalDDPMPipeline
 
     >>> pipe = ClassConditionalDDPMPipeline.from_pretrained("path/to/ddpm-brain-mri")
-    >>> images = pipe(class_labels=["glioma"] * 4, guidance_scale=2.0, generator=torch.Generator().manual_seed(0)).images
+    >>> generator = torch.Generator().manual_seed(0)
+    >>> images = pipe(class_labels=["glioma"] * 4, guidance_scale=2.0, generator=generator).images
     ```
 """
 
@@ -100,7 +101,8 @@ class ClassConditionalDDPMPipeline(ClassConditionalMixin, HubFolderMixin, Diffus
             torch.autocast(self.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
         )
         # Deterministic solvers (UniPC, Heun) take no generator; stochastic ones draw each image's noise from its own.
-        step_kwargs = {"generator": generators} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+        step_kwargs = {"generator": generators} if takes_generator else {}
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             if self.interrupt:
                 continue

@@ -1,14 +1,14 @@
-"""The DDPM baseline script on CPU: tiny models train, save a Hub-ready folder, resume exactly, (slow) two DDP ranks."""
+"""The DDPM baseline script on CPU: tiny models train, save a Hub-ready folder, resume exactly; 2 DDP ranks (slow)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from medsyn.pipelines import ClassConditionalDDPMPipeline
 from medsyn.train_scripts.train_ddpm import main, parse_args
+from PIL import Image
+
 from medsyn.training.class_conditional import class_sample_grid
 
 from .conftest import assert_same_weights
@@ -44,7 +44,8 @@ def test_train_save_reload_gives_identical_images_and_a_card(tmp_path):
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_resume_ends_with_the_same_weights(tmp_path, prediction_type):
-    extra = ["--class_conditional", "--use_ema", "--augment", "--checkpointing_steps", "3", "--validation_steps", "100",
+    extra = ["--class_conditional", "--use_ema", "--augment", "--checkpointing_steps", "3",
+             "--validation_steps", "100",
              "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3", "--prediction_type", prediction_type,
              "--snr_gamma", "5", "--noise_offset", "0.05"]
     straight = run(tmp_path, "straight", *extra, "--max_train_steps", "7")
