@@ -1,111 +1,217 @@
-"""Quality per network evaluation (NFE) for the samplers of a score model, in one run.
+"""Quality per network evaluation (NFE) for the samplers of a score model and of the DDPM baseline, in one run.
 
-For a trained class-conditional score model (``medsyn demo``'s recipe by default) it samples ``--per-class``
-images per class with each sampler and step count, all with the same per-image seeds and guidance, and prints
-NFE per image (both halves of guidance counted), images/s, the demo's label-probe class agreement and probe
-Fréchet distance to held-out simulated slices (see ``medsyn.metrics.label_probe``). Annealed Langevin at its
-trained schedule is run with several seeds, so its seed-to-seed spread of the distance is the yardstick: the
-target is a sampler within that spread at <= 1/10 of Langevin's NFE.
+For each trained class-conditional model (a ``ScoreLangevinPipeline`` or ``ClassConditionalDDPMPipeline`` folder)
+it samples ``--per-class`` images per class with each sampler at each NFE budget, all with the same per-image seeds
+and guidance, and prints NFE per image (both halves of guidance counted), images/s, a label probe's class
+agreement and Fréchet distance, and Inception FID against held-out real images (``--fid``). Annealed Langevin at
+its trained schedule runs with several seeds: its seed-to-seed spread is the yardstick, and the target is a
+sampler within it at <= 1/10 of Langevin's NFE.
 
-    medsyn demo --output-dir medsyn-demo                      # the model (about 9 minutes on 2 cores)
+Reference images: medsyn's simulated MRI (the demo model), or a real set given as two NPZ files, the model's
+training split (the probe learns from it) and a held-out split (FID and probe distances are measured against it).
+
+    medsyn demo --output-dir medsyn-demo
     python benchmarks/bench_fast_sampling.py --model medsyn-demo/model
+    python benchmarks/bench_fast_sampling.py --model score-brain --model ddpm-brain \\
+        --real-train training.npz --real-test testing.npz --fid --per-class 32 --output results.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
-from diffusers import EDMDPMSolverMultistepScheduler
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EDMDPMSolverMultistepScheduler
 from diffusers.utils import logging as diffusers_logging
 
-from medsyn.data import SimulatedBrainMRI
+from medsyn.data import SimulatedBrainMRI, image_transform
 from medsyn.metrics import fit_label_probe, label_probe_report
-from medsyn.pipelines import ScoreLangevinPipeline
-from medsyn.schedulers import AnnealedLangevinScheduler, EDMHeunScheduler
+from medsyn.metrics.feature_distances import frechet_distance
+from medsyn.pipelines import ClassConditionalDDPMPipeline, ScoreLangevinPipeline, load_pipeline
+from medsyn.schedulers import AnnealedLangevinScheduler, EDMHeunScheduler, PredictorCorrectorScheduler
 from medsyn.seeding import keyed_generator
 
-GUIDANCE = 4.0
+LANGEVIN = "annealed Langevin, trained schedule"
 
 
-def samplers(langevin_config) -> list[tuple[str, object, int | None, dict]]:
-    """(name, scheduler, num_inference_steps, extra call arguments) for every setting of the table."""
-    settings: list[tuple[str, object, int | None, dict]] = [
-        ("annealed Langevin, trained schedule", AnnealedLangevinScheduler.from_config(langevin_config), None, {}),
-        ("annealed Langevin, 10 levels x 2, alpha re-derived", AnnealedLangevinScheduler.from_config(langevin_config),
-         10, {"n_steps_each": 2}),
-    ]
-    for steps in (5, 10, 18, 25):
-        settings.append(("EDM Heun, deterministic", EDMHeunScheduler.from_config(langevin_config), steps, {}))
-    for steps in (5, 10, 18, 25):
-        settings.append(("EDM Heun, S_churn 40", EDMHeunScheduler.from_config(langevin_config, s_churn=40.0),
-                         steps, {}))
-    for steps in (10, 18, 25, 50):
-        settings.append(("DPM-Solver++ 2M (diffusers EDM)", EDMDPMSolverMultistepScheduler.from_config(
-            langevin_config), steps, {}))
+@dataclass
+class Setting:
+    sampler: str
+    scheduler: object
+    steps: int | None
+    extra: dict = field(default_factory=dict)
+
+
+def score_settings(config, nfe_budgets: list[int], deterministic: bool) -> list[Setting]:
+    """Every sampler of a score model at each NFE budget (with guidance: 2 evaluations per network call)."""
+    settings = [Setting(LANGEVIN, AnnealedLangevinScheduler.from_config(config), None)]
+    for nfe in nfe_budgets:
+        calls = nfe // 2
+        heun = max(2, round((calls + 1) / 2))  # 2N - 1 calls
+        settings.append(Setting("EDM Heun, S_churn 40", EDMHeunScheduler.from_config(config, s_churn=40.0), heun))
+        if deterministic:
+            settings.append(Setting("EDM Heun, deterministic", EDMHeunScheduler.from_config(config), heun))
+        settings.append(Setting("DPM-Solver++ 2M (diffusers EDM)", EDMDPMSolverMultistepScheduler.from_config(config),
+                                max(2, calls)))
+        settings.append(Setting("predictor-corrector (1 corrector step)",
+                                PredictorCorrectorScheduler.from_config(config), max(2, calls // 2)))
     return settings
 
 
-def network_evaluations(pipe: ScoreLangevinPipeline, steps: int | None, extra: dict) -> int:
-    pipe.set_schedule({"num_inference_steps": steps, **extra})
-    return 2 * pipe.num_timesteps  # conditional and unconditional halves of guidance
+def ddpm_settings(config, nfe_budgets: list[int]) -> list[Setting]:
+    settings = []
+    for nfe in nfe_budgets:
+        calls = max(2, nfe // 2)
+        settings.append(Setting("DDPM + DPM-Solver++ 2M", DPMSolverMultistepScheduler.from_config(config), calls))
+        settings.append(Setting("DDPM + DDIM", DDIMScheduler.from_config(config), calls))
+    return settings
+
+
+def evaluations_per_image(pipe, setting: Setting) -> int:
+    """Network evaluations per image, both halves of guidance counted."""
+    if isinstance(pipe, ScoreLangevinPipeline):
+        pipe.set_schedule({"num_inference_steps": setting.steps, **setting.extra})
+        return 2 * pipe.num_timesteps
+    return 2 * setting.steps  # one call per DDPM-family step
+
+
+def real_reference(train_path: str, test_path: str, resolution: int) -> dict:
+    """uint8 (N, H, W) images at the model's resolution, resized as the training scripts resize, with labels."""
+    from PIL import Image
+
+    to_tensor = image_transform(resolution)
+
+    def load(path):
+        with np.load(path, allow_pickle=False) as archive:
+            images, labels, names = archive["images"], archive["labels"].astype(np.int64), list(archive["class_names"])
+        resized = torch.stack([to_tensor(Image.fromarray(image)) for image in images])[:, 0]
+        return np.round((resized.numpy() + 1) * 127.5).astype(np.uint8), labels, [str(n) for n in names]
+
+    train_images, train_labels, names = load(train_path)
+    test_images, test_labels, test_names = load(test_path)
+    if names != test_names:
+        raise ValueError(f"the two splits name different classes: {names} and {test_names}")
+    return {"train": (train_images, train_labels), "test": (test_images, test_labels), "names": names}
+
+
+def simulated_reference(resolution: int, seed: int, held_out: int) -> dict:
+    train = SimulatedBrainMRI(resolution=resolution, seed=seed + 2).generate(4000)
+    test = SimulatedBrainMRI(resolution=resolution, seed=seed + 3).generate(held_out)
+    return {"train": (train["images"], train["labels"]), "test": (test["images"], test["labels"]),
+            "names": ["healthy", "tumor"]}
+
+
+class InceptionFID:
+    """FID of uint8 grayscale images against a fixed reference set, with medsyn's FID Inception port."""
+
+    def __init__(self, reference: np.ndarray, batch_size: int = 50):
+        from medsyn.metrics.inception import FIDInceptionV3
+
+        self.model = FIDInceptionV3.from_pretrained()
+        self.batch_size = batch_size
+        self.reference = self.features(reference)
+
+    @torch.no_grad()
+    def features(self, images: np.ndarray) -> torch.Tensor:
+        stack = torch.from_numpy(images)[:, None]
+        return torch.cat([self.model(batch) for batch in stack.split(self.batch_size)]).double()
+
+    def __call__(self, images: np.ndarray) -> float:
+        return frechet_distance(self.reference, self.features(images))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a class-conditional ScoreLangevinPipeline folder")
+    parser.add_argument("--model", action="append", required=True,
+                        help="a class-conditional score-Langevin or DDPM pipeline folder (repeatable)")
     parser.add_argument("--per-class", type=int, default=64, help="images per class and setting")
+    parser.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 35, 50, 100],
+                        help="NFE budgets per image (guidance counted)")
     parser.add_argument("--langevin-seeds", type=int, default=3, help="seeds of the Langevin yardstick")
+    parser.add_argument("--deterministic-heun", action="store_true", help="also EDM Heun without churn")
+    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance weight")
+    parser.add_argument("--real-train", help="NPZ of the model's training split (the probe learns from it)")
+    parser.add_argument("--real-test", help="NPZ of held-out real images of the same classes")
+    parser.add_argument("--fid", action="store_true", help="Inception FID against the held-out images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--output", help="append one JSON line per setting to this file")
     args = parser.parse_args()
-    diffusers_logging.set_verbosity_error()  # from_config names the Langevin-only settings it ignores, every time
+    if bool(args.real_train) != bool(args.real_test):
+        parser.error("--real-train and --real-test go together")
+    diffusers_logging.set_verbosity_error()  # from_config names the settings a scheduler ignores, every time
 
-    pipe = ScoreLangevinPipeline.from_pretrained(args.model)
-    pipe.set_progress_bar_config(disable=True)
-    resolution = pipe.unet.config.sample_size
-    names = pipe.class_names
-    train = SimulatedBrainMRI(resolution=resolution, seed=args.seed + 2).generate(4000)
-    probe = fit_label_probe(train["images"], train["labels"], num_classes=len(names), epochs=20, seed=args.seed)
-    held_out = SimulatedBrainMRI(resolution=resolution, seed=args.seed + 3).generate(max(256, 4 * args.per_class))
+    pipes = [load_pipeline(path) for path in args.model]
+    resolution = pipes[0].unet.config.sample_size
+    if any(p.unet.config.sample_size != resolution for p in pipes):
+        raise ValueError("the models must share one resolution")
+    reference = (real_reference(args.real_train, args.real_test, resolution) if args.real_train
+                 else simulated_reference(resolution, args.seed, max(256, 4 * args.per_class)))
+    names = reference["names"]
+    probe = fit_label_probe(*reference["train"], num_classes=len(names), epochs=20, seed=args.seed)
+    test_images, test_labels = reference["test"]
+    fid = InceptionFID(test_images) if args.fid else None
     labels = [c for c in range(len(names)) for _ in range(args.per_class)]
-    langevin_config = pipe.scheduler.config
+    if fid is not None:  # the floor: as many real training images as each generated set, against the same reference
+        rng = np.random.default_rng(args.seed)
+        floor = fid(reference["train"][0][rng.choice(len(reference["train"][0]), len(labels), replace=False)])
+        print(f"Inception FID floor (real training vs held-out, {len(labels)} vs {len(test_images)}): {floor:.2f}")
 
-    def run(scheduler, steps, extra, seed) -> dict:
-        pipe.scheduler = scheduler
-        nfe = network_evaluations(pipe, steps, extra)
+    def run(pipe, setting: Setting, seed: int) -> dict:
+        pipe.scheduler = setting.scheduler
+        nfe = evaluations_per_image(pipe, setting)
         started = time.perf_counter()
         images = []
         for start in range(0, len(labels), args.batch_size):
             part = labels[start : start + args.batch_size]
-            images.append(pipe(class_labels=part, num_inference_steps=steps, guidance_scale=GUIDANCE,
+            images.append(pipe(class_labels=part, num_inference_steps=setting.steps, guidance_scale=args.guidance,
                                generator=[keyed_generator(seed, start + i) for i in range(len(part))],
-                               output_type="np", **extra).images)
+                               output_type="np", **setting.extra).images)
         seconds = time.perf_counter() - started
         generated = np.round(np.concatenate(images)[..., 0] * 255).astype(np.uint8)
-        report = label_probe_report(probe, generated, np.array(labels), held_out["images"], held_out["labels"],
-                                    names)
-        return {"nfe": nfe, "images_per_s": len(labels) / seconds, "distance": report.frechet_distance,
-                "agreement": report.class_agreement, "floor": report.real_frechet_distance}
+        report = label_probe_report(probe, generated, np.array(labels), test_images, test_labels, names)
+        return {"nfe": nfe, "images_per_s": len(labels) / seconds, "probe_distance": report.frechet_distance,
+                "agreement": report.class_agreement, "probe_floor": report.real_frechet_distance,
+                "fid": fid(generated) if fid is not None else None}
 
-    print("| sampler | steps | NFE / image | images/s | probe Fréchet distance | agreement per class |")
-    print("|---|---|---|---|---|---|")
-    rows = []
-    for name, scheduler, steps, extra in samplers(langevin_config):
-        seeds = range(args.langevin_seeds) if name.endswith("trained schedule") else [0]
-        results = [run(scheduler, steps, extra, args.seed + s) for s in seeds]
-        rows.append((name, steps, results))
-        first = results[0]
-        spread = statistics.pstdev([r["distance"] for r in results]) if len(results) > 1 else float("nan")
-        agreement = " / ".join(f"{v:.2f}" for v in first["agreement"].values())
-        print(f"| {name} | {steps or 'trained'} | {first['nfe']} | {first['images_per_s']:.2f} | "
-              f"{statistics.mean(r['distance'] for r in results):.2f}"
-              + (f" ± {spread:.2f} ({len(results)} seeds)" if len(results) > 1 else "")
-              + f" | {agreement} |", flush=True)
-    print(f"\nprobe Fréchet distance floor (real vs real): {rows[0][2][0]['floor']:.2f}; classes {names}; "
-          f"guidance {GUIDANCE}; {args.per_class} images per class")
+    print("| model | sampler | steps | NFE / image | images/s | probe Fréchet distance | FID | agreement per class |")
+    print("|---|---|---|---|---|---|---|---|")
+    for path, pipe in zip(args.model, pipes):
+        pipe.set_progress_bar_config(disable=True)
+        if pipe.class_names != names:
+            raise ValueError(f"{path} has classes {pipe.class_names}, the reference {names}")
+        kind = "score" if isinstance(pipe, ScoreLangevinPipeline) else "DDPM"
+        if isinstance(pipe, ClassConditionalDDPMPipeline):
+            settings = ddpm_settings(pipe.scheduler.config, args.nfe)
+        else:
+            settings = score_settings(pipe.scheduler.config, args.nfe, args.deterministic_heun)
+        for setting in settings:
+            seeds = range(args.langevin_seeds) if setting.sampler == LANGEVIN else [0]
+            results = [run(pipe, setting, args.seed + s) for s in seeds]
+
+            def summary(key):
+                values = [r[key] for r in results]
+                spread = f" ± {statistics.pstdev(values):.2f} ({len(values)} seeds)" if len(values) > 1 else ""
+                return f"{statistics.mean(values):.2f}{spread}"
+
+            first = results[0]
+            agreement = " / ".join(f"{v:.2f}" for v in first["agreement"].values())
+            print(f"| {kind} | {setting.sampler} | {setting.steps or 'trained'} | {first['nfe']} | "
+                  f"{first['images_per_s']:.2f} | {summary('probe_distance')} | "
+                  f"{summary('fid') if fid is not None else 'n/a'} | {agreement} |", flush=True)
+            if args.output:
+                with open(args.output, "a") as file:
+                    for seed, result in zip(seeds, results):
+                        file.write(json.dumps({"model": path, "kind": kind, "sampler": setting.sampler,
+                                               "steps": setting.steps, "seed": seed, "guidance": args.guidance,
+                                               "per_class": args.per_class, **result}) + "\n")
+    print(f"\nprobe Fréchet distance floor (real vs real): {first['probe_floor']:.2f}; classes {names}; "
+          f"guidance {args.guidance}; {args.per_class} images per class")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from medsyn.training.accelerator import (
     step_budget,
 )
 from medsyn.training.autoencoder_losses import FeaturePerceptualLoss, VariationalReconstruction, adversarial_weight
-from medsyn.training.loop import TrainingResult, TrainingRun, training_loop
+from medsyn.training.loop import TrainingResult, TrainingRun, run_card_fields, training_loop
 from medsyn.training.script_args import (
     add_data_arguments,
     add_logging_and_hub_arguments,
@@ -281,11 +281,7 @@ def write_autoencoder_card(args, accelerator, vae, data_description, num_train, 
     write_model_card(
         output_dir,
         "autoencoder",
-        model_name=output_dir.name,
-        hub_model_id=args.hub_model_id,
-        license=args.license,
-        dataset=args.dataset_name,
-        base_model=args.pretrained_model_name_or_path,
+        **run_card_fields(args, accelerator, result),
         num_shown=min(args.num_validation_images, num_validation),
         data_description=data_description,
         num_train_images=num_train,
@@ -297,12 +293,6 @@ def write_autoencoder_card(args, accelerator, vae, data_description, num_train, 
         psnr=f"{metrics['psnr']:.2f}",
         ssim=f"{metrics['ssim']:.4f}",
         scaling_factor=f"{vae.config.scaling_factor:.5g}",
-        train_steps=result.global_step,
-        batch_size=args.train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        num_processes=accelerator.num_processes,
-        learning_rate=args.learning_rate,
-        mixed_precision=accelerator.mixed_precision,
         kl_weight=args.kl_weight,
         perceptual=f"weight {args.perceptual_weight} on {card_reference(args.perceptual_network)}"
         if args.perceptual_network

@@ -13,8 +13,6 @@ Without --train_data_dir or --dataset_name it trains on medsyn's simulated brain
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 from pathlib import Path
 
 import torch
@@ -40,12 +38,13 @@ from medsyn.training.accelerator import (
 from medsyn.training.class_conditional import (
     add_class_unet_arguments,
     check_class_unet_arguments,
+    class_card_fields,
     class_sample_grid,
     drop_labels,
     labelled_dataloader,
 )
 from medsyn.training.denoising_loss import denoising_loss, offset_noise
-from medsyn.training.loop import TrainingResult, TrainingRun, training_loop
+from medsyn.training.loop import TrainingResult, TrainingRun, run_card_fields, training_loop
 from medsyn.training.script_args import (
     add_data_arguments,
     add_ema_arguments,
@@ -194,37 +193,18 @@ def save_pipeline(args, accelerator, pipeline: ClassConditionalDDPMPipeline, dat
     write_model_card(
         output_dir,
         "ddpm",
-        model_name=output_dir.name,
-        hub_model_id=args.hub_model_id,
-        license=args.license,
-        dataset=args.dataset_name,
-        base_model=args.pretrained_model_name_or_path,
-        example_labels=json.dumps(class_names[:1] * 4) if class_names else "None",
-        example_cli=f"--class-label {shlex.quote(class_names[0])}" if class_names else "",
-        sample_grid="samples.png",
+        **run_card_fields(args, accelerator, result),
+        **class_card_fields(args, class_names, model),
         sample_caption=(f"Rows: {', '.join(class_names)}" if class_names else "Unconditional samples")
         + f"; DPM-Solver++ 2M, {args.validation_inference_steps} steps, guidance {args.validation_guidance_scale}, "
         f"seed {args.seed}.",
         data_description=data_description,
         num_train_images=num_images,
-        class_names=", ".join(class_names) if class_names else "unconditional",
-        resolution=model.config.sample_size,
         channels=channels,
-        train_steps=result.global_step,
-        batch_size=args.train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        num_processes=accelerator.num_processes,
-        learning_rate=args.learning_rate,
-        ema=f"decay {args.ema_decay}" if args.use_ema else "off",
-        mixed_precision=accelerator.mixed_precision,
         num_train_timesteps=config.num_train_timesteps,
         beta_schedule=config.beta_schedule,
         prediction_type=config.prediction_type,
         loss_weighting=f"min-SNR, gamma {args.snr_gamma}" if args.snr_gamma else "uniform (Ho et al.'s simple loss)",
-        label_drop_rate=args.label_drop_rate if class_names else "n/a",
-        final_loss=result.mean(),
-        unet_summary=f"UNet2DModel, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"channels {list(model.config.block_out_channels)}",
     )
     if args.push_to_hub:
         push_model_folder(output_dir, args.hub_model_id or output_dir.name, args.hub_token, args.hub_private_repo)

@@ -35,7 +35,7 @@ from medsyn.training.accelerator import (
     enable_gradient_checkpointing,
     step_budget,
 )
-from medsyn.training.loop import TrainingResult, TrainingRun, training_loop
+from medsyn.training.loop import TrainingResult, TrainingRun, run_card_fields, training_loop
 from medsyn.training.script_args import (
     add_data_arguments,
     add_logging_and_hub_arguments,
@@ -189,11 +189,7 @@ def save_expert(args, accelerator, model, mean, std, metrics, class_names, data_
     write_model_card(
         output_dir,
         "expert",
-        model_name=output_dir.name,
-        hub_model_id=args.hub_model_id,
-        license=args.license,
-        dataset=args.dataset_name,
-        base_model=args.pretrained_model_name_or_path,
+        **run_card_fields(args, accelerator, result),
         accuracy=f"{metrics['accuracy']:.4f}",
         num_validation_images=num_validation,
         confusion_matrix="\n".join([header, "|---" * (len(class_names) + 1) + "|", *rows]),
@@ -207,12 +203,7 @@ def save_expert(args, accelerator, model, mean, std, metrics, class_names, data_
         else "from scratch",
         architecture=f"ResNet, depths {list(model.config.depths)}, widths {list(model.config.hidden_sizes)}, "
                      f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters",
-        train_steps=result.global_step,
-        batch_size=args.train_batch_size,
-        num_processes=accelerator.num_processes,
-        learning_rate=args.learning_rate,
         weight_decay=args.adam_weight_decay,
-        final_loss=result.mean(),
     )
     if args.push_to_hub:
         push_model_folder(output_dir, args.hub_model_id or output_dir.name, args.hub_token, args.hub_private_repo)

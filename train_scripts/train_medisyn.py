@@ -67,7 +67,7 @@ from medsyn.training.feature_alignment import (
     block_channels,
     describe_alignment,
 )
-from medsyn.training.loop import TrainingResult, TrainingRun, training_loop
+from medsyn.training.loop import TrainingResult, TrainingRun, run_card_fields, training_loop
 from medsyn.training.script_args import (
     add_data_arguments,
     add_ema_arguments,
@@ -424,11 +424,7 @@ def save_result(args, accelerator, pipeline, prompts, data_description, num_imag
     write_model_card(
         output_dir,
         "medisyn_lora" if args.use_lora else "medisyn",
-        model_name=output_dir.name,
-        hub_model_id=args.hub_model_id,
-        license=args.license,
-        dataset=args.dataset_name,
-        base_model=args.pretrained_model_name_or_path,
+        **run_card_fields(args, accelerator, result),
         example_prompt=json.dumps(prompts[0]),
         guidance_scale=args.validation_guidance_scale,
         sample_caption=f"Rows: {'; '.join(prompts)}. {args.validation_inference_steps} DPM-Solver steps, guidance "
@@ -441,15 +437,7 @@ def save_result(args, accelerator, pipeline, prompts, data_description, num_imag
         caption_dropout=args.caption_dropout,
         resolution=args.resolution,
         channels=channels,
-        train_steps=result.global_step,
-        batch_size=args.train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        num_processes=accelerator.num_processes,
-        learning_rate=args.learning_rate,
-        ema=f"decay {args.ema_decay}" if args.use_ema else "off",
-        mixed_precision=accelerator.mixed_precision,
         prediction_type=pipeline.scheduler.config.prediction_type,
-        final_loss=result.mean(),
         text_encoder=f"{type(text_encoder).__name__}, {text_encoder.config.num_hidden_layers} layers x "
                      f"{text_encoder.config.hidden_size}, {encoder_origin}, "
                      f"{'trained' if train_text_encoder else 'frozen'}; {prompt_max_length(pipeline.tokenizer, text_encoder)} tokens per prompt",

@@ -11,8 +11,6 @@ Without --train_data_dir or --dataset_name it trains on medsyn's simulated brain
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 from dataclasses import asdict
 from pathlib import Path
 
@@ -41,6 +39,7 @@ from medsyn.training.accelerator import (
 from medsyn.training.class_conditional import (
     add_class_unet_arguments,
     check_class_unet_arguments,
+    class_card_fields,
     class_sample_grid,
     drop_labels,
     labelled_dataloader,
@@ -54,7 +53,7 @@ from medsyn.training.feature_alignment import (
     block_channels,
     describe_alignment,
 )
-from medsyn.training.loop import TrainingResult, TrainingRun, training_loop
+from medsyn.training.loop import TrainingResult, TrainingRun, run_card_fields, training_loop
 from medsyn.training.script_args import (
     add_data_arguments,
     add_ema_arguments,
@@ -236,39 +235,20 @@ def save_pipeline(args, accelerator, model, noise_scheduler, class_names, data_d
     write_model_card(
         output_dir,
         "score_langevin",
-        model_name=output_dir.name,
-        hub_model_id=args.hub_model_id,
-        license=args.license,
-        dataset=args.dataset_name,
-        base_model=args.pretrained_model_name_or_path,
-        example_labels=json.dumps(class_names[:1] * 4) if class_names else "None",
-        example_cli=f"--class-label {shlex.quote(class_names[0])}" if class_names else "",
-        sample_grid="samples.png",
+        **run_card_fields(args, accelerator, result),
+        **class_card_fields(args, class_names, model),
         sample_caption=(f"Rows: {', '.join(class_names)}" if class_names else "Unconditional samples")
         + f"; {levels_used} noise levels x {config.n_steps_each} steps, guidance {args.validation_guidance_scale}, "
         f"seed {args.seed}.",
         data_description=data_description,
         num_train_images=num_images,
-        class_names=", ".join(class_names) if class_names else "unconditional",
-        resolution=args.resolution if not args.pretrained_model_name_or_path else model.config.sample_size,
         channels=channels,
-        train_steps=result.global_step,
-        batch_size=args.train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        num_processes=accelerator.num_processes,
-        learning_rate=args.learning_rate,
-        ema=f"decay {args.ema_decay}" if args.use_ema else "off",
-        mixed_precision=accelerator.mixed_precision,
         num_levels=config.num_train_timesteps,
         sigma_max=f"{config.sigma_max:.4g}",
         sigma_min=f"{config.sigma_min:.4g}",
         n_steps_each=config.n_steps_each,
         step_size=f"{config.step_size:.3g}",
-        label_drop_rate=args.label_drop_rate if class_names else "n/a",
-        final_loss=result.mean(),
         alignment=describe_alignment(args),
-        unet_summary=f"UNet2DModel, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"channels {list(model.config.block_out_channels)}",
     )
     if args.push_to_hub:
         push_model_folder(output_dir, args.hub_model_id or output_dir.name, args.hub_token, args.hub_private_repo)

@@ -4,6 +4,8 @@ label dropout for classifier-free guidance, and the validation grid of samples p
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 from typing import Any
 
 import numpy as np
@@ -68,6 +70,20 @@ def drop_labels(labels: torch.Tensor, null_label: int | None, rate: float,
         return None
     drop = torch.rand(labels.shape[0], generator=generator, device=labels.device) < rate
     return torch.where(drop, torch.full_like(labels, null_label), labels)
+
+
+def class_card_fields(args: argparse.Namespace, class_names: list[str] | None, unet) -> dict[str, object]:
+    """The model card's fields about classes, guidance and the unet, shared by the score and DDPM cards."""
+    return dict(
+        example_labels=json.dumps(class_names[:1] * 4) if class_names else "None",
+        example_cli=f"--class-label {shlex.quote(class_names[0])}" if class_names else "",
+        class_names=", ".join(class_names) if class_names else "unconditional",
+        label_drop_rate=args.label_drop_rate if class_names else "n/a",
+        sample_grid="samples.png",
+        resolution=unet.config.sample_size,
+        unet_summary=f"UNet2DModel, {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, "
+        f"channels {list(unet.config.block_out_channels)}",
+    )
 
 
 def class_sample_grid(pipeline, class_names: list[str] | None, per_class: int, guidance_scale: float, seed: int,

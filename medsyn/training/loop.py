@@ -14,6 +14,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -159,6 +160,25 @@ def training_loop(
     progress.close()
     accelerator.wait_for_everyone()
     return result
+
+
+def run_card_fields(args: argparse.Namespace, accelerator: Accelerator, result: TrainingResult) -> dict[str, object]:
+    """What every model card says about the run: its name, licence, data and base, and how it was optimised."""
+    return dict(
+        model_name=Path(args.output_dir).name,
+        hub_model_id=args.hub_model_id,
+        license=args.license,
+        dataset=args.dataset_name,
+        base_model=args.pretrained_model_name_or_path,
+        train_steps=result.global_step,
+        batch_size=args.train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        num_processes=accelerator.num_processes,
+        learning_rate=args.learning_rate,
+        mixed_precision=accelerator.mixed_precision,
+        ema=f"decay {args.ema_decay}" if getattr(args, "use_ema", False) else "off",
+        final_loss=result.mean(),
+    )
 
 
 def train_mode(models: Sequence[torch.nn.Module]) -> None:
