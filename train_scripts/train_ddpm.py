@@ -47,6 +47,7 @@ from medsyn.training.denoising_loss import denoising_loss, offset_noise
 from medsyn.training.loop import TrainingResult, TrainingRun, run_card_fields, training_loop
 from medsyn.training.script_args import (
     add_data_arguments,
+    add_denoising_objective_arguments,
     add_ema_arguments,
     add_logging_and_hub_arguments,
     add_optimisation_arguments,
@@ -76,12 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     noise.add_argument("--beta_schedule", type=str, default="linear",
                        choices=("linear", "scaled_linear", "squaredcos_cap_v2"),
                        help="diffusers' beta schedule (linear 1e-4 to 0.02 is DDPM's; squaredcos_cap_v2 is cosine).")
-    noise.add_argument("--prediction_type", type=str, default="epsilon", choices=("epsilon", "v_prediction"),
-                       help="What the unet predicts.")
-    noise.add_argument("--snr_gamma", type=number_argument(0, exclusive=True), default=None,
-                       help="Min-SNR-gamma loss weighting (Hang et al. 2023; 5.0 is their choice); default: none.")
-    noise.add_argument("--noise_offset", type=number_argument(0), default=0.0,
-                       help="Scale of a per-channel constant added to the noise (offset noise); 0: none.")
+    add_denoising_objective_arguments(noise)
 
     add_optimisation_arguments(parser, output_dir="ddpm-model", learning_rate=1e-4)
     add_ema_arguments(parser, decay=0.999)

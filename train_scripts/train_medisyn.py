@@ -70,6 +70,7 @@ from medsyn.training.feature_alignment import (
 from medsyn.training.loop import TrainingResult, TrainingRun, run_card_fields, training_loop
 from medsyn.training.script_args import (
     add_data_arguments,
+    add_denoising_objective_arguments,
     add_ema_arguments,
     add_logging_and_hub_arguments,
     add_optimisation_arguments,
@@ -121,12 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--unet_norm_num_groups", type=count_argument(), default=32,
                        help="Groups of the UNet's group normalisation.")
     model.add_argument("--attention_head_dim", type=count_argument(), default=8, help="Channels per attention head.")
-    model.add_argument("--snr_gamma", type=number_argument(0, exclusive=True), default=None,
-                       help="Min-SNR-gamma loss weighting (Hang et al. 2023; 5.0 is their choice); default: none.")
-    model.add_argument("--noise_offset", type=number_argument(0), default=0.0,
-                       help="Scale of a per-channel constant added to the noise (offset noise); 0: none.")
-    model.add_argument("--prediction_type", type=str, default="epsilon", choices=("epsilon", "v_prediction"),
-                       help="For a new unet; a pretrained one keeps its scheduler's.")
+    add_denoising_objective_arguments(model)
     model.add_argument("--train_text_encoder", action="store_true",
                        help="Fine-tune the text encoder too (always on for a new encoder).")
     model.add_argument("--use_lora", action="store_true", help="Train LoRA adapters instead of the weights.")

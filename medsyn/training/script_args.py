@@ -88,6 +88,16 @@ def add_optimisation_arguments(parser: argparse.ArgumentParser, output_dir: str,
                        help='"latest" or a checkpoint folder; starts fresh if "latest" finds none.')
 
 
+def add_denoising_objective_arguments(group) -> None:
+    """DDPM-family training objective flags, as diffusers' scripts name them."""
+    group.add_argument("--prediction_type", type=str, default="epsilon", choices=("epsilon", "v_prediction"),
+                       help="What a new unet predicts; a pretrained one keeps its scheduler's.")
+    group.add_argument("--snr_gamma", type=number_argument(0, exclusive=True), default=None,
+                       help="Min-SNR-gamma loss weighting (Hang et al. 2023; 5.0 is their choice); default: none.")
+    group.add_argument("--noise_offset", type=number_argument(0), default=0.0,
+                       help="Scale of a per-channel constant added to the noise (offset noise); 0: none.")
+
+
 def add_ema_arguments(parser: argparse.ArgumentParser, decay: float) -> None:
     parser.add_argument("--use_ema", action="store_true",
                         help="Keep an exponential moving average of the weights and save it as the model.")
