@@ -135,8 +135,8 @@ def _would_overwrite(targets: list[Path], overwrite: bool) -> bool:
 
 
 def generate(args: argparse.Namespace) -> int:
-    """Generate images from a saved medsyn pipeline (score-Langevin by class, MediSyn by prompt) into PNG files or
-    one NPZ. Image i depends only on (seed, i), whatever the batch size or the number of processes: under
+    """Generate images from a saved medsyn pipeline (score-Langevin or DDPM by class, MediSyn by prompt) into PNG
+    files or one NPZ. Image i depends only on (seed, i), whatever the batch size or the number of processes: under
     ``accelerate launch -m medsyn.cli generate ...`` each process makes a contiguous share of the indices, and the
     main process writes the NPZ."""
     import numpy as np
