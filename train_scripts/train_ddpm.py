@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from accelerate.logging import get_logger
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
-from medsyn.pipelines import ClassConditionalDDPMPipeline
 from PIL import Image
 
 from medsyn.data import image_channels, image_transform, random_affine
@@ -26,6 +25,7 @@ from medsyn.hub_upload import push_model_folder
 from medsyn.model_card import write_model_card
 from medsyn.models.ddpm_unet import ddpm_unet_config
 from medsyn.models.score_unet import null_class_label
+from medsyn.pipelines import ClassConditionalDDPMPipeline
 from medsyn.training.accelerator import (
     attach_ema,
     build_accelerator,

@@ -34,7 +34,6 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     UNet2DConditionModel,
 )
-from medsyn.pipelines import MediSynPipeline
 from PIL import Image
 from transformers import AutoModel, AutoTokenizer, BertModel
 
@@ -49,6 +48,7 @@ from medsyn.models.latent_diffusion import (
     latent_size,
     prompt_max_length,
 )
+from medsyn.pipelines import MediSynPipeline
 from medsyn.training.accelerator import (
     attach_ema,
     build_accelerator,

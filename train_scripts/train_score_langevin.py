@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 from accelerate.logging import get_logger
 from diffusers import UNet2DModel
-from medsyn.pipelines import ScoreLangevinPipeline
 from PIL import Image
 
 from medsyn.data import image_channels, image_transform, random_affine
 from medsyn.hub_upload import push_model_folder
 from medsyn.model_card import write_model_card
 from medsyn.models.score_unet import null_class_label
+from medsyn.pipelines import ScoreLangevinPipeline
 from medsyn.schedulers import AnnealedLangevinScheduler, noise_schedule_from_data
 from medsyn.schedulers.ncsn_rules import langevin_step_size
 from medsyn.schedulers.scheduling_annealed_langevin import geometric_sigmas
