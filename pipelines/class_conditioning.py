@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from medsyn.models.score_unet import null_class_label
 from medsyn.validation import whole_number
@@ -86,6 +87,30 @@ class ClassConditionalMixin:
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         return (batch_size, self.unet.config.in_channels, *size)
+
+    def prepare_latents(self, batch_size: int, generators: list[torch.Generator], latents: torch.Tensor | None,
+                        noise_sigma: float) -> torch.Tensor:
+        """Initial noise N(0, noise_sigma^2 I), one image per generator, or the caller's latents once checked."""
+        shape = self.sample_shape(batch_size)
+        if latents is None:
+            return randn_tensor(shape, generator=generators, device=self.device) * noise_sigma
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        if not torch.isfinite(latents).all():
+            raise ValueError("latents contain NaN or Inf")
+        return latents.to(self.device, torch.float32)
+
+    def guided_prediction(self, sample: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
+                          guidance_scale: float) -> torch.Tensor:
+        """The unet's output, guided as u + w (c - u) when guidance is on (the same rule for scores, noise and v),
+        in float32; the unet runs in its own dtype (a pipeline moved to bfloat16 included)."""
+        sample = sample.to(self.unet.dtype)
+        if labels is None or guidance_scale == 1.0:
+            return self.unet(sample, t, class_labels=labels).sample.float()
+        null = torch.full_like(labels, null_class_label(self.unet))
+        both = self.unet(torch.cat([sample, sample]), t, class_labels=torch.cat([labels, null])).sample.float()
+        conditional, unconditional = both.chunk(2)
+        return unconditional + guidance_scale * (conditional - unconditional)
 
     @staticmethod
     def to_output_type(samples: torch.Tensor, output_type: str, numpy_to_pil) -> Any:

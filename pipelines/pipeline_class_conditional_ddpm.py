@@ -21,9 +21,7 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.callbacks import PipelineCallback
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils.torch_utils import randn_tensor
 
-from medsyn.models.score_unet import null_class_label
 from medsyn.validation import finite_number, whole_number
 
 from .class_conditioning import ClassConditionalMixin, ClassLabels
@@ -71,29 +69,6 @@ class ClassConditionalDDPMPipeline(ClassConditionalMixin, HubFolderMixin, Diffus
         if max_batch_size is not None:
             whole_number(max_batch_size, "max_batch_size")
 
-    def prepare_latents(self, batch_size: int, generators: list[torch.Generator],
-                        latents: torch.Tensor | None) -> torch.Tensor:
-        """Initial noise, N(0, init_noise_sigma^2 I), one image per generator (the schedule is set)."""
-        shape = self.sample_shape(batch_size)
-        if latents is None:
-            return randn_tensor(shape, generator=generators, device=self.device) * self.scheduler.init_noise_sigma
-        if tuple(latents.shape) != shape:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
-        if not torch.isfinite(latents).all():
-            raise ValueError("latents contain NaN or Inf")
-        return latents.to(self.device, torch.float32)
-
-    def model_output(self, sample: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
-                     guidance_scale: float) -> torch.Tensor:
-        """The (guided) prediction, u + w (c - u), in float32; the unet runs in its own dtype."""
-        sample = sample.to(self.unet.dtype)
-        if labels is None or guidance_scale == 1.0:
-            return self.unet(sample, t, class_labels=labels).sample.float()
-        null = torch.full_like(labels, null_class_label(self.unet))
-        both = self.unet(torch.cat([sample, sample]), t, class_labels=torch.cat([labels, null])).sample.float()
-        conditional, unconditional = both.chunk(2)
-        return unconditional + guidance_scale * (conditional - unconditional)
-
     def _sample_chunk(self, latents, labels, generators, num_inference_steps, autocast_dtype, callback_on_step_end):
         # Multistep solvers keep past outputs: every chunk starts from a fresh schedule.
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
@@ -108,7 +83,7 @@ class ClassConditionalDDPMPipeline(ClassConditionalMixin, HubFolderMixin, Diffus
                 continue
             model_input = self.scheduler.scale_model_input(latents, t)
             with autocast:
-                prediction = self.model_output(model_input, t, labels, self.guidance_scale)
+                prediction = self.guided_prediction(model_input, t, labels, self.guidance_scale)
             latents = self.scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
             if callback_on_step_end is not None:
                 outputs = callback_on_step_end(self, i, t, {"latents": latents})
@@ -167,7 +142,7 @@ class ClassConditionalDDPMPipeline(ClassConditionalMixin, HubFolderMixin, Diffus
         generators = self.prepare_generators(generator, batch_size)
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         self._num_timesteps = len(self.scheduler.timesteps)
-        latents = self.prepare_latents(batch_size, generators, latents)
+        latents = self.prepare_latents(batch_size, generators, latents, self.scheduler.init_noise_sigma)
 
         # 3. Denoising loop, chunk by chunk
         chunk = max_batch_size or batch_size

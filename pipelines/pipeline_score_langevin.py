@@ -19,9 +19,7 @@ from typing import Any, Callable
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.callbacks import PipelineCallback
-from diffusers.utils.torch_utils import randn_tensor
 
-from medsyn.models.score_unet import null_class_label
 from medsyn.schedulers.denoiser import SamplerInput, sampler_input, to_scheduler_output
 from medsyn.schedulers.scheduling_annealed_langevin import AnnealedLangevinScheduler
 # Imported so that a saved folder with this scheduler ships its code and loads it back as medsyn's.
@@ -93,19 +91,6 @@ class ScoreLangevinPipeline(ClassConditionalMixin, HubFolderMixin, DiffusionPipe
         if max_batch_size is not None:
             whole_number(max_batch_size, "max_batch_size")
 
-    def prepare_latents(
-        self, batch_size: int, generators: list[torch.Generator], latents: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Initial samples from the prior at the largest noise level, N(0, sigma_max^2 I) (the schedule is set)."""
-        shape = self.sample_shape(batch_size)
-        if latents is None:
-            return randn_tensor(shape, generator=generators, device=self.device) * self.prior_sigma
-        if tuple(latents.shape) != shape:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
-        if not torch.isfinite(latents).all():
-            raise ValueError("latents contain NaN or Inf")
-        return latents.to(self.device, torch.float32)
-
     @property
     def prior_sigma(self) -> float:
         """The standard deviation of the first sample: the scheduler's, except that diffusers' EDM schedulers
@@ -113,22 +98,6 @@ class ScoreLangevinPipeline(ClassConditionalMixin, HubFolderMixin, DiffusionPipe
         if sampler_input(self.scheduler) is SamplerInput.PRECONDITIONED:
             return float(self.scheduler.sigmas[0])
         return float(self.scheduler.init_noise_sigma)
-
-    def score(
-        self, sample: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None, guidance_scale: float
-    ) -> torch.Tensor:
-        """The (guided) score: s_uncond + w * (s_cond - s_uncond) when guidance is on, else the plain score.
-
-        The network runs in its own dtype (a pipeline moved to bfloat16 included); the score comes back in
-        float32, where the Langevin updates stay.
-        """
-        sample = sample.to(self.unet.dtype)
-        if labels is None or guidance_scale == 1.0:
-            return self.unet(sample, sigma, class_labels=labels).sample.float()
-        null = torch.full_like(labels, null_class_label(self.unet))
-        both = self.unet(torch.cat([sample, sample]), sigma, class_labels=torch.cat([labels, null])).sample.float()
-        conditional, unconditional = both.chunk(2)
-        return unconditional + guidance_scale * (conditional - unconditional)
 
     def _sample_chunk(
         self,
@@ -153,7 +122,7 @@ class ScoreLangevinPipeline(ClassConditionalMixin, HubFolderMixin, DiffusionPipe
             else:
                 sigma = t
             with autocast:
-                score = self.score(latents, sigma, labels, self.guidance_scale)  # a callback may change the scale
+                score = self.guided_prediction(latents, sigma, labels, self.guidance_scale)  # a callback may change w
             output = to_scheduler_output(self.scheduler, kind, latents, score, sigma)
             latents = self.scheduler.step(output, t, latents, generator=generators).prev_sample
             if callback_on_step_end is not None:
@@ -228,7 +197,7 @@ class ScoreLangevinPipeline(ClassConditionalMixin, HubFolderMixin, DiffusionPipe
         generators = self.prepare_generators(generator, batch_size)
         schedule = dict(num_inference_steps=num_inference_steps, n_steps_each=n_steps_each, step_size=step_size)
         self.set_schedule(schedule)  # the prior's width can depend on it (EDM's churn)
-        latents = self.prepare_latents(batch_size, generators, latents)
+        latents = self.prepare_latents(batch_size, generators, latents, self.prior_sigma)
 
         # 3. Sampling, chunk by chunk
         chunk = max_batch_size or batch_size
