@@ -1,10 +1,14 @@
 """Feature-aligned vs plain score-Langevin training on a real labelled set: generation accuracy, diversity, and the
 training-step overhead of alignment.
 
-1. An expert ResNet is trained on the set (or ``--expert`` names one).
+1. An expert ResNet is trained on the set, noise-aware by default (``--expert-noise ve``), or ``--expert`` names one;
+   its held-out accuracy per noise level is printed.
 2. For each training seed, a baseline and an aligned class-conditional score model train with the same seed, data,
    steps and recipe (the ``medsyn demo`` one, which gives recognisable 32 px samples on a CPU).
-3. Both are judged by the expert with the same evaluation seeds (``medsyn evaluate-expert``'s paired design).
+3. Both are judged with the same evaluation seeds (``medsyn evaluate-expert``'s paired design) by a *judge*: a
+   second classifier, trained on clean images with another seed (or ``--judge``), so that the aligned model is not
+   graded by the features it was trained to match. The gain is paired per training seed and pooled over them with
+   a t-interval.
 4. The step overhead is timed apart, in one process, alternating plain and aligned optimiser steps on one UNet
    at ``--overhead-resolution`` (target <= 25% at 64 px).
 
@@ -20,6 +24,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from medsyn.pipelines import load_pipeline
 from medsyn.train_scripts import train_expert, train_score_langevin
@@ -28,6 +33,7 @@ from medsyn.evaluation.generation_accuracy import ExpertClassifier, generation_a
 from medsyn.metrics.features import PooledImageEncoder
 from medsyn.models.score_unet import build_score_unet
 from medsyn.training.dsm_loss import dsm_loss
+from medsyn.training.expert_noise import ExpertNoise, NoiseProcess
 from medsyn.training.feature_alignment import FeatureAligner, FrozenExpert, block_channels
 
 SCORE_RECIPE = [  # medsyn demo's recipe
@@ -73,8 +79,9 @@ def step_overhead(expert: FrozenExpert, resolution: int, batch: int, repeats: in
     clean = torch.rand(batch, 1, resolution, resolution) * 2 - 1
     sigma, labels = torch.full((batch,), 0.5), torch.zeros(batch, dtype=torch.long)
     width = block_channels(unet, "down_blocks.-1", clean[:1], timestep=sigma[:1], class_labels=labels[:1])
-    aligner = FeatureAligner(expert, unet, "down_blocks.-1", width)
-    optimizer = torch.optim.AdamW(list(unet.parameters()) + list(aligner.projection.parameters()), lr=1e-4)
+    model_noise = ExpertNoise(NoiseProcess.VE, sigma_min=0.01, sigma_max=50.0)
+    aligner = FeatureAligner(expert, unet, "down_blocks.-1", width, model_noise, resolution)
+    optimizer = torch.optim.AdamW(list(unet.parameters()) + list(aligner.head.parameters()), lr=1e-4)
 
     def step(aligned: bool) -> float:
         start = time.perf_counter()
@@ -82,7 +89,7 @@ def step_overhead(expert: FrozenExpert, resolution: int, batch: int, repeats: in
         noisy = clean + sigma.view(-1, 1, 1, 1) * noise
         loss = dsm_loss(unet(noisy, sigma, class_labels=labels).sample, noise, sigma).mean()
         if aligned:
-            loss = loss + 0.1 * aligner.loss(noisy)
+            loss = loss + 0.1 * aligner.loss(noisy, sigma)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -97,12 +104,26 @@ def step_overhead(expert: FrozenExpert, resolution: int, batch: int, repeats: in
             "overhead": statistics.median(a / p for a, p in zip(aligned, plain)) - 1}
 
 
+def pooled_gain(pairs: list[dict]) -> dict | None:
+    """Mean of the per-training-seed paired gains with a 95% t-interval (None for fewer than two seeds)."""
+    gains = [pair["accuracy_difference_mean"] for pair in pairs]
+    if len(gains) < 2:
+        return None
+    from scipy import stats
+
+    mean, half = statistics.fmean(gains), stats.t.ppf(0.975, len(gains) - 1) * stats.sem(gains)
+    return {"gains": gains, "mean": mean, "low": mean - half, "high": mean + half}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="a labelled image folder, manifest or .npz")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--expert", help="an expert folder; default: train one here")
+    parser.add_argument("--expert-noise", choices=("ve", "none"), default="ve",
+                        help="train the alignment expert on the score model's noise (ve) or on clean images")
+    parser.add_argument("--judge", help="the classifier that grades generated images; default: train one here")
     parser.add_argument("--expert-steps", type=int, default=600)
     parser.add_argument("--train-steps", type=int, default=600)
     parser.add_argument("--train-seeds", type=int, nargs="+", default=[0])
@@ -117,17 +138,21 @@ def main() -> None:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    expert = args.expert
-    if expert is None:
-        expert = str(output_dir / "expert")
+    def classifier(name: str, seed: int, *extra: str) -> str:
+        path = str(output_dir / name)
         train_expert.main(train_expert.parse_args([
             *EXPERT_RECIPE, "--train_data_dir", args.data, "--resolution", str(args.resolution),
             "--max_train_steps", str(args.expert_steps), "--validation_steps", str(args.expert_steps + 1),
-            "--output_dir", expert]))
-    expert_report = json.loads((Path(expert) / "validation.json").read_text()) \
-        if (Path(expert) / "validation.json").is_file() else {}
+            "--seed", str(seed), "--output_dir", path, *extra]))
+        return path
+
+    noise = ["--noise_augment", "ve", "--sigma_min", "0.05"] if args.expert_noise == "ve" else []
+    expert = args.expert or classifier("expert", 0, *noise)
+    judge_path = args.judge or classifier("judge", 100)
+    expert_report, judge_report = (json.loads((Path(p) / "validation.json").read_text())
+                                   if (Path(p) / "validation.json").is_file() else {} for p in (expert, judge_path))
     runs = train_models(args, expert)
-    judge = ExpertClassifier.from_pretrained(expert)
+    judge = ExpertClassifier.from_pretrained(judge_path)
     results = {}
     for variant, variant_runs in runs.items():
         for run in variant_runs:
@@ -142,24 +167,36 @@ def main() -> None:
         for name, judge_expert in (("trained expert", FrozenExpert.from_pretrained(expert)),
                                    ("ResNet50 architecture", resnet50_expert()))
     }
+    pooled = pooled_gain(pairs)
     (output_dir / "results.json").write_text(json.dumps(
-        {"args": vars(args), "expert": expert_report, "runs": results, "paired": pairs, "overhead": overhead}, indent=2))
+        {"args": vars(args), "expert": expert_report, "judge": judge_report, "runs": results, "paired": pairs,
+         "pooled": pooled, "overhead": overhead}, indent=2))
 
-    print(f"expert: held-out accuracy {expert_report.get('accuracy', float('nan')):.3f} on its classes "
-          f"{judge.class_names}")
+    print(f"alignment expert: held-out accuracy {expert_report.get('accuracy', float('nan')):.3f}; judge "
+          f"{judge_report.get('accuracy', float('nan')):.3f}; classes {judge.class_names}")
+    if "noise_accuracy" in expert_report:
+        table = expert_report["noise_accuracy"]
+        print(f"alignment expert's accuracy per noise level (chance {table['chance']:.3f}): " + ", ".join(
+            f"sigma {s:.3g}: {a:.3f}" for s, a in zip(table["sigmas"], table["accuracies"])))
     print(f"{args.train_steps} steps per model at {args.resolution} px; {len(args.eval_seeds)} evaluation seeds x "
           f"{args.per_class} images per class; guidance {args.guidance_scale}")
-    print("| model | train seed | generation accuracy (mean +- sd over eval seeds) | per-class MS-SSIM | train s |")
-    print("|---|---|---|---|---|")
+    print("| model | train seed | generation accuracy (mean +- sd over eval seeds) | per-class accuracy | "
+          "per-class MS-SSIM | train s |")
+    print("|---|---|---|---|---|---|")
     for variant, variant_runs in results.items():
         for seed, run in zip(args.train_seeds, variant_runs):
             ev = run["evaluation"]
+            matrix = np.array(ev["confusion_matrix"])
+            per_class = " / ".join(f"{v:.2f}" for v in np.diag(matrix) / matrix.sum(1))
             diversity = ", ".join(f"{k} {v:.3f}" for k, v in ev["ms_ssim_per_class"].items())
-            print(f"| {variant} | {seed} | {ev['accuracy_mean']:.3f} +- {ev['accuracy_std']:.3f} | {diversity} | "
-                  f"{run['seconds']:.0f} |")
+            print(f"| {variant} | {seed} | {ev['accuracy_mean']:.3f} +- {ev['accuracy_std']:.3f} | {per_class} | "
+                  f"{diversity} | {run['seconds']:.0f} |")
     for seed, pair in zip(args.train_seeds, pairs):
         print(f"aligned - baseline (train seed {seed}, paired over eval seeds): "
               f"{pair['accuracy_difference_mean']:+.3f} +- {pair['accuracy_difference_std']:.3f}")
+    if pooled:
+        print(f"aligned - baseline over {len(pairs)} training seeds: {pooled['mean']:+.3f}, 95% CI "
+              f"[{pooled['low']:+.3f}, {pooled['high']:+.3f}]")
     for name, timing in overhead.items():
         print(f"step time at {args.overhead_resolution} px, batch {args.overhead_batch}, {name}: plain "
               f"{timing['plain_s']:.3f} s, aligned {timing['aligned_s']:.3f} s, overhead {timing['overhead']:+.1%} "

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from medsyn.train_scripts import train_expert, train_score_langevin
+from medsyn.training.feature_alignment import EXPERT_NOISE_KEY
 
 from .conftest import assert_same_weights
 from .ddp_launch import run_two_ranks
@@ -23,6 +26,27 @@ def expert_path(tmp_path_factory) -> str:
     return str(out)
 
 
+def noise_aware_expert(out, process: str, accuracy: dict | None = None) -> str:
+    """A tiny expert trained on ``process`` noise at the tiny diffusion models' 16 px; ``accuracy`` replaces its
+    measured table, so that tests know which levels are informative."""
+    train_expert.main(train_expert.parse_args([
+        "--resolution", "16", "--embedding_size", "8", "--hidden_sizes", "8", "16", "--depths", "1", "1",
+        "--layer_type", "basic", "--simulated_num_images", "40", "--train_batch_size", "8", "--max_train_steps", "2",
+        "--report_to", "none", "--noise_augment", process, "--noise_eval_levels", "3", "--output_dir", str(out)]))
+    if accuracy is not None:
+        config = json.loads((out / "config.json").read_text())
+        config[EXPERT_NOISE_KEY]["accuracy"] = accuracy
+        (out / "config.json").write_text(json.dumps(config))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def ve_expert_path(tmp_path_factory) -> str:
+    """Informative (accuracy 1.0 and 0.9 over chance 0.5) up to sigma 1, guessing at sigma 100."""
+    table = {"sigmas": [0.01, 1.0, 100.0], "accuracies": [1.0, 0.9, 0.5], "chance": 0.5}
+    return noise_aware_expert(tmp_path_factory.mktemp("ve_expert"), "ve", table)
+
+
 def score_run(tmp_path, name, *extra):
     args = [*SCORE_TINY, "--class_conditional", "--validation_steps", "100", "--output_dir", str(tmp_path / name)]
     return train_score_langevin.main(train_score_langevin.parse_args([*args, *extra]))
@@ -33,15 +57,49 @@ def test_aligned_score_training_differs_from_plain_and_saves_the_projection_with
     plain = score_run(tmp_path, "plain", *common)
     aligned = score_run(tmp_path, "aligned", *common, "--align_expert", expert_path, "--align_weight", "1.0")
     assert any(not torch.equal(v, plain.state_dict()[k]) for k, v in aligned.state_dict().items())
-    projection = load_file(tmp_path / "aligned" / "checkpoint-3" / "model_1.safetensors")
-    assert projection["linear.weight"].shape == (16, 16)  # expert width 16 -> last down block's 16 channels
+    head = load_file(tmp_path / "aligned" / "checkpoint-3" / "model_1.safetensors")
+    assert head["mlp.0.weight"].shape == (16, 16) and head["mlp.4.weight"].shape == (16, 16)  # UNet 16 -> expert 16
     assert not (tmp_path / "aligned" / "unet" / "model_1.safetensors").exists()
     card = (tmp_path / "aligned" / "README.md").read_text()
     assert "block `down_blocks.-1`, the expert sees the noisy input" in card
+    assert "every noise level weighted equally (the expert has no accuracy per noise level)" in card
 
 
-def test_aligned_score_training_resumes_exactly(expert_path, tmp_path):
-    extra = ["--align_expert", expert_path, "--align_block", "mid_block", "--checkpointing_steps", "2",
+def test_levels_where_the_expert_guesses_teach_the_unet_nothing(ve_expert_path, tmp_path):
+    """Above the margin no level is informative: every weight is 0 and the UNet trains as without alignment (up to
+    float rounding in the clipping norm, which now also sums the head's zero gradients); below it the UNet changes."""
+    common = ["--max_train_steps", "3", "--learning_rate", "1e-3"]
+    plain = score_run(tmp_path, "plain", *common)
+    aligned = ["--align_expert", ve_expert_path, "--align_weight", "1.0"]
+    silent = score_run(tmp_path, "silent", *common, *aligned, "--align_min_margin", "0.6")
+    active = score_run(tmp_path, "active", *common, *aligned, "--align_min_margin", "0.1")
+
+    def largest_change(model):
+        return max((v - plain.state_dict()[k]).abs().max().item() for k, v in model.state_dict().items())
+
+    assert largest_change(silent) < 1e-6
+    assert largest_change(active) > 1e-4
+    card = (tmp_path / "active" / "README.md").read_text()
+    assert "weighted by the expert's accuracy over chance (margin 0.1; informative for sigma 0.01 to 1)" in card
+
+
+def test_an_expert_of_the_other_noise_process_is_refused(ve_expert_path, vae_path, tmp_path):
+    from medsyn.train_scripts import train_medisyn
+
+    from .test_train_medisyn import TINY_MODEL, TINY_RUN
+
+    argv = [*TINY_RUN, *TINY_MODEL, "--vae_model_name_or_path", vae_path, "--max_train_steps", "1",
+            "--align_expert", ve_expert_path, "--output_dir", str(tmp_path / "medisyn")]
+    with pytest.raises(ValueError, match="trained on ve noise.*--noise_augment ddpm"):
+        train_medisyn.main(train_medisyn.parse_args(argv))
+    ddpm_expert = noise_aware_expert(tmp_path / "ddpm_expert", "ddpm")
+    train_medisyn.main(train_medisyn.parse_args([*argv[:-4], "--align_expert", ddpm_expert, *argv[-2:]]))
+    with pytest.raises(ValueError, match="trained on ddpm noise.*--noise_augment ve"):
+        score_run(tmp_path, "score", "--max_train_steps", "1", "--align_expert", ddpm_expert)
+
+
+def test_aligned_score_training_resumes_exactly(ve_expert_path, tmp_path):
+    extra = ["--align_expert", ve_expert_path, "--align_block", "mid_block", "--checkpointing_steps", "2",
              "--learning_rate", "1e-3"]
     straight = score_run(tmp_path, "straight", *extra, "--max_train_steps", "4")
     score_run(tmp_path, "resumed", *extra, "--max_train_steps", "2")

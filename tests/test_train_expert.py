@@ -80,3 +80,32 @@ def test_bad_arguments_fail_clearly():
         parse_args(["--hidden_sizes", "8", "16", "--depths", "1"])
     with pytest.raises(SystemExit):
         parse_args(["--validation_fraction", "0"])
+
+
+def test_noise_augmented_expert_reports_and_saves_its_accuracy_per_noise_level(tmp_path):
+    run(tmp_path, "aware", "--max_train_steps", "3", "--noise_augment", "ve", "--noise_eval_levels", "4")
+    out = tmp_path / "aware"
+    report = json.loads((out / "validation.json").read_text())["noise_accuracy"]
+    sigmas = report["sigmas"]
+    assert report["process"]["process"] == "ve" and report["process"]["sigma_min"] == 0.01
+    assert len(sigmas) == 4 and sigmas[0] == pytest.approx(0.01) and sigmas == sorted(sigmas)
+    assert sigmas[-1] == pytest.approx(report["process"]["sigma_max"])  # from the data: technique 1
+    assert all(a * 6 == pytest.approx(round(a * 6)) for a in report["accuracies"])  # fractions of 6 images
+    class_counts = np.array(json.loads((out / "validation.json").read_text())["confusion_matrix"]).sum(1)
+    assert report["chance"] == pytest.approx(class_counts.max() / class_counts.sum())  # the majority class
+    expert = FrozenExpert.from_pretrained(str(out))
+    assert expert.noise.process == "ve" and expert.noise.sigma_max == pytest.approx(sigmas[-1])
+    assert expert.accuracy.accuracies == report["accuracies"]
+    card = (out / "README.md").read_text()
+    assert "Trained on ve noise" in card and "| sigma (VE-equivalent) | accuracy |" in card
+
+
+def test_ddpm_noise_table_has_alpha_bar_and_clean_experts_say_so(tmp_path):
+    run(tmp_path, "ddpm", "--max_train_steps", "2", "--noise_augment", "ddpm", "--num_train_timesteps", "50",
+        "--noise_eval_levels", "3")
+    expert = FrozenExpert.from_pretrained(str(tmp_path / "ddpm"))
+    assert expert.noise.process == "ddpm" and expert.noise.num_train_timesteps == 50
+    assert "| sigma (VE-equivalent) | alpha-bar | accuracy |" in (tmp_path / "ddpm" / "README.md").read_text()
+    run(tmp_path, "clean", "--max_train_steps", "1")
+    assert FrozenExpert.from_pretrained(str(tmp_path / "clean")).noise is None
+    assert "Trained on clean images only" in (tmp_path / "clean" / "README.md").read_text()

@@ -10,6 +10,11 @@ it trains the ResNet50 architecture from scratch, offline. The paper's recipe is
 is a transformers ``ResNetForImageClassification`` folder (safetensors) with its image processor, which
 ``--align_expert`` of the diffusion training scripts loads; validation accuracy and the confusion matrix go into
 its model card and ``validation.json``.
+
+``--noise_augment ve`` (score models) or ``ddpm`` (MediSyn) trains it on the diffusion model's noisy inputs, at
+one random noise level per image, as classifiers for classifier guidance are trained; its accuracy per noise level
+is then measured, saved in its config and card, and used by alignment to skip the levels where it guesses. Train a
+noise-aware expert at the diffusion model's resolution, so that the noise it learns is the noise it will see.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from medsyn.data import image_channels, image_transform, random_affine
 from medsyn.hub_upload import push_model_folder
 from medsyn.metrics.features import PooledImageEncoder
 from medsyn.model_card import card_reference, write_model_card
+from medsyn.schedulers.ncsn_rules import sigma_max_from_data
 from medsyn.training.accelerator import (
     build_accelerator,
     build_lr_scheduler,
@@ -35,6 +41,8 @@ from medsyn.training.accelerator import (
     enable_gradient_checkpointing,
     step_budget,
 )
+from medsyn.training.expert_noise import MEDISYN_BETAS, ExpertNoise, NoiseAccuracy, NoiseProcess
+from medsyn.training.feature_alignment import EXPERT_NOISE_KEY
 from medsyn.training.loop import TrainingResult, TrainingRun, run_card_fields, training_loop
 from medsyn.training.script_args import (
     add_data_arguments,
@@ -47,7 +55,7 @@ from medsyn.training.script_args import (
     pretrained_kwargs,
     split_validation,
 )
-from medsyn.validation import DefaultsShown, count_argument
+from medsyn.validation import DefaultsShown, count_argument, number_argument
 
 logger = get_logger(__name__)
 
@@ -69,6 +77,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="Blocks per ResNet stage.")
     model.add_argument("--layer_type", type=str, default="bottleneck", choices=("basic", "bottleneck"),
                        help="ResNet block type.")
+
+    noise = parser.add_argument_group("noise augmentation (a noise-aware expert for feature alignment)")
+    noise.add_argument("--noise_augment", type=str, default=None, choices=[p.value for p in NoiseProcess],
+                       help="Train on the diffusion model's noise: ve (score models) or ddpm (MediSyn's pixel view).")
+    noise.add_argument("--sigma_max", type=number_argument(0, exclusive=True), default=None,
+                       help="ve: largest noise level; default: the largest pairwise data distance, as "
+                            "train_score_langevin.py derives it.")
+    noise.add_argument("--sigma_min", type=number_argument(0, exclusive=True), default=0.01,
+                       help="ve: smallest noise level.")
+    noise.add_argument("--num_train_timesteps", type=count_argument(2), default=MEDISYN_BETAS["num_train_timesteps"],
+                       help="ddpm: timesteps of the schedule.")
+    noise.add_argument("--beta_schedule", type=str, default=MEDISYN_BETAS["beta_schedule"],
+                       help="ddpm: the diffusers beta schedule.")
+    noise.add_argument("--beta_start", type=number_argument(0, exclusive=True), default=MEDISYN_BETAS["beta_start"],
+                       help="ddpm: the first beta.")
+    noise.add_argument("--beta_end", type=number_argument(0, exclusive=True), default=MEDISYN_BETAS["beta_end"],
+                       help="ddpm: the last beta.")
+    noise.add_argument("--noise_eval_levels", type=count_argument(2), default=10,
+                       help="Noise levels at which the held-out accuracy is measured.")
 
     add_optimisation_arguments(parser, output_dir="medsyn-expert", learning_rate=1e-4)
     parser.set_defaults(train_batch_size=64, num_train_epochs=15, adam_weight_decay=1e-2)
@@ -105,14 +132,39 @@ def build_classifier(args, channels: int, class_names: list[str]) -> tuple[ResNe
     return ResNetForImageClassification(config), [0.5] * channels, [0.5] * channels
 
 
+def build_noise(args, train_set, to_tensor) -> ExpertNoise | None:
+    """The --noise_augment process; the ve sigma_max as the score script derives it from the data."""
+    if args.noise_augment is None:
+        return None
+    if args.noise_augment == NoiseProcess.DDPM:
+        return ExpertNoise(NoiseProcess.DDPM, num_train_timesteps=args.num_train_timesteps,
+                           beta_schedule=args.beta_schedule, beta_start=args.beta_start, beta_end=args.beta_end)
+    sigma_max = args.sigma_max
+    if sigma_max is None:
+        sample = torch.stack([to_tensor(train_set[i]["image"]) for i in range(min(len(train_set), 2000))])
+        sigma_max = sigma_max_from_data(sample)
+    return ExpertNoise(NoiseProcess.VE, sigma_min=args.sigma_min, sigma_max=sigma_max)
+
+
+def noisy_view(noise: ExpertNoise, images: torch.Tensor, sigma: torch.Tensor, generator) -> torch.Tensor:
+    """Images in [-1, 1] corrupted at levels ``sigma`` and scaled as ``FrozenExpert`` scales them."""
+    corrupted = noise.corrupt(images, sigma, torch.randn(images.shape, generator=generator, device=images.device))
+    return corrupted * noise.input_scale(sigma).reshape(-1, 1, 1, 1)
+
+
 @torch.no_grad()
-def evaluate(classifier, encoder: PooledImageEncoder, loader, device, num_classes: int) -> dict:
-    """Accuracy and the confusion matrix (rows: true class, columns: predicted) on ``loader``."""
+def evaluate(classifier, encoder: PooledImageEncoder, loader, device, num_classes: int,
+             noise: ExpertNoise | None = None, sigma: float | None = None, seed: int = 0) -> dict:
+    """Accuracy and the confusion matrix (rows: true class, columns: predicted) on ``loader``, of clean images or of
+    images at noise level ``sigma`` (seeded noise)."""
     classifier.eval()
+    generator = torch.Generator(device).manual_seed(seed)
     predicted, truth = [], []
     for batch in loader:
-        images = batch["pixel_values"].to(device) / 2 + 0.5
-        predicted.append(classifier(pixel_values=encoder.normalise(images)).logits.argmax(1).cpu())
+        images = batch["pixel_values"].to(device)
+        if sigma is not None:
+            images = noisy_view(noise, images, torch.full((len(images),), sigma, device=device), generator)
+        predicted.append(classifier(pixel_values=encoder.normalise(images / 2 + 0.5)).logits.argmax(1).cpu())
         truth.append(batch["labels"])
     predicted, truth = torch.cat(predicted), torch.cat(truth)
     matrix = multiclass_confusion_matrix(predicted, truth, num_classes=num_classes)
@@ -148,10 +200,15 @@ def main(args: argparse.Namespace) -> ResNetForImageClassification:
     updates_per_epoch, max_train_steps, _ = step_budget(args, len(train_loader))
     lr_scheduler = build_lr_scheduler(args, accelerator, optimizer, max_train_steps)
 
+    noise = build_noise(args, train_set, to_tensor)
+
     def loss_fn(batch, step):
         images = batch["pixel_values"]
         if args.augment:
             images = random_affine(images, generator=step.generator)
+        if noise is not None:
+            sigma = noise.sample_sigmas(len(images), step.generator, images.device)
+            images = noisy_view(noise, images, sigma, step.generator)
         logits = classifier(pixel_values=encoder.normalise(images / 2 + 0.5)).logits
         return {"loss": F.cross_entropy(logits.float(), batch["labels"])}
 
@@ -169,20 +226,53 @@ def main(args: argparse.Namespace) -> ResNetForImageClassification:
     if accelerator.is_main_process:
         metrics = evaluate(model, encoder, validation_loader, accelerator.device, len(class_names))
         logger.info(f"validation accuracy {metrics['accuracy']:.4f}")
+        accuracy = noise_accuracy(model, encoder, validation_loader, accelerator.device, len(class_names), noise,
+                                  args) if noise else None
         save_expert(args, accelerator, model, mean, std, metrics, class_names, data_description, len(train_set),
-                    len(validation_set), channels, result)
+                    len(validation_set), channels, result, noise, accuracy)
     accelerator.end_training()
     return model
 
 
+def noise_accuracy(model, encoder, loader, device, num_classes: int, noise: ExpertNoise, args) -> NoiseAccuracy:
+    """Held-out accuracy at evenly spread noise levels; chance is the held-out set's majority-class fraction."""
+    labels = torch.cat([batch["labels"] for batch in loader])
+    chance = labels.bincount(minlength=num_classes).max().item() / len(labels)
+    sigmas = noise.evaluation_sigmas(args.noise_eval_levels)
+    accuracies = [evaluate(model, encoder, loader, device, num_classes, noise, sigma, args.seed)["accuracy"]
+                  for sigma in sigmas]
+    for sigma, accuracy in zip(sigmas, accuracies):
+        logger.info(f"validation accuracy at sigma {sigma:.4g}: {accuracy:.4f} (chance {chance:.3f})")
+    return NoiseAccuracy(sigmas, accuracies, chance)
+
+
+def noise_table(noise: ExpertNoise | None, accuracy: NoiseAccuracy | None) -> str:
+    """The model card's accuracy per noise level."""
+    if noise is None:
+        return ("Trained on clean images only: as an alignment expert it sees noisy inputs it never saw "
+                "(retrain with `--noise_augment`).")
+    ddpm = noise.process is NoiseProcess.DDPM
+    rows = [f"| {sigma:.4g} | " + (f"{1 / (1 + sigma**2):.4f} | " if ddpm else "") + f"{value:.4f} |"
+            for sigma, value in zip(accuracy.sigmas, accuracy.accuracies)]
+    header = "| sigma (VE-equivalent) | " + ("alpha-bar | " if ddpm else "") + "accuracy |"
+    return "\n".join([f"Trained on {noise.process.value} noise ({noise.to_dict()}); chance (majority class) "
+                      f"{accuracy.chance:.4f}.", "", header, "|---" * (3 if ddpm else 2) + "|", *rows])
+
+
 def save_expert(args, accelerator, model, mean, std, metrics, class_names, data_description, num_train,
-                num_validation, channels, result: TrainingResult) -> None:
+                num_validation, channels, result: TrainingResult, noise: ExpertNoise | None,
+                accuracy: NoiseAccuracy | None) -> None:
     output_dir = Path(args.output_dir)
     model.config.image_size = args.resolution  # the side FrozenExpert resizes noisy inputs to
+    if noise is not None:
+        setattr(model.config, EXPERT_NOISE_KEY, {"process": noise.to_dict(), "accuracy": accuracy.to_dict()})
     model.save_pretrained(output_dir)
     ConvNextImageProcessor(size={"shortest_edge": args.resolution}, crop_pct=1.0, image_mean=mean,
                            image_std=std).save_pretrained(output_dir)
-    (output_dir / "validation.json").write_text(json.dumps({**metrics, "class_names": class_names}, indent=2))
+    report = {**metrics, "class_names": class_names}
+    if accuracy is not None:
+        report["noise_accuracy"] = {"process": noise.to_dict(), **accuracy.to_dict()}
+    (output_dir / "validation.json").write_text(json.dumps(report, indent=2))
     header = "| true \\ predicted | " + " | ".join(class_names) + " |"
     rows = [f"| {name} | " + " | ".join(str(n) for n in row) + " |"
             for name, row in zip(class_names, metrics["confusion_matrix"])]
@@ -193,6 +283,7 @@ def save_expert(args, accelerator, model, mean, std, metrics, class_names, data_
         accuracy=f"{metrics['accuracy']:.4f}",
         num_validation_images=num_validation,
         confusion_matrix="\n".join([header, "|---" * (len(class_names) + 1) + "|", *rows]),
+        noise_accuracy=noise_table(noise, accuracy),
         data_description=data_description,
         num_train_images=num_train,
         class_names=", ".join(class_names),

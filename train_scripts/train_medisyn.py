@@ -60,6 +60,7 @@ from medsyn.training.accelerator import (
 )
 from medsyn.training.checkpoints import seed_global_rng
 from medsyn.training.denoising_loss import denoising_loss, offset_noise
+from medsyn.training.expert_noise import MEDISYN_BETAS, ExpertNoise
 from medsyn.training.feature_alignment import (
     FeatureAligner,
     FrozenExpert,
@@ -227,10 +228,7 @@ def load_components(args: argparse.Namespace, captions: list[str]):
             norm_num_groups=args.unet_norm_num_groups,
         )
     )
-    noise_scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        clip_sample=False, prediction_type=args.prediction_type,
-    )
+    noise_scheduler = DDPMScheduler(**MEDISYN_BETAS, clip_sample=False, prediction_type=args.prediction_type)
     return vae, text_encoder, tokenizer, unet, noise_scheduler, new_encoder
 
 
@@ -288,18 +286,18 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
         dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
         num_workers=args.dataloader_num_workers, drop_last=len(dataset) >= args.train_batch_size,
     )
-    aligner = build_aligner(args, unet, vae, text_encoder, max_length, accelerator.device)
+    aligner = build_aligner(args, unet, vae, text_encoder, noise_scheduler, max_length, accelerator.device)
     parameters = [p for model in [unet, text_encoder][:1 + train_text_encoder] for p in model.parameters()
                   if p.requires_grad]
     if aligner is not None:
-        parameters += list(aligner.projection.parameters())
+        parameters += list(aligner.head.parameters())
     optimizer = build_optimizer(args, parameters)
     if train_text_encoder:
         unet, text_encoder, optimizer, dataloader = accelerator.prepare(unet, text_encoder, optimizer, dataloader)
     else:
         unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
     trained = [unet, text_encoder][:1 + train_text_encoder]
-    projection = accelerator.prepare(aligner.projection) if aligner else None
+    head = accelerator.prepare(aligner.head) if aligner else None
     updates_per_epoch, max_train_steps, _ = step_budget(args, len(dataloader))
     lr_scheduler = build_lr_scheduler(args, accelerator, optimizer, max_train_steps)
     ema = attach_ema(accelerator, accelerator.unwrap_model(unet), args.ema_decay, "unet_ema") if args.use_ema else None
@@ -331,11 +329,12 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
         losses = {"loss": denoising_loss(prediction, target, timesteps, noise_scheduler, args.snr_gamma)}
         if aligner is not None:
             # The expert sees the pixel image noised to the latent's timestep (see medsyn.training.feature_alignment).
-            seen = pixels.float()
+            seen, level = pixels.float(), None
             if args.align_on == "noisy":
                 pixel_noise = torch.randn(seen.shape, generator=generator, device=seen.device)
                 seen = noise_scheduler.add_noise(seen, pixel_noise, timesteps)
-            losses["align_loss"] = aligner.loss(seen, projection)
+                level = aligner.model_noise.timestep_sigmas(timesteps)
+            losses["align_loss"] = aligner.loss(seen, level, head)
             losses["loss"] = losses["loss"] + args.align_weight * losses["align_loss"]
         return losses
 
@@ -360,12 +359,12 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
     pipeline = assemble_pipeline(accelerator, vae, text_encoder, tokenizer, unet, ema, noise_scheduler)
     if accelerator.is_main_process:
         save_result(args, accelerator, pipeline, validation_prompts, data_description, len(dataset), channels,
-                    result, new_encoder, train_text_encoder)
+                    result, new_encoder, train_text_encoder, alignment=describe_alignment(args, aligner))
     accelerator.end_training()
     return pipeline
 
 
-def build_aligner(args, unet, vae, text_encoder, max_length: int, device) -> FeatureAligner | None:
+def build_aligner(args, unet, vae, text_encoder, noise_scheduler, max_length: int, device) -> FeatureAligner | None:
     """The feature-alignment term when --align_expert is given: the block's width from one forward pass."""
     if not args.align_expert:
         return None
@@ -375,7 +374,8 @@ def build_aligner(args, unet, vae, text_encoder, max_length: int, device) -> Fea
     context = torch.zeros(1, max_length, text_encoder.config.hidden_size, device=device)
     width = block_channels(unet.to(device), args.align_block, latent, timestep=torch.zeros(1, device=device),
                            encoder_hidden_states=context)
-    return FeatureAligner(expert, unet, args.align_block, width)
+    return FeatureAligner(expert, unet, args.align_block, width, ExpertNoise.from_ddpm_scheduler(noise_scheduler),
+                          args.resolution, args.align_min_margin, args.align_head_dim)
 
 
 def assemble_pipeline(accelerator, vae, text_encoder, tokenizer, unet, ema, noise_scheduler) -> MediSynPipeline:
@@ -399,7 +399,7 @@ def sample_grid(pipeline: MediSynPipeline, prompts: list[str], per_prompt: int, 
 
 
 def save_result(args, accelerator, pipeline, prompts, data_description, num_images, channels,
-                result: TrainingResult, new_encoder, train_text_encoder) -> None:
+                result: TrainingResult, new_encoder, train_text_encoder, alignment: str) -> None:
     """The pipeline (or, with LoRA, the adapters alone), sample grid and model card; then the Hub upload."""
     output_dir = Path(args.output_dir)
     if args.use_lora:
@@ -439,7 +439,7 @@ def save_result(args, accelerator, pipeline, prompts, data_description, num_imag
                      f"{'trained' if train_text_encoder else 'frozen'}; {prompt_max_length(pipeline.tokenizer, text_encoder)} tokens per prompt",
         unet_summary=f"UNet2DConditionModel, {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, "
                      f"channels {list(unet.config.block_out_channels)}",
-        alignment=describe_alignment(args),
+        alignment=alignment,
         vae_summary=f"AutoencoderKL, {pipeline.vae.config.latent_channels} latent channels, downsampling "
                     f"x{pipeline.vae_scale_factor}, scaling factor {pipeline.vae.config.scaling_factor:.4g}",
     )

@@ -46,6 +46,7 @@ from medsyn.training.class_conditional import (
     unet_config_from_arguments,
 )
 from medsyn.training.dsm_loss import dsm_loss, perturb
+from medsyn.training.expert_noise import ExpertNoise, NoiseProcess
 from medsyn.training.feature_alignment import (
     FeatureAligner,
     FrozenExpert,
@@ -146,7 +147,9 @@ def build_aligner(args, unet, example: torch.Tensor, sigmas: torch.Tensor, null_
     labels = None if null_label is None else torch.full((1,), null_label, dtype=torch.long, device=sigmas.device)
     width = block_channels(unet.to(sigmas.device), args.align_block, example[None].to(sigmas.device),
                            timestep=sigmas[:1], class_labels=labels)
-    return FeatureAligner(expert, unet, args.align_block, width)
+    model_noise = ExpertNoise(NoiseProcess.VE, sigma_min=sigmas.min().item(), sigma_max=sigmas.max().item())
+    return FeatureAligner(expert, unet, args.align_block, width, model_noise, args.resolution, args.align_min_margin,
+                          args.align_head_dim)
 
 
 def main(args: argparse.Namespace) -> UNet2DModel:
@@ -170,10 +173,10 @@ def main(args: argparse.Namespace) -> UNet2DModel:
 
     dataloader = labelled_dataloader(dataset, to_tensor, args)
     aligner = build_aligner(args, unet, to_tensor(dataset[0]["image"]), train_sigmas, null_label)
-    trained_parameters = list(unet.parameters()) + (list(aligner.projection.parameters()) if aligner else [])
+    trained_parameters = list(unet.parameters()) + (list(aligner.head.parameters()) if aligner else [])
     optimizer = build_optimizer(args, trained_parameters)
     unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
-    projection = accelerator.prepare(aligner.projection) if aligner else None
+    head = accelerator.prepare(aligner.head) if aligner else None
     updates_per_epoch, max_train_steps, _ = step_budget(args, len(dataloader))
     lr_scheduler = build_lr_scheduler(args, accelerator, optimizer, max_train_steps)
     ema = attach_ema(accelerator, accelerator.unwrap_model(unet), args.ema_decay, "unet_ema") if args.use_ema else None
@@ -188,7 +191,8 @@ def main(args: argparse.Namespace) -> UNet2DModel:
         score = unet(noisy, sigma, class_labels=labels).sample
         losses = {"loss": dsm_loss(score.float(), noise.float(), sigma.float()).mean()}
         if aligner is not None:
-            losses["align_loss"] = aligner.loss(noisy if args.align_on == "noisy" else clean, projection)
+            seen, level = (noisy, sigma) if args.align_on == "noisy" else (clean, None)
+            losses["align_loss"] = aligner.loss(seen, level, head)
             losses["loss"] = losses["loss"] + args.align_weight * losses["align_loss"]
         return losses
 
@@ -207,7 +211,7 @@ def main(args: argparse.Namespace) -> UNet2DModel:
     model = ema_or_trained_model(accelerator, unet, ema)
     if accelerator.is_main_process:
         save_pipeline(args, accelerator, model, noise_scheduler, class_names, data_description, len(dataset),
-                      channels, result)
+                      channels, result, alignment=describe_alignment(args, aligner))
     accelerator.end_training()
     return model
 
@@ -222,7 +226,7 @@ def log_validation(args, accelerator, unet, ema, noise_scheduler, class_names, s
 
 
 def save_pipeline(args, accelerator, model, noise_scheduler, class_names, data_description, num_images,
-                  channels, result: TrainingResult) -> None:
+                  channels, result: TrainingResult, alignment: str) -> None:
     output_dir = Path(args.output_dir)
     pipeline = ScoreLangevinPipeline(model, noise_scheduler, class_names=class_names)
     pipeline.save_pretrained(output_dir)
@@ -248,7 +252,7 @@ def save_pipeline(args, accelerator, model, noise_scheduler, class_names, data_d
         sigma_min=f"{config.sigma_min:.4g}",
         n_steps_each=config.n_steps_each,
         step_size=f"{config.step_size:.3g}",
-        alignment=describe_alignment(args),
+        alignment=alignment,
     )
     if args.push_to_hub:
         push_model_folder(output_dir, args.hub_model_id or output_dir.name, args.hub_token, args.hub_private_repo)
