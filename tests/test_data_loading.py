@@ -80,9 +80,23 @@ def test_csv_and_jsonl_manifests(tmp_path):
     assert dataset[0]["caption"] == "a tumor" and dataset[0]["label"] == 1
 
 
+def test_a_folder_with_a_manifest_at_its_root_is_read_through_it(tmp_path):
+    """The shared fundus set's layout: images/<class>/*.png and labels.csv (file, integer label, class_name)."""
+    root = tmp_path / "fundus"
+    write_folder(root / "images", classes=("cataract", "normal"), mode="RGB")
+    (root / "labels.csv").write_text("file,label,class_name\n" + "".join(
+        f"images/{name}/{i}.png,{code},{name}\n" for code, name in enumerate(("cataract", "normal")) for i in range(3)))
+    dataset = load_image_dataset(root)
+    assert dataset.features["label"].names == ["cataract", "normal"]  # class_name, not the folder "images"
+    assert sorted(dataset["label"]) == [0, 0, 0, 1, 1, 1] and dataset[0]["image"].mode == "RGB"
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "fundus/images/normal/2.png", "label": "x"}))
+    only = load_image_dataset(tmp_path / "metadata.jsonl")
+    assert only.features["label"].names == ["x"] and only[0]["source"].endswith("normal/2.png")
+
+
 def test_manifest_errors(tmp_path):
-    (tmp_path / "nopath.csv").write_text("file,label\na.png,x\n")
-    with pytest.raises(ValueError, match="no 'path' column"):
+    (tmp_path / "nopath.csv").write_text("image,label\na.png,x\n")
+    with pytest.raises(ValueError, match=r"no image column, one of \['path', 'file', 'file_name'\]"):
         load_image_dataset(tmp_path / "nopath.csv")
     (tmp_path / "missing.csv").write_text("path\nnowhere.png\n")
     with pytest.raises(ValueError, match="row 1: image file .*nowhere.png does not exist"):

@@ -72,12 +72,33 @@ def test_precision_recall_on_identical_disjoint_and_collapsed_sets():
 
 
 def test_density_and_coverage_for_one_distribution_match_naeem_et_al():
-    # Two samples of one distribution: E[density] = 1, and coverage -> 1 - 1/2^k for equal sizes (k = 3).
+    # Two samples of one distribution: E[density] = 1, and coverage -> 1 - 1/2^k for equal sizes, with Naeem et
+    # al.'s k = 5 by default while precision/recall keep k = 3.
     real, generated = _gaussians(n=2000)
-    metrics = manifold_metrics(real, generated, k=3)
+    metrics = manifold_metrics(real, generated)
+    assert (metrics.k, metrics.k_density) == (3, 5)
     assert metrics.density == pytest.approx(1.0, abs=0.1)
-    assert metrics.coverage == pytest.approx(1 - 0.5**3, abs=0.04)
+    assert metrics.coverage == pytest.approx(1 - 0.5**5, abs=0.02)
     assert 0.6 < metrics.precision < 0.95 and 0.6 < metrics.recall < 0.95
+    assert manifold_metrics(real, generated, k_density=3).coverage == pytest.approx(1 - 0.5**3, abs=0.04)
+
+
+def test_each_metric_uses_its_own_k_as_brute_force_says():
+    real, generated = _gaussians(n=200, d=3)
+    real, generated = real.double(), generated[:150].double()
+
+    def radii(x, k):
+        distances = torch.cdist(x, x)
+        distances.fill_diagonal_(float("inf"))
+        return distances.sort(1).values[:, k - 1]
+
+    cross = torch.cdist(generated, real)
+    inside3, inside5 = cross <= radii(real, 3)[None], cross <= radii(real, 5)[None]
+    metrics = manifold_metrics(real, generated, k=3, k_density=5)
+    assert metrics.precision == pytest.approx(inside3.any(1).double().mean().item())
+    assert metrics.recall == pytest.approx((cross <= radii(generated, 3)[:, None]).any(0).double().mean().item())
+    assert metrics.density == pytest.approx(inside5.sum().item() / (5 * len(generated)))
+    assert metrics.coverage == pytest.approx(inside5.any(0).double().mean().item())
 
 
 def test_knn_radii_agree_with_brute_force():
@@ -101,5 +122,30 @@ def test_bad_feature_inputs_are_named():
         frechet_distance(np.zeros((4, 3)), np.zeros((4, 2)))
     with pytest.raises(ValueError, match="NaN"):
         frechet_distance(np.full((4, 3), np.nan), np.zeros((4, 3)))
-    with pytest.raises(ValueError, match="at least 4 samples"):
-        manifold_metrics(np.zeros((3, 2)), np.zeros((10, 2)), k=3)
+    with pytest.raises(ValueError, match="at least 6 samples"):
+        manifold_metrics(np.zeros((5, 2)), np.zeros((10, 2)), k=3)
+
+
+def test_a_saved_domain_encoder_sees_images_at_the_side_it_was_trained_at(tmp_path):
+    """``evaluate --domain-encoder`` loads through ``PooledImageEncoder.from_pretrained``: images of any size are
+    resized to the saved resolution (config ``image_size``, else the image processor's size) before the features."""
+    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetModel
+
+    from medsyn.metrics.features import PooledImageEncoder
+
+    torch.manual_seed(0)
+    config = ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
+    backbone = ResNetModel(config).eval()
+    images = torch.rand(2, 1, 16, 16)
+    at_32 = torch.nn.functional.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        expected = backbone(pixel_values=(at_32 - 0.5) / 0.5).pooler_output.flatten(1)
+    for name, size_in_config in (("config", True), ("processor", False)):
+        config.image_size = 32 if size_in_config else None
+        backbone.save_pretrained(tmp_path / name)
+        processor_size = {"shortest_edge": 64 if size_in_config else 32}  # the config wins over the processor
+        ConvNextImageProcessor(size=processor_size, image_mean=[0.5], image_std=[0.5]).save_pretrained(tmp_path / name)
+        encoder = PooledImageEncoder.from_pretrained(str(tmp_path / name)).eval()
+        assert encoder.image_size == 32
+        with torch.no_grad():
+            torch.testing.assert_close(encoder(images), expected, atol=1e-5, rtol=1e-5)

@@ -74,7 +74,7 @@ def test_the_expert_classifies_as_it_was_trained(tmp_path):
         "--layer_type", "basic", "--simulated_num_images", "40", "--train_batch_size", "8", "--max_train_steps", "2",
         "--report_to", "none", "--output_dir", str(tmp_path / "expert")]))
     expert = ExpertClassifier.from_pretrained(str(tmp_path / "expert"))
-    assert expert.class_names == ["healthy", "tumor"] and expert.image_size == 24
+    assert expert.class_names == ["healthy", "tumor"] and expert.encoder.image_size == 24
     images = torch.rand(5, 1, 16, 16)
     resized = torch.nn.functional.interpolate(images, size=(24, 24), mode="bilinear", align_corners=False)
     with torch.no_grad():

@@ -76,3 +76,24 @@ def test_power_spectrum_of_white_noise_is_flat_and_a_cosine_peaks_at_its_frequen
     wave = (0.5 + 0.4 * torch.cos(2 * math.pi * 8 * x / 64)).expand(64, 64).reshape(1, 1, 64, 64)
     frequency, power = radial_power_spectrum(wave)
     assert frequency[power.argmax()] == pytest.approx(8 / 64)
+
+
+def _fundus_like(vessels_in: str) -> torch.Tensor:
+    """A bright disc-free background with three dark 2 px lines ("vessels") in the named channels."""
+    image = torch.full((1, 3, 64, 64), 0.7, dtype=torch.float64)
+    for row in (16, 32, 48):
+        for channel, name in enumerate("rgb"):
+            if name in vessels_in:
+                image[0, channel, row : row + 2, 4:60] = 0.3
+    return image
+
+
+def test_vessel_visibility_reads_dark_vessels_in_the_green_channel():
+    """MINIM's fifth column: vessels seen where a fundus photograph shows them (green), not elsewhere."""
+    green, red, none = (image_statistics(_fundus_like(c))["vessel_visibility"][0] for c in ("g", "r", ""))
+    assert none == pytest.approx(0.0, abs=1e-12) and red == pytest.approx(0.0, abs=1e-12)
+    assert green > 1e-3
+    gray = _fundus_like("g")[:, 1:2]
+    assert image_statistics(gray)["vessel_visibility"][0] == pytest.approx(green)  # grayscale: the channel itself
+    faint = [image_statistics(0.7 - (0.7 - _fundus_like("g")) * c)["vessel_visibility"][0] for c in (0.5, 0.1)]
+    assert 0 < faint[1] < faint[0] < 0.7 * green  # fainter vessels score lower

@@ -28,6 +28,12 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 NIFTI_SUFFIXES = {".nii", ".nii.gz"}
 CAPTION_COLUMNS = ("caption", "text")
+#: A manifest's image column, by its first name present: medsyn's own, the shared sets' and datasets' imagefolder.
+PATH_COLUMNS = ("path", "file", "file_name")
+#: Its label column: a class name beats an integer code, which would become the class name "1".
+LABEL_COLUMNS = ("class_name", "label")
+#: A folder holding one of these at its root is read through it, not through its sub-folders.
+FOLDER_MANIFESTS = ("metadata.csv", "metadata.jsonl", "labels.csv", "manifest.csv", "manifest.jsonl")
 
 
 @dataclass
@@ -187,12 +193,15 @@ def _from_manifest(path: Path, collector: _Collector) -> None:
     rows = _manifest_rows(path)
     if not rows:
         raise ValueError(f"{path}: the manifest has no rows")
-    if "path" not in rows[0]:
-        raise ValueError(f"{path}: the manifest has no 'path' column (columns: {sorted(rows[0])})")
+    column = next((c for c in PATH_COLUMNS if c in rows[0]), None)
+    if column is None:
+        raise ValueError(f"{path}: the manifest has no image column, one of {list(PATH_COLUMNS)} "
+                         f"(columns: {sorted(rows[0])})")
+    label_column = next((c for c in LABEL_COLUMNS if c in rows[0]), None)
     for number, row in enumerate(rows, start=1):
-        if not row.get("path"):
-            raise ValueError(f"{path}: row {number} has an empty 'path'")
-        image_path = Path(row["path"])
+        if not row.get(column):
+            raise ValueError(f"{path}: row {number} has an empty {column!r}")
+        image_path = Path(row[column])
         image_path = image_path if image_path.is_absolute() else path.parent / image_path
         if not image_path.is_file():
             message = f"{path}: row {number}: image file {image_path} does not exist"
@@ -201,7 +210,7 @@ def _from_manifest(path: Path, collector: _Collector) -> None:
             collector.skipped.append(message)
             continue
         caption = next((row[c] for c in CAPTION_COLUMNS if row.get(c)), None)
-        label = row.get("label")
+        label = row.get(label_column) if label_column else None
         collector.add_file(
             image_path, label=None if label in (None, "") else str(label), caption=caption, modality=row.get("modality")
         )
@@ -288,8 +297,9 @@ def load_image_dataset(
     """Load labelled medical images as a ``datasets.Dataset`` with columns image, label, caption, source.
 
     Args:
-        source: an image folder (class sub-folders), a ``.csv``/``.jsonl`` manifest, an ``.npz``, or one DICOM
-            or NIfTI file.
+        source: an image folder (class sub-folders, or a manifest at its root named as in ``FOLDER_MANIFESTS``),
+            a ``.csv``/``.jsonl`` manifest (image column ``path``, ``file`` or ``file_name``; label ``class_name``
+            or ``label``), an ``.npz``, or one DICOM or NIfTI file.
         class_names: the label order; labels outside it are an error. Default: the labels found, sorted (for an
             ``.npz``, its ``class_names``).
         channels: convert every image to 1 or 3 channels; default keeps the data's own and rejects a mix.
@@ -309,7 +319,11 @@ def load_image_dataset(
         raise ValueError(f"{path}: no such file or folder")
     collector = _Collector(on_error, window, slice_axis, skip_empty_slices)
     npz_names = None
-    if path.is_dir():
+    manifest = next((path / name for name in FOLDER_MANIFESTS if (path / name).is_file()), None) \
+        if path.is_dir() else None
+    if manifest is not None:
+        _from_manifest(manifest, collector)
+    elif path.is_dir():
         _from_folder(path, collector)
     elif _suffix(path) in (".csv", ".jsonl"):
         _from_manifest(path, collector)

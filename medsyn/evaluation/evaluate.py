@@ -19,6 +19,7 @@ from medsyn.metrics.diversity import mean_pairwise_ms_ssim
 from medsyn.metrics.feature_distances import frechet_distance, kernel_distance
 from medsyn.metrics.features import extract_features
 from medsyn.metrics.image_statistics import STATISTICS, image_statistics, radial_power_spectrum
+from medsyn.metrics.clip import CLIP_SCORE_WEIGHT, ClipImageEncoder, OpenClipModel, prompt_adherence
 from medsyn.metrics.manifold import manifold_metrics, realism_scores
 from medsyn.privacy import AuditSpace, MemorisationAudit, memorisation_audit, save_flagged_pairs
 
@@ -51,7 +52,7 @@ def _generated_indices(sample: ImageSet, whole: ImageSet, positions: np.ndarray)
 
 
 def _feature_section(
-    real: torch.Tensor, generated: torch.Tensor, k: int, kid_subset_size: int, seed: int
+    real: torch.Tensor, generated: torch.Tensor, k: int, k_density: int, kid_subset_size: int, seed: int
 ) -> tuple[dict, np.ndarray]:
     # Subsets of at most half the smaller set, so that they differ and the spread over them means something.
     kid_subset_size = min(kid_subset_size, max(2, min(len(real), len(generated)) // 2))
@@ -64,7 +65,7 @@ def _feature_section(
         "kid_mean": kid_mean,
         "kid_std": kid_std,
         "kid_subset_size": kid_subset_size,
-        **manifold_metrics(real, generated, k=k).to_dict(),
+        **manifold_metrics(real, generated, k=k, k_density=k_density).to_dict(),
         "half_size": half,
         "real_halves_fid": frechet_distance(real[:half], real[-half:]) if half >= 2 else None,
         "half_size_fid": frechet_distance(generated[:half], real[-half:]) if half >= 2 else None,
@@ -117,7 +118,7 @@ def _privacy_section(
     percentile: float,
     output_dir: Path,
     progress: bool,
-    features: dict[str, torch.Tensor] | None,
+    features: dict[str, dict[str, torch.Tensor]],
 ) -> tuple[dict, list[Path]]:
     audit = memorisation_audit(
         generated.images, train.images, held_out.images, threshold=threshold, percentile=percentile,
@@ -126,18 +127,48 @@ def _privacy_section(
     section = {"pixel": _audit_summary(audit)}
     section["pixel"]["held_out_set"] = held_out.name
     paths = save_flagged_pairs(audit, generated.as_hwc(), train.as_hwc(), output_dir / "flagged")
-    if features is not None:
+    flags = {"domain": "--domain-encoder", "clip": "--clip-model"}
+    for name, flag in flags.items():
+        if name not in features:
+            section[f"{name}_features"] = {"note": f"not run: pass {flag} for a feature-space audit"}
+            continue
         # Always calibrated: a fixed threshold is an RMS pixel distance, meaningless in feature space. Held-out
         # images found to be copies of training images in pixels are left out here too.
-        keep = np.setdiff1d(np.arange(len(features["held_out"])), audit.held_out_excluded_indices)
+        keep = np.setdiff1d(np.arange(len(features[name]["held_out"])), audit.held_out_excluded_indices)
         feature_audit = memorisation_audit(
-            features["audited"], features["train"], features["held_out"][keep], percentile=percentile,
-            space=AuditSpace.FEATURES,
+            features[name]["audited"], features[name]["train"], features[name]["held_out"][keep],
+            percentile=percentile, space=AuditSpace.FEATURES,
         )
-        section["domain_features"] = _audit_summary(feature_audit)
-    else:
-        section["domain_features"] = {"note": "not run: pass --domain-encoder for a feature-space audit"}
+        section[f"{name}_features"] = _audit_summary(feature_audit)
     return section, paths
+
+
+def _prompt_adherence_section(clip, real: ImageSet, generated: ImageSet, class_prompts: dict[str, str] | None,
+                              batch_size: int) -> dict:
+    """CLIPScore and prompt retrieval per class, of the generated images and, as the encoder's ceiling, the real."""
+    if clip is None or not class_prompts:
+        return {"note": "not run: pass --clip-model and --prompts CLASS=TEXT for every class"}
+    if generated.labels is None or generated.class_names is None:
+        return {"note": "not run: the generated images have no class labels to match prompts to"}
+    names = list(generated.class_names)
+    prompts = [class_prompts[name] for name in names]
+    section: dict = {"prompts": dict(zip(names, prompts)), "clip_score_weight": CLIP_SCORE_WEIGHT}
+    for label, image_set in (("generated", generated), ("real", real)):
+        if image_set.labels is None or image_set.class_names is None:
+            continue
+        prompt_of_class = np.array([names.index(n) if n in names else -1 for n in image_set.class_names])
+        codes = prompt_of_class[image_set.labels]  # each image's prompt; -1 for a class the prompts do not name
+        rows = np.flatnonzero(codes >= 0)
+        codes = codes[rows]
+        scores = prompt_adherence(clip, image_set.images[torch.as_tensor(rows)], codes, prompts, batch_size)
+        per_class = {name: {"clip_score": float(scores["clip_score"][codes == i].mean()),
+                            "retrieval_accuracy": float(scores["retrieved"][codes == i].float().mean()),
+                            "count": int((codes == i).sum())}
+                     for i, name in enumerate(names) if (codes == i).any()}
+        section[label] = {"clip_score": float(scores["clip_score"].mean()),
+                          "retrieval_accuracy": float(scores["retrieved"].float().mean()),
+                          "chance": 1 / len(names), "per_class": per_class}
+    return section
 
 
 def _audit_summary(audit: MemorisationAudit) -> dict:
@@ -189,7 +220,10 @@ def evaluate(
     inception: nn.Module | None = None,
     inception_note: str | None = None,
     domain_encoder: nn.Module | None = None,
+    clip: OpenClipModel | None = None,
+    class_prompts: dict[str, str] | None = None,
     k: int = 3,
+    k_density: int = 5,
     kid_subset_size: int = 1000,
     diversity_pairs: int = 1000,
     audit_threshold: float | None = None,
@@ -211,7 +245,10 @@ def evaluate(
         test: held-out real images (calibrate the audit threshold).
         inception: a feature extractor for FID/KID (``FIDInceptionV3``); None skips them with ``inception_note``.
         domain_encoder: a medical-image encoder for domain FID, precision/recall and a feature-space audit.
-        k: neighbours for the precision/recall/density/coverage balls.
+        clip: an open_clip model: its image tower gives the same metrics as ``domain_encoder``, and with
+            ``class_prompts`` (class name -> prompt) it scores prompt adherence (CLIPScore, prompt retrieval).
+        k: neighbours for the precision/recall balls (Kynkäänniemi et al.'s 3).
+        k_density: neighbours for the density/coverage balls (Naeem et al.'s 5).
         max_images: use a seeded sample of at most this many images of ``real``, ``generated`` and ``test`` for
             every metric but the memorisation audit, which always checks every generated image (and calibrates
             on every held-out one).
@@ -225,6 +262,9 @@ def evaluate(
     check_compatible(sets)
     if max_images is not None and max_images < 2:
         raise ValueError(f"max_images must be >= 2, got {max_images}")
+    if class_prompts and generated.class_names and set(generated.class_names) - set(class_prompts):
+        raise ValueError(f"--prompts has no prompt for the classes "
+                         f"{sorted(set(generated.class_names) - set(class_prompts))}")
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
     # The audit sees every generated image and calibrates on every held-out one; other metrics may see samples.
@@ -243,7 +283,7 @@ def evaluate(
     if inception is not None:
         generated_pool3 = features_of(generated, inception, "Inception")
         section, realism = _feature_section(
-            features_of(real, inception, "Inception"), generated_pool3, k, kid_subset_size, seed
+            features_of(real, inception, "Inception"), generated_pool3, k, k_density, kid_subset_size, seed
         )
         if getattr(inception, "fc", None) is not None:
             from medsyn.metrics.inception import inception_score
@@ -257,23 +297,27 @@ def evaluate(
     else:
         result["inception"] = {"note": inception_note or "not computed"}
 
-    domain_features = None
-    if domain_encoder is not None:
-        domain_features = {"real": features_of(real, domain_encoder, "domain"),
-                           "generated": features_of(generated, domain_encoder, "domain")}
-        section, realism = _feature_section(
-            domain_features["real"], domain_features["generated"], k, kid_subset_size, seed
-        )
-        result["domain"] = section
-        worst["domain realism"] = _generated_indices(generated, audited, np.argsort(realism)[:WORST_SHOWN])
+    encoders = {"domain": domain_encoder, "clip": None if clip is None else ClipImageEncoder(clip)}
+    missing_notes = {"domain": "not computed: pass --domain-encoder (a model trained on medical images)",
+                     "clip": "not computed: pass --clip-model (an open_clip folder)"}
+    audit_features: dict[str, dict[str, torch.Tensor]] = {}
+    for name, encoder in encoders.items():
+        if encoder is None:
+            result[name] = {"note": missing_notes[name]}
+            continue
+        features = {"real": features_of(real, encoder, name), "generated": features_of(generated, encoder, name)}
+        section, realism = _feature_section(features["real"], features["generated"], k, k_density, kid_subset_size,
+                                            seed)
+        result[name] = section
+        worst[f"{name} realism"] = _generated_indices(generated, audited, np.argsort(realism)[:WORST_SHOWN])
         if train is not None:
-            domain_features["audited"] = domain_features["generated"] if audited is generated else features_of(
-                audited, domain_encoder, "domain")
-            domain_features["train"] = features_of(train, domain_encoder, "domain")
-            domain_features["held_out"] = domain_features["real"] if calibration is real else features_of(
-                calibration, domain_encoder, "domain")
-    else:
-        result["domain"] = {"note": "not computed: pass --domain-encoder (a model trained on medical images)"}
+            features["audited"] = features["generated"] if audited is generated else features_of(
+                audited, encoder, name)
+            features["train"] = features_of(train, encoder, name)
+            features["held_out"] = features["real"] if calibration is real else features_of(
+                calibration, encoder, name)
+            audit_features[name] = features
+    result["prompt_adherence"] = _prompt_adherence_section(clip, real, generated, class_prompts, batch_size)
 
     result["diversity"] = _diversity_section(real, generated, diversity_pairs, seed)
     result["image_statistics"] = _statistics_section(real, generated)
@@ -281,7 +325,7 @@ def evaluate(
         result["privacy"], flagged = {"note": "not run: pass --train (the images the model was trained on)"}, []
     else:
         result["privacy"], flagged = _privacy_section(
-            audited, train, calibration, audit_threshold, audit_percentile, output_dir, progress, domain_features
+            audited, train, calibration, audit_threshold, audit_percentile, output_dir, progress, audit_features
         )
     result["downstream"] = _downstream_section(train, test, generated, downstream, seed, progress)
     if score_model is not None:

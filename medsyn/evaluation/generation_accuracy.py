@@ -13,10 +13,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from medsyn.metrics.diversity import mean_pairwise_ms_ssim
-from medsyn.metrics.features import PooledImageEncoder, processor_normalisation
+from medsyn.metrics.features import PooledImageEncoder, processor_normalisation, saved_image_size
 from medsyn.seeding import keyed_generator
 
 
@@ -24,10 +23,9 @@ class ExpertClassifier:
     """A saved image classifier (``train_expert.py``'s, or any transformers one) applied as it was trained: inputs
     resized to its resolution, normalised by its image processor, grayscale repeated to its channels."""
 
-    def __init__(self, model: torch.nn.Module, encoder: PooledImageEncoder, image_size: int | None):
+    def __init__(self, model: torch.nn.Module, encoder: PooledImageEncoder):
         self.model = model.eval()
         self.encoder = encoder
-        self.image_size = image_size
         self.class_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
 
     @classmethod
@@ -35,17 +33,15 @@ class ExpertClassifier:
         from transformers import AutoModelForImageClassification
 
         model = AutoModelForImageClassification.from_pretrained(path)
-        encoder = PooledImageEncoder(model, *processor_normalisation(path))
-        return cls(model, encoder, getattr(model.config, "image_size", None))
+        encoder = PooledImageEncoder(model, *processor_normalisation(path), saved_image_size(path, model.config))
+        return cls(model, encoder)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """Class indices for images (N, C, H, W) in [0, 1]."""
         predictions = []
         for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size].float()
-            if self.image_size and batch.shape[-2:] != (self.image_size, self.image_size):
-                batch = F.interpolate(batch, size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
+            batch = self.encoder.resized(images[start : start + batch_size])
             predictions.append(self.model(pixel_values=self.encoder.normalise(batch)).logits.argmax(1).cpu())
         return torch.cat(predictions)
 

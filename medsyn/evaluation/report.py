@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medsyn.metrics.image_statistics import STATISTICS
 from medsyn.output_files import write_text_atomically
 
 from .image_sets import ImageSet
@@ -85,17 +86,18 @@ FEATURE_ROWS = [
     ("kid_mean", "KID (mean over subsets)", "lower is better; ~0 for the same distribution"),
     ("kid_std", "KID (std over subsets)", "how much KID moves between random subsets"),
     ("kid_subset_size", "KID subset size", ""),
-    ("precision", "precision", "share of generated images that look real (higher is better)"),
-    ("recall", "recall", "share of the real variety the generator covers (higher is better)"),
-    ("density", "density", "~1 when generated images sit where real ones are dense"),
-    ("coverage", "coverage", "share of real images with a generated neighbour (higher is better)"),
+    ("precision", "precision (k = {k})", "share of generated images that look real (higher is better)"),
+    ("recall", "recall (k = {k})", "share of the real variety the generator covers (higher is better)"),
+    ("density", "density (k = {k_density})", "~1 when generated images sit where real ones are dense"),
+    ("coverage", "coverage (k = {k_density})", "share of real images with a generated neighbour (higher is better)"),
 ]
 
 
 def _feature_table(section: dict, title: str) -> str:
     if "note" in section:
         return f"<h3>{title}</h3>" + _note(section["note"])
-    rows = [[label, section.get(key), meaning] for key, label, meaning in FEATURE_ROWS]
+    rows = [[label.format(k=section.get("k"), k_density=section.get("k_density")), section.get(key), meaning]
+            for key, label, meaning in FEATURE_ROWS]
     if "inception_score" in section:
         score = section["inception_score"]
         rows.append(["Inception Score", None if score is None else f"{score[0]:.3f} ± {score[1]:.3f}",
@@ -146,7 +148,8 @@ def _privacy_html(section: dict, output_dir: Path, flagged: list[str]) -> str:
     if "note" in section:
         return _note(section["note"])
     parts = []
-    for key, title in (("pixel", "pixel space (RMS difference on [0, 1])"), ("domain_features", "domain features")):
+    for key, title in (("pixel", "pixel space (RMS difference on [0, 1])"), ("domain_features", "domain features"),
+                       ("clip_features", "open_clip image features")):
         audit = section.get(key, {})
         if "note" in audit:
             parts.append(f"<h3>Audit in {title}</h3>" + _note(audit["note"]))
@@ -178,6 +181,26 @@ def _privacy_html(section: dict, output_dir: Path, flagged: list[str]) -> str:
             zoom = _zoom_for(pair.shape[0])
             parts.append(f"<figure>{_png(pair.repeat(zoom, 0).repeat(zoom, 1))}"
                          f"<figcaption>{html.escape(name)}</figcaption></figure>")
+    return "".join(parts)
+
+
+def _prompt_adherence_html(section: dict) -> str:
+    if "note" in section:
+        return _note(section["note"])
+    parts = [f"<p>CLIPScore (Hessel et al.: {section['clip_score_weight']} × max(cosine, 0)) of each image with its "
+             "class's prompt, and prompt retrieval: the share of images whose own prompt is the closest of all the "
+             "class prompts. Real images show what the encoder can read off these scans at all.</p>"]
+    rows = []
+    for name, prompt in section["prompts"].items():
+        row = [name, prompt]
+        for which in ("generated", "real"):
+            cell = section.get(which, {}).get("per_class", {}).get(name, {})
+            row += [cell.get("clip_score"), cell.get("retrieval_accuracy")]
+        rows.append(row)
+    rows.append(["all", "", *[section.get(w, {}).get(m) for w in ("generated", "real")
+                              for m in ("clip_score", "retrieval_accuracy")]])
+    parts.append(_table(["class", "prompt", "generated CLIPScore", "generated retrieval", "real CLIPScore",
+                         "real retrieval"], rows))
     return "".join(parts)
 
 
@@ -219,6 +242,8 @@ def write_report(metrics: dict, real: ImageSet, generated: ImageSet, output_dir:
         "are the ones that reflect what a model of these images sees. Both are reported.</p>",
         _feature_table(metrics["inception"], "Inception (pt_inception-2015-12-05 pool3)"),
         _feature_table(metrics["domain"], "Domain encoder"),
+        _feature_table(metrics.get("clip", {"note": "not computed"}), "open_clip image tower"),
+        "<h2>Prompt adherence</h2>", _prompt_adherence_html(metrics.get("prompt_adherence", {"note": "not run"})),
     ]
     diversity = metrics["diversity"]
     rows = [["all images", diversity["overall"]["real"], diversity["overall"]["generated"]]]
@@ -234,7 +259,7 @@ def write_report(metrics: dict, real: ImageSet, generated: ImageSet, output_dir:
         _table(["statistic", "real mean", "real std", "generated mean", "generated std"], [
             [name, statistics[name]["real"]["mean"], statistics[name]["real"]["std"],
              statistics[name]["generated"]["mean"], statistics[name]["generated"]["std"]]
-            for name in ("snr", "contrast", "sharpness", "uniformity")
+            for name in STATISTICS
         ]),
         _spectrum_plot(statistics["radial_power_spectrum"]),
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -38,29 +39,47 @@ def extract_features(
     return features
 
 
-def processor_normalisation(path: str) -> tuple[list[float] | None, list[float] | None]:
-    """The image mean and std of the image processor saved with a vision model (None when it has none)."""
+def _saved_processor(path: str):
     from transformers import AutoImageProcessor
 
     try:
-        processor = AutoImageProcessor.from_pretrained(path)
+        return AutoImageProcessor.from_pretrained(path)
     except (OSError, ValueError):
-        return None, None
+        return None
+
+
+def processor_normalisation(path: str) -> tuple[list[float] | None, list[float] | None]:
+    """The image mean and std of the image processor saved with a vision model (None when it has none)."""
+    processor = _saved_processor(path)
     mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
     return (list(mean) if mean is not None else None), (list(std) if std is not None else None)
+
+
+def saved_image_size(path: str, config) -> int | None:
+    """The side a saved vision model was trained at: its config's ``image_size`` (medsyn's experts, ViTs), else its
+    image processor's square size or shortest edge; None when neither says."""
+    size = getattr(config, "image_size", None)
+    if isinstance(size, int):
+        return size
+    processor_size = getattr(_saved_processor(path), "size", None) or {}
+    return processor_size.get("height") or processor_size.get("shortest_edge")
 
 
 class PooledImageEncoder(nn.Module):
     """A transformers vision backbone (e.g. a ResNet expert classifier) as a domain feature encoder.
 
     Returns the pooled output: the features a classifier of medical images looks at, which separate
-    grayscale scans better than ImageNet Inception's. Inputs in [0, 1] are normalised as the model's image
-    processor says (when it has one) and grayscale is repeated to the channels the model expects.
+    grayscale scans better than ImageNet Inception's. Inputs in [0, 1] are resized to ``image_size`` (the side the
+    model was trained at, when known: a classifier's features at another scale are not the ones it learned),
+    normalised as the model's image processor says (when it has one) and grayscale is repeated to the channels the
+    model expects.
     """
 
-    def __init__(self, backbone: nn.Module, mean: list[float] | None = None, std: list[float] | None = None) -> None:
+    def __init__(self, backbone: nn.Module, mean: list[float] | None = None, std: list[float] | None = None,
+                 image_size: int | None = None) -> None:
         super().__init__()
         self.backbone = backbone
+        self.image_size = image_size
         channels = getattr(backbone.config, "num_channels", 3)
         shape = (1, channels, 1, 1)
         self.register_buffer("mean", torch.tensor(mean or [0.0] * channels).reshape(shape), persistent=False)
@@ -70,7 +89,15 @@ class PooledImageEncoder(nn.Module):
     def from_pretrained(cls, path: str) -> PooledImageEncoder:
         from transformers import AutoModel
 
-        return cls(AutoModel.from_pretrained(path), *processor_normalisation(path))
+        backbone = AutoModel.from_pretrained(path)
+        return cls(backbone, *processor_normalisation(path), image_size=saved_image_size(path, backbone.config))
+
+    def resized(self, images: torch.Tensor) -> torch.Tensor:
+        """Images at the model's side (bilinear), float; unchanged when it is unknown or already matches."""
+        images = images.float()
+        if self.image_size and images.shape[-2:] != (self.image_size, self.image_size):
+            images = F.interpolate(images, size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
+        return images
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] as the backbone expects them: its channel count, its mean and std."""
@@ -84,4 +111,4 @@ class PooledImageEncoder(nn.Module):
         return self.backbone(pixel_values=self.normalise(images), output_hidden_states=True).hidden_states
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(pixel_values=self.normalise(images)).pooler_output.flatten(1)
+        return self.backbone(pixel_values=self.normalise(self.resized(images))).pooler_output.flatten(1)

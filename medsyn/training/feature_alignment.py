@@ -74,7 +74,7 @@ class FrozenExpert(nn.Module):
                  accuracy: NoiseAccuracy | None = None):
         super().__init__()
         self.encoder = encoder.eval().requires_grad_(False)
-        self.image_size = image_size
+        self.encoder.image_size = image_size
         self.noise = noise
         self.accuracy = accuracy
 
@@ -87,10 +87,14 @@ class FrozenExpert(nn.Module):
         saved = getattr(config, EXPERT_NOISE_KEY, None)
         noise = ExpertNoise.from_dict(saved["process"]) if saved else None
         accuracy = NoiseAccuracy(**saved["accuracy"]) if saved else None
-        return cls(encoder, getattr(config, "image_size", None), noise, accuracy)
+        return cls(encoder, encoder.image_size, noise, accuracy)
 
     def train(self, mode: bool = True) -> FrozenExpert:
         return super().train(False)
+
+    @property
+    def image_size(self) -> int | None:
+        return self.encoder.image_size
 
     @property
     def feature_dim(self) -> int:
@@ -104,8 +108,6 @@ class FrozenExpert(nn.Module):
         it was trained to see them."""
         if self.noise is not None and sigma is not None:
             images = images * self.noise.input_scale(sigma.float()).reshape(-1, *[1] * (images.ndim - 1))
-        if self.image_size and images.shape[-2:] != (self.image_size, self.image_size):
-            images = F.interpolate(images.float(), size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
         return self.encoder(images.float() / 2 + 0.5)
 
 
