@@ -124,3 +124,36 @@ def test_evaluate_reports_prompt_adherence_and_the_image_tower(tiny_clip, tmp_pa
     assert "--prompts has no prompt for the classes ['tumor']" in capsys.readouterr().err
     assert main([*argv[:-3], "--overwrite", "--prompts", "just a prompt"]) == 2
     assert "expected CLASS=TEXT" in capsys.readouterr().err
+
+
+def test_a_biomedclip_shaped_folder_loads_its_bert_text_tower_from_a_sub_folder(tmp_path):
+    """BiomedCLIP's config names a Hugging Face BERT text tower and tokenizer; given as sub-folder paths they are read
+    from the model folder, and nothing is fetched."""
+    import open_clip
+    from transformers import BertModel
+
+    from medsyn.models.latent_diffusion import bert_text_encoder_config, build_wordpiece_tokenizer
+
+    folder = tmp_path / "biomedclip-like"
+    text_folder = folder / "text"
+    captions = ["a healthy brain MRI", "a brain MRI with a tumour"] * 4
+    tokenizer = build_wordpiece_tokenizer(captions, vocab_size=200, max_length=16, min_frequency=1)
+    config = bert_text_encoder_config(max_length=16, vocab_size=len(tokenizer), hidden_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    BertModel(config).save_pretrained(text_folder)
+    tokenizer.save_pretrained(text_folder)
+    model_cfg = {"embed_dim": 16, "vision_cfg": TINY_CLIP["vision_cfg"],
+                 "text_cfg": {"hf_model_name": "text", "hf_tokenizer_name": "text", "hf_proj_type": "mlp",
+                              "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 16}}
+    built_cfg = {**model_cfg, "text_cfg": {**model_cfg["text_cfg"], "hf_model_name": str(text_folder),
+                                           "hf_tokenizer_name": str(text_folder), "hf_model_pretrained": False}}
+    torch.manual_seed(0)
+    reference = open_clip.CustomTextCLIP(**built_cfg).eval()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, folder / "open_clip_model.safetensors")
+
+    clip = OpenClipModel.from_pretrained(folder)
+    prompts = ["a healthy brain MRI", "a brain MRI with a tumour"]
+    with torch.no_grad():
+        expected = reference.encode_text(open_clip.tokenizer.HFTokenizer(str(text_folder), context_length=16)(prompts))
+    torch.testing.assert_close(clip.text_embeddings(prompts), expected)

@@ -1,0 +1,1 @@
+"""RLHF for medical generators (MINIM-style): expert ratings, a selector (reward) model, generator updates."""

@@ -1,0 +1,91 @@
+"""The selector (reward) model of MINIM's RLHF: a ViT that predicts an image's normalised expert rating, and the
+accept threshold learned from the ratings.
+
+The paper's selector is a ViT with 16x16 patches, 768-d tokens, 12 heads and 6 layers (``SELECTOR_ARCHITECTURE``);
+tests shrink it. It is a transformers ``ViTForImageClassification`` with one output: ``sigmoid(logit)`` is the
+predicted rating on [0, 1] (1 -> 0, 2 -> 0.5, 3 -> 1), trained with binary cross-entropy against the normalised
+ratings, so that it can be saved, shared and loaded like any transformers model. The accept threshold, saved in its
+config, is the score that best separates images rated 3 from the rest (balanced accuracy on the ratings).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.functional import spearman_corrcoef
+from transformers import ViTConfig, ViTForImageClassification
+
+from medsyn.rlhf.ratings import RATING_SCALE, normalised
+
+SELECTOR_ARCHITECTURE = dict(patch_size=16, hidden_size=768, num_attention_heads=12, num_hidden_layers=6,
+                             intermediate_size=3072)
+
+
+def selector_config(image_size: int, channels: int, **overrides) -> ViTConfig:
+    """The paper's selector shape for ``channels``-channel images of side ``image_size``, with ``overrides``."""
+    settings = {**SELECTOR_ARCHITECTURE, **overrides}
+    if image_size % settings["patch_size"]:
+        raise ValueError(f"image_size {image_size} is not a multiple of the patch size {settings['patch_size']}")
+    return ViTConfig(image_size=image_size, num_channels=channels, num_labels=1, **settings)
+
+
+def selector_scores(model: ViTForImageClassification, images: torch.Tensor) -> torch.Tensor:
+    """Predicted ratings on [0, 1] of images (N, C, H, W) in [0, 1] (uint8 is divided by 255)."""
+    images = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    return torch.sigmoid(model(pixel_values=images * 2 - 1).logits[:, 0])
+
+
+def fit_selector(model: ViTForImageClassification, images: torch.Tensor, ratings: torch.Tensor, steps: int,
+                 learning_rate: float = 3e-4, batch_size: int = 32, seed: int = 0) -> list[float]:
+    """Train ``model`` to predict the normalised ``ratings`` (1-3) of ``images``; the per-step losses.
+
+    Batches are drawn with a seeded generator, so a run repeats exactly.
+    """
+    ratings = torch.as_tensor(ratings)
+    if len(images) != len(ratings) or len(images) == 0:
+        raise ValueError(f"{len(images)} images for {len(ratings)} ratings")
+    if not torch.isin(ratings, torch.tensor(RATING_SCALE)).all():
+        raise ValueError(f"ratings must be in {list(RATING_SCALE)}, got {sorted(set(ratings.tolist()))}")
+    targets = torch.tensor([normalised(int(r)) for r in ratings])
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        batch = torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)
+        images_in = images[batch].float() / 255.0 if images.dtype == torch.uint8 else images[batch].float()
+        logits = model(pixel_values=images_in * 2 - 1).logits[:, 0]
+        loss = F.binary_cross_entropy_with_logits(logits, targets[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def accept_threshold(scores: torch.Tensor, ratings: torch.Tensor) -> float:
+    """The score that best separates top-rated images (3) from the rest: the midpoint between consecutive sorted
+    scores with the highest balanced accuracy of ``score >= threshold`` as "rated 3"."""
+    scores, ratings = torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(ratings)
+    good = ratings == RATING_SCALE[-1]
+    if good.all() or not good.any():
+        raise ValueError("an accept threshold needs images rated 3 and images rated lower")
+    values = scores.unique()
+    candidates = torch.cat([values[:1] - 1e-6, (values[1:] + values[:-1]) / 2, values[-1:] + 1e-6])
+    accepted = scores[None, :] >= candidates[:, None]
+    balanced = (accepted[:, good].double().mean(1) + (~accepted[:, ~good]).double().mean(1)) / 2
+    return float(candidates[balanced.argmax()])
+
+
+def selector_metrics(scores: torch.Tensor, ratings: torch.Tensor, threshold: float | None = None) -> dict:
+    """Held-out rating accuracy (the nearest rating to each score), Spearman correlation and, with a threshold, the
+    accept decision's accuracy on "rated 3"."""
+    scores, ratings = torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(ratings)
+    low, high = RATING_SCALE[0], RATING_SCALE[-1]
+    predicted = (scores * (high - low)).round() + low
+    metrics = {"rating_accuracy": float((predicted == ratings).double().mean()),
+               "spearman": float(spearman_corrcoef(scores.float(), ratings.float())), "count": len(ratings)}
+    if threshold is not None:
+        metrics["accept_accuracy"] = float(((scores >= threshold) == (ratings == high)).double().mean())
+    return metrics
