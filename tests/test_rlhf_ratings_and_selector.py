@@ -9,6 +9,7 @@ import os
 import signal
 import time
 
+import numpy as np
 import pytest
 import torch
 from transformers import ViTForImageClassification
@@ -16,12 +17,20 @@ from transformers import ViTForImageClassification
 from medsyn.rlhf.ratings import Aspect, Rating, RatingsFile, image_digest, normalised
 from medsyn.rlhf.selector import accept_threshold, fit_selector, selector_config, selector_metrics, selector_scores
 
-DIGEST = image_digest(b"an image")
+DIGEST = image_digest(np.zeros((4, 4), dtype=np.uint8))
 
 
 def rating(value: int = 3, rater: str = "dr-a", **extra) -> Rating:
     return Rating(image=extra.pop("image", DIGEST), prompt="fundus photograph, cataract", rating=value, rater=rater,
                   **extra)
+
+
+def test_the_digest_follows_pixels_and_shape_not_the_container():
+    pixels = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    assert image_digest(pixels) == image_digest(pixels.copy(order="F"))
+    assert image_digest(pixels) != image_digest(pixels.reshape(2, 8)) != image_digest(pixels[::-1])
+    with pytest.raises(ValueError, match="uint8 pixels"):
+        image_digest(pixels.astype(np.float32))
 
 
 def test_ratings_round_trip_per_rater_and_normalise(tmp_path):
@@ -82,7 +91,7 @@ def test_a_corrupt_line_is_named_but_a_torn_one_is_skipped(tmp_path):
 def _append_forever(path: str) -> None:
     store = RatingsFile(path)
     for index in range(100_000):
-        store.append(rating(1 + index % 3, image=image_digest(str(index).encode())))
+        store.append(rating(1 + index % 3, image=image_digest(np.full((2, 2), index % 256, dtype=np.uint8))))
 
 
 def test_the_file_survives_a_kill_mid_write(tmp_path):

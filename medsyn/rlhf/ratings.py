@@ -19,6 +19,8 @@ from datetime import datetime, timezone
 from enum import StrEnum
 from pathlib import Path
 
+import numpy as np
+
 RATING_SCALE = (1, 2, 3)
 #: Prompts longer than this are refused: a ratings file is not a place for documents.
 MAX_PROMPT_CHARACTERS = 1000
@@ -29,9 +31,13 @@ class Aspect(StrEnum):
     PROMPT_MATCH = "prompt_match"
 
 
-def image_digest(data: bytes) -> str:
-    """The content address of an image file's bytes: ratings follow the image, not where it is stored."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+def image_digest(pixels: np.ndarray) -> str:
+    """The content address of an image's uint8 pixels (H, W[, C]) and shape: ratings follow the image, not the file
+    or folder it is stored in (a PNG and an NPZ copy of one image share it)."""
+    pixels = np.ascontiguousarray(pixels)
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"image_digest takes uint8 pixels, got {pixels.dtype}")
+    return "sha256:" + hashlib.sha256(str(pixels.shape).encode() + pixels.tobytes()).hexdigest()
 
 
 def normalised(rating: int) -> float:

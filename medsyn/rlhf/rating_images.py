@@ -1,0 +1,77 @@
+"""The generated images an expert rates, with the prompt each was made for, from ``medsyn generate``'s output.
+
+An ``.npz`` as ``medsyn generate --format npz`` writes it (``images``; the prompt from ``captions``, else the class
+name from ``labels`` and ``class_names``), or an image folder or manifest as the data loader reads it (the prompt
+from its caption column or the class). Each image is known by its pixel digest, so ratings follow the image.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medsyn.rlhf.ratings import MAX_PROMPT_CHARACTERS, image_digest
+
+
+@dataclass(frozen=True)
+class ImageToRate:
+    pixels: np.ndarray  # uint8 (H, W) or (H, W, 3)
+    prompt: str
+    source: str
+    digest: str
+
+    def png(self) -> bytes:
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.fromarray(self.pixels).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+
+def _npz_prompts(data, count: int, path: Path) -> list[str]:
+    if "captions" in data.files:
+        return [str(c) for c in data["captions"]]
+    if "labels" in data.files and "class_names" in data.files and len(data["class_names"]):
+        names, labels = [str(n) for n in data["class_names"]], data["labels"]
+        if labels.min() < 0 or labels.max() >= len(names):
+            raise ValueError(f"{path}: labels outside class_names {names}")
+        return [names[int(label)] for label in labels]
+    return [""] * count
+
+
+def load_images_to_rate(source: str | Path) -> list[ImageToRate]:
+    """The images in ``source`` (an ``.npz``, image folder or manifest), in order; errors name what is wrong."""
+    path = Path(source)
+    if not path.exists():
+        raise ValueError(f"--images {path}: no such file or folder")
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            if "images" not in data.files:
+                raise ValueError(f"--images {path}: the .npz has no 'images' array (arrays: {data.files})")
+            images = data["images"]
+            prompts = _npz_prompts(data, len(images), path)
+        if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
+            raise ValueError(f"--images {path}: expected uint8 images (N, H, W) or (N, H, W, 1 or 3), got "
+                             f"{images.dtype} {images.shape}")
+        if images.ndim == 4 and images.shape[-1] == 1:
+            images = images[..., 0]
+        sources = [f"{path.name}[{i}]" for i in range(len(images))]
+    else:
+        from medsyn.data import load_image_dataset
+
+        dataset = load_image_dataset(path)
+        images = [np.asarray(image) for image in dataset["image"]]
+        prompts, sources = list(dataset["caption"]), list(dataset["source"])
+    if len(images) == 0:
+        raise ValueError(f"--images {path}: no images")
+    if len(prompts) != len(images):
+        raise ValueError(f"--images {path}: {len(prompts)} prompts for {len(images)} images")
+    too_long = next((i for i, p in enumerate(prompts) if len(p) > MAX_PROMPT_CHARACTERS), None)
+    if too_long is not None:
+        raise ValueError(f"--images {path}: the prompt of image {too_long} has {len(prompts[too_long])} characters; "
+                         f"at most {MAX_PROMPT_CHARACTERS}")
+    return [ImageToRate(pixels, prompt, source, image_digest(pixels))
+            for pixels, prompt, source in zip(images, prompts, sources)]
