@@ -1,5 +1,5 @@
-"""RLHF's first parts: the append-only ratings file (kill-safe, raters apart, undo by retraction, bad input named)
-and the selector (reward) model, which must learn a synthetic rating rule."""
+"""RLHF's first parts: the append-only ratings file (kill-safe, raters apart, undo by retraction, bad input named),
+the selector (reward) model and the policy (alignment) model, which must learn synthetic rating rules."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import ViTForImageClassification
 
+from medsyn.rlhf.policy import AlignmentPolicy, agreement_reward, reinforce_loss, train_policy_two_stages
 from medsyn.rlhf.ratings import Aspect, Rating, RatingsFile, image_digest, normalised
 from medsyn.rlhf.selector import accept_threshold, fit_selector, selector_config, selector_metrics, selector_scores
 
@@ -150,3 +151,64 @@ def test_the_threshold_is_the_best_split_and_bad_ratings_are_named():
         fit_selector(model, torch.rand(2, 1, 8, 8), torch.tensor([0, 1]), steps=1)
     with pytest.raises(ValueError, match="not a multiple of the patch size 16"):
         selector_config(20, 1)
+
+
+def test_the_reinforce_gradient_is_the_analytic_one_with_and_without_a_baseline():
+    """For p = sigmoid(theta) and the agreement reward, E[reward] = p r + (1 - p)(1 - r), so the loss gradient is
+    -(2r - 1) p (1 - p); a baseline changes the variance, not the mean."""
+    theta, r, count = torch.tensor(0.4, requires_grad=True), 0.8, 400_000
+    generator = torch.Generator().manual_seed(0)
+    p = torch.sigmoid(theta)
+    analytic = -(2 * r - 1) * p.item() * (1 - p.item())
+    for baseline in (0.0, 0.7):
+        probabilities = torch.sigmoid(theta).expand(count)
+        actions = torch.bernoulli(probabilities.detach(), generator=generator)
+        loss = reinforce_loss(probabilities, actions, agreement_reward(actions, torch.full((count,), r)), baseline)
+        (gradient,) = torch.autograd.grad(loss, theta)
+        assert gradient.item() == pytest.approx(analytic, abs=4e-3)
+
+
+def tiny_policy(captions: list[str]) -> AlignmentPolicy:
+    from transformers import BertModel, ViTConfig, ViTModel
+
+    from medsyn.models.latent_diffusion import bert_text_encoder_config, build_wordpiece_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_wordpiece_tokenizer(captions, vocab_size=100, max_length=8, min_frequency=1)
+    text = BertModel(bert_text_encoder_config(max_length=8, vocab_size=len(tokenizer), hidden_size=32,
+                                              num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    image = ViTModel(ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=64), add_pooling_layer=False)
+    return AlignmentPolicy(image, text, tokenizer, max_length=8)
+
+
+def matching_pairs(count: int, seed: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Bright or dark images with the prompt "a bright scan" or "a dark scan": rated 3 when they match, 1 when not."""
+    generator = torch.Generator().manual_seed(seed)
+    bright = torch.rand(count, generator=generator) > 0.5
+    says_bright = torch.rand(count, generator=generator) > 0.5
+    images = torch.where(bright, 0.8, 0.2)[:, None, None, None] + 0.1 * torch.rand(count, 1, 16, 16,
+                                                                                   generator=generator)
+    prompts = ["a bright scan" if b else "a dark scan" for b in says_bright]
+    return images, prompts, (bright == says_bright).float()  # normalised ratings: 3 -> 1, 1 -> 0
+
+
+def test_the_policy_learns_which_prompt_an_image_matches_in_two_stages(tmp_path):
+    policy = tiny_policy(["a bright scan", "a dark scan"])
+    images, prompts, scores = matching_pairs(256, seed=0)
+    accepted = torch.rand(256, generator=torch.Generator().manual_seed(3)) > 0.3  # the selector's verdicts
+    rewards = train_policy_two_stages(policy, images, prompts, scores, accepted, steps=(120, 60),
+                                      learning_rate=1e-3, batch_size=32)
+    assert sum(rewards["stage_1"][-25:]) / 25 > sum(rewards["stage_1"][:25]) / 25 + 0.2
+    held_out, held_out_prompts, truth = matching_pairs(128, seed=1)
+    with torch.no_grad():
+        predicted = policy(held_out, held_out_prompts)
+    assert ((predicted > 0.5).float() == truth).float().mean() > 0.9
+    policy.save_pretrained(tmp_path / "policy")
+    with torch.no_grad():
+        torch.testing.assert_close(AlignmentPolicy.from_pretrained(tmp_path / "policy")(held_out, held_out_prompts),
+                                   predicted)
+    with pytest.raises(ValueError, match="accepted no sample"):
+        train_policy_two_stages(policy, images, prompts, scores, torch.zeros(256, dtype=torch.bool), steps=(1, 1))
+    with pytest.raises(ValueError, match="2 prompts for 3 images"):
+        policy(held_out[:3], held_out_prompts[:2])
