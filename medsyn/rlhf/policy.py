@@ -82,7 +82,8 @@ def reinforce_loss(probabilities: torch.Tensor, actions: torch.Tensor, rewards: 
                    baseline: float = 0.0) -> torch.Tensor:
     """``-(reward - baseline) * log pi(action)`` averaged over the batch, for Bernoulli actions with
     ``pi(1) = probabilities``."""
-    log_pi = torch.where(actions.bool(), probabilities.clamp_min(1e-6).log(), (1 - probabilities).clamp_min(1e-6).log())
+    chosen = torch.where(actions.bool(), probabilities, 1 - probabilities)
+    log_pi = chosen.clamp_min(1e-6).log()
     return -((rewards - baseline).detach() * log_pi).mean()
 
 

@@ -53,7 +53,8 @@ def load_images_to_rate(source: str | Path) -> list[ImageToRate]:
                 raise ValueError(f"--images {path}: the .npz has no 'images' array (arrays: {data.files})")
             images = data["images"]
             prompts = _npz_prompts(data, len(images), path)
-        if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
+        layout_ok = images.ndim == 3 or (images.ndim == 4 and images.shape[-1] in (1, 3))
+        if images.dtype != np.uint8 or not layout_ok:
             raise ValueError(f"--images {path}: expected uint8 images (N, H, W) or (N, H, W, 1 or 3), got "
                              f"{images.dtype} {images.shape}")
         if images.ndim == 4 and images.shape[-1] == 1:
