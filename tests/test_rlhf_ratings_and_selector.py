@@ -85,7 +85,8 @@ def test_a_corrupt_line_is_named_but_a_torn_one_is_skipped(tmp_path):
         assert store.ratings() == [good, later]
     with open(path, "a") as handle:
         handle.write(json.dumps({"type": "rating", **{**good.__dict__, "rating": 7, "aspect": "quality"}}) + "\n")
-    with pytest.raises(ValueError, match=r"line 4: rating must be one of \[1, 2, 3\], got 7"):
+    with pytest.raises(ValueError, match=r"line 4: rating must be one of \[1, 2, 3\], got 7"), \
+            pytest.warns(UserWarning, match="torn line"):
         store.ratings()
 
 
