@@ -27,6 +27,7 @@ CARD_KINDS = {
     "medisyn_lora": ("diffusers", "text-to-image", ["medisyn", "lora", "text-to-image"]),
     "autoencoder": ("diffusers", None, ["autoencoder", "autoencoderkl", "latent-diffusion"]),
     "expert": ("transformers", "image-classification", ["resnet", "feature-aligned-diffusion"]),
+    "selector": ("transformers", "image-classification", ["vit", "rlhf", "reward-model"]),
 }
 
 CITATIONS = {
@@ -51,6 +52,12 @@ CITATIONS = {
     ],
     "expert": ["He et al. Deep Residual Learning for Image Recognition. CVPR 2016."],
 }
+CITATIONS["selector"] = [
+    "Wang et al. Self-improving generative foundation model for synthetic medical image generation and clinical "
+    "applications (MINIM). Nature Medicine 2024.",
+    "Lee et al. Aligning Text-to-Image Models using Human Feedback. 2023.",
+    "Dosovitskiy et al. An Image is Worth 16x16 Words: Transformers for Image Recognition at Scale. ICLR 2021.",
+]
 CITATIONS["medisyn_lora"] = CITATIONS["medisyn"] + ["Hu et al. LoRA: Low-Rank Adaptation of Large Language Models. "
                                                     "ICLR 2022."]
 

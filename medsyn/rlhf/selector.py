@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torchmetrics.functional import spearman_corrcoef
 from transformers import ViTConfig, ViTForImageClassification
 
-from medsyn.rlhf.ratings import RATING_SCALE, normalised
+from medsyn.rlhf.ratings import RATING_SCALE
 
 SELECTOR_ARCHITECTURE = dict(patch_size=16, hidden_size=768, num_attention_heads=12, num_hidden_layers=6,
                              intermediate_size=3072)
@@ -35,6 +35,15 @@ def selector_scores(model: ViTForImageClassification, images: torch.Tensor) -> t
     return torch.sigmoid(model(pixel_values=images * 2 - 1).logits[:, 0])
 
 
+def selector_loss(model: ViTForImageClassification, images: torch.Tensor, ratings: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of the predicted rating against the normalised 1-3 ``ratings`` of images in [0, 1]."""
+    if not torch.isin(ratings.cpu(), torch.tensor(RATING_SCALE)).all():
+        raise ValueError(f"ratings must be in {list(RATING_SCALE)}, got {sorted(set(ratings.tolist()))}")
+    targets = (ratings.float() - RATING_SCALE[0]) / (RATING_SCALE[-1] - RATING_SCALE[0])
+    logits = model(pixel_values=images.float() * 2 - 1).logits[:, 0]
+    return F.binary_cross_entropy_with_logits(logits.float(), targets.to(logits.device))
+
+
 def fit_selector(model: ViTForImageClassification, images: torch.Tensor, ratings: torch.Tensor, steps: int,
                  learning_rate: float = 3e-4, batch_size: int = 32, seed: int = 0) -> list[float]:
     """Train ``model`` to predict the normalised ``ratings`` (1-3) of ``images``; the per-step losses.
@@ -44,9 +53,6 @@ def fit_selector(model: ViTForImageClassification, images: torch.Tensor, ratings
     ratings = torch.as_tensor(ratings)
     if len(images) != len(ratings) or len(images) == 0:
         raise ValueError(f"{len(images)} images for {len(ratings)} ratings")
-    if not torch.isin(ratings, torch.tensor(RATING_SCALE)).all():
-        raise ValueError(f"ratings must be in {list(RATING_SCALE)}, got {sorted(set(ratings.tolist()))}")
-    targets = torch.tensor([normalised(int(r)) for r in ratings])
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
     model.train()
@@ -54,8 +60,7 @@ def fit_selector(model: ViTForImageClassification, images: torch.Tensor, ratings
     for _ in range(steps):
         batch = torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)
         images_in = images[batch].float() / 255.0 if images.dtype == torch.uint8 else images[batch].float()
-        logits = model(pixel_values=images_in * 2 - 1).logits[:, 0]
-        loss = F.binary_cross_entropy_with_logits(logits, targets[batch])
+        loss = selector_loss(model, images_in, ratings[batch])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

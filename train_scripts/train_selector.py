@@ -1,0 +1,177 @@
+"""Train the selector (reward) model of RLHF on expert ratings: a ViT that predicts an image's normalised rating.
+
+    accelerate launch train_scripts/train_selector.py --ratings ratings.jsonl --images pool/samples.npz \\
+        --output_dir fundus-selector
+
+The ratings are the file ``medsyn rate`` writes; each names its image by pixel digest, found in ``--images`` (the
+rated pool). Every rating of the chosen ``--aspect`` is one training sample (several raters of one image give
+several). Images, not ratings, are held out, so no rated image is on both sides. The result is a transformers
+``ViTForImageClassification`` folder with its accept threshold in the config, ``selector.json`` (held-out rating
+accuracy, Spearman correlation, accept accuracy) and a model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate.logging import get_logger
+from transformers import ViTForImageClassification
+
+from medsyn.hub_upload import push_model_folder
+from medsyn.model_card import write_model_card
+from medsyn.rlhf.rating_images import load_images_to_rate
+from medsyn.rlhf.ratings import Aspect, RatingsFile
+from medsyn.rlhf.selector import (
+    SELECTOR_ARCHITECTURE,
+    accept_threshold,
+    selector_config,
+    selector_loss,
+    selector_metrics,
+    selector_scores,
+)
+from medsyn.training.accelerator import build_accelerator, build_lr_scheduler, build_optimizer, step_budget
+from medsyn.training.loop import TrainingRun, run_card_fields, training_loop
+from medsyn.training.script_args import (
+    add_logging_and_hub_arguments,
+    add_optimisation_arguments,
+    add_validation_fraction_argument,
+)
+from medsyn.validation import DefaultsShown, count_argument
+
+logger = get_logger(__name__)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsShown)
+    data = parser.add_argument_group("ratings")
+    data.add_argument("--ratings", type=str, required=True, help="The ratings file medsyn rate wrote (JSON lines).")
+    data.add_argument("--images", type=str, required=True,
+                      help="The rated images: medsyn generate's samples.npz, an image folder or a manifest.")
+    data.add_argument("--aspect", type=str, default=Aspect.QUALITY.value, choices=[a.value for a in Aspect],
+                      help="Which ratings to learn: image quality or the match to the prompt.")
+    data.add_argument("--resolution", type=count_argument(), default=None,
+                      help="Side the images are resized to; default: their own (a multiple of --patch_size).")
+    add_validation_fraction_argument(parser, default=0.2)
+
+    model = parser.add_argument_group("model (default: the paper's ViT)")
+    for name, value in SELECTOR_ARCHITECTURE.items():
+        model.add_argument(f"--{name}", type=count_argument(), default=value, help=f"ViT {name.replace('_', ' ')}.")
+
+    add_optimisation_arguments(parser, output_dir="medsyn-selector", learning_rate=1e-4)
+    parser.set_defaults(train_batch_size=32, num_train_epochs=20, dataset_name=None,
+                        pretrained_model_name_or_path=None)
+    add_logging_and_hub_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def rated_samples(args) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(images (N, C, H, W) in [0, 1], ratings 1-3, image digests), one row per rating of ``--aspect``."""
+    images = {image.digest: image for image in load_images_to_rate(args.images)}
+    ratings = [r for r in RatingsFile(args.ratings).ratings() if r.aspect == Aspect(args.aspect)]
+    if not ratings:
+        raise ValueError(f"--ratings {args.ratings}: no {args.aspect} ratings")
+    unknown = [r for r in ratings if r.image not in images]
+    if unknown:
+        raise ValueError(f"--ratings: {len(unknown)} of {len(ratings)} ratings name images that are not in --images "
+                         f"{args.images} (the first was rated at {unknown[0].path or unknown[0].image})")
+    pixels = torch.stack([torch.from_numpy(np.atleast_3d(images[r.image].pixels)).permute(2, 0, 1) for r in ratings])
+    pixels = pixels.float() / 255.0
+    if args.resolution and pixels.shape[-1] != args.resolution:
+        pixels = F.interpolate(pixels, size=(args.resolution,) * 2, mode="bilinear", antialias=True,
+                               align_corners=False)
+    return pixels, torch.tensor([r.rating for r in ratings]), [r.image for r in ratings]
+
+
+def split_by_image(digests: list[str], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (training, held out), holding out ``fraction`` of the distinct images with all their ratings."""
+    distinct = sorted(set(digests))
+    held_out_count = max(1, round(fraction * len(distinct)))
+    if held_out_count >= len(distinct):
+        raise ValueError(f"{len(distinct)} rated images are too few to hold out {held_out_count}")
+    held_out = set(np.random.default_rng(seed).permutation(distinct)[:held_out_count])
+    rows = np.arange(len(digests))
+    mask = np.array([d in held_out for d in digests])
+    return rows[~mask], rows[mask]
+
+
+def main(args: argparse.Namespace) -> ViTForImageClassification:
+    """Train, save the selector with its threshold, metrics and card (main process), return it on every rank."""
+    accelerator = build_accelerator(args)
+    images, ratings, digests = rated_samples(args)
+    train_rows, held_out_rows = split_by_image(digests, args.validation_fraction, args.seed)
+    config = selector_config(images.shape[-1], images.shape[1], **{k: getattr(args, k) for k in SELECTOR_ARCHITECTURE})
+    model = ViTForImageClassification(config)
+    dataset = torch.utils.data.TensorDataset(images[train_rows], ratings[train_rows])
+
+    def collate(rows):
+        return {"pixel_values": torch.stack([r[0] for r in rows]), "ratings": torch.stack([r[1] for r in rows])}
+
+    dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
+                                             drop_last=len(dataset) >= args.train_batch_size, collate_fn=collate)
+    optimizer = build_optimizer(args, model.parameters())
+    model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+    updates_per_epoch, max_train_steps, _ = step_budget(args, len(dataloader))
+    lr_scheduler = build_lr_scheduler(args, accelerator, optimizer, max_train_steps)
+
+    def loss_fn(batch, step):
+        return {"loss": selector_loss(model, batch["pixel_values"], batch["ratings"])}
+
+    logger.info(f"{len(train_rows)} training and {len(held_out_rows)} held-out {args.aspect} ratings of "
+                f"{len(set(digests))} images, {max_train_steps} steps")
+    run = TrainingRun(accelerator, [model], list(model.parameters()), optimizer, lr_scheduler, dataloader,
+                      updates_per_epoch, max_train_steps)
+    result = training_loop(args, run, loss_fn, tracker_project_name="selector")
+
+    model = accelerator.unwrap_model(model).eval()
+    if accelerator.is_main_process:
+        with torch.no_grad():
+            device = accelerator.device
+            threshold = accept_threshold(selector_scores(model, images[train_rows].to(device)).cpu(),
+                                         ratings[train_rows])
+            metrics = selector_metrics(selector_scores(model, images[held_out_rows].to(device)).cpu(),
+                                       ratings[held_out_rows], threshold)
+        logger.info(f"held out: rating accuracy {metrics['rating_accuracy']:.3f}, Spearman {metrics['spearman']:.3f}")
+        save_selector(args, accelerator, model, threshold, metrics, len(train_rows), len(set(digests)), result)
+    accelerator.end_training()
+    return model
+
+
+def save_selector(args, accelerator, model, threshold: float, metrics: dict, num_train: int, num_images: int,
+                  result) -> None:
+    output_dir = Path(args.output_dir)
+    model.config.accept_threshold = threshold
+    model.config.rating_aspect = args.aspect
+    model.save_pretrained(output_dir)
+    (output_dir / "selector.json").write_text(json.dumps(
+        {**metrics, "accept_threshold": threshold, "aspect": args.aspect}, indent=2))
+    config = model.config
+    write_model_card(
+        output_dir,
+        "selector",
+        **run_card_fields(args, accelerator, result),
+        aspect=args.aspect,
+        accept_threshold=f"{threshold:.4f}",
+        rating_accuracy=f"{metrics['rating_accuracy']:.4f}",
+        spearman=f"{metrics['spearman']:.4f}",
+        accept_accuracy=f"{metrics['accept_accuracy']:.4f}",
+        num_held_out=metrics["count"],
+        num_train_ratings=num_train,
+        num_images=num_images,
+        ratings_file=Path(args.ratings).name,
+        data_description=f"expert ratings of {num_images} generated images ({Path(args.images).name}); no training "
+                         "scan is used",
+        architecture=f"ViT, {config.patch_size} px patches, {config.hidden_size} wide, {config.num_attention_heads} "
+                     f"heads, {config.num_hidden_layers} layers, {config.image_size} px, {config.num_channels} "
+                     f"channels, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters",
+    )
+    if args.push_to_hub:
+        push_model_folder(output_dir, args.hub_model_id or output_dir.name, args.hub_token, args.hub_private_repo)
+
+
+if __name__ == "__main__":
+    main(parse_args())
