@@ -156,3 +156,32 @@ def expect_progress(page, progress: str, prompt: str) -> None:
     page.wait_for_function(
         "([progress, prompt]) => document.getElementById('progress').textContent === progress && "
         "document.getElementById('prompt').textContent === 'Prompt: ' + prompt", arg=[progress, prompt], timeout=10000)
+
+
+def test_medsyn_rate_serves_until_stopped_and_names_bad_input(tmp_path, capsys):
+    import subprocess
+    import sys
+    import urllib.request
+
+    from medsyn.cli import main
+
+    assert main(["rate", "--images", str(tmp_path / "missing.npz"), "--ratings", str(tmp_path / "r.jsonl")]) == 2
+    assert "--images" in capsys.readouterr().err and not (tmp_path / "r.jsonl").exists()
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "medsyn.cli", "rate", "--images", samples_npz(tmp_path / "s.npz"),
+                               "--ratings", str(tmp_path / "r.jsonl"), "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, state = time.monotonic() + 60, None
+        while state is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/next?rater=dr-a", timeout=2) as reply:
+                    state = json.loads(reply.read())
+            except OSError:
+                time.sleep(0.2)
+        assert state == {"rated": 0, "total": 4, "done": False, "index": 0, "prompt": "brain MRI number 0",
+                         "source": "s.npz[0]"}
+    finally:
+        server.terminate()
+        output = server.communicate(timeout=30)[0]
+    assert f"open http://127.0.0.1:{port}/?rater=YOUR_ID" in output
