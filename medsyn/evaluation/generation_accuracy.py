@@ -37,13 +37,17 @@ class ExpertClassifier:
         return cls(model, encoder)
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        """Class indices for images (N, C, H, W) in [0, 1]."""
-        predictions = []
+    def probabilities(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Class probabilities (N, classes) for images (N, C, H, W) in [0, 1]."""
+        outputs = []
         for start in range(0, len(images), batch_size):
             batch = self.encoder.resized(images[start : start + batch_size])
-            predictions.append(self.model(pixel_values=self.encoder.normalise(batch)).logits.argmax(1).cpu())
-        return torch.cat(predictions)
+            outputs.append(self.model(pixel_values=self.encoder.normalise(batch)).logits.float().softmax(1).cpu())
+        return torch.cat(outputs)
+
+    def predict(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Class indices for images (N, C, H, W) in [0, 1]."""
+        return self.probabilities(images, batch_size).argmax(1)
 
 
 def generate_class_images(
