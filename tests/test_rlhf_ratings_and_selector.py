@@ -14,7 +14,13 @@ import pytest
 import torch
 from transformers import ViTForImageClassification
 
-from medsyn.rlhf.policy import AlignmentPolicy, agreement_reward, reinforce_loss, train_policy_two_stages
+from medsyn.rlhf.policy import (
+    AlignmentPolicy,
+    agreement_reward,
+    leave_one_out_baseline,
+    reinforce_loss,
+    train_policy_two_stages,
+)
 from medsyn.rlhf.ratings import Aspect, Rating, RatingsFile, image_digest, normalised
 from medsyn.rlhf.selector import accept_threshold, fit_selector, selector_config, selector_metrics, selector_scores
 
@@ -167,6 +173,12 @@ def test_the_reinforce_gradient_is_the_analytic_one_with_and_without_a_baseline(
         loss = reinforce_loss(probabilities, actions, agreement_reward(actions, torch.full((count,), r)), baseline)
         (gradient,) = torch.autograd.grad(loss, theta)
         assert gradient.item() == pytest.approx(analytic, abs=4e-3)
+
+
+def test_the_leave_one_out_baseline_is_the_others_mean():
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5])
+    torch.testing.assert_close(leave_one_out_baseline(rewards), torch.tensor([1 / 3, 2 / 3, 0.5, 0.5]))
+    assert leave_one_out_baseline(torch.tensor([0.7])).item() == 0.0
 
 
 def tiny_policy(captions: list[str]) -> AlignmentPolicy:

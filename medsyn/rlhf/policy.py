@@ -9,7 +9,8 @@ matches its prompt" (a = 1) or not (a = 0); for a sampled action the reward is t
 ``1 - |a - r|`` with r the normalised prompt-match rating, and the loss is ``-(reward - baseline) * log pi(a)``.
 Its expected gradient is ``(2r - 1) dp``, so p rises exactly where experts rated the match above 2. Stage 1 learns
 from every rated sample without a baseline; stage 2 only from the samples the selector accepts, with a value
-baseline (a running mean of the reward), which lowers the variance without biasing the gradient.
+baseline: each sample's is the mean reward of the other samples in its batch (leave-one-out), which lowers the
+variance without biasing the gradient and keeps no state, so a resumed run is exact.
 """
 
 from __future__ import annotations
@@ -79,12 +80,30 @@ class AlignmentPolicy(nn.Module):
 
 
 def reinforce_loss(probabilities: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
-                   baseline: float = 0.0) -> torch.Tensor:
+                   baseline: float | torch.Tensor = 0.0) -> torch.Tensor:
     """``-(reward - baseline) * log pi(action)`` averaged over the batch, for Bernoulli actions with
-    ``pi(1) = probabilities``."""
+    ``pi(1) = probabilities``; ``baseline`` is a number or one per sample."""
     chosen = torch.where(actions.bool(), probabilities, 1 - probabilities)
     log_pi = chosen.clamp_min(1e-6).log()
     return -((rewards - baseline).detach() * log_pi).mean()
+
+
+def leave_one_out_baseline(rewards: torch.Tensor) -> torch.Tensor:
+    """Each sample's baseline: the mean reward of the others in the batch (0 for a batch of one)."""
+    if len(rewards) < 2:
+        return torch.zeros_like(rewards)
+    return (rewards.sum() - rewards) / (len(rewards) - 1)
+
+
+def policy_step_loss(policy: AlignmentPolicy, images: torch.Tensor, prompts: list[str], match_scores: torch.Tensor,
+                     use_baseline: bool, generator: torch.Generator | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(REINFORCE loss, mean reward) of one batch: actions drawn from the policy with ``generator``."""
+    probabilities = policy(images, prompts)
+    actions = torch.bernoulli(probabilities.detach().float().cpu(), generator=generator).to(probabilities.device)
+    rewards = agreement_reward(actions, match_scores.to(probabilities.device))
+    baseline = leave_one_out_baseline(rewards) if use_baseline else 0.0
+    return reinforce_loss(probabilities.float(), actions, rewards, baseline), rewards.mean()
 
 
 def agreement_reward(actions: torch.Tensor, match_scores: torch.Tensor) -> torch.Tensor:
@@ -93,27 +112,24 @@ def agreement_reward(actions: torch.Tensor, match_scores: torch.Tensor) -> torch
 
 
 def train_policy(policy: AlignmentPolicy, images: torch.Tensor, prompts: list[str], match_scores: torch.Tensor,
-                 steps: int, use_baseline: bool, learning_rate: float = 1e-4, batch_size: int = 32, seed: int = 0,
-                 baseline_decay: float = 0.9) -> list[float]:
+                 steps: int, use_baseline: bool, learning_rate: float = 1e-4, batch_size: int = 32,
+                 seed: int = 0) -> list[float]:
     """One REINFORCE stage on rated samples (images in [0, 1], their prompts, normalised prompt-match ratings);
-    returns the mean reward per step. ``use_baseline`` subtracts a running mean of the reward (stage 2)."""
+    returns the mean reward per step. ``use_baseline``: the leave-one-out baseline (stage 2)."""
     if not len(images) == len(prompts) == len(match_scores) or len(images) == 0:
         raise ValueError(f"{len(images)} images, {len(prompts)} prompts and {len(match_scores)} ratings")
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=learning_rate)
-    baseline, mean_rewards = 0.0, []
+    mean_rewards = []
     policy.train()
     for _ in range(steps):
         batch = torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)
-        probabilities = policy(images[batch], [prompts[i] for i in batch])
-        actions = torch.bernoulli(probabilities.detach().cpu(), generator=generator).to(probabilities.device)
-        rewards = agreement_reward(actions, match_scores[batch].to(probabilities.device))
-        loss = reinforce_loss(probabilities, actions, rewards, baseline if use_baseline else 0.0)
+        loss, reward = policy_step_loss(policy, images[batch], [prompts[i] for i in batch], match_scores[batch],
+                                        use_baseline, generator)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        baseline = baseline_decay * baseline + (1 - baseline_decay) * rewards.mean().item()
-        mean_rewards.append(rewards.mean().item())
+        mean_rewards.append(reward.item())
     policy.eval()
     return mean_rewards
 
