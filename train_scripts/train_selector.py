@@ -16,16 +16,14 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate.logging import get_logger
 from transformers import ViTForImageClassification
 
 from medsyn.hub_upload import push_model_folder
 from medsyn.model_card import write_model_card
-from medsyn.rlhf.rating_images import load_images_to_rate
-from medsyn.rlhf.ratings import Aspect, RatingsFile
+from medsyn.rlhf.rating_images import rated_samples, split_by_image
+from medsyn.rlhf.ratings import Aspect
 from medsyn.rlhf.selector import (
     SELECTOR_ARCHITECTURE,
     accept_threshold,
@@ -69,40 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def rated_samples(args) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """(images (N, C, H, W) in [0, 1], ratings 1-3, image digests), one row per rating of ``--aspect``."""
-    images = {image.digest: image for image in load_images_to_rate(args.images)}
-    ratings = [r for r in RatingsFile(args.ratings).ratings() if r.aspect == Aspect(args.aspect)]
-    if not ratings:
-        raise ValueError(f"--ratings {args.ratings}: no {args.aspect} ratings")
-    unknown = [r for r in ratings if r.image not in images]
-    if unknown:
-        raise ValueError(f"--ratings: {len(unknown)} of {len(ratings)} ratings name images that are not in --images "
-                         f"{args.images} (the first was rated at {unknown[0].path or unknown[0].image})")
-    pixels = torch.stack([torch.from_numpy(np.atleast_3d(images[r.image].pixels)).permute(2, 0, 1) for r in ratings])
-    pixels = pixels.float() / 255.0
-    if args.resolution and pixels.shape[-1] != args.resolution:
-        pixels = F.interpolate(pixels, size=(args.resolution,) * 2, mode="bilinear", antialias=True,
-                               align_corners=False)
-    return pixels, torch.tensor([r.rating for r in ratings]), [r.image for r in ratings]
-
-
-def split_by_image(digests: list[str], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices (training, held out), holding out ``fraction`` of the distinct images with all their ratings."""
-    distinct = sorted(set(digests))
-    held_out_count = max(1, round(fraction * len(distinct)))
-    if held_out_count >= len(distinct):
-        raise ValueError(f"{len(distinct)} rated images are too few to hold out {held_out_count}")
-    held_out = set(np.random.default_rng(seed).permutation(distinct)[:held_out_count])
-    rows = np.arange(len(digests))
-    mask = np.array([d in held_out for d in digests])
-    return rows[~mask], rows[mask]
-
-
 def main(args: argparse.Namespace) -> ViTForImageClassification:
     """Train, save the selector with its threshold, metrics and card (main process), return it on every rank."""
     accelerator = build_accelerator(args)
-    images, ratings, digests = rated_samples(args)
+    images, ratings, digests, _ = rated_samples(args.images, args.ratings, args.aspect, args.resolution)
     train_rows, held_out_rows = split_by_image(digests, args.validation_fraction, args.seed)
     config = selector_config(images.shape[-1], images.shape[1], **{k: getattr(args, k) for k in SELECTOR_ARCHITECTURE})
     model = ViTForImageClassification(config)

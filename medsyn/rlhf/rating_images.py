@@ -1,4 +1,5 @@
-"""The generated images an expert rates, with the prompt each was made for, from ``medsyn generate``'s output.
+"""The generated images an expert rates, with the prompt each was made for, from ``medsyn generate``'s output, and
+the rated samples the selector and policy learn from.
 
 An ``.npz`` as ``medsyn generate --format npz`` writes it (``images``; the prompt from ``captions``, else the class
 name from ``labels`` and ``class_names``), or an image folder or manifest as the data loader reads it (the prompt
@@ -12,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-from medsyn.rlhf.ratings import MAX_PROMPT_CHARACTERS, image_digest
+from medsyn.rlhf.ratings import MAX_PROMPT_CHARACTERS, Aspect, RatingsFile, image_digest
 
 
 @dataclass(frozen=True)
@@ -76,3 +79,34 @@ def load_images_to_rate(source: str | Path) -> list[ImageToRate]:
                          f"at most {MAX_PROMPT_CHARACTERS}")
     return [ImageToRate(pixels, prompt, source, image_digest(pixels))
             for pixels, prompt, source in zip(images, prompts, sources)]
+
+
+def rated_samples(images_path: str | Path, ratings_path: str | Path, aspect: Aspect | str,
+                  resolution: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
+    """(images (N, C, H, W) in [0, 1], ratings 1-3, image digests, prompts): one row per rating of ``aspect`` in the
+    ratings file, its image found by digest among ``images_path``; ``resolution`` resizes (bilinear)."""
+    images = {image.digest: image for image in load_images_to_rate(images_path)}
+    ratings = [r for r in RatingsFile(ratings_path).ratings() if r.aspect == Aspect(aspect)]
+    if not ratings:
+        raise ValueError(f"--ratings {ratings_path}: no {Aspect(aspect).value} ratings")
+    unknown = [r for r in ratings if r.image not in images]
+    if unknown:
+        raise ValueError(f"--ratings: {len(unknown)} of {len(ratings)} ratings name images that are not in --images "
+                         f"{images_path} (the first was rated at {unknown[0].path or unknown[0].image})")
+    pixels = torch.stack([torch.from_numpy(np.atleast_3d(images[r.image].pixels)).permute(2, 0, 1) for r in ratings])
+    pixels = pixels.float() / 255.0
+    if resolution and pixels.shape[-1] != resolution:
+        pixels = F.interpolate(pixels, size=(resolution,) * 2, mode="bilinear", antialias=True, align_corners=False)
+    return pixels, torch.tensor([r.rating for r in ratings]), [r.image for r in ratings], [r.prompt for r in ratings]
+
+
+def split_by_image(digests: list[str], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (training, held out), holding out ``fraction`` of the distinct images with all their ratings."""
+    distinct = sorted(set(digests))
+    held_out_count = max(1, round(fraction * len(distinct)))
+    if held_out_count >= len(distinct):
+        raise ValueError(f"{len(distinct)} rated images are too few to hold out {held_out_count}")
+    held_out = set(np.random.default_rng(seed).permutation(distinct)[:held_out_count])
+    rows = np.arange(len(digests))
+    mask = np.array([d in held_out for d in digests])
+    return rows[~mask], rows[mask]
