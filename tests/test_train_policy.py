@@ -66,4 +66,4 @@ def test_stage_two_needs_a_selector_and_ratings_must_exist(tmp_path):
     empty.append(Rating(image=image_digest(np.zeros((16, 16), np.uint8)), prompt="x", rating=2, rater="dr-a"))
     with pytest.raises(ValueError, match="no prompt_match ratings"):
         train_policy.main(train_policy.parse_args([*TOWERS, *COMMON, "--images", images, "--ratings",
-                                                   str(tmp_path / "empty.jsonl"), "--output_dir", str(tmp_path / "o")]))
+                                                   str(tmp_path / "empty.jsonl"), "--output_dir", str(tmp_path)]))
