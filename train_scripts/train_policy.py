@@ -25,30 +25,20 @@ from transformers import BertModel, ViTConfig, ViTModel
 
 from medsyn.models.latent_diffusion import bert_text_encoder_config, build_wordpiece_tokenizer
 from medsyn.rlhf.policy import AlignmentPolicy, policy_step_loss
-from medsyn.rlhf.rating_images import rated_samples, split_by_image
+from medsyn.rlhf.rating_images import add_rated_data_arguments, rated_samples, split_by_image
 from medsyn.rlhf.ratings import Aspect, normalised
 from medsyn.rlhf.selector import selector_metrics, selector_scores
 from medsyn.training.accelerator import build_accelerator, build_lr_scheduler, build_optimizer, step_budget
 from medsyn.training.loop import TrainingRun, training_loop
-from medsyn.training.script_args import (
-    add_logging_and_hub_arguments,
-    add_optimisation_arguments,
-    add_validation_fraction_argument,
-)
+from medsyn.training.script_args import add_logging_and_hub_arguments, add_optimisation_arguments
 from medsyn.validation import DefaultsShown, count_argument
-
 
 logger = get_logger(__name__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsShown)
-    data = parser.add_argument_group("ratings")
-    data.add_argument("--ratings", type=str, required=True, help="The ratings file medsyn rate wrote (JSON lines).")
-    data.add_argument("--images", type=str, required=True, help="The rated images (samples.npz, folder, manifest).")
-    data.add_argument("--resolution", type=count_argument(), default=None,
-                      help="Side the images are resized to; default: their own (a multiple of --patch_size).")
-    add_validation_fraction_argument(parser, default=0.2)
+    add_rated_data_arguments(parser)
     stage = parser.add_argument_group("stage")
     stage.add_argument("--stage", type=int, default=1, choices=(1, 2),
                        help="1: every rated sample, no baseline; 2: selector-accepted samples, with a baseline.")

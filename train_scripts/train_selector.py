@@ -22,7 +22,7 @@ from transformers import ViTForImageClassification
 
 from medsyn.hub_upload import push_model_folder
 from medsyn.model_card import write_model_card
-from medsyn.rlhf.rating_images import rated_samples, split_by_image
+from medsyn.rlhf.rating_images import add_rated_data_arguments, rated_samples, split_by_image
 from medsyn.rlhf.ratings import Aspect
 from medsyn.rlhf.selector import (
     SELECTOR_ARCHITECTURE,
@@ -34,11 +34,7 @@ from medsyn.rlhf.selector import (
 )
 from medsyn.training.accelerator import build_accelerator, build_lr_scheduler, build_optimizer, step_budget
 from medsyn.training.loop import TrainingRun, run_card_fields, training_loop
-from medsyn.training.script_args import (
-    add_logging_and_hub_arguments,
-    add_optimisation_arguments,
-    add_validation_fraction_argument,
-)
+from medsyn.training.script_args import add_logging_and_hub_arguments, add_optimisation_arguments
 from medsyn.validation import DefaultsShown, count_argument
 
 logger = get_logger(__name__)
@@ -46,15 +42,9 @@ logger = get_logger(__name__)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsShown)
-    data = parser.add_argument_group("ratings")
-    data.add_argument("--ratings", type=str, required=True, help="The ratings file medsyn rate wrote (JSON lines).")
-    data.add_argument("--images", type=str, required=True,
-                      help="The rated images: medsyn generate's samples.npz, an image folder or a manifest.")
+    data = add_rated_data_arguments(parser)
     data.add_argument("--aspect", type=str, default=Aspect.QUALITY.value, choices=[a.value for a in Aspect],
                       help="Which ratings to learn: image quality or the match to the prompt.")
-    data.add_argument("--resolution", type=count_argument(), default=None,
-                      help="Side the images are resized to; default: their own (a multiple of --patch_size).")
-    add_validation_fraction_argument(parser, default=0.2)
 
     model = parser.add_argument_group("model (default: the paper's ViT)")
     for name, value in SELECTOR_ARCHITECTURE.items():

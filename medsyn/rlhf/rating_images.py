@@ -110,3 +110,18 @@ def split_by_image(digests: list[str], fraction: float, seed: int) -> tuple[np.n
     rows = np.arange(len(digests))
     mask = np.array([d in held_out for d in digests])
     return rows[~mask], rows[mask]
+
+
+def add_rated_data_arguments(parser):
+    """The flags naming the rated pool: the ratings file, the images, their resolution and the held-out share."""
+    from medsyn.training.script_args import add_validation_fraction_argument
+    from medsyn.validation import count_argument
+
+    data = parser.add_argument_group("ratings")
+    data.add_argument("--ratings", type=str, required=True, help="The ratings file medsyn rate wrote (JSON lines).")
+    data.add_argument("--images", type=str, required=True,
+                      help="The rated images: medsyn generate's samples.npz, an image folder or a manifest.")
+    data.add_argument("--resolution", type=count_argument(), default=None,
+                      help="Side the images are resized to; default: their own (a multiple of --patch_size).")
+    add_validation_fraction_argument(parser, default=0.2)
+    return data
