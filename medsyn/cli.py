@@ -318,7 +318,7 @@ def rate(args: argparse.Namespace) -> int:
     ratings = RatingsFile(args.ratings)
     ratings.ratings()  # a corrupt ratings file is named now, not at the first rating
     print(f"rating {len(images)} images from {args.images} into {args.ratings}: open http://{args.host}:{args.port}/"
-          "?rater=YOUR_ID (add &aspect=prompt_match to rate the match to the prompt)")
+          "?rater=YOUR_ID (add &aspect=prompt_match to rate the match to the prompt)", flush=True)
     uvicorn.run(create_rating_app(images, ratings, args.model), host=args.host, port=args.port, log_level="warning")
     return 0
 
