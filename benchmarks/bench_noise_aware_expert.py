@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from medsyn.metrics.features import PooledImageEncoder, processor_normalisation
+from medsyn.metrics.features import PooledImageEncoder
 from medsyn.train_scripts import train_expert
 from medsyn.training.feature_alignment import FrozenExpert
 
@@ -52,7 +52,7 @@ def main() -> None:
     args_for_split = train_expert.parse_args([*common, "--output_dir", str(output / "clean")])
     _, _, validation_loader, num_classes = held_out_loader(args_for_split)
     clean_model = train_expert.ResNetForImageClassification.from_pretrained(output / "clean").eval()
-    clean_encoder = PooledImageEncoder(clean_model.resnet, *processor_normalisation(str(output / "clean")))
+    clean_encoder = PooledImageEncoder.for_saved_model(clean_model.resnet, str(output / "clean"))
     clean_accuracy = [train_expert.evaluate(clean_model, clean_encoder, validation_loader, "cpu", num_classes,
                                             aware.noise, sigma, args.seed)["accuracy"] for sigma in aware.accuracy.sigmas]
     clean_report = json.loads((output / "clean" / "validation.json").read_text())

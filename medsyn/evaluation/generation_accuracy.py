@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from medsyn.metrics.diversity import mean_pairwise_ms_ssim
-from medsyn.metrics.features import PooledImageEncoder, processor_normalisation, saved_image_size
+from medsyn.metrics.features import PooledImageEncoder
 from medsyn.seeding import keyed_generator
 
 
@@ -33,8 +33,7 @@ class ExpertClassifier:
         from transformers import AutoModelForImageClassification
 
         model = AutoModelForImageClassification.from_pretrained(path)
-        encoder = PooledImageEncoder(model, *processor_normalisation(path), saved_image_size(path, model.config))
-        return cls(model, encoder)
+        return cls(model, PooledImageEncoder.for_saved_model(model, path))
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:

@@ -48,23 +48,6 @@ def _saved_processor(path: str):
         return None
 
 
-def processor_normalisation(path: str) -> tuple[list[float] | None, list[float] | None]:
-    """The image mean and std of the image processor saved with a vision model (None when it has none)."""
-    processor = _saved_processor(path)
-    mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
-    return (list(mean) if mean is not None else None), (list(std) if std is not None else None)
-
-
-def saved_image_size(path: str, config) -> int | None:
-    """The side a saved vision model was trained at: its config's ``image_size`` (medsyn's experts, ViTs), else its
-    image processor's square size or shortest edge; None when neither says."""
-    size = getattr(config, "image_size", None)
-    if isinstance(size, int):
-        return size
-    processor_size = getattr(_saved_processor(path), "size", None) or {}
-    return processor_size.get("height") or processor_size.get("shortest_edge")
-
-
 class PooledImageEncoder(nn.Module):
     """A transformers vision backbone (e.g. a ResNet expert classifier) as a domain feature encoder.
 
@@ -86,11 +69,23 @@ class PooledImageEncoder(nn.Module):
         self.register_buffer("std", torch.tensor(std or [1.0] * channels).reshape(shape), persistent=False)
 
     @classmethod
+    def for_saved_model(cls, backbone: nn.Module, path: str) -> PooledImageEncoder:
+        """``backbone`` as the model saved at ``path`` was trained to see images: the mean and std of its image
+        processor (when it has one), at its side (the config's ``image_size``, else the processor's square size or
+        shortest edge; unknown when neither says). The processor is read once."""
+        processor = _saved_processor(path)
+        mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+        size = getattr(backbone.config, "image_size", None)
+        if not isinstance(size, int):
+            processor_size = getattr(processor, "size", None) or {}
+            size = processor_size.get("height") or processor_size.get("shortest_edge")
+        return cls(backbone, None if mean is None else list(mean), None if std is None else list(std), size)
+
+    @classmethod
     def from_pretrained(cls, path: str) -> PooledImageEncoder:
         from transformers import AutoModel
 
-        backbone = AutoModel.from_pretrained(path)
-        return cls(backbone, *processor_normalisation(path), image_size=saved_image_size(path, backbone.config))
+        return cls.for_saved_model(AutoModel.from_pretrained(path), path)
 
     def resized(self, images: torch.Tensor) -> torch.Tensor:
         """Images at the model's side (bilinear), float; unchanged when it is unknown or already matches."""
