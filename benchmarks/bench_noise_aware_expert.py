@@ -40,7 +40,9 @@ def main() -> None:
     common = [*RECIPE, "--train_data_dir", args.data, "--resolution", str(args.resolution), "--max_train_steps",
               str(args.steps), "--validation_steps", str(args.steps + 1), "--seed", str(args.seed),
               "--noise_eval_levels", str(args.levels)]
-    noise_flags = ["--noise_augment", args.noise] + (["--sigma_min", str(args.sigma_min)] if args.noise == "ve" else [])
+    noise_flags = ["--noise_augment", args.noise]
+    if args.noise == "ve":
+        noise_flags += ["--sigma_min", str(args.sigma_min)]
     seconds = {}
     for name, extra in (("clean", []), ("noise-aware", noise_flags)):
         start = time.perf_counter()
@@ -50,11 +52,12 @@ def main() -> None:
     # The clean expert judged on the noise-aware expert's levels, noise and held-out images.
     aware = FrozenExpert.from_pretrained(str(output / "noise-aware"))
     args_for_split = train_expert.parse_args([*common, "--output_dir", str(output / "clean")])
-    _, _, validation_loader, num_classes = held_out_loader(args_for_split)
+    validation_loader, num_classes = held_out_loader(args_for_split)
     clean_model = train_expert.ResNetForImageClassification.from_pretrained(output / "clean").eval()
     clean_encoder = PooledImageEncoder.for_saved_model(clean_model.resnet, str(output / "clean"))
     clean_accuracy = [train_expert.evaluate(clean_model, clean_encoder, validation_loader, "cpu", num_classes,
-                                            aware.noise, sigma, args.seed)["accuracy"] for sigma in aware.accuracy.sigmas]
+                                            aware.noise, sigma, args.seed)["accuracy"]
+                      for sigma in aware.accuracy.sigmas]
     clean_report = json.loads((output / "clean" / "validation.json").read_text())
     aware_report = json.loads((output / "noise-aware" / "validation.json").read_text())
     margin = 0.1
@@ -75,19 +78,12 @@ def main() -> None:
 
 def held_out_loader(args):
     """The held-out split ``train_expert`` validated on, as its loader (same seed, same fraction)."""
-    from medsyn.data import image_transform
     from medsyn.training.script_args import load_training_data, split_validation
 
     dataset, _ = load_training_data(args, require_labels=True)
     train_set, validation_set = split_validation(dataset, args.validation_fraction, args.seed)
-    to_tensor = image_transform(args.resolution, center_crop=args.center_crop)
-
-    def collate(rows):
-        return {"pixel_values": torch.stack([to_tensor(row["image"]) for row in rows]),
-                "labels": torch.tensor([row["label"] for row in rows], dtype=torch.long)}
-
-    loader = torch.utils.data.DataLoader(validation_set, batch_size=128, shuffle=False, collate_fn=collate)
-    return dataset, train_set, loader, len(dataset.features["label"].names)
+    _, loader = train_expert.labelled_loaders(args, train_set, validation_set)
+    return loader, len(dataset.features["label"].names)
 
 
 if __name__ == "__main__":

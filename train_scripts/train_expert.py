@@ -132,7 +132,22 @@ def build_classifier(args, channels: int, class_names: list[str]) -> tuple[ResNe
     return ResNetForImageClassification(config), [0.5] * channels, [0.5] * channels
 
 
-def build_noise(args, train_set, to_tensor) -> ExpertNoise | None:
+def labelled_loaders(args, train_set, validation_set):
+    """(shuffled training loader, validation loader in order) of images in [-1, 1] at --resolution and labels."""
+    to_tensor = image_transform(args.resolution, center_crop=args.center_crop)
+
+    def collate(rows):
+        return {"pixel_values": torch.stack([to_tensor(row["image"]) for row in rows]),
+                "labels": torch.tensor([row["label"] for row in rows], dtype=torch.long)}
+
+    loader_kwargs = dict(batch_size=args.train_batch_size, collate_fn=collate, num_workers=args.dataloader_num_workers)
+    train_loader = torch.utils.data.DataLoader(
+        train_set, shuffle=True, drop_last=len(train_set) >= args.train_batch_size, **loader_kwargs
+    )
+    return train_loader, torch.utils.data.DataLoader(validation_set, shuffle=False, **loader_kwargs)
+
+
+def build_noise(args, train_set) -> ExpertNoise | None:
     """The --noise_augment process; the ve sigma_max as the score script derives it from the data."""
     if args.noise_augment is None:
         return None
@@ -141,6 +156,7 @@ def build_noise(args, train_set, to_tensor) -> ExpertNoise | None:
                            beta_schedule=args.beta_schedule, beta_start=args.beta_start, beta_end=args.beta_end)
     sigma_max = args.sigma_max
     if sigma_max is None:
+        to_tensor = image_transform(args.resolution, center_crop=args.center_crop)
         sample = torch.stack([to_tensor(train_set[i]["image"]) for i in range(min(len(train_set), 2000))])
         sigma_max = sigma_max_from_data(sample)
     return ExpertNoise(NoiseProcess.VE, sigma_min=args.sigma_min, sigma_max=sigma_max)
@@ -149,7 +165,7 @@ def build_noise(args, train_set, to_tensor) -> ExpertNoise | None:
 def noisy_view(noise: ExpertNoise, images: torch.Tensor, sigma: torch.Tensor, generator) -> torch.Tensor:
     """Images in [-1, 1] corrupted at levels ``sigma`` and scaled as ``FrozenExpert`` scales them."""
     corrupted = noise.corrupt(images, sigma, torch.randn(images.shape, generator=generator, device=images.device))
-    return corrupted * noise.input_scale(sigma).reshape(-1, 1, 1, 1)
+    return noise.expert_view(corrupted, sigma)
 
 
 @torch.no_grad()
@@ -183,24 +199,15 @@ def main(args: argparse.Namespace) -> ResNetForImageClassification:
     classifier, mean, std = build_classifier(args, channels, class_names)
     enable_gradient_checkpointing(args, classifier)
     encoder = PooledImageEncoder(classifier.resnet, mean, std)  # the normalisation FrozenExpert will apply
-    to_tensor = image_transform(args.resolution, center_crop=args.center_crop)
 
-    def collate(rows):
-        return {"pixel_values": torch.stack([to_tensor(row["image"]) for row in rows]),
-                "labels": torch.tensor([row["label"] for row in rows], dtype=torch.long)}
-
-    loader_kwargs = dict(batch_size=args.train_batch_size, collate_fn=collate, num_workers=args.dataloader_num_workers)
-    train_loader = torch.utils.data.DataLoader(
-        train_set, shuffle=True, drop_last=len(train_set) >= args.train_batch_size, **loader_kwargs
-    )
-    validation_loader = torch.utils.data.DataLoader(validation_set, shuffle=False, **loader_kwargs)
+    train_loader, validation_loader = labelled_loaders(args, train_set, validation_set)
     optimizer = build_optimizer(args, classifier.parameters())
     classifier, optimizer, train_loader = accelerator.prepare(classifier, optimizer, train_loader)
     encoder.to(accelerator.device)
     updates_per_epoch, max_train_steps, _ = step_budget(args, len(train_loader))
     lr_scheduler = build_lr_scheduler(args, accelerator, optimizer, max_train_steps)
 
-    noise = build_noise(args, train_set, to_tensor)
+    noise = build_noise(args, train_set)
 
     def loss_fn(batch, step):
         images = batch["pixel_values"]
@@ -235,12 +242,13 @@ def main(args: argparse.Namespace) -> ResNetForImageClassification:
 
 
 def noise_accuracy(model, encoder, loader, device, num_classes: int, noise: ExpertNoise, args) -> NoiseAccuracy:
-    """Held-out accuracy at evenly spread noise levels; chance is the held-out set's majority-class fraction."""
-    labels = torch.cat([batch["labels"] for batch in loader])
-    chance = labels.bincount(minlength=num_classes).max().item() / len(labels)
+    """Held-out accuracy at evenly spread noise levels; chance is the held-out set's majority-class fraction (the
+    confusion matrix's largest row)."""
     sigmas = noise.evaluation_sigmas(args.noise_eval_levels)
-    accuracies = [evaluate(model, encoder, loader, device, num_classes, noise, sigma, args.seed)["accuracy"]
-                  for sigma in sigmas]
+    results = [evaluate(model, encoder, loader, device, num_classes, noise, sigma, args.seed) for sigma in sigmas]
+    class_counts = torch.tensor(results[0]["confusion_matrix"]).sum(1)
+    chance = class_counts.max().item() / class_counts.sum().item()
+    accuracies = [result["accuracy"] for result in results]
     for sigma, accuracy in zip(sigmas, accuracies):
         logger.info(f"validation accuracy at sigma {sigma:.4g}: {accuracy:.4f} (chance {chance:.3f})")
     return NoiseAccuracy(sigmas, accuracies, chance)

@@ -85,8 +85,7 @@ class ExpertNoise:
 
     def to_dict(self) -> dict:
         keep = ("sigma_min", "sigma_max") if self.process is NoiseProcess.VE else tuple(MEDISYN_BETAS)
-        values = asdict(self)
-        return {"process": self.process.value, **{key: values[key] for key in keep}}
+        return {"process": self.process.value, **{key: getattr(self, key) for key in keep}}
 
     @classmethod
     def from_dict(cls, values: dict) -> ExpertNoise:
@@ -124,6 +123,11 @@ class ExpertNoise:
         if self.process is NoiseProcess.DDPM:
             return torch.ones_like(sigma)
         return SIGMA_DATA / (SIGMA_DATA**2 + sigma**2).sqrt()
+
+    def expert_view(self, corrupted: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Images corrupted at per-image levels ``sigma`` (B,) as the expert sees them, in training and in
+        alignment alike."""
+        return corrupted * self.input_scale(sigma.float()).to(corrupted).reshape(-1, *[1] * (corrupted.ndim - 1))
 
     def check_serves(self, other: ExpertNoise) -> None:
         """Refuse an expert trained on another process; warn where the diffusion model's VE range exceeds it."""

@@ -107,7 +107,7 @@ class FrozenExpert(nn.Module):
         """Features of images in [-1, 1]; a noise-aware expert scales images corrupted at levels ``sigma`` (B,) as
         it was trained to see them."""
         if self.noise is not None and sigma is not None:
-            images = images * self.noise.input_scale(sigma.float()).reshape(-1, *[1] * (images.ndim - 1))
+            images = self.noise.expert_view(images, sigma)
         return self.encoder(images.float() / 2 + 0.5)
 
 
@@ -218,8 +218,8 @@ class FeatureAligner:
         if expert.noise is not None:
             expert.noise.check_serves(model_noise)
             if expert.image_size not in (None, resolution):
-                logger.warning(f"the noise-aware expert was trained at {expert.image_size} px but sees {resolution} px "
-                               f"images: resizing changes the noise it learned; train it at {resolution} px")
+                logger.warning(f"the noise-aware expert was trained at {expert.image_size} px but sees {resolution} "
+                               f"px images: resizing changes the noise it learned; train it at {resolution} px")
         else:
             logger.warning("the alignment expert was trained on clean images only: its features of strongly noised "
                            "inputs are noise; train it with --noise_augment to align where it is informative")
