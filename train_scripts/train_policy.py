@@ -100,7 +100,7 @@ def main(args: argparse.Namespace) -> AlignmentPolicy:
             raise ValueError("the selector accepted no training sample: stage 2 has nothing to learn from")
         train_rows = train_rows[accepted.numpy()]
     policy = build_policy(args, images, prompts)
-    scores = torch.tensor([normalised(int(r)) for r in ratings])
+    scores = normalised(ratings.float())
     dataset = [(images[i], prompts[i], scores[i]) for i in train_rows]
 
     def collate(rows):

@@ -22,6 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from medsyn.rlhf.fitting import fit_on_minibatches
+
 HEAD_FILE = "policy_head.safetensors"
 CONFIG_FILE = "policy_config.json"
 
@@ -118,20 +120,13 @@ def train_policy(policy: AlignmentPolicy, images: torch.Tensor, prompts: list[st
     returns the mean reward per step. ``use_baseline``: the leave-one-out baseline (stage 2)."""
     if not len(images) == len(prompts) == len(match_scores) or len(images) == 0:
         raise ValueError(f"{len(images)} images, {len(prompts)} prompts and {len(match_scores)} ratings")
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=learning_rate)
-    mean_rewards = []
-    policy.train()
-    for _ in range(steps):
-        batch = torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)
-        loss, reward = policy_step_loss(policy, images[batch], [prompts[i] for i in batch], match_scores[batch],
+
+    def batch_loss(rows, generator):
+        loss, reward = policy_step_loss(policy, images[rows], [prompts[i] for i in rows], match_scores[rows],
                                         use_baseline, generator)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        mean_rewards.append(reward.item())
-    policy.eval()
-    return mean_rewards
+        return loss, reward.item()
+
+    return fit_on_minibatches(policy, len(images), steps, batch_loss, learning_rate, batch_size, seed)
 
 
 def train_policy_two_stages(policy: AlignmentPolicy, images: torch.Tensor, prompts: list[str],

@@ -73,12 +73,13 @@ def create_rating_app(images: list[ImageToRate], ratings: RatingsFile, model: st
     def rate(request: RatingRequest) -> dict:
         shown = image(request.index)
         with lock:
-            if request.index in rated(request.rater, request.aspect):
+            done = rated(request.rater, request.aspect)
+            if request.index in done:
                 raise HTTPException(409, f"{request.rater} has already rated image {request.index} "
                                          f"for {request.aspect.value}; undo it first")
             saved = ratings.append(Rating(image=shown.digest, prompt=shown.prompt, rating=request.rating,
                                           rater=request.rater, aspect=request.aspect, path=shown.source, model=model))
-        return {"id": saved.id, "rated": len(rated(request.rater, request.aspect)), "total": len(images)}
+        return {"id": saved.id, "rated": len(done) + 1, "total": len(images)}
 
     @app.post("/api/undo")
     def undo(request: UndoRequest) -> dict:

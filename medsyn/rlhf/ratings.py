@@ -40,8 +40,8 @@ def image_digest(pixels: np.ndarray) -> str:
     return "sha256:" + hashlib.sha256(str(pixels.shape).encode() + pixels.tobytes()).hexdigest()
 
 
-def normalised(rating: int) -> float:
-    """A 1-3 rating on [0, 1]: 1 -> 0, 2 -> 0.5, 3 -> 1."""
+def normalised(rating):
+    """A 1-3 rating (a number, or a float tensor of them) on [0, 1]: 1 -> 0, 2 -> 0.5, 3 -> 1."""
     return (rating - RATING_SCALE[0]) / (RATING_SCALE[-1] - RATING_SCALE[0])
 
 

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torchmetrics.functional import spearman_corrcoef
 from transformers import ViTConfig, ViTForImageClassification
 
-from medsyn.rlhf.ratings import RATING_SCALE
+from medsyn.rlhf.fitting import fit_on_minibatches
+from medsyn.rlhf.ratings import RATING_SCALE, normalised
 
 SELECTOR_ARCHITECTURE = dict(patch_size=16, hidden_size=768, num_attention_heads=12, num_hidden_layers=6,
                              intermediate_size=3072)
@@ -29,19 +30,23 @@ def selector_config(image_size: int, channels: int, **overrides) -> ViTConfig:
     return ViTConfig(image_size=image_size, num_channels=channels, num_labels=1, **settings)
 
 
+def _logits(model: ViTForImageClassification, images: torch.Tensor) -> torch.Tensor:
+    """The selector's logit per image (N,) of images (N, C, H, W) in [0, 1] (uint8 is divided by 255)."""
+    images = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    return model(pixel_values=images * 2 - 1).logits[:, 0]
+
+
 def selector_scores(model: ViTForImageClassification, images: torch.Tensor) -> torch.Tensor:
     """Predicted ratings on [0, 1] of images (N, C, H, W) in [0, 1] (uint8 is divided by 255)."""
-    images = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    return torch.sigmoid(model(pixel_values=images * 2 - 1).logits[:, 0])
+    return torch.sigmoid(_logits(model, images))
 
 
 def selector_loss(model: ViTForImageClassification, images: torch.Tensor, ratings: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy of the predicted rating against the normalised 1-3 ``ratings`` of images in [0, 1]."""
     if not torch.isin(ratings.cpu(), torch.tensor(RATING_SCALE)).all():
         raise ValueError(f"ratings must be in {list(RATING_SCALE)}, got {sorted(set(ratings.tolist()))}")
-    targets = (ratings.float() - RATING_SCALE[0]) / (RATING_SCALE[-1] - RATING_SCALE[0])
-    logits = model(pixel_values=images.float() * 2 - 1).logits[:, 0]
-    return F.binary_cross_entropy_with_logits(logits.float(), targets.to(logits.device))
+    logits = _logits(model, images)
+    return F.binary_cross_entropy_with_logits(logits.float(), normalised(ratings.float()).to(logits.device))
 
 
 def fit_selector(model: ViTForImageClassification, images: torch.Tensor, ratings: torch.Tensor, steps: int,
@@ -53,20 +58,12 @@ def fit_selector(model: ViTForImageClassification, images: torch.Tensor, ratings
     ratings = torch.as_tensor(ratings)
     if len(images) != len(ratings) or len(images) == 0:
         raise ValueError(f"{len(images)} images for {len(ratings)} ratings")
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        batch = torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)
-        images_in = images[batch].float() / 255.0 if images.dtype == torch.uint8 else images[batch].float()
-        loss = selector_loss(model, images_in, ratings[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    model.eval()
-    return losses
+
+    def batch_loss(rows, generator):
+        loss = selector_loss(model, images[rows], ratings[rows])
+        return loss, loss.item()
+
+    return fit_on_minibatches(model, len(images), steps, batch_loss, learning_rate, batch_size, seed)
 
 
 def accept_threshold(scores: torch.Tensor, ratings: torch.Tensor) -> float:
