@@ -92,7 +92,7 @@ def main(args: argparse.Namespace) -> AlignmentPolicy:
     if args.stage == 2:
         from transformers import ViTForImageClassification
 
-        selector = ViTForImageClassification.from_pretrained(args.selector).eval()
+        selector = ViTForImageClassification.from_pretrained(args.selector).to(accelerator.device).eval()
         with torch.no_grad():
             accepted = selector_scores(selector, images[train_rows]) >= selector.config.accept_threshold
         logger.info(f"the selector accepts {int(accepted.sum())} of {len(train_rows)} training samples")
@@ -125,8 +125,7 @@ def main(args: argparse.Namespace) -> AlignmentPolicy:
 
     policy = accelerator.unwrap_model(policy).eval()
     if accelerator.is_main_process:
-        with torch.no_grad():
-            predicted = policy(images[held_out_rows], [prompts[i] for i in held_out_rows]).cpu()
+        predicted = policy.predict(images[held_out_rows], [prompts[i] for i in held_out_rows])
         truth = ratings[held_out_rows]
         metrics = {"stage": args.stage, "match_accuracy": float(((predicted > 0.5) == (truth > 2)).double().mean()),
                    "spearman": selector_metrics(predicted, truth)["spearman"], "count": len(held_out_rows),

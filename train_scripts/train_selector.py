@@ -88,11 +88,9 @@ def main(args: argparse.Namespace) -> ViTForImageClassification:
     model = accelerator.unwrap_model(model).eval()
     if accelerator.is_main_process:
         with torch.no_grad():
-            device = accelerator.device
-            threshold = accept_threshold(selector_scores(model, images[train_rows].to(device)).cpu(),
-                                         ratings[train_rows])
-            metrics = selector_metrics(selector_scores(model, images[held_out_rows].to(device)).cpu(),
-                                       ratings[held_out_rows], threshold)
+            threshold = accept_threshold(selector_scores(model, images[train_rows]), ratings[train_rows])
+            metrics = selector_metrics(selector_scores(model, images[held_out_rows]), ratings[held_out_rows],
+                                       threshold)
         logger.info(f"held out: rating accuracy {metrics['rating_accuracy']:.3f}, Spearman {metrics['spearman']:.3f}")
         save_selector(args, accelerator, model, threshold, metrics, len(train_rows), len(set(digests)), result)
     accelerator.end_training()

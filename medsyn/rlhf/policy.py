@@ -58,6 +58,14 @@ class AlignmentPolicy(nn.Module):
                                           attention_mask=tokens["attention_mask"]).last_hidden_state[:, 0]
         return torch.sigmoid(self.head(torch.cat([image_features, text_features], dim=1))[:, 0])
 
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """Match probabilities (N,) on the CPU, ``batch_size`` images at a time."""
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
+        return torch.cat([self(images[start : start + batch_size], prompts[start : start + batch_size]).cpu()
+                          for start in range(0, len(images), batch_size)])
+
     def save_pretrained(self, folder: str | Path) -> None:
         """image_encoder/, text_encoder/ and tokenizer/ as transformers folders, the head as safetensors."""
         folder = Path(folder)

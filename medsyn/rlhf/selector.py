@@ -36,9 +36,11 @@ def _logits(model: ViTForImageClassification, images: torch.Tensor) -> torch.Ten
     return model(pixel_values=images * 2 - 1).logits[:, 0]
 
 
-def selector_scores(model: ViTForImageClassification, images: torch.Tensor) -> torch.Tensor:
-    """Predicted ratings on [0, 1] of images (N, C, H, W) in [0, 1] (uint8 is divided by 255)."""
-    return torch.sigmoid(_logits(model, images))
+def selector_scores(model: ViTForImageClassification, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Predicted ratings on [0, 1] (N,), on the CPU, of images (N, C, H, W) in [0, 1] (uint8 is divided by 255),
+    ``batch_size`` at a time on the model's device."""
+    device = next(model.parameters()).device
+    return torch.cat([torch.sigmoid(_logits(model, batch.to(device))).cpu() for batch in images.split(batch_size)])
 
 
 def selector_loss(model: ViTForImageClassification, images: torch.Tensor, ratings: torch.Tensor) -> torch.Tensor:
