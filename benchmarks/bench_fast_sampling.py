@@ -137,6 +137,9 @@ def main() -> None:
                         help="NFE budgets per image (guidance counted)")
     parser.add_argument("--langevin-seeds", type=int, default=3, help="seeds of the Langevin yardstick")
     parser.add_argument("--deterministic-heun", action="store_true", help="also EDM Heun without churn")
+    parser.add_argument("--samplers", nargs="+", metavar="NAME",
+                        help="only the samplers whose name contains one of these (case-insensitive), e.g. "
+                             "'Heun' 'DPM' 'Langevin': the expensive large-sample rows without the whole grid")
     parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance weight")
     parser.add_argument("--real-train", help="NPZ of the model's training split (the probe learns from it)")
     parser.add_argument("--real-test", help="NPZ of held-out real images of the same classes")
@@ -193,6 +196,8 @@ def main() -> None:
             settings = ddpm_settings(pipe.scheduler.config, args.nfe)
         else:
             settings = score_settings(pipe.scheduler.config, args.nfe, args.deterministic_heun)
+        if args.samplers:
+            settings = [s for s in settings if any(n.lower() in s.sampler.lower() for n in args.samplers)]
         for setting in settings:
             seeds = range(args.langevin_seeds) if setting.sampler == LANGEVIN else [0]
             results = []

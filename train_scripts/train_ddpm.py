@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 from accelerate.logging import get_logger
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 from PIL import Image
@@ -43,7 +42,7 @@ from medsyn.training.class_conditional import (
     drop_labels,
     labelled_dataloader,
 )
-from medsyn.training.denoising_loss import denoising_loss, offset_noise
+from medsyn.training.denoising_loss import denoising_loss, noised_with_target
 from medsyn.training.loop import TrainingResult, TrainingRun, run_card_fields, training_loop
 from medsyn.training.script_args import (
     add_data_arguments,
@@ -138,14 +137,8 @@ def main(args: argparse.Namespace) -> UNet2DModel:
         if args.augment:
             clean = random_affine(clean, generator=step.generator)
         labels = drop_labels(batch["labels"], null_label, args.label_drop_rate, step.generator)
-        noise = torch.randn(clean.shape, generator=step.generator, device=clean.device)
-        if args.noise_offset:
-            noise = offset_noise(noise, args.noise_offset, step.generator)
-        timesteps = torch.randint(0, num_timesteps, (clean.shape[0],), generator=step.generator, device=clean.device)
-        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+        noisy, timesteps, target = noised_with_target(noise_scheduler, clean, step.generator, args.noise_offset)
         prediction = unet(noisy, timesteps, class_labels=labels).sample
-        target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
-            noise_scheduler.get_velocity(clean, noise, timesteps)
         return {"loss": denoising_loss(prediction, target, timesteps, noise_scheduler, args.snr_gamma)}
 
     def validate(step):

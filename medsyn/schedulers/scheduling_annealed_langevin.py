@@ -125,6 +125,15 @@ class AnnealedLangevinScheduler(EvaluationSchedule, SchedulerMixin, ConfigMixin)
                 self.config.sigma_max, self.config.sigma_min, num_levels, n_steps_each)
         return cache[num_levels, n_steps_each]
 
+    def step_eta(self, sigma: float) -> float:
+        """eta_i = alpha * sigma_i^2 / sigma_L^2, the step size of a Langevin step at level ``sigma`` in this
+        schedule: the step is N(x + eta s, 2 eta I)."""
+        return self.step_size * (float(sigma) / self.config.sigma_min) ** 2
+
+    def is_final_denoise(self, step_index: int) -> bool:
+        """Whether step ``step_index`` of the schedule is the last, noise-free Tweedie step."""
+        return self.config.denoise_final and step_index == len(self.timesteps) - 1
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -146,11 +155,10 @@ class AnnealedLangevinScheduler(EvaluationSchedule, SchedulerMixin, ConfigMixin)
         sigma = float(timestep)
         score = model_output.to(sample.dtype)
         pred_original_sample = sample + sigma**2 * score
-        is_final_denoise = self.config.denoise_final and self._step_index == len(self.timesteps) - 1
-        if is_final_denoise:
+        if self.is_final_denoise(self._step_index):
             prev_sample = pred_original_sample
         else:
-            eta = self.step_size * (sigma / self.config.sigma_min) ** 2
+            eta = self.step_eta(sigma)
             noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
             prev_sample = sample + eta * score + math.sqrt(2.0 * eta) * noise
         self._step_index += 1

@@ -38,3 +38,18 @@ def offset_noise(noise: torch.Tensor, offset: float, generator: torch.Generator 
     """``noise`` plus ``offset`` x N(0, 1) drawn once per image and channel (constant over the pixels)."""
     shift = torch.randn((*noise.shape[:2], *[1] * (noise.ndim - 2)), generator=generator, device=noise.device)
     return noise + offset * shift.to(noise.dtype)
+
+
+def noised_with_target(noise_scheduler, clean: torch.Tensor, generator: torch.Generator | None,
+                       noise_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ho et al.'s training pair: a uniform timestep per image, the image noised to it, and what the network
+    predicts there (the noise, or v for v-prediction). Returns ``(noisy, timesteps, target)``."""
+    noise = torch.randn(clean.shape, generator=generator, device=clean.device)
+    if noise_offset:
+        noise = offset_noise(noise, noise_offset, generator)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator,
+                              device=clean.device)
+    noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+    target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
+        noise_scheduler.get_velocity(clean, noise, timesteps)
+    return noisy, timesteps, target
