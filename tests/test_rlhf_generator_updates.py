@@ -32,9 +32,9 @@ def generators(seeds) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
-def tiny_ddpm(num_train_timesteps: int = 1000) -> ClassConditionalDDPMPipeline:
+def tiny_ddpm(num_train_timesteps: int = 1000, sample_size: int = 8) -> ClassConditionalDDPMPipeline:
     torch.manual_seed(0)
-    unet = UNet2DModel(**ddpm_unet_config(sample_size=8, in_channels=1, num_classes=2, base_channels=8,
+    unet = UNet2DModel(**ddpm_unet_config(sample_size=sample_size, in_channels=1, num_classes=2, base_channels=8,
                                           channel_mult=(1, 2), layers_per_block=1, norm_num_groups=4))
     scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, clip_sample=False)
     pipe = ClassConditionalDDPMPipeline(unet.eval(), scheduler, class_names=["dark", "bright"])

@@ -1,0 +1,114 @@
+"""train_rlhf.py: rounds of generate -> rate -> selector -> update -> evaluate, resumed exactly after a crash,
+and paused for people to rate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from medsyn.pipelines import load_pipeline
+from medsyn.rlhf.chain import DDIMChain
+from medsyn.rlhf.ratings import Rating, RatingsFile, image_digest
+from medsyn.rlhf.reward_weighted import reward_weighted_update
+from medsyn.train_scripts import train_rlhf
+
+from .test_rlhf_generator_updates import tiny_ddpm
+
+
+def brightness_rater(images: torch.Tensor, prompts: list[str]) -> list[int]:
+    """A toy rater: 3 for bright images, 2 for middling, 1 for dark (the loop's ``--rater module:function``)."""
+    brightness = images.flatten(1).mean(1)
+    return (1 + (brightness > 0.45).long() + (brightness > 0.6).long()).tolist()
+
+
+@pytest.fixture(scope="module")
+def generator_folder(tmp_path_factory) -> str:
+    """A tiny DDPM (16 px: MS-SSIM's smallest) trained briefly on flat images of every brightness, saved as a
+    pipeline folder."""
+    pipe = tiny_ddpm(sample_size=16)
+    generator = torch.Generator().manual_seed(0)
+    levels = torch.rand(512, 1, 1, 1, generator=generator) * 1.6 - 0.8
+    images = (levels + 0.05 * torch.randn(512, 1, 16, 16, generator=generator)).clamp(-1, 1)
+    pipe.unet.requires_grad_(True)
+    reward_weighted_update(DDIMChain(pipe, guidance_scale=1.0), images, torch.arange(512) % 2, torch.ones(512),
+                           updates=100, batch_size=32, learning_rate=2e-3, pretrain_weight=0.0)
+    folder = tmp_path_factory.mktemp("rlhf") / "ddpm"
+    pipe.unet.requires_grad_(False)
+    pipe.save_pretrained(folder)
+    return str(folder)
+
+
+def rlhf_args(generator_folder: str, output_dir, *extra: str):
+    return train_rlhf.parse_args([
+        "--pretrained_model_name_or_path", generator_folder, "--output_dir", str(output_dir),
+        "--pool_per_class", "12", "--held_out_per_class", "6", "--num_inference_steps", "4",
+        "--guidance_scale", "1.0", "--selector_patch_size", "4", "--selector_hidden_size", "16",
+        "--selector_num_attention_heads", "2", "--selector_num_hidden_layers", "1",
+        "--selector_intermediate_size", "32", "--selector_steps", "30", "--selector_learning_rate", "1e-3",
+        "--updates_per_round", "6", "--update_batch_size", "8", "--learning_rate", "3e-3", "--lora_rank", "4",
+        "--report_to", "none", *extra])
+
+
+def without_timing(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in metrics.items() if k != "update_seconds"} for metrics in history]
+
+
+def test_rounds_run_rate_and_resume_exactly_after_a_crash(generator_folder, tmp_path):
+    rater = ["--rater", "tests.test_train_rlhf:brightness_rater"]
+    whole = train_rlhf.main(rlhf_args(generator_folder, tmp_path / "whole", "--rounds", "2", *rater))
+    assert [m["round"] for m in whole] == [0, 1, 2]
+    for metrics in whole:
+        assert set(metrics["mean_rating_per_class"]) == {"dark", "bright"}
+        assert 1 <= metrics["mean_rating"] <= 3 and 0 <= metrics["ms_ssim"] <= 1
+        assert len(metrics["ratings"]) == 12
+    for metrics in whole[1:]:
+        assert 0 <= metrics["held_out_accept_rate"] <= 1 and "kl_to_round_start" in metrics
+    round_two = tmp_path / "whole" / "round-002"
+    assert load_pipeline(round_two / "generator").unet.__class__.__name__ == "UNet2DModel"  # LoRA merged
+    ratings = RatingsFile(round_two / "ratings.jsonl").ratings()
+    assert len(ratings) == 24 and {r.rater for r in ratings} == {"tests.test_train_rlhf:brightness_rater"}
+    saved = json.loads((tmp_path / "whole" / "rounds.json").read_text())
+    assert without_timing(saved["rounds"]) == without_timing(whole)
+
+    # A run stopped after round 1, then one killed in round 2 after its selector, each started again.
+    resumed = tmp_path / "resumed"
+    train_rlhf.main(rlhf_args(generator_folder, resumed, "--rounds", "1", *rater))
+    train_rlhf.main(rlhf_args(generator_folder, resumed, "--rounds", "2", *rater))
+    shutil.rmtree(resumed / "round-002" / "generator")
+    (resumed / "round-002" / "metrics.json").unlink()
+    (resumed / "round-002" / "generator.partial").mkdir()  # what a kill during the save leaves
+    torch.manual_seed(12345)  # a fresh process's global generator is not where the killed one's was
+    again = train_rlhf.main(rlhf_args(generator_folder, resumed, "--rounds", "2", *rater))
+    assert without_timing(again) == without_timing(whole)
+    assert len(RatingsFile(resumed / "round-002" / "ratings.jsonl").ratings()) == 24  # nothing rated twice
+
+
+def test_without_a_rater_a_round_waits_for_people(generator_folder, tmp_path, caplog):
+    history = train_rlhf.main(rlhf_args(generator_folder, tmp_path, "--rounds", "1"))
+    assert [m["round"] for m in history] == [0] and "mean_rating" not in history[0]
+    pool = tmp_path / "round-001" / "pool.npz"
+    assert "medsyn rate --images" in caplog.text and str(pool) in caplog.text
+    with np.load(pool) as data:
+        images, captions = data["images"], list(data["captions"])
+    ratings = RatingsFile(tmp_path / "round-001" / "ratings.jsonl")
+    for pixels, caption in zip(images, captions):
+        ratings.append(Rating(image_digest(pixels), str(caption), 3 if pixels.mean() > 140 else 1, "dr-a"))
+    history = train_rlhf.main(rlhf_args(generator_folder, tmp_path, "--rounds", "1"))
+    assert [m["round"] for m in history] == [0, 1] and (tmp_path / "round-001" / "generator").is_dir()
+
+
+def test_bad_arguments_are_named(generator_folder, tmp_path):
+    with pytest.raises(SystemExit):
+        rlhf_args(generator_folder, tmp_path, "--rater", "a:b", "--stand_in_rater", "expert")
+    with pytest.raises(SystemExit):
+        rlhf_args(generator_folder, tmp_path, "--update", "reward_weighted")
+    real = tmp_path / "real.npz"
+    np.savez(real, images=np.zeros((4, 16, 16), np.uint8), labels=np.zeros(4, int), class_names=np.array(["x", "y"]))
+    with pytest.raises(ValueError, match="has classes"):
+        train_rlhf.main(rlhf_args(generator_folder, tmp_path / "out", "--real_images", str(real)))
+    with pytest.raises(ValueError, match="module:function|cannot import"):
+        train_rlhf.main(rlhf_args(generator_folder, tmp_path / "out", "--rater", "no_such_module_x:f"))

@@ -1,0 +1,385 @@
+"""Improve a class-conditional generator with expert ratings (MINIM-style RLHF): rounds of generate, rate, train
+the selector, update the generator, evaluate.
+
+    # unattended, with the stand-in rater built from an expert classifier (train_expert.py):
+    accelerate launch train_scripts/train_rlhf.py --pretrained_model_name_or_path ddpm-brain \\
+        --stand_in_rater brain-expert --rounds 3 --update policy_gradient --output_dir rlhf-brain
+    # with people: no rater; each round stops after writing its pool, to be rated with
+    medsyn rate --images rlhf-brain/round-001/pool.npz --ratings rlhf-brain/round-001/ratings.jsonl
+    # then the same command again continues the round.
+
+The generator is a class-conditional pixel DDPM (sampled by DDIM with ``--eta``) or a score model (annealed
+Langevin); the prompt of class c is ``--prompt_template`` with its name. Each round: a pool of ``--pool_per_class``
+images per class from the current generator; one rating per image (``--rater module:function`` or the stand-in, or
+people through the ratings file); a selector trained on them (``train_selector.py``); the generator updated by
+``--update`` (reward-weighted fine-tuning or DDPO's policy gradient; LoRA unless ``--lora_rank 0``); then the same
+held-out classes and seeds every round, rated and measured (``metrics.json`` per round, ``rounds.json``,
+tensorboard).
+
+Every stage writes its result atomically (a temporary name, then a rename) and is skipped when its result is there;
+its randomness is keyed by (``--seed``, round), so a run killed at any point and started again ends where an
+uninterrupted one would. Round 0 holds the starting model's metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import time
+from enum import StrEnum
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from transformers import ViTForImageClassification
+
+from medsyn.pipelines import load_pipeline
+from medsyn.rlhf.chain import SamplingChain, sampling_chain
+from medsyn.rlhf.policy_gradient import kl_to_reference, policy_gradient_update
+from medsyn.rlhf.raters import ClassifierStandInRater, checked_ratings, load_rater
+from medsyn.rlhf.ratings import Aspect, Rating, RatingsFile, image_digest
+from medsyn.rlhf.reward_weighted import reward_weighted_update, reward_weights
+from medsyn.rlhf.rewards import accepted_by, generator_rewards
+from medsyn.rlhf.selector import SELECTOR_ARCHITECTURE
+from medsyn.seeding import keyed_generator
+from medsyn.training.lora import merged, with_lora
+from medsyn.validation import DefaultsShown, count_argument, number_argument
+
+logger = logging.getLogger(__name__)
+
+#: Seeds of the held-out evaluation images live apart from every round's pool seeds.
+HELD_OUT_KEY = -1
+
+
+class UpdateMethod(StrEnum):
+    REWARD_WEIGHTED = "reward_weighted"
+    POLICY_GRADIENT = "policy_gradient"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsShown)
+    parser.add_argument("--pretrained_model_name_or_path", type=str, required=True,
+                        help="The class-conditional DDPM or score-Langevin pipeline to improve.")
+    parser.add_argument("--output_dir", type=str, default="medsyn-rlhf")
+    parser.add_argument("--rounds", type=count_argument(), default=3)
+    parser.add_argument("--seed", type=int, default=0)
+
+    sampling = parser.add_argument_group("sampling (the policy)")
+    sampling.add_argument("--pool_per_class", type=count_argument(), default=32, help="Rated images per class a round.")
+    sampling.add_argument("--held_out_per_class", type=count_argument(), default=16,
+                          help="Evaluation images per class, the same seeds every round.")
+    sampling.add_argument("--prompt_template", type=str, default="{class_name}",
+                          help="The prompt of a class, as the raters and the ratings file see it.")
+    sampling.add_argument("--guidance_scale", type=number_argument(0), default=2.0)
+    sampling.add_argument("--num_inference_steps", type=count_argument(2), default=None,
+                          help="DDIM steps (default 20) or Langevin levels (default: the trained schedule).")
+    sampling.add_argument("--eta", type=number_argument(0, exclusive=True), default=1.0,
+                          help="DDIM's stochasticity for a DDPM (1: DDPM's ancestral steps).")
+    sampling.add_argument("--batch_size", type=count_argument(), default=64, help="Chains sampled at once.")
+
+    rating = parser.add_argument_group("rating (one of them, or neither for people)")
+    rating.add_argument("--rater", type=str, default=None,
+                        help="module:function, a callable (images (N, C, H, W) in [0, 1], prompts) -> ratings 1-3.")
+    rating.add_argument("--stand_in_rater", type=str, default=None,
+                        help="An expert classifier folder (train_expert.py): the stand-in rater built from it. Its "
+                             "ratings are a stand-in for experts', never a substitute.")
+
+    selector = parser.add_argument_group("selector (default: the paper's ViT)")
+    for name, value in SELECTOR_ARCHITECTURE.items():
+        selector.add_argument(f"--selector_{name}", type=count_argument(), default=value)
+    selector.add_argument("--selector_steps", type=count_argument(), default=300)
+    selector.add_argument("--selector_learning_rate", type=number_argument(0, exclusive=True), default=1e-4)
+
+    update = parser.add_argument_group("generator update")
+    update.add_argument("--update", type=UpdateMethod, default=UpdateMethod.POLICY_GRADIENT,
+                        choices=list(UpdateMethod), help="Reward-weighted fine-tuning, or DDPO's policy gradient.")
+    update.add_argument("--updates_per_round", type=count_argument(), default=50, help="Optimiser steps a round.")
+    update.add_argument("--update_batch_size", type=count_argument(), default=16)
+    update.add_argument("--learning_rate", type=number_argument(0, exclusive=True), default=3e-4)
+    update.add_argument("--lora_rank", type=count_argument(0), default=8, help="0: update every weight.")
+    update.add_argument("--kl_weight", type=number_argument(0), default=0.01,
+                        help="Policy gradient: the KL guard's weight (KL to the round's starting generator).")
+    update.add_argument("--clip_range", type=number_argument(0, exclusive=True), default=1.0,
+                        help="Policy gradient: PPO's ratio clip.")
+    update.add_argument("--steps_per_update", type=count_argument(), default=None,
+                        help="Policy gradient: chain steps per optimiser step (default: all).")
+    update.add_argument("--real_images", type=str, default=None,
+                        help="An .npz of real training images (images, labels, class_names): mixed into reward-weighted "
+                             "fine-tuning and the Frechet distance's reference.")
+    update.add_argument("--pretrain_weight", type=number_argument(0), default=1.0,
+                        help="Reward-weighted: the weight of the real images' loss (needs --real_images).")
+    parser.add_argument("--report_to", type=str, default="tensorboard", help="Tracker: tensorboard, wandb or none.")
+
+    args = parser.parse_args(argv)
+    if args.rater and args.stand_in_rater:
+        parser.error("--rater and --stand_in_rater are alternatives: give one")
+    if args.update == UpdateMethod.REWARD_WEIGHTED and args.pretrain_weight > 0 and not args.real_images:
+        parser.error("reward-weighted fine-tuning mixes in real images: give --real_images or --pretrain_weight 0")
+    return args
+
+
+def atomic_json(path: Path, payload: dict) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(payload, indent=2))
+    os.replace(partial, path)
+
+
+def build_rater(args):
+    """The rater callable and its id, or (None, None) when people rate."""
+    if args.stand_in_rater:
+        from medsyn.evaluation.generation_accuracy import ExpertClassifier
+
+        rater = ClassifierStandInRater(ExpertClassifier.from_pretrained(args.stand_in_rater))
+        return rater, rater.rater_id
+    if args.rater:
+        return load_rater(args.rater), args.rater
+    return None, None
+
+
+def load_real_images(path: str, class_names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real images in [-1, 1] (N, C, H, W) and their labels, in the generator's class order."""
+    with np.load(path, allow_pickle=False) as data:
+        missing = {"images", "labels", "class_names"} - set(data.files)
+        if missing:
+            raise ValueError(f"--real_images {path}: missing arrays {sorted(missing)}")
+        images, labels, names = data["images"], data["labels"], [str(n) for n in data["class_names"]]
+    if names != class_names:
+        raise ValueError(f"--real_images {path} has classes {names}; the generator has {class_names}")
+    if images.dtype != np.uint8:
+        raise ValueError(f"--real_images {path}: expected uint8 images, got {images.dtype}")
+    pixels = torch.from_numpy(images if images.ndim == 4 else images[..., None]).permute(0, 3, 1, 2)
+    return pixels.float() / 127.5 - 1, torch.from_numpy(labels).long()
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] (N, C, H, W) -> uint8 (N, H, W) or (N, H, W, 3), as medsyn generate writes them."""
+    pixels = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return pixels[..., 0] if pixels.shape[-1] == 1 else pixels
+
+
+def sample_chains(chain: SamplingChain, labels: torch.Tensor, seeds: list[tuple[int, ...]], batch_size: int):
+    from medsyn.rlhf.chain import Trajectory
+
+    parts = [chain.sample(labels[i : i + batch_size], [keyed_generator(*s) for s in seeds[i : i + batch_size]])
+             for i in range(0, len(labels), batch_size)]
+    return Trajectory.cat(parts)
+
+
+class Rounds:
+    """The run's folder and what each round's stages need."""
+
+    def __init__(self, args: argparse.Namespace, accelerator: Accelerator):
+        self.args, self.accelerator = args, accelerator
+        self.root = Path(args.output_dir)
+        self.rater, self.rater_id = build_rater(args)
+        start = load_pipeline(args.pretrained_model_name_or_path)
+        self.class_names = start.class_names
+        if not self.class_names:
+            raise ValueError(f"{args.pretrained_model_name_or_path}: RLHF needs a class-conditional model with "
+                             "class names (its prompts)")
+        self.prompts = [args.prompt_template.format(class_name=name) for name in self.class_names]
+        self.real = load_real_images(args.real_images, self.class_names) if args.real_images else None
+        if self.real is not None and tuple(self.real[0].shape[1:]) != tuple(start.sample_shape(1)[1:]):
+            raise ValueError(f"--real_images are {tuple(self.real[0].shape[1:])} (C, H, W); the generator makes "
+                             f"{tuple(start.sample_shape(1)[1:])}")
+        self.fid = None
+
+    def folder(self, round_index: int) -> Path:
+        return self.root / f"round-{round_index:03d}"
+
+    def generator_path(self, round_index: int) -> str:
+        return self.args.pretrained_model_name_or_path if round_index == 0 else str(
+            self.folder(round_index) / "generator")
+
+    def chain(self, round_index: int) -> SamplingChain:
+        pipe = load_pipeline(self.generator_path(round_index)).to(self.accelerator.device)
+        pipe.set_progress_bar_config(disable=True)
+        options = {"eta": self.args.eta} if pipe.__class__.__name__ == "ClassConditionalDDPMPipeline" else {}
+        return sampling_chain(pipe, self.args.guidance_scale, self.args.num_inference_steps, **options)
+
+    def labels_and_seeds(self, per_class: int, key: int) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
+        labels = torch.arange(len(self.class_names)).repeat_interleave(per_class)
+        return labels, [(self.args.seed, key, i) for i in range(len(labels))]
+
+    def rate(self, images: torch.Tensor, labels: torch.Tensor) -> list[int]:
+        return checked_ratings(self.rater, (images / 2 + 0.5).clamp(0, 1), [self.prompts[int(c)] for c in labels])
+
+    # --- the stages -------------------------------------------------------------------------------------------
+
+    def pool(self, r: int):
+        """The round's pool from the generator it starts with: pool.npz (for rating) and its chains."""
+        labels, seeds = self.labels_and_seeds(self.args.pool_per_class, r)
+        chain = self.chain(r - 1)
+        trajectory = sample_chains(chain, labels, seeds, self.args.batch_size)
+        path = self.folder(r) / "pool.npz"
+        if not path.exists():
+            partial = path.with_name("pool.partial.npz")
+            np.savez(partial, images=to_uint8(trajectory.images), labels=labels.numpy(),
+                     class_names=np.array(self.class_names), captions=np.array([self.prompts[c] for c in labels]),
+                     seeds=np.array([s[-1] for s in seeds]))
+            os.replace(partial, path)
+        return chain, trajectory
+
+    def ratings(self, r: int, trajectory) -> bool:
+        """Rate the pool (a rater), or check that people have; False when ratings are still missing."""
+        ratings_file = RatingsFile(self.folder(r) / "ratings.jsonl")
+        pixels = to_uint8(trajectory.images)
+        digests = [image_digest(p) for p in pixels]
+        if self.rater is None:
+            rated = {rating.image for rating in ratings_file.ratings()}
+            missing = sum(d not in rated for d in set(digests))
+            if missing:
+                logger.warning(f"round {r}: {missing} pool images have no rating yet. Rate them with\n  medsyn rate "
+                               f"--images {self.folder(r) / 'pool.npz'} --ratings {ratings_file.path}\nand run this "
+                               "command again.")
+            return not missing
+        done = ratings_file.rated_images(self.rater_id)
+        todo = [i for i, d in enumerate(digests) if d not in done]
+        if todo:
+            given = self.rate(trajectory.images[todo], trajectory.labels[todo])
+            for i, rating in zip(todo, given):
+                ratings_file.append(Rating(digests[i], self.prompts[int(trajectory.labels[i])], rating,
+                                           self.rater_id, Aspect.QUALITY, path=f"pool.npz[{i}]",
+                                           model=self.generator_path(r - 1), seed=i))
+        return True
+
+    def selector(self, r: int) -> ViTForImageClassification:
+        folder = self.folder(r) / "selector"
+        if not folder.exists():
+            from medsyn.train_scripts import train_selector
+
+            partial = folder.with_name("selector.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            shape = [f"--{name}={getattr(self.args, 'selector_' + name)}" for name in SELECTOR_ARCHITECTURE]
+            train_selector.main(train_selector.parse_args([
+                "--ratings", str(self.folder(r) / "ratings.jsonl"), "--images", str(self.folder(r) / "pool.npz"),
+                "--output_dir", str(partial), "--max_train_steps", str(self.args.selector_steps),
+                "--learning_rate", str(self.args.selector_learning_rate), "--seed", str(self.args.seed + r),
+                "--report_to", "none", "--checkpointing_steps", str(10**9), *shape]))
+            os.replace(partial, folder)
+        return ViTForImageClassification.from_pretrained(folder).to(self.accelerator.device).eval()
+
+    def update(self, r: int, chain: SamplingChain, trajectory, selector) -> dict:
+        """The generator after the round's update, saved merged (a plain pipeline) to round/generator."""
+        folder = self.folder(r) / "generator"
+        args = self.args
+        images01 = (trajectory.images / 2 + 0.5).clamp(0, 1)
+        rewards = generator_rewards(images01, [self.prompts[int(c)] for c in trajectory.labels], "selector",
+                                    selector=selector)
+        accepted = accepted_by(selector, images01)
+        summary = {"pool_mean_reward": float(rewards.mean()), "pool_accept_rate": float(accepted.float().mean())}
+        if folder.exists():
+            return summary
+        pipe = chain.pipe
+        if args.lora_rank:
+            pipe.unet = with_lora(pipe.unet, args.lora_rank, seed=args.seed + r)
+        else:
+            pipe.unet.requires_grad_(True)
+            chain.keep_reference()
+        started = time.perf_counter()
+        common = dict(updates=args.updates_per_round, batch_size=args.update_batch_size,
+                      learning_rate=args.learning_rate, seed=args.seed + r)
+        if args.update == UpdateMethod.POLICY_GRADIENT:
+            logged = policy_gradient_update(chain, trajectory, rewards, clip_range=args.clip_range,
+                                            kl_weight=args.kl_weight, steps_per_update=args.steps_per_update,
+                                            **common)
+            summary["kl_to_round_start"] = kl_to_reference(chain, trajectory)
+        else:
+            if not accepted.any():
+                raise ValueError(f"round {r}: the selector accepted none of the pool; nothing to fine-tune on")
+            real_images, real_labels = self.real if self.real is not None else (None, None)
+            logged = reward_weighted_update(chain, trajectory.images, trajectory.labels,
+                                            reward_weights(rewards, accepted), real_images=real_images,
+                                            real_labels=real_labels, pretrain_weight=args.pretrain_weight, **common)
+        summary["update_seconds"] = time.perf_counter() - started
+        summary["last_update"] = logged[-1]
+        pipe.unet = merged(pipe.unet).requires_grad_(False).eval()
+        partial = folder.with_name("generator.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        pipe.save_pretrained(partial)
+        os.replace(partial, folder)
+        return summary
+
+    def evaluate(self, r: int, selector=None, extra: dict | None = None) -> dict:
+        """The held-out images of the round's generator: the rater's mean rating, the selector's acceptance, the
+        Frechet distance to the real images and the per-class MS-SSIM diversity."""
+        from medsyn.metrics.diversity import mean_pairwise_ms_ssim
+
+        labels, seeds = self.labels_and_seeds(self.args.held_out_per_class, HELD_OUT_KEY)
+        images = sample_chains(self.chain(r), labels, seeds, self.args.batch_size).images
+        images01 = (images / 2 + 0.5).clamp(0, 1)
+        metrics = {"round": r, **(extra or {})}
+        if self.rater is not None:
+            ratings = torch.tensor(self.rate(images, labels), dtype=torch.float32)
+            metrics["mean_rating"] = float(ratings.mean())
+            metrics["mean_rating_per_class"] = {name: float(ratings[labels == c].mean())
+                                                for c, name in enumerate(self.class_names)}
+            metrics["ratings"] = ratings.int().tolist()  # per held-out seed, for paired comparisons across rounds
+        if selector is not None:
+            metrics["held_out_accept_rate"] = float(accepted_by(selector, images01).float().mean())
+        if self.real is not None:
+            metrics["frechet_distance"] = self.frechet_distance(images)
+        per_class = [mean_pairwise_ms_ssim(images01[labels == c])[0] for c in range(len(self.class_names))]
+        metrics["ms_ssim"] = float(np.mean(per_class))
+        atomic_json(self.folder(r) / "metrics.json", metrics)
+        return metrics
+
+    def frechet_distance(self, images: torch.Tensor) -> float:
+        """Inception FID of generated images against the real ones (grayscale is repeated to RGB by the port)."""
+        from medsyn.metrics.feature_distances import frechet_distance
+        from medsyn.metrics.inception import FIDInceptionV3
+
+        def features(batch: torch.Tensor) -> torch.Tensor:
+            pixels = ((batch / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+            with torch.no_grad():
+                return torch.cat([self.fid(part) for part in pixels.split(50)]).double()
+
+        if self.fid is None:
+            self.fid = FIDInceptionV3.from_pretrained().eval()
+            self.real_features = features(self.real[0])
+        return frechet_distance(self.real_features, features(images))
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    """Run the rounds not yet done; return every round's metrics (round 0: the starting model)."""
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    accelerator = Accelerator(log_with=None if args.report_to == "none" else args.report_to,
+                              project_dir=args.output_dir)
+    if accelerator.num_processes > 1:
+        raise ValueError("train_rlhf.py runs on one process: launch it without --num_processes (a round's pool "
+                         "and update are small)")
+    rounds = Rounds(args, accelerator)
+    rounds.root.mkdir(parents=True, exist_ok=True)
+    accelerator.init_trackers("rlhf", config={k: str(v) for k, v in vars(args).items()})
+    history = []
+    for r in range(args.rounds + 1):
+        folder = rounds.folder(r)
+        folder.mkdir(exist_ok=True)
+        if (folder / "metrics.json").exists():
+            history.append(json.loads((folder / "metrics.json").read_text()))
+            continue
+        if r == 0:
+            metrics = rounds.evaluate(0)
+        else:
+            chain, trajectory = rounds.pool(r)
+            if not rounds.ratings(r, trajectory):
+                break
+            selector = rounds.selector(r)
+            summary = rounds.update(r, chain, trajectory, selector)
+            metrics = rounds.evaluate(r, selector, summary)
+        history.append(metrics)
+        accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=r)
+        logger.info(f"round {r}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                                               if isinstance(v, float)))
+    atomic_json(rounds.root / "rounds.json", {"rounds": history, "rater": rounds.rater_id,
+                                              "update": str(args.update)})
+    accelerator.end_training()
+    return history
+
+
+if __name__ == "__main__":
+    main(parse_args())
