@@ -108,8 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     update.add_argument("--steps_per_update", type=count_argument(), default=None,
                         help="Policy gradient: chain steps per optimiser step (default: all).")
     update.add_argument("--real_images", type=str, default=None,
-                        help="An .npz of real training images (images, labels, class_names): mixed into reward-weighted "
-                             "fine-tuning and the Frechet distance's reference.")
+                        help="An .npz of real training images (images, labels, class_names): mixed into "
+                             "reward-weighted fine-tuning and the Frechet distance's reference.")
     update.add_argument("--pretrain_weight", type=number_argument(0), default=1.0,
                         help="Reward-weighted: the weight of the real images' loss (needs --real_images).")
     parser.add_argument("--report_to", type=str, default="tensorboard", help="Tracker: tensorboard, wandb or none.")
