@@ -150,18 +150,22 @@ def brightness(images: torch.Tensor) -> torch.Tensor:
     return images.flatten(1).mean(1)
 
 
-@pytest.fixture(scope="module")
-def flat_images_ddpm() -> ClassConditionalDDPMPipeline:
+def trained_on_flat_images(sample_size: int = 8) -> ClassConditionalDDPMPipeline:
     """The tiny DDPM trained briefly on flat images of every brightness in [-0.8, 0.8] (both classes alike), so
     that its samples vary in brightness and a reward for it has something to select."""
-    pipe = tiny_ddpm()
+    pipe = tiny_ddpm(sample_size=sample_size)
     generator = torch.Generator().manual_seed(0)
     levels = torch.rand(512, 1, 1, 1, generator=generator) * 1.6 - 0.8
-    images = (levels + 0.05 * torch.randn(512, 1, 8, 8, generator=generator)).clamp(-1, 1)
+    images = (levels + 0.05 * torch.randn(512, 1, sample_size, sample_size, generator=generator)).clamp(-1, 1)
     pipe.unet.requires_grad_(True)
     reward_weighted_update(DDIMChain(pipe, guidance_scale=1.0), images, torch.arange(512) % 2, torch.ones(512),
                            updates=100, batch_size=32, learning_rate=2e-3, pretrain_weight=0.0)
     return pipe
+
+
+@pytest.fixture(scope="module")
+def flat_images_ddpm() -> ClassConditionalDDPMPipeline:
+    return trained_on_flat_images()
 
 
 def adapted_copy(pipe: ClassConditionalDDPMPipeline) -> tuple[ClassConditionalDDPMPipeline, DDIMChain]:
@@ -232,3 +236,33 @@ def test_bad_inputs_are_named():
         LangevinChain(get_dummy_pipeline(num_classes=None), guidance_scale=1.0)
     with pytest.raises(ValueError, match="generators"):
         chain.sample(torch.tensor([0, 1]), generators([0]))
+
+
+def test_rewards_combine_the_selector_and_the_policy_and_accept_by_the_learned_threshold():
+    from transformers import ViTForImageClassification
+
+    from medsyn.rlhf.rewards import accepted_by, generator_rewards
+    from medsyn.rlhf.selector import selector_config, selector_scores
+
+    torch.manual_seed(0)
+    selector = ViTForImageClassification(selector_config(8, 1, patch_size=4, hidden_size=16, num_attention_heads=2,
+                                                         num_hidden_layers=1, intermediate_size=32)).eval()
+    images = torch.rand(6, 1, 8, 8)
+    prompts = ["dark", "bright"] * 3
+
+    class HalfMatchPolicy:
+        def predict(self, images, prompts, batch_size=64):
+            return torch.tensor([0.5 if p == "dark" else 1.0 for p in prompts])
+
+    scores = selector_scores(selector, images)
+    torch.testing.assert_close(generator_rewards(images, prompts, "selector", selector=selector), scores)
+    torch.testing.assert_close(generator_rewards(images, prompts, "policy", policy=HalfMatchPolicy()),
+                               torch.tensor([0.5, 1.0] * 3))
+    torch.testing.assert_close(generator_rewards(images, prompts, "product", selector, HalfMatchPolicy()),
+                               scores * torch.tensor([0.5, 1.0] * 3))
+    with pytest.raises(ValueError, match="needs a policy"):
+        generator_rewards(images, prompts, "product", selector=selector)
+    with pytest.raises(ValueError, match="accept_threshold"):
+        accepted_by(selector, images)
+    selector.config.accept_threshold = float(scores.median())
+    assert accepted_by(selector, images).tolist() == (scores >= scores.median()).tolist()

@@ -11,12 +11,10 @@ import pytest
 import torch
 
 from medsyn.pipelines import load_pipeline
-from medsyn.rlhf.chain import DDIMChain
 from medsyn.rlhf.ratings import Rating, RatingsFile, image_digest
-from medsyn.rlhf.reward_weighted import reward_weighted_update
 from medsyn.train_scripts import train_rlhf
 
-from .test_rlhf_generator_updates import tiny_ddpm
+from .test_rlhf_generator_updates import trained_on_flat_images
 
 
 def brightness_rater(images: torch.Tensor, prompts: list[str]) -> list[int]:
@@ -27,15 +25,8 @@ def brightness_rater(images: torch.Tensor, prompts: list[str]) -> list[int]:
 
 @pytest.fixture(scope="module")
 def generator_folder(tmp_path_factory) -> str:
-    """A tiny DDPM (16 px: MS-SSIM's smallest) trained briefly on flat images of every brightness, saved as a
-    pipeline folder."""
-    pipe = tiny_ddpm(sample_size=16)
-    generator = torch.Generator().manual_seed(0)
-    levels = torch.rand(512, 1, 1, 1, generator=generator) * 1.6 - 0.8
-    images = (levels + 0.05 * torch.randn(512, 1, 16, 16, generator=generator)).clamp(-1, 1)
-    pipe.unet.requires_grad_(True)
-    reward_weighted_update(DDIMChain(pipe, guidance_scale=1.0), images, torch.arange(512) % 2, torch.ones(512),
-                           updates=100, batch_size=32, learning_rate=2e-3, pretrain_weight=0.0)
+    """The tiny DDPM trained on flat images, at 16 px (MS-SSIM's smallest), saved as a pipeline folder."""
+    pipe = trained_on_flat_images(sample_size=16)
     folder = tmp_path_factory.mktemp("rlhf") / "ddpm"
     pipe.unet.requires_grad_(False)
     pipe.save_pretrained(folder)
