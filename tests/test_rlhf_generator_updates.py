@@ -255,6 +255,7 @@ def test_rewards_combine_the_selector_and_the_policy_and_accept_by_the_learned_t
             return torch.tensor([0.5 if p == "dark" else 1.0 for p in prompts])
 
     scores = selector_scores(selector, images)
+    assert not scores.requires_grad  # scoring keeps no graph of the ViT
     torch.testing.assert_close(generator_rewards(images, prompts, "selector", selector=selector), scores)
     torch.testing.assert_close(generator_rewards(images, prompts, "policy", policy=HalfMatchPolicy()),
                                torch.tensor([0.5, 1.0] * 3))

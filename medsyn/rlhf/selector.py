@@ -36,6 +36,7 @@ def _logits(model: ViTForImageClassification, images: torch.Tensor) -> torch.Ten
     return model(pixel_values=images * 2 - 1).logits[:, 0]
 
 
+@torch.no_grad()
 def selector_scores(model: ViTForImageClassification, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Predicted ratings on [0, 1] (N,), on the CPU, of images (N, C, H, W) in [0, 1] (uint8 is divided by 255),
     ``batch_size`` at a time on the model's device."""
