@@ -267,3 +267,20 @@ def test_rewards_combine_the_selector_and_the_policy_and_accept_by_the_learned_t
         accepted_by(selector, images)
     selector.config.accept_threshold = float(scores.median())
     assert accepted_by(selector, images).tolist() == (scores >= scores.median()).tolist()
+
+
+def test_the_text_guided_chain_is_medisyns_sampler():
+    """MediSyn's latent DDIM chain: at eta -> 0 it is the pipeline's own DDIM sampler, with guidance against the
+    empty caption and the autoencoder's decoding."""
+    from .conftest import DUMMY_CAPTIONS, get_dummy_medisyn_pipeline
+
+    pipe = get_dummy_medisyn_pipeline()
+    prompts = DUMMY_CAPTIONS[:2]
+    near_deterministic = sampling_chain(pipe, guidance_scale=3.0, num_inference_steps=4, prompts=prompts, eta=1e-6)
+    labels = torch.tensor([0, 1, 1])
+    chain_images = near_deterministic.sample(labels, generators([7, 8, 9])).images
+    expected = pipe([prompts[i] for i in labels], guidance_scale=3.0, num_inference_steps=4,
+                    generator=generators([7, 8, 9]), output_type="pt").images
+    torch.testing.assert_close((chain_images / 2 + 0.5).clamp(0, 1), expected, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="prompts"):
+        sampling_chain(pipe, guidance_scale=3.0)

@@ -29,6 +29,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+from medsyn.models.latent_diffusion import encode_prompts, prompt_max_length
 from medsyn.models.score_unet import null_class_label
 from medsyn.schedulers.scheduling_annealed_langevin import AnnealedLangevinScheduler, geometric_sigmas
 from medsyn.training.class_conditional import drop_labels
@@ -82,20 +83,27 @@ class Trajectory:
 
 
 class SamplingChain(ABC):
-    """A class-conditional pipeline's sampler, one Gaussian step at a time.
+    """A conditional pipeline's sampler, one Gaussian step at a time. Each chain's condition is an index ("label"):
+    a class of a class-conditional model, or a prompt of a text-guided one.
 
     Args:
         pipe: the pipeline; its ``unet`` may be wrapped by peft (LoRA).
         guidance_scale: classifier-free guidance weight of the policy.
-        label_drop_rate: the share of null labels in ``denoising_loss`` (keeps guidance's unconditional half
-            trained, as in the original training).
+        label_drop_rate: the share of unconditional samples in ``denoising_loss`` (keeps guidance's unconditional
+            half trained, as in the original training).
     """
 
     def __init__(self, pipe, guidance_scale: float, label_drop_rate: float = 0.1):
-        if null_class_label(pipe.unet) is None:
-            raise ValueError("RLHF on a generator needs a class-conditional unet (its prompts are its classes)")
         self.pipe, self.guidance_scale, self.label_drop_rate = pipe, guidance_scale, label_drop_rate
         self._reference_unet = None
+
+    def sample_shape(self, batch_size: int) -> tuple[int, ...]:
+        """The shape of the chain's state for ``batch_size`` chains (the unet's input)."""
+        return self.pipe.sample_shape(batch_size)
+
+    def to_images(self, state: torch.Tensor) -> torch.Tensor:
+        """The images in [-1, 1] the chain's final state stands for (the state itself in pixel space)."""
+        return state
 
     @property
     def timesteps(self) -> torch.Tensor:
@@ -144,7 +152,7 @@ class SamplingChain(ABC):
         if len(generators) != len(labels):
             raise ValueError(f"{len(generators)} generators for {len(labels)} labels")
         device = self.pipe.device
-        x = randn_tensor(self.pipe.sample_shape(len(labels)), generator=generators, device=device) * self.prior_sigma
+        x = randn_tensor(self.sample_shape(len(labels)), generator=generators, device=device) * self.prior_sigma
         inputs, outputs, indices, log_probs = [], [], [], []
         for index in range(len(self.timesteps)):
             mean, std = self.step_distribution(x, index, labels)
@@ -161,7 +169,7 @@ class SamplingChain(ABC):
         if not inputs:
             raise ValueError("this schedule has no stochastic step: nothing for a policy gradient to act on")
         return Trajectory(labels.cpu(), torch.stack(inputs), torch.stack(outputs), torch.tensor(indices),
-                          torch.stack(log_probs), x.cpu())
+                          torch.stack(log_probs), self.to_images(x).float().cpu())
 
     def step_log_prob(self, trajectory: Trajectory, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(log-probability (B,) of the k-th stochastic step's output under the current model, its mean, std)."""
@@ -169,6 +177,11 @@ class SamplingChain(ABC):
         index = int(trajectory.step_indices[k])
         mean, std = self.step_distribution(trajectory.inputs[k].to(device), index, trajectory.labels)
         return gaussian_log_prob(trajectory.outputs[k].to(device), mean, std), mean, std
+
+
+def check_class_conditional(pipe) -> None:
+    if null_class_label(pipe.unet) is None:
+        raise ValueError("RLHF on this generator needs a class-conditional unet (its prompts are its classes)")
 
 
 class LangevinChain(SamplingChain):
@@ -179,6 +192,7 @@ class LangevinChain(SamplingChain):
     def __init__(self, pipe, guidance_scale: float, num_inference_steps: int | None = None,
                  n_steps_each: int | None = None, label_drop_rate: float = 0.1):
         super().__init__(pipe, guidance_scale, label_drop_rate)
+        check_class_conditional(pipe)
         if not isinstance(pipe.scheduler, AnnealedLangevinScheduler):
             raise ValueError(f"a Langevin chain needs the AnnealedLangevinScheduler, not "
                              f"{type(pipe.scheduler).__name__}")
@@ -213,6 +227,11 @@ class DDIMChain(SamplingChain):
     def __init__(self, pipe, guidance_scale: float, num_inference_steps: int = 20, eta: float = 1.0,
                  label_drop_rate: float = 0.1):
         super().__init__(pipe, guidance_scale, label_drop_rate)
+        self._ddim(num_inference_steps, eta)
+        check_class_conditional(pipe)
+
+    def _ddim(self, num_inference_steps: int, eta: float) -> None:
+        pipe = self.pipe
         if not 0 < eta <= 1:
             raise ValueError(f"eta must be in (0, 1] for a stochastic chain, got {eta}")
         self.eta = eta
@@ -241,12 +260,77 @@ class DDIMChain(SamplingChain):
         return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
 
 
-def sampling_chain(pipe, guidance_scale: float, num_inference_steps: int | None = None, **options) -> SamplingChain:
-    """The chain of a score-Langevin or pixel-DDPM pipeline."""
-    from medsyn.pipelines import ClassConditionalDDPMPipeline, ScoreLangevinPipeline
+class TextLatentDDIMChain(DDIMChain):
+    """DDIM with ``eta`` > 0 in the latent space of a text-guided model (``MediSynPipeline``); label i is
+    ``prompts[i]``. Guidance is against the empty caption, as the pipeline's default; the chain's final latents are
+    decoded by the autoencoder into the images that are rated."""
+
+    def __init__(self, pipe, prompts: list[str], guidance_scale: float, num_inference_steps: int = 20,
+                 eta: float = 1.0, label_drop_rate: float = 0.1):
+        SamplingChain.__init__(self, pipe, guidance_scale, label_drop_rate)
+        if pipe.vae is None or pipe.unet is None:
+            raise ValueError("a text-guided chain needs the pipeline's vae and unet")
+        if not prompts:
+            raise ValueError("a text-guided chain needs its prompts")
+        self._ddim(num_inference_steps, eta)
+        self.prompts = list(prompts)
+        with torch.no_grad():  # every prompt's token states once, the empty caption last
+            self.states, self.masks = encode_prompts(pipe.text_encoder, pipe.tokenizer, self.prompts + [""],
+                                                     prompt_max_length(pipe.tokenizer, pipe.text_encoder), pipe.device)
+
+    def sample_shape(self, batch_size: int) -> tuple[int, ...]:
+        side = self.pipe.unet.config.sample_size
+        return (batch_size, self.pipe.unet.config.in_channels, side, side)
+
+    def to_images(self, state: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.pipe.decode_latents(state)
+
+    def _context(self, labels: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token states and masks of each chain's prompt (label ``len(prompts)`` is the empty caption)."""
+        labels = labels.to(self.states.device)
+        return self.states[labels].to(device), self.masks[labels].to(device)
+
+    def guided(self, sample: torch.Tensor, t, labels: torch.Tensor) -> torch.Tensor:
+        unet = self.pipe.unet
+        if self.guidance_scale == 1.0:
+            context, mask = self._context(labels, sample.device)
+            return unet(sample, t, encoder_hidden_states=context, encoder_attention_mask=mask,
+                        return_dict=False)[0].float()
+        empty = torch.full_like(labels, len(self.prompts))
+        context, mask = self._context(torch.cat([labels.cpu(), empty.cpu()]), sample.device)
+        both = unet(torch.cat([sample, sample]), t, encoder_hidden_states=context, encoder_attention_mask=mask,
+                    return_dict=False)[0].float()
+        conditional, unconditional = both.chunk(2)
+        return unconditional + self.guidance_scale * (conditional - unconditional)
+
+    def denoising_loss(self, clean, labels, generator):
+        """MediSyn's training loss on the frozen autoencoder's latents of ``clean``, captions dropped at
+        ``label_drop_rate``."""
+        vae = self.pipe.vae
+        with torch.no_grad():
+            latents = vae.encode(clean.to(vae.dtype)).latent_dist.sample(generator=generator).float()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        latents = (latents - shift) * vae.config.scaling_factor
+        drop = torch.rand(len(labels), generator=generator, device=labels.device) < self.label_drop_rate
+        labels = torch.where(drop, torch.full_like(labels, len(self.prompts)), labels)
+        noisy, timesteps, target = noised_with_target(self.noise_scheduler, latents, generator)
+        context, mask = self._context(labels, latents.device)
+        prediction = self.pipe.unet(noisy, timesteps, encoder_hidden_states=context, encoder_attention_mask=mask,
+                                    return_dict=False)[0]
+        return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+def sampling_chain(pipe, guidance_scale: float, num_inference_steps: int | None = None,
+                   prompts: list[str] | None = None, **options) -> SamplingChain:
+    """The chain of a score-Langevin, pixel-DDPM or MediSyn pipeline (``prompts``: MediSyn's, label i the i-th)."""
+    from medsyn.pipelines import ClassConditionalDDPMPipeline, MediSynPipeline, ScoreLangevinPipeline
 
     if isinstance(pipe, ScoreLangevinPipeline):
         return LangevinChain(pipe, guidance_scale, num_inference_steps, **options)
     if isinstance(pipe, ClassConditionalDDPMPipeline):
         return DDIMChain(pipe, guidance_scale, num_inference_steps or 20, **options)
-    raise ValueError(f"no sampling chain for {type(pipe).__name__}: RLHF updates score-Langevin and DDPM pipelines")
+    if isinstance(pipe, MediSynPipeline):
+        return TextLatentDDIMChain(pipe, prompts or [], guidance_scale, num_inference_steps or 20, **options)
+    raise ValueError(f"no sampling chain for {type(pipe).__name__}: RLHF updates score-Langevin, DDPM and MediSyn "
+                     "pipelines")
