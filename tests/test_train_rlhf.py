@@ -103,3 +103,29 @@ def test_bad_arguments_are_named(generator_folder, tmp_path):
         train_rlhf.main(rlhf_args(generator_folder, tmp_path / "out", "--real_images", str(real)))
     with pytest.raises(ValueError, match="module:function|cannot import"):
         train_rlhf.main(rlhf_args(generator_folder, tmp_path / "out", "--rater", "no_such_module_x:f"))
+
+
+def test_a_medisyn_round_with_reward_weighted_fine_tuning_and_real_images(tmp_path):
+    """A text-guided generator: its prompts play the classes; real images mix in under the prompt naming their
+    class; the round's generator is a MediSyn folder again."""
+    from .conftest import DUMMY_CAPTIONS, get_dummy_medisyn_pipeline
+
+    get_dummy_medisyn_pipeline().save_pretrained(tmp_path / "medisyn")
+    prompts = DUMMY_CAPTIONS[:2]  # "... healthy", "... glioma ..."
+    real = tmp_path / "real.npz"
+    np.savez(real, images=np.random.default_rng(0).integers(0, 255, (8, 16, 16), dtype=np.uint8),
+             labels=np.arange(8) % 2, class_names=np.array(["glioma", "healthy"]))
+    history = train_rlhf.main(rlhf_args(
+        str(tmp_path / "medisyn"), tmp_path / "out", "--prompts", *prompts, "--rounds", "1", "--update",
+        "reward_weighted", "--real_images", str(real), "--rater", "tests.test_train_rlhf:brightness_rater"))
+    assert [m["round"] for m in history] == [0, 1]
+    assert set(history[1]["mean_rating_per_class"]) == set(prompts) and "frechet_distance" in history[1]
+    assert type(load_pipeline(tmp_path / "out" / "round-001" / "generator")).__name__ == "MediSynPipeline"
+
+    with pytest.raises(ValueError, match="give its --prompts"):
+        train_rlhf.main(rlhf_args(str(tmp_path / "medisyn"), tmp_path / "other", "--pretrain_weight", "0"))
+    np.savez(real, images=np.zeros((2, 16, 16), np.uint8), labels=np.arange(2),
+             class_names=np.array(["cataract", "healthy"]))
+    with pytest.raises(ValueError, match="'cataract' is named by 0 of the prompts"):
+        train_rlhf.main(rlhf_args(str(tmp_path / "medisyn"), tmp_path / "other", "--prompts", *prompts,
+                                  "--real_images", str(real)))

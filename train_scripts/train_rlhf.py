@@ -8,8 +8,9 @@ the selector, update the generator, evaluate.
     medsyn rate --images rlhf-brain/round-001/pool.npz --ratings rlhf-brain/round-001/ratings.jsonl
     # then the same command again continues the round.
 
-The generator is a class-conditional pixel DDPM (sampled by DDIM with ``--eta``) or a score model (annealed
-Langevin); the prompt of class c is ``--prompt_template`` with its name. Each round: a pool of ``--pool_per_class``
+The generator is a class-conditional pixel DDPM (sampled by DDIM with ``--eta``), a score model (annealed
+Langevin), whose prompt for class c is ``--prompt_template`` with its name, or a MediSyn model (DDIM in latent
+space) with its ``--prompts``. Each round: a pool of ``--pool_per_class``
 images per class from the current generator; one rating per image (``--rater module:function`` or the stand-in, or
 people through the ratings file); a selector trained on them (``train_selector.py``); the generator updated by
 ``--update`` (reward-weighted fine-tuning or DDPO's policy gradient; LoRA unless ``--lora_rank 0``); then the same
@@ -74,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           help="Evaluation images per class, the same seeds every round.")
     sampling.add_argument("--prompt_template", type=str, default="{class_name}",
                           help="The prompt of a class, as the raters and the ratings file see it.")
+    sampling.add_argument("--prompts", type=str, nargs="+", default=None,
+                          help="A MediSyn model's prompts (each plays a class's part: pool and held-out images per "
+                               "prompt).")
     sampling.add_argument("--guidance_scale", type=number_argument(0), default=2.0)
     sampling.add_argument("--num_inference_steps", type=count_argument(2), default=None,
                           help="DDIM steps (default 20) or Langevin levels (default: the trained schedule).")
@@ -140,14 +144,25 @@ def build_rater(args):
     return None, None
 
 
-def load_real_images(path: str, class_names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real images in [-1, 1] (N, C, H, W) and their labels, in the generator's class order."""
+def load_real_images(path: str, class_names: list[str], prompts: list[str] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real images in [-1, 1] (N, C, H, W) and their labels, in the generator's class order; for a text-guided
+    generator (``prompts``), each real class is the one prompt that names it."""
     with np.load(path, allow_pickle=False) as data:
         missing = {"images", "labels", "class_names"} - set(data.files)
         if missing:
             raise ValueError(f"--real_images {path}: missing arrays {sorted(missing)}")
         images, labels, names = data["images"], data["labels"], [str(n) for n in data["class_names"]]
-    if names != class_names:
+    if prompts is not None:
+        order = []
+        for name in names:
+            naming = [i for i, p in enumerate(prompts) if name.replace("_", " ").lower() in p.lower()]
+            if len(naming) != 1:
+                raise ValueError(f"--real_images {path}: class {name!r} is named by {len(naming)} of the prompts; "
+                                 "each class needs exactly one")
+            order.append(naming[0])
+        labels = np.asarray(order)[labels]
+    elif names != class_names:
         raise ValueError(f"--real_images {path} has classes {names}; the generator has {class_names}")
     if images.dtype != np.uint8:
         raise ValueError(f"--real_images {path}: expected uint8 images, got {images.dtype}")
@@ -177,15 +192,26 @@ class Rounds:
         self.root = Path(args.output_dir)
         self.rater, self.rater_id = build_rater(args)
         start = load_pipeline(args.pretrained_model_name_or_path)
-        self.class_names = start.class_names
-        if not self.class_names:
-            raise ValueError(f"{args.pretrained_model_name_or_path}: RLHF needs a class-conditional model with "
-                             "class names (its prompts)")
-        self.prompts = [args.prompt_template.format(class_name=name) for name in self.class_names]
-        self.real = load_real_images(args.real_images, self.class_names) if args.real_images else None
-        if self.real is not None and tuple(self.real[0].shape[1:]) != tuple(start.sample_shape(1)[1:]):
-            raise ValueError(f"--real_images are {tuple(self.real[0].shape[1:])} (C, H, W); the generator makes "
-                             f"{tuple(start.sample_shape(1)[1:])}")
+        self.text_guided = not hasattr(start, "class_names")
+        if self.text_guided != bool(args.prompts):
+            raise ValueError("--prompts are for a MediSyn model, and a MediSyn model needs them" if args.prompts
+                             else f"{args.pretrained_model_name_or_path} is text-guided: give its --prompts")
+        if self.text_guided:
+            self.class_names = self.prompts = list(args.prompts)
+        else:
+            self.class_names = start.class_names
+            if not self.class_names:
+                raise ValueError(f"{args.pretrained_model_name_or_path}: RLHF needs a class-conditional model with "
+                                 "class names (its prompts)")
+            self.prompts = [args.prompt_template.format(class_name=name) for name in self.class_names]
+        self.real = None
+        if args.real_images:
+            self.real = load_real_images(args.real_images, self.class_names, self.prompts if self.text_guided
+                                         else None)
+            made = self.chain(0, start).image_shape()
+            if tuple(self.real[0].shape[1:]) != made:
+                raise ValueError(f"--real_images are {tuple(self.real[0].shape[1:])} (C, H, W); the generator "
+                                 f"makes {made}")
         self.fid = None
 
     def folder(self, round_index: int) -> Path:
@@ -195,10 +221,13 @@ class Rounds:
         return self.args.pretrained_model_name_or_path if round_index == 0 else str(
             self.folder(round_index) / "generator")
 
-    def chain(self, round_index: int) -> SamplingChain:
-        pipe = load_pipeline(self.generator_path(round_index)).to(self.accelerator.device)
+    def chain(self, round_index: int, pipe=None) -> SamplingChain:
+        """The sampling chain of the round's generator (``pipe``: that generator, already loaded)."""
+        pipe = (pipe or load_pipeline(self.generator_path(round_index))).to(self.accelerator.device)
         pipe.set_progress_bar_config(disable=True)
-        options = {"eta": self.args.eta} if pipe.__class__.__name__ == "ClassConditionalDDPMPipeline" else {}
+        options = {} if pipe.__class__.__name__ == "ScoreLangevinPipeline" else {"eta": self.args.eta}
+        if self.text_guided:
+            options["prompts"] = self.prompts
         return sampling_chain(pipe, self.args.guidance_scale, self.args.num_inference_steps, **options)
 
     def labels_and_seeds(self, per_class: int, key: int) -> tuple[torch.Tensor, list[tuple[int, ...]]]:

@@ -105,6 +105,10 @@ class SamplingChain(ABC):
         """The images in [-1, 1] the chain's final state stands for (the state itself in pixel space)."""
         return state
 
+    def image_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of the images the chain makes."""
+        return tuple(self.sample_shape(1)[1:])
+
     @property
     def timesteps(self) -> torch.Tensor:
         return self.scheduler.timesteps
@@ -285,6 +289,10 @@ class TextLatentDDIMChain(DDIMChain):
     def to_images(self, state: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.pipe.decode_latents(state)
+
+    def image_shape(self) -> tuple[int, ...]:
+        side = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        return (self.pipe.vae.config.in_channels, side, side)
 
     def _context(self, labels: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Token states and masks of each chain's prompt (label ``len(prompts)`` is the empty caption)."""
