@@ -65,9 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsShown)
     parser.add_argument("--pretrained_model_name_or_path", type=str, required=True,
                         help="The class-conditional DDPM or score-Langevin pipeline to improve.")
-    parser.add_argument("--output_dir", type=str, default="medsyn-rlhf")
-    parser.add_argument("--rounds", type=count_argument(), default=3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_dir", type=str, default="medsyn-rlhf",
+                        help="The run's folder: one sub-folder a round, rounds.json, logs.")
+    parser.add_argument("--rounds", type=count_argument(), default=3,
+                        help="Rounds to have done (a rerun with more continues).")
+    parser.add_argument("--seed", type=int, default=0, help="Keys every round's randomness, with the round.")
 
     sampling = parser.add_argument_group("sampling (the policy)")
     sampling.add_argument("--pool_per_class", type=count_argument(), default=32, help="Rated images per class a round.")
@@ -78,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sampling.add_argument("--prompts", type=str, nargs="+", default=None,
                           help="A MediSyn model's prompts (each plays a class's part: pool and held-out images per "
                                "prompt).")
-    sampling.add_argument("--guidance_scale", type=number_argument(0), default=2.0)
+    sampling.add_argument("--guidance_scale", type=number_argument(0), default=2.0,
+                          help="Classifier-free guidance of the policy (1: off).")
     sampling.add_argument("--num_inference_steps", type=count_argument(2), default=None,
                           help="DDIM steps (default 20) or Langevin levels (default: the trained schedule).")
     sampling.add_argument("--eta", type=number_argument(0, exclusive=True), default=1.0,
@@ -94,16 +97,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     selector = parser.add_argument_group("selector (default: the paper's ViT)")
     for name, value in SELECTOR_ARCHITECTURE.items():
-        selector.add_argument(f"--selector_{name}", type=count_argument(), default=value)
-    selector.add_argument("--selector_steps", type=count_argument(), default=300)
-    selector.add_argument("--selector_learning_rate", type=number_argument(0, exclusive=True), default=1e-4)
+        selector.add_argument(f"--selector_{name}", type=count_argument(), default=value,
+                              help=f"Selector ViT {name.replace('_', ' ')}.")
+    selector.add_argument("--selector_steps", type=count_argument(), default=300,
+                          help="Optimiser steps of each round's selector.")
+    selector.add_argument("--selector_learning_rate", type=number_argument(0, exclusive=True), default=1e-4,
+                          help="The selector's learning rate.")
 
     update = parser.add_argument_group("generator update")
     update.add_argument("--update", type=UpdateMethod, default=UpdateMethod.POLICY_GRADIENT,
                         choices=list(UpdateMethod), help="Reward-weighted fine-tuning, or DDPO's policy gradient.")
     update.add_argument("--updates_per_round", type=count_argument(), default=50, help="Optimiser steps a round.")
-    update.add_argument("--update_batch_size", type=count_argument(), default=16)
-    update.add_argument("--learning_rate", type=number_argument(0, exclusive=True), default=3e-4)
+    update.add_argument("--update_batch_size", type=count_argument(), default=16,
+                        help="Chains (policy gradient) or images (reward-weighted) per optimiser step.")
+    update.add_argument("--learning_rate", type=number_argument(0, exclusive=True), default=3e-4,
+                        help="The generator update's learning rate.")
     update.add_argument("--lora_rank", type=count_argument(0), default=8, help="0: update every weight.")
     update.add_argument("--kl_weight", type=number_argument(0), default=0.01,
                         help="Policy gradient: the KL guard's weight (KL to the round's starting generator).")
