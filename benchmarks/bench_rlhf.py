@@ -99,8 +99,9 @@ def main() -> None:
         last = history[-1]
         change, half = paired_change(last["ratings"], start["ratings"])
         within = all(abs(last[k] / start[k] - 1) <= 0.10 for k in ("frechet_distance", "ms_ssim"))
-        print(f"\n{method}: rating change {change:+.3f} ± {half:.3f} "
-              f"({'significant' if change - half > 0 else 'not significant'}); FD and MS-SSIM within 10%: {within}; "
+        verdict = "a significant rise" if change - half > 0 else "a significant fall" if change + half < 0 else \
+            "not significant"
+        print(f"\n{method}: rating change {change:+.3f} ± {half:.3f} ({verdict}); FD and MS-SSIM within 10%: {within}; "
               f"per class, last round: {json.dumps(last['mean_rating_per_class'])}; mean update cost "
               f"{statistics.mean(m.get('update_seconds', 0) for m in history[1:]):.0f} s\n")
 
