@@ -39,7 +39,7 @@ from accelerate import Accelerator
 from transformers import ViTForImageClassification
 
 from medsyn.pipelines import load_pipeline
-from medsyn.rlhf.chain import SamplingChain, sampling_chain
+from medsyn.rlhf.chain import SamplingChain, Trajectory, sampling_chain
 from medsyn.rlhf.policy_gradient import kl_to_reference, policy_gradient_update
 from medsyn.rlhf.raters import ClassifierStandInRater, checked_ratings, load_rater
 from medsyn.rlhf.ratings import Aspect, Rating, RatingsFile, image_digest
@@ -184,9 +184,9 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return pixels[..., 0] if pixels.shape[-1] == 1 else pixels
 
 
-def sample_chains(chain: SamplingChain, labels: torch.Tensor, seeds: list[tuple[int, ...]], batch_size: int):
-    from medsyn.rlhf.chain import Trajectory
-
+def sample_chains(chain: SamplingChain, labels: torch.Tensor, seeds: list[tuple[int, ...]],
+                  batch_size: int) -> Trajectory:
+    """One chain per label, each from the generator its seed key names, ``batch_size`` at a time."""
     parts = [chain.sample(labels[i : i + batch_size], [keyed_generator(*s) for s in seeds[i : i + batch_size]])
              for i in range(0, len(labels), batch_size)]
     return Trajectory.cat(parts)
