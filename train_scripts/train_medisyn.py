@@ -47,6 +47,7 @@ from medsyn.models.latent_diffusion import (
     encode_prompts,
     latent_size,
     prompt_max_length,
+    unit_latents,
 )
 from medsyn.pipelines import MediSynPipeline
 from medsyn.training.accelerator import (
@@ -301,7 +302,6 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
     updates_per_epoch, max_train_steps, _ = step_budget(args, len(dataloader))
     lr_scheduler = build_lr_scheduler(args, accelerator, optimizer, max_train_steps)
     ema = attach_ema(accelerator, accelerator.unwrap_model(unet), args.ema_decay, "unet_ema") if args.use_ema else None
-    scaling, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
 
     def loss_fn(batch, step):
         """The DDPM noise-prediction loss on the frozen autoencoder's latents, captions dropped for guidance."""
@@ -311,9 +311,7 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
         batch_size = pixels.shape[0]
         drop = torch.rand(batch_size, generator=generator, device=pixels.device) < args.caption_dropout
         captions = ["" if dropped else caption for dropped, caption in zip(drop.tolist(), batch["captions"])]
-        with torch.no_grad():
-            posterior = vae.encode(pixels).latent_dist
-            latents = (posterior.sample(generator=generator).float() - shift) * scaling
+        latents = unit_latents(vae, pixels, generator)
         noise = torch.randn(latents.shape, generator=generator, device=latents.device)
         if args.noise_offset:
             noise = offset_noise(noise, args.noise_offset, generator)

@@ -27,7 +27,8 @@ from medsyn.models.latent_diffusion import bert_text_encoder_config, build_wordp
 from medsyn.rlhf.policy import AlignmentPolicy, policy_step_loss
 from medsyn.rlhf.rating_images import add_rated_data_arguments, rated_samples, split_by_image
 from medsyn.rlhf.ratings import Aspect, normalised
-from medsyn.rlhf.selector import selector_metrics, selector_scores
+from medsyn.rlhf.rewards import accepted_by
+from medsyn.rlhf.selector import selector_metrics
 from medsyn.training.accelerator import build_accelerator, build_lr_scheduler, build_optimizer, step_budget
 from medsyn.training.loop import TrainingRun, training_loop
 from medsyn.training.script_args import add_logging_and_hub_arguments, add_optimisation_arguments
@@ -94,7 +95,7 @@ def main(args: argparse.Namespace) -> AlignmentPolicy:
 
         selector = ViTForImageClassification.from_pretrained(args.selector).to(accelerator.device).eval()
         with torch.no_grad():
-            accepted = selector_scores(selector, images[train_rows]) >= selector.config.accept_threshold
+            accepted = accepted_by(selector, images[train_rows])
         logger.info(f"the selector accepts {int(accepted.sum())} of {len(train_rows)} training samples")
         if not accepted.any():
             raise ValueError("the selector accepted no training sample: stage 2 has nothing to learn from")

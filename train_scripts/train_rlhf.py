@@ -44,7 +44,7 @@ from medsyn.rlhf.policy_gradient import kl_to_reference, policy_gradient_update
 from medsyn.rlhf.raters import ClassifierStandInRater, checked_ratings, load_rater
 from medsyn.rlhf.ratings import Aspect, Rating, RatingsFile, image_digest
 from medsyn.rlhf.reward_weighted import reward_weighted_update, reward_weights
-from medsyn.rlhf.rewards import accepted_by, generator_rewards
+from medsyn.rlhf.rewards import accepted_by, generator_rewards, saved_threshold
 from medsyn.rlhf.selector import SELECTOR_ARCHITECTURE
 from medsyn.seeding import keyed_generator
 from medsyn.training.lora import merged, with_lora
@@ -178,9 +178,19 @@ def load_real_images(path: str, class_names: list[str], prompts: list[str] | Non
     return pixels.float() / 127.5 - 1, torch.from_numpy(labels).long()
 
 
+def unit_range(images: torch.Tensor) -> torch.Tensor:
+    """Samples in [-1, 1] as images in [0, 1], what raters, the selector and the metrics take."""
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
+def uint8_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Samples in [-1, 1] (N, C, H, W) as uint8 (N, C, H, W)."""
+    return (unit_range(images) * 255).round().to(torch.uint8)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] (N, C, H, W) -> uint8 (N, H, W) or (N, H, W, 3), as medsyn generate writes them."""
-    pixels = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    pixels = uint8_pixels(images).permute(0, 2, 3, 1).numpy()
     return pixels[..., 0] if pixels.shape[-1] == 1 else pixels
 
 
@@ -243,7 +253,7 @@ class Rounds:
         return labels, [(self.args.seed, key, i) for i in range(len(labels))]
 
     def rate(self, images: torch.Tensor, labels: torch.Tensor) -> list[int]:
-        return checked_ratings(self.rater, (images / 2 + 0.5).clamp(0, 1), [self.prompts[int(c)] for c in labels])
+        return checked_ratings(self.rater, unit_range(images), [self.prompts[int(c)] for c in labels])
 
     # --- the stages -------------------------------------------------------------------------------------------
 
@@ -304,10 +314,10 @@ class Rounds:
         """The generator after the round's update, saved merged (a plain pipeline) to round/generator."""
         folder = self.folder(r) / "generator"
         args = self.args
-        images01 = (trajectory.images / 2 + 0.5).clamp(0, 1)
+        images01 = unit_range(trajectory.images)
         rewards = generator_rewards(images01, [self.prompts[int(c)] for c in trajectory.labels], "selector",
                                     selector=selector)
-        accepted = accepted_by(selector, images01)
+        accepted = rewards >= saved_threshold(selector)  # this reward is the selector's score: one pass of its ViT
         summary = {"pool_mean_reward": float(rewards.mean()), "pool_accept_rate": float(accepted.float().mean())}
         if folder.exists():
             return summary
@@ -348,7 +358,7 @@ class Rounds:
 
         labels, seeds = self.labels_and_seeds(self.args.held_out_per_class, HELD_OUT_KEY)
         images = sample_chains(self.chain(r), labels, seeds, self.args.batch_size).images
-        images01 = (images / 2 + 0.5).clamp(0, 1)
+        images01 = unit_range(images)
         metrics = {"round": r, **(extra or {})}
         if self.rater is not None:
             ratings = torch.tensor(self.rate(images, labels), dtype=torch.float32)
@@ -368,17 +378,14 @@ class Rounds:
     def frechet_distance(self, images: torch.Tensor) -> float:
         """Inception FID of generated images against the real ones (grayscale is repeated to RGB by the port)."""
         from medsyn.metrics.feature_distances import frechet_distance
+        from medsyn.metrics.features import extract_features
         from medsyn.metrics.inception import FIDInceptionV3
 
-        def features(batch: torch.Tensor) -> torch.Tensor:
-            pixels = ((batch / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-            with torch.no_grad():
-                return torch.cat([self.fid(part) for part in pixels.split(50)]).double()
-
+        device = self.accelerator.device
         if self.fid is None:
-            self.fid = FIDInceptionV3.from_pretrained().eval()
-            self.real_features = features(self.real[0])
-        return frechet_distance(self.real_features, features(images))
+            self.fid = FIDInceptionV3.from_pretrained()
+            self.real_features = extract_features(uint8_pixels(self.real[0]), self.fid, 50, device)
+        return frechet_distance(self.real_features, extract_features(uint8_pixels(images), self.fid, 50, device))
 
 
 def main(args: argparse.Namespace) -> list[dict]:

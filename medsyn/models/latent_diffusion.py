@@ -185,6 +185,14 @@ def encode_prompts(
     return states, mask
 
 
+@torch.no_grad()
+def unit_latents(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Latents of unit variance (float32) of images in [-1, 1]: a draw from the autoencoder's posterior, shifted and
+    scaled as the unet learns them (what ``MediSynPipeline.decode_latents`` undoes)."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (vae.encode(pixels).latent_dist.sample(generator=generator).float() - shift) * vae.config.scaling_factor
+
+
 def vae_scale_factor(vae: AutoencoderKL) -> int:
     """How many times the autoencoder downsamples: ``2 ** (levels - 1)``."""
     return 2 ** (len(vae.config.block_out_channels) - 1)

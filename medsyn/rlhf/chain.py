@@ -29,7 +29,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from medsyn.models.latent_diffusion import encode_prompts, prompt_max_length
+from medsyn.models.latent_diffusion import encode_prompts, prompt_max_length, unit_latents
 from medsyn.models.score_unet import null_class_label
 from medsyn.schedulers.scheduling_annealed_langevin import AnnealedLangevinScheduler, geometric_sigmas
 from medsyn.training.class_conditional import drop_labels
@@ -114,9 +114,9 @@ class SamplingChain(ABC):
         return self.scheduler.timesteps
 
     @property
-    @abstractmethod
     def prior_sigma(self) -> float:
         """The standard deviation of the chain's first sample."""
+        return float(self.scheduler.init_noise_sigma)
 
     @abstractmethod
     def step_distribution(self, sample: torch.Tensor, index: int, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -205,10 +205,6 @@ class LangevinChain(SamplingChain):
         config = self.scheduler.config
         self.train_sigmas = geometric_sigmas(config.sigma_max, config.sigma_min, config.num_train_timesteps).float()
 
-    @property
-    def prior_sigma(self) -> float:
-        return float(self.scheduler.init_noise_sigma)
-
     def step_distribution(self, sample, index, labels):
         sigma = self.timesteps[index].to(sample.device)
         score = self.guided(sample, sigma, labels)
@@ -244,10 +240,6 @@ class DDIMChain(SamplingChain):
                                                    clip_sample=pipe.scheduler.config.get("clip_sample", False))
         self.scheduler.set_timesteps(num_inference_steps)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-
-    @property
-    def prior_sigma(self) -> float:
-        return float(self.scheduler.init_noise_sigma)
 
     def step_distribution(self, sample, index, labels):
         t = self.timesteps[index]
@@ -315,11 +307,7 @@ class TextLatentDDIMChain(DDIMChain):
     def denoising_loss(self, clean, labels, generator):
         """MediSyn's training loss on the frozen autoencoder's latents of ``clean``, captions dropped at
         ``label_drop_rate``."""
-        vae = self.pipe.vae
-        with torch.no_grad():
-            latents = vae.encode(clean.to(vae.dtype)).latent_dist.sample(generator=generator).float()
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        latents = (latents - shift) * vae.config.scaling_factor
+        latents = unit_latents(self.pipe.vae, clean.to(self.pipe.vae.dtype), generator)
         drop = torch.rand(len(labels), generator=generator, device=labels.device) < self.label_drop_rate
         labels = torch.where(drop, torch.full_like(labels, len(self.prompts)), labels)
         noisy, timesteps, target = noised_with_target(self.noise_scheduler, latents, generator)

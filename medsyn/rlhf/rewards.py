@@ -43,10 +43,14 @@ def generator_rewards(images: torch.Tensor, prompts: list[str], kind: RewardKind
     return reward
 
 
-def accepted_by(selector, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """The selector's accept decision (N,): its score at or above the threshold learned from the ratings."""
+def saved_threshold(selector) -> float:
+    """The accept threshold ``train_selector.py`` learned from the ratings and saved in the selector's config."""
     threshold = getattr(selector.config, "accept_threshold", None)
     if threshold is None:
         raise ValueError("the selector has no accept_threshold in its config (train it with train_selector.py)")
-    with torch.no_grad():
-        return selector_scores(selector, images, batch_size) >= threshold
+    return threshold
+
+
+def accepted_by(selector, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """The selector's accept decision (N,): its score at or above the threshold learned from the ratings."""
+    return selector_scores(selector, images, batch_size) >= saved_threshold(selector)
