@@ -1,5 +1,5 @@
-"""train_rlhf.py: rounds of generate -> rate -> selector -> update -> evaluate, resumed exactly after a crash,
-and paused for people to rate."""
+"""train_rlhf.py: rounds of generate -> rate -> selector and policy -> update -> evaluate, resumed exactly after a
+crash, and paused for people to rate both aspects."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from medsyn.pipelines import load_pipeline
-from medsyn.rlhf.ratings import Rating, RatingsFile, image_digest
+from medsyn.rlhf.policy import AlignmentPolicy
+from medsyn.rlhf.ratings import Aspect, Rating, RatingsFile, image_digest
 from medsyn.train_scripts import train_rlhf
 
 from .test_rlhf_generator_updates import trained_on_flat_images
@@ -21,6 +22,14 @@ def brightness_rater(images: torch.Tensor, prompts: list[str]) -> list[int]:
     """A toy rater: 3 for bright images, 2 for middling, 1 for dark (the loop's ``--rater module:function``)."""
     brightness = images.flatten(1).mean(1)
     return (1 + (brightness > 0.45).long() + (brightness > 0.6).long()).tolist()
+
+
+def class_rater(images: torch.Tensor, prompts: list[str]) -> dict[str, list[int]]:
+    """A toy rater of both aspects: quality by brightness, prompt match 3 when the image is on its prompt's side of
+    mid-grey ("bright" above, "dark" below), else 1."""
+    bright = images.flatten(1).mean(1) > 0.5
+    asked_bright = torch.tensor(["bright" in p for p in prompts])
+    return {"quality": brightness_rater(images, prompts), "prompt_match": (1 + 2 * (bright == asked_bright)).tolist()}
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +49,9 @@ def rlhf_args(generator_folder: str, output_dir, *extra: str):
         "--guidance_scale", "1.0", "--selector_patch_size", "4", "--selector_hidden_size", "16",
         "--selector_num_attention_heads", "2", "--selector_num_hidden_layers", "1",
         "--selector_intermediate_size", "32", "--selector_steps", "30", "--selector_learning_rate", "1e-3",
+        "--policy_patch_size", "4", "--policy_hidden_size", "16", "--policy_num_attention_heads", "2",
+        "--policy_num_hidden_layers", "1", "--policy_intermediate_size", "32", "--policy_steps", "20",
+        "--policy_learning_rate", "1e-3",
         "--updates_per_round", "6", "--update_batch_size", "8", "--learning_rate", "3e-3", "--lora_rank", "4",
         "--report_to", "none", *extra])
 
@@ -49,19 +61,32 @@ def without_timing(history: list[dict]) -> list[dict]:
 
 
 def test_rounds_run_rate_and_resume_exactly_after_a_crash(generator_folder, tmp_path):
-    rater = ["--rater", "tests.test_train_rlhf:brightness_rater"]
+    rater = ["--rater", "tests.test_train_rlhf:class_rater"]
     whole = train_rlhf.main(rlhf_args(generator_folder, tmp_path / "whole", "--rounds", "2", *rater))
     assert [m["round"] for m in whole] == [0, 1, 2]
     for metrics in whole:
         assert set(metrics["mean_rating_per_class"]) == {"dark", "bright"}
         assert 1 <= metrics["mean_rating"] <= 3 and 0 <= metrics["ms_ssim"] <= 1
-        assert len(metrics["ratings"]) == 12
+        assert len(metrics["ratings"]) == len(metrics["quality_ratings"]) == 12
     for metrics in whole[1:]:
         assert 0 <= metrics["held_out_accept_rate"] <= 1 and "kl_to_round_start" in metrics
+        assert 0 <= metrics["held_out_mean_reward"] <= 1
     round_two = tmp_path / "whole" / "round-002"
     assert load_pipeline(round_two / "generator").unet.__class__.__name__ == "UNet2DModel"  # LoRA merged
     ratings = RatingsFile(round_two / "ratings.jsonl").ratings()
-    assert len(ratings) == 24 and {r.rater for r in ratings} == {"tests.test_train_rlhf:brightness_rater"}
+    assert len(ratings) == 48 and {r.rater for r in ratings} == {"tests.test_train_rlhf:class_rater"}
+    with np.load(round_two / "pool.npz") as pool:
+        pixels, captions = pool["images"], [str(c) for c in pool["captions"]]
+    expected = class_rater(torch.from_numpy(pixels).float()[:, None] / 255, captions)
+    by_image = {(r.image, r.aspect): r.rating for r in ratings}
+    for aspect in Aspect:  # each aspect's rating recorded as the rater gave it
+        assert [by_image[image_digest(p), aspect] for p in pixels] == expected[aspect.value]
+    # the policy continues from the last round's, in two stages; stage 2 learns from the accepted images only
+    stage2 = json.loads((round_two / "policy" / "policy.json").read_text())
+    assert stage2["stage"] == 2 and stage2["train_samples"] < json.loads(
+        (round_two / "policy-stage1" / "policy.json").read_text())["train_samples"]
+    assert AlignmentPolicy.from_pretrained(round_two / "policy").tokenizer.vocab == AlignmentPolicy.from_pretrained(
+        tmp_path / "whole" / "round-001" / "policy").tokenizer.vocab
     saved = json.loads((tmp_path / "whole" / "rounds.json").read_text())
     assert without_timing(saved["rounds"]) == without_timing(whole)
 
@@ -75,7 +100,7 @@ def test_rounds_run_rate_and_resume_exactly_after_a_crash(generator_folder, tmp_
     torch.manual_seed(12345)  # a fresh process's global generator is not where the killed one's was
     again = train_rlhf.main(rlhf_args(generator_folder, resumed, "--rounds", "2", *rater))
     assert without_timing(again) == without_timing(whole)
-    assert len(RatingsFile(resumed / "round-002" / "ratings.jsonl").ratings()) == 24  # nothing rated twice
+    assert len(RatingsFile(resumed / "round-002" / "ratings.jsonl").ratings()) == 48  # nothing rated twice
 
 
 def test_without_a_rater_a_round_waits_for_people(generator_folder, tmp_path, caplog):
@@ -88,8 +113,16 @@ def test_without_a_rater_a_round_waits_for_people(generator_folder, tmp_path, ca
     ratings = RatingsFile(tmp_path / "round-001" / "ratings.jsonl")
     for pixels, caption in zip(images, captions):
         ratings.append(Rating(image_digest(pixels), str(caption), 3 if pixels.mean() > 140 else 1, "dr-a"))
+    caplog.clear()
+    history = train_rlhf.main(rlhf_args(generator_folder, tmp_path, "--rounds", "1"))
+    # the quality ratings are in; the policy of the default product reward needs the prompt-match ones too
+    assert [m["round"] for m in history] == [0] and f"{len(images)} for prompt_match" in caplog.text
+    for pixels, caption in zip(images, captions):
+        match = 3 if (pixels.mean() > 127) == ("bright" in str(caption)) else 1
+        ratings.append(Rating(image_digest(pixels), str(caption), match, "dr-b", Aspect.PROMPT_MATCH))
     history = train_rlhf.main(rlhf_args(generator_folder, tmp_path, "--rounds", "1"))
     assert [m["round"] for m in history] == [0, 1] and (tmp_path / "round-001" / "generator").is_dir()
+    assert (tmp_path / "round-001" / "policy").is_dir()
 
 
 def test_bad_arguments_are_named(generator_folder, tmp_path):

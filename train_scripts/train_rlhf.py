@@ -10,12 +10,18 @@ the selector, update the generator, evaluate.
 
 The generator is a class-conditional pixel DDPM (sampled by DDIM with ``--eta``), a score model (annealed
 Langevin), whose prompt for class c is ``--prompt_template`` with its name, or a MediSyn model (DDIM in latent
-space) with its ``--prompts``. Each round: a pool of ``--pool_per_class``
-images per class from the current generator; one rating per image (``--rater module:function`` or the stand-in, or
-people through the ratings file); a selector trained on them (``train_selector.py``); the generator updated by
-``--update`` (reward-weighted fine-tuning or DDPO's policy gradient; LoRA unless ``--lora_rank 0``); then the same
-held-out classes and seeds every round, rated and measured (``metrics.json`` per round, ``rounds.json``,
+space) with its ``--prompts``. Each round: a pool of ``--pool_per_class`` images per class from the current
+generator; each image rated for quality and for its match to the prompt (``--rater module:function`` or the
+stand-in, or people through the ratings file); the selector trained on the quality ratings (``train_selector.py``)
+and, unless ``--reward selector``, the policy model on the prompt-match ratings in the paper's two stages
+(``train_policy.py``), each continuing from the last round's; the generator updated by ``--update``
+(reward-weighted fine-tuning or DDPO's policy gradient; LoRA unless ``--lora_rank 0``) towards ``--reward``; then
+the same held-out classes and seeds every round, rated and measured (``metrics.json`` per round, ``rounds.json``,
 tensorboard).
+
+The reward must see the prompt when the raters judge the match to it: a selector sees only the image, and a
+generator rewarded by it alone learns to make whatever the selector likes, whatever it was asked for (RESULTS.md,
+issue 15). The default reward is therefore MINIM's product, the selector's score times the policy's prompt match.
 
 Every stage writes its result atomically (a temporary name, then a rename) and is skipped when its result is there;
 its randomness is keyed by (``--seed``, round), so a run killed at any point and started again ends where an
@@ -44,7 +50,8 @@ from medsyn.rlhf.policy_gradient import kl_to_reference, policy_gradient_update
 from medsyn.rlhf.raters import ClassifierStandInRater, checked_ratings, load_rater
 from medsyn.rlhf.ratings import Aspect, Rating, RatingsFile, image_digest
 from medsyn.rlhf.reward_weighted import reward_weighted_update, reward_weights
-from medsyn.rlhf.rewards import accepted_by, generator_rewards, saved_threshold
+from medsyn.rlhf.policy import AlignmentPolicy
+from medsyn.rlhf.rewards import RewardKind, generator_rewards, saved_threshold
 from medsyn.rlhf.selector import SELECTOR_ARCHITECTURE
 from medsyn.seeding import keyed_generator
 from medsyn.training.lora import merged, with_lora
@@ -54,6 +61,9 @@ logger = logging.getLogger(__name__)
 
 #: Seeds of the held-out evaluation images live apart from every round's pool seeds.
 HELD_OUT_KEY = -1
+#: train_policy.py's shape flags and their defaults (the paper's towers).
+POLICY_ARCHITECTURE = {"patch_size": 16, "hidden_size": 768, "num_attention_heads": 12, "num_hidden_layers": 12,
+                       "intermediate_size": 3072}
 
 
 class UpdateMethod(StrEnum):
@@ -104,7 +114,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     selector.add_argument("--selector_learning_rate", type=number_argument(0, exclusive=True), default=1e-4,
                           help="The selector's learning rate.")
 
+    policy = parser.add_argument_group("policy model (default: the paper's ViT and BERT, 768 wide)")
+    for name, value in POLICY_ARCHITECTURE.items():
+        policy.add_argument(f"--policy_{name}", type=count_argument(), default=value,
+                            help=f"Policy towers' {name.replace('_', ' ')}.")
+    policy.add_argument("--policy_text_encoder", type=str, default=None,
+                        help="A local BERT-family folder for the policy's text tower; default: a new BERT with a "
+                             "WordPiece vocabulary from the prompts.")
+    policy.add_argument("--policy_steps", type=count_argument(), default=300,
+                        help="Optimiser steps of each of the policy's two stages a round.")
+    policy.add_argument("--policy_learning_rate", type=number_argument(0, exclusive=True), default=1e-4,
+                        help="The policy model's learning rate.")
+
     update = parser.add_argument_group("generator update")
+    update.add_argument("--reward", type=RewardKind, default=RewardKind.PRODUCT, choices=list(RewardKind),
+                        help="What the update maximises: the selector's score, the policy's prompt match, or both "
+                             "multiplied (MINIM).")
     update.add_argument("--update", type=UpdateMethod, default=UpdateMethod.POLICY_GRADIENT,
                         choices=list(UpdateMethod), help="Reward-weighted fine-tuning, or DDPO's policy gradient.")
     update.add_argument("--updates_per_round", type=count_argument(), default=50, help="Optimiser steps a round.")
@@ -252,8 +277,17 @@ class Rounds:
         labels = torch.arange(len(self.class_names)).repeat_interleave(per_class)
         return labels, [(self.args.seed, key, i) for i in range(len(labels))]
 
-    def rate(self, images: torch.Tensor, labels: torch.Tensor) -> list[int]:
+    def rate(self, images: torch.Tensor, labels: torch.Tensor) -> dict[Aspect, list[int]]:
         return checked_ratings(self.rater, unit_range(images), [self.prompts[int(c)] for c in labels])
+
+    @property
+    def uses_policy(self) -> bool:
+        return self.args.reward != RewardKind.SELECTOR
+
+    @property
+    def aspects(self) -> list[Aspect]:
+        """What the round's models learn from: quality (the selector), prompt match (the policy)."""
+        return [Aspect.QUALITY, *([Aspect.PROMPT_MATCH] if self.uses_policy else [])]
 
     # --- the stages -------------------------------------------------------------------------------------------
 
@@ -277,21 +311,26 @@ class Rounds:
         pixels = to_uint8(trajectory.images)
         digests = [image_digest(p) for p in pixels]
         if self.rater is None:
-            rated = {rating.image for rating in ratings_file.ratings()}
-            missing = sum(d not in rated for d in set(digests))
-            if missing:
-                logger.warning(f"round {r}: {missing} pool images have no rating yet. Rate them with\n  medsyn rate "
-                               f"--images {self.folder(r) / 'pool.npz'} --ratings {ratings_file.path}\nand run this "
-                               "command again.")
-            return not missing
-        done = ratings_file.rated_images(self.rater_id)
-        todo = [i for i, d in enumerate(digests) if d not in done]
+            given = ratings_file.ratings()
+            missing = {aspect: sum(d not in {g.image for g in given if g.aspect == aspect} for d in set(digests))
+                       for aspect in self.aspects}
+            if any(missing.values()):
+                logger.warning(
+                    f"round {r}: pool images without a rating: "
+                    + ", ".join(f"{count} for {aspect.value}" for aspect, count in missing.items()) + ". Rate them "
+                    f"with\n  medsyn rate --images {self.folder(r) / 'pool.npz'} --ratings {ratings_file.path}\n"
+                    "(the page's aspect=prompt_match rates the match to the prompt) and run this command again.")
+            return not any(missing.values())
+        done = {aspect: ratings_file.rated_images(self.rater_id, aspect) for aspect in Aspect}
+        todo = [i for i, d in enumerate(digests) if any(d not in done[aspect] for aspect in Aspect)]
         if todo:
             given = self.rate(trajectory.images[todo], trajectory.labels[todo])
-            for i, rating in zip(todo, given):
-                ratings_file.append(Rating(digests[i], self.prompts[int(trajectory.labels[i])], rating,
-                                           self.rater_id, Aspect.QUALITY, path=f"pool.npz[{i}]",
-                                           model=self.generator_path(r - 1), seed=i))
+            for k, i in enumerate(todo):
+                for aspect in Aspect:
+                    if digests[i] not in done[aspect]:
+                        ratings_file.append(Rating(digests[i], self.prompts[int(trajectory.labels[i])],
+                                                   given[aspect][k], self.rater_id, aspect, path=f"pool.npz[{i}]",
+                                                   model=self.generator_path(r - 1), seed=i))
         return True
 
     def selector(self, r: int) -> ViTForImageClassification:
@@ -302,22 +341,67 @@ class Rounds:
             partial = folder.with_name("selector.partial")
             shutil.rmtree(partial, ignore_errors=True)
             shape = [f"--{name}={getattr(self.args, 'selector_' + name)}" for name in SELECTOR_ARCHITECTURE]
+            previous = ["--selector_model_name_or_path", str(self.folder(r - 1) / "selector")] if r > 1 else []
             train_selector.main(train_selector.parse_args([
-                "--ratings", str(self.folder(r) / "ratings.jsonl"), "--images", str(self.folder(r) / "pool.npz"),
-                "--output_dir", str(partial), "--max_train_steps", str(self.args.selector_steps),
-                "--learning_rate", str(self.args.selector_learning_rate), "--seed", str(self.args.seed + r),
-                "--report_to", "none", "--checkpointing_steps", str(10**9), *shape]))
+                *self.rated_data(r), "--aspect", Aspect.QUALITY.value, "--output_dir", str(partial),
+                "--max_train_steps", str(self.args.selector_steps), "--learning_rate",
+                str(self.args.selector_learning_rate), *shape, *previous]))
             os.replace(partial, folder)
         return ViTForImageClassification.from_pretrained(folder).to(self.accelerator.device).eval()
 
-    def update(self, r: int, chain: SamplingChain, trajectory, selector) -> dict:
+    def rated_data(self, r: int) -> list[str]:
+        """train_selector.py's and train_policy.py's flags for the round's rated pool."""
+        return ["--ratings", str(self.folder(r) / "ratings.jsonl"), "--images", str(self.folder(r) / "pool.npz"),
+                "--seed", str(self.args.seed + r), "--report_to", "none", "--checkpointing_steps", str(10**9)]
+
+    def policy(self, r: int) -> AlignmentPolicy | None:
+        """The round's policy model (None when the reward does not use it): stage 1 on every prompt-match rating,
+        continuing from the last round's policy, then stage 2 on the selector's accepted images."""
+        if not self.uses_policy:
+            return None
+        folder = self.folder(r) / "policy"
+        if not folder.exists():
+            from medsyn.train_scripts import train_policy
+
+            args = self.args
+            common = [*self.rated_data(r), "--max_train_steps", str(args.policy_steps), "--learning_rate",
+                      str(args.policy_learning_rate)]
+            stage1 = folder.with_name("policy-stage1")
+            if not stage1.exists():
+                partial = stage1.with_name("policy-stage1.partial")
+                shutil.rmtree(partial, ignore_errors=True)
+                start = (["--policy_model_name_or_path", str(self.folder(r - 1) / "policy")] if r > 1 else
+                         [f"--{name}={getattr(args, 'policy_' + name)}" for name in POLICY_ARCHITECTURE]
+                         + (["--text_encoder_name_or_path", args.policy_text_encoder] if args.policy_text_encoder
+                            else []))
+                train_policy.main(train_policy.parse_args([*common, "--output_dir", str(partial), *start]))
+                os.replace(partial, stage1)
+            partial = folder.with_name("policy.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            train_policy.main(train_policy.parse_args([
+                *common, "--stage", "2", "--selector", str(self.folder(r) / "selector"),
+                "--policy_model_name_or_path", str(stage1), "--output_dir", str(partial)]))
+            os.replace(partial, folder)
+        return AlignmentPolicy.from_pretrained(folder).to(self.accelerator.device).eval()
+
+    def rewards(self, images: torch.Tensor, labels: torch.Tensor, selector, policy) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``--reward`` of images in [-1, 1], and which are accepted: the selector's score at its threshold and,
+        where the reward uses the policy, its match decision (p >= 0.5)."""
+        images01 = unit_range(images)
+        prompts = [self.prompts[int(c)] for c in labels]
+        scores = generator_rewards(images01, prompts, RewardKind.SELECTOR, selector=selector)
+        accepted = scores >= saved_threshold(selector)
+        if policy is None:
+            return scores, accepted
+        match = generator_rewards(images01, prompts, RewardKind.POLICY, policy=policy)
+        reward = match if self.args.reward == RewardKind.POLICY else scores * match
+        return reward, accepted & (match >= 0.5)
+
+    def update(self, r: int, chain: SamplingChain, trajectory, selector, policy) -> dict:
         """The generator after the round's update, saved merged (a plain pipeline) to round/generator."""
         folder = self.folder(r) / "generator"
         args = self.args
-        images01 = unit_range(trajectory.images)
-        rewards = generator_rewards(images01, [self.prompts[int(c)] for c in trajectory.labels], "selector",
-                                    selector=selector)
-        accepted = rewards >= saved_threshold(selector)  # this reward is the selector's score: one pass of its ViT
+        rewards, accepted = self.rewards(trajectory.images, trajectory.labels, selector, policy)
         summary = {"pool_mean_reward": float(rewards.mean()), "pool_accept_rate": float(accepted.float().mean())}
         if folder.exists():
             return summary
@@ -337,7 +421,8 @@ class Rounds:
             summary["kl_to_round_start"] = kl_to_reference(chain, trajectory)
         else:
             if not accepted.any():
-                raise ValueError(f"round {r}: the selector accepted none of the pool; nothing to fine-tune on")
+                raise ValueError(f"round {r}: the reward models accepted none of the pool; nothing to fine-tune "
+                                 "on")
             real_images, real_labels = self.real if self.real is not None else (None, None)
             logged = reward_weighted_update(chain, trajectory.images, trajectory.labels,
                                             reward_weights(rewards, accepted), real_images=real_images,
@@ -351,8 +436,9 @@ class Rounds:
         os.replace(partial, folder)
         return summary
 
-    def evaluate(self, r: int, selector=None, extra: dict | None = None) -> dict:
-        """The held-out images of the round's generator: the rater's mean rating, the selector's acceptance, the
+    def evaluate(self, r: int, selector=None, policy=None, extra: dict | None = None) -> dict:
+        """The held-out images of the round's generator: the rater's mean ratings (``mean_rating`` is the match to
+        the prompt, the aspect a class-conditional generator exists for), the learned reward and acceptance, the
         Frechet distance to the real images and the per-class MS-SSIM diversity."""
         from medsyn.metrics.diversity import mean_pairwise_ms_ssim
 
@@ -361,13 +447,18 @@ class Rounds:
         images01 = unit_range(images)
         metrics = {"round": r, **(extra or {})}
         if self.rater is not None:
-            ratings = torch.tensor(self.rate(images, labels), dtype=torch.float32)
+            given = self.rate(images, labels)
+            ratings = torch.tensor(given[Aspect.PROMPT_MATCH], dtype=torch.float32)
             metrics["mean_rating"] = float(ratings.mean())
             metrics["mean_rating_per_class"] = {name: float(ratings[labels == c].mean())
                                                 for c, name in enumerate(self.class_names)}
             metrics["ratings"] = ratings.int().tolist()  # per held-out seed, for paired comparisons across rounds
+            metrics["mean_quality_rating"] = float(np.mean(given[Aspect.QUALITY]))
+            metrics["quality_ratings"] = given[Aspect.QUALITY]
         if selector is not None:
-            metrics["held_out_accept_rate"] = float(accepted_by(selector, images01).float().mean())
+            reward, accepted = self.rewards(images, labels, selector, policy)
+            metrics["held_out_mean_reward"] = float(reward.mean())
+            metrics["held_out_accept_rate"] = float(accepted.float().mean())
         if self.real is not None:
             metrics["frechet_distance"] = self.frechet_distance(images)
         per_class = [mean_pairwise_ms_ssim(images01[labels == c])[0] for c in range(len(self.class_names))]
@@ -413,14 +504,15 @@ def main(args: argparse.Namespace) -> list[dict]:
             if not rounds.ratings(r, trajectory):
                 break
             selector = rounds.selector(r)
-            summary = rounds.update(r, chain, trajectory, selector)
-            metrics = rounds.evaluate(r, selector, summary)
+            policy = rounds.policy(r)
+            summary = rounds.update(r, chain, trajectory, selector, policy)
+            metrics = rounds.evaluate(r, selector, policy, summary)
         history.append(metrics)
         accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=r)
         logger.info(f"round {r}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
                                                if isinstance(v, float)))
     atomic_json(rounds.root / "rounds.json", {"rounds": history, "rater": rounds.rater_id,
-                                              "update": str(args.update)})
+                                              "update": str(args.update), "reward": str(args.reward)})
     accelerator.end_training()
     return history
 

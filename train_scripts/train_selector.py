@@ -46,7 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--aspect", type=str, default=Aspect.QUALITY.value, choices=[a.value for a in Aspect],
                       help="Which ratings to learn: image quality or the match to the prompt.")
 
-    model = parser.add_argument_group("model (default: the paper's ViT)")
+    model = parser.add_argument_group("model (default: a new ViT of the paper's shape)")
+    model.add_argument("--selector_model_name_or_path", type=str, default=None,
+                       help="A selector folder to continue from (e.g. the last RLHF round's); its shape wins.")
     for name, value in SELECTOR_ARCHITECTURE.items():
         model.add_argument(f"--{name}", type=count_argument(), default=value, help=f"ViT {name.replace('_', ' ')}.")
 
@@ -62,8 +64,15 @@ def main(args: argparse.Namespace) -> ViTForImageClassification:
     accelerator = build_accelerator(args)
     images, ratings, digests, _ = rated_samples(args.images, args.ratings, args.aspect, args.resolution)
     train_rows, held_out_rows = split_by_image(digests, args.validation_fraction, args.seed)
-    config = selector_config(images.shape[-1], images.shape[1], **{k: getattr(args, k) for k in SELECTOR_ARCHITECTURE})
-    model = ViTForImageClassification(config)
+    if args.selector_model_name_or_path:
+        model = ViTForImageClassification.from_pretrained(args.selector_model_name_or_path)
+        if (model.config.image_size, model.config.num_channels) != (images.shape[-1], images.shape[1]):
+            raise ValueError(f"--selector_model_name_or_path {args.selector_model_name_or_path} takes "
+                             f"{model.config.num_channels}-channel {model.config.image_size} px images; the rated "
+                             f"images are {images.shape[1]}-channel {images.shape[-1]} px")
+    else:
+        model = ViTForImageClassification(selector_config(images.shape[-1], images.shape[1],
+                                                          **{k: getattr(args, k) for k in SELECTOR_ARCHITECTURE}))
     dataset = torch.utils.data.TensorDataset(images[train_rows], ratings[train_rows])
 
     def collate(rows):

@@ -1,22 +1,26 @@
 """Unattended raters: any callable ``(images, prompts) -> ratings in {1, 2, 3}`` can stand where the experts sit, so
 that an RLHF loop runs in tests and benchmarks without people.
 
-``--rater module:function`` names one. medsyn ships one stand-in, built from measurable things: an expert
-classifier's confidence that the image shows the class its prompt asks for, and a check that the image is not
-blank. It is a stand-in for expert judgement, never a substitute for it: its ratings are recorded under the rater id
-``stand-in:<classifier>``, and results obtained with it say so.
+``--rater module:function`` names one. It returns one rating per image (an overall judgement, taken for both aspects)
+or a mapping from aspect ("quality", "prompt_match") to ratings, as experts rate the two apart (MINIM's selector
+learns the first, its policy model the second). medsyn ships one stand-in, built from measurable things: an expert
+classifier's confidence that the image shows the class its prompt asks for (prompt match), its confidence in
+whichever class it sees (quality), and a check that the image is not blank. It is a stand-in for expert judgement,
+never a substitute for it: its ratings are recorded under the rater id ``stand-in:<classifier>``, and results
+obtained with it say so.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from medsyn.evaluation.generation_accuracy import ExpertClassifier
+from medsyn.rlhf.ratings import Aspect
 
-Rater = Callable[[torch.Tensor, Sequence[str]], Sequence[int]]
+Rater = Callable[[torch.Tensor, Sequence[str]], Sequence[int] | Mapping[str, Sequence[int]]]
 
 
 def load_rater(spec: str) -> Rater:
@@ -37,20 +41,34 @@ def load_rater(spec: str) -> Rater:
     return target
 
 
-def checked_ratings(rater: Rater, images: torch.Tensor, prompts: Sequence[str]) -> list[int]:
-    """Call ``rater`` and insist on one rating in {1, 2, 3} per image."""
-    ratings = [int(r) for r in rater(images, prompts)]
-    if len(ratings) != len(images):
-        raise ValueError(f"the rater gave {len(ratings)} ratings for {len(images)} images")
-    bad = sorted({r for r in ratings if r not in (1, 2, 3)})
-    if bad:
-        raise ValueError(f"the rater gave ratings {bad}; ratings are 1, 2 or 3")
-    return ratings
+def checked_ratings(rater: Rater, images: torch.Tensor, prompts: Sequence[str]) -> dict[Aspect, list[int]]:
+    """Call ``rater`` and insist on one rating in {1, 2, 3} per image and aspect; one list rates both aspects."""
+    given = rater(images, prompts)
+    if isinstance(given, Mapping):
+        unknown = sorted(str(a) for a in given if a not in set(Aspect))
+        if unknown or len(given) != len(Aspect):
+            raise ValueError(f"the rater rated aspects {sorted(map(str, given))}; expected one list of ratings or "
+                             f"one for each of {[a.value for a in Aspect]}")
+        by_aspect = {Aspect(aspect): given[aspect] for aspect in given}
+    else:
+        by_aspect = dict.fromkeys(Aspect, given)
+    checked = {}
+    for aspect, ratings in by_aspect.items():
+        ratings = [int(r) for r in ratings]
+        if len(ratings) != len(images):
+            raise ValueError(f"the rater gave {len(ratings)} {aspect.value} ratings for {len(images)} images")
+        bad = sorted({r for r in ratings if r not in (1, 2, 3)})
+        if bad:
+            raise ValueError(f"the rater gave {aspect.value} ratings {bad}; ratings are 1, 2 or 3")
+        checked[aspect] = ratings
+    return checked
 
 
 class ClassifierStandInRater:
-    """A stand-in rater: 3 when an expert classifier gives the prompted class probability >= ``good``, 2 when
-    >= ``fair``, else 1; a blank image (standard deviation under ``min_std`` on [0, 1]) is 1 whatever it shows.
+    """A stand-in rater of both aspects. Prompt match: 3 when an expert classifier gives the prompted class
+    probability >= ``good``, 2 when >= ``fair``, else 1. Quality: the same cut-offs on its probability of the class
+    it finds most likely (a scan it recognises clearly, whatever it shows). A blank image (standard deviation under
+    ``min_std`` on [0, 1]) is 1 on both.
 
     Args:
         classifier: the expert classifier (``train_expert.py``'s).
@@ -80,10 +98,15 @@ class ClassifierStandInRater:
             raise ValueError(f"prompt {prompt!r} names {len(found)} of the classes {names}; give class_of_prompt")
         return found[0]
 
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> list[int]:
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, list[int]]:
         images = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         classes = torch.tensor([self.prompted_class(p) for p in prompts])
-        confidence = self.classifier.probabilities(images)[torch.arange(len(images)), classes]
-        ratings = 1 + (confidence >= self.fair).long() + (confidence >= self.good).long()
+        probabilities = self.classifier.probabilities(images)
         blank = images.flatten(1).std(1) < self.min_std
-        return torch.where(blank, torch.ones_like(ratings), ratings).tolist()
+
+        def rating(confidence: torch.Tensor) -> list[int]:
+            levels = 1 + (confidence >= self.fair).long() + (confidence >= self.good).long()
+            return torch.where(blank, torch.ones_like(levels), levels).tolist()
+
+        return {Aspect.PROMPT_MATCH.value: rating(probabilities[torch.arange(len(images)), classes]),
+                Aspect.QUALITY.value: rating(probabilities.max(dim=1).values)}
