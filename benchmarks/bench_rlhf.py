@@ -1,11 +1,12 @@
 """Does RLHF improve a generator as its rater judges it, without drifting from the data? (issue 15)
 
-Runs ``train_rlhf.py``'s rounds with each update method from one starting generator and one stand-in rater (an
-expert classifier trained here, or given), and prints per round: the held-out mean rating, its change from round 0
-paired over the same held-out seeds (95% CI), the Frechet distance and MS-SSIM diversity relative to round 0, the
-selector's acceptance of held-out images and the update's cost. **Target: the mean rating rises significantly while
-Frechet distance and diversity stay within 10% of the starting model.** The rater is a stand-in for experts: what it
-rewards is an expert classifier's confidence in the prompted class, not human judgement.
+Runs ``train_rlhf.py``'s rounds with each update method and reward from one starting generator and one stand-in
+rater (an expert classifier trained here, or given), and prints per round: the held-out mean rating of the match to
+the prompt, its change from round 0 paired over the same held-out seeds (95% CI), the mean quality rating, the
+Frechet distance and MS-SSIM diversity relative to round 0, the learned reward and acceptance of held-out images and
+the update's cost. **Target: the mean rating rises significantly while Frechet distance and diversity stay within
+10% of the starting model.** The rater is a stand-in for experts: what it rewards is an expert classifier's
+confidence in the prompted class (prompt match) and in the class it sees (quality), not human judgement.
 
     python benchmarks/bench_rlhf.py --generator ddpm-brain32 --data training.npz --output-dir bench-rlhf \\
         --rounds 3 -- --pool_per_class 32 --held_out_per_class 32
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("--expert-steps", type=int, default=600)
     parser.add_argument("--real-count", type=int, default=512, help="real images for mixing and the FD reference")
     parser.add_argument("--methods", nargs="+", default=[m.value for m in train_rlhf.UpdateMethod])
+    parser.add_argument("--rewards", nargs="+", default=["product"], help="train_rlhf's --reward, one run each")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", required=True)
@@ -79,31 +81,43 @@ def main() -> None:
 
     print(f"generator {args.generator}, stand-in rater from {expert}, {args.rounds} rounds; "
           f"train_rlhf flags: {' '.join(passthrough) or '(defaults)'}\n")
-    print("| method | round | mean rating | change vs round 0 (95% CI) | FD | FD vs round 0 | MS-SSIM | MS-SSIM vs "
-          "round 0 | held-out accept | update s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| method | reward | round | mean rating | change vs round 0 (95% CI) | quality rating | FD | FD vs round 0 "
+          "| MS-SSIM | MS-SSIM vs round 0 | held-out reward | held-out accept | update s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for method in args.methods:
-        history = train_rlhf.main(train_rlhf.parse_args([
-            "--pretrained_model_name_or_path", args.generator, "--output_dir", str(output_dir / method),
-            "--stand_in_rater", expert, "--real_images", str(real), "--update", method, "--rounds", str(args.rounds),
-            "--seed", str(args.seed), "--report_to", "none", *passthrough]))
-        start = history[0]
-        for metrics in history:
-            change, half = paired_change(metrics["ratings"], start["ratings"])
-            fd, ms_ssim = metrics["frechet_distance"], metrics["ms_ssim"]
-            accept = metrics.get("held_out_accept_rate")
-            print(f"| {method} | {metrics['round']} | {metrics['mean_rating']:.3f} | {change:+.3f} ± {half:.3f} | "
-                  f"{fd:.2f} | {fd / start['frechet_distance'] - 1:+.1%} | {ms_ssim:.3f} | "
-                  f"{ms_ssim / start['ms_ssim'] - 1:+.1%} | {'n/a' if accept is None else f'{accept:.2f}'} | "
-                  f"{metrics.get('update_seconds', float('nan')):.0f} |", flush=True)
-        last = history[-1]
-        change, half = paired_change(last["ratings"], start["ratings"])
-        within = all(abs(last[k] / start[k] - 1) <= 0.10 for k in ("frechet_distance", "ms_ssim"))
-        verdict = "a significant rise" if change - half > 0 else "a significant fall" if change + half < 0 else \
-            "not significant"
-        print(f"\n{method}: rating change {change:+.3f} ± {half:.3f} ({verdict}); FD and MS-SSIM within 10%: {within}; "
-              f"per class, last round: {json.dumps(last['mean_rating_per_class'])}; mean update cost "
-              f"{statistics.mean(m.get('update_seconds', 0) for m in history[1:]):.0f} s\n")
+        for reward in args.rewards:
+            history = train_rlhf.main(train_rlhf.parse_args([
+                "--pretrained_model_name_or_path", args.generator, "--output_dir",
+                str(output_dir / f"{method}-{reward}"), "--stand_in_rater", expert, "--real_images", str(real),
+                "--update", method, "--reward", reward, "--rounds", str(args.rounds), "--seed", str(args.seed),
+                "--report_to", "none", *passthrough]))
+            report(method, reward, history)
+
+
+def report(method: str, reward: str, history: list[dict]) -> None:
+    """The table's rows of one run, then its verdict against the target."""
+    start = history[0]
+
+    def optional(metrics: dict, key: str, digits: int) -> str:
+        return f"{metrics[key]:.{digits}f}" if key in metrics else "n/a"
+
+    for metrics in history:
+        change, half = paired_change(metrics["ratings"], start["ratings"])
+        fd, ms_ssim = metrics["frechet_distance"], metrics["ms_ssim"]
+        print(f"| {method} | {reward} | {metrics['round']} | {metrics['mean_rating']:.3f} | {change:+.3f} ± "
+              f"{half:.3f} | {metrics['mean_quality_rating']:.3f} | {fd:.2f} | "
+              f"{fd / start['frechet_distance'] - 1:+.1%} | {ms_ssim:.3f} | {ms_ssim / start['ms_ssim'] - 1:+.1%} | "
+              f"{optional(metrics, 'held_out_mean_reward', 3)} | {optional(metrics, 'held_out_accept_rate', 2)} | "
+              f"{optional(metrics, 'update_seconds', 0)} |", flush=True)
+    last = history[-1]
+    change, half = paired_change(last["ratings"], start["ratings"])
+    within = all(abs(last[k] / start[k] - 1) <= 0.10 for k in ("frechet_distance", "ms_ssim"))
+    verdict = "a significant rise" if change - half > 0 else "a significant fall" if change + half < 0 else \
+        "not significant"
+    print(f"\n{method}, reward {reward}: rating change {change:+.3f} ± {half:.3f} ({verdict}); FD and MS-SSIM within "
+          f"10%: {within}; per class, round 0: {json.dumps(start['mean_rating_per_class'])}, last round: "
+          f"{json.dumps(last['mean_rating_per_class'])}; mean update cost "
+          f"{statistics.mean(m.get('update_seconds', 0) for m in history[1:]):.0f} s\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -384,7 +384,8 @@ class Rounds:
             os.replace(partial, folder)
         return AlignmentPolicy.from_pretrained(folder).to(self.accelerator.device).eval()
 
-    def rewards(self, images: torch.Tensor, labels: torch.Tensor, selector, policy) -> tuple[torch.Tensor, torch.Tensor]:
+    def rewards(self, images: torch.Tensor, labels: torch.Tensor, selector, policy
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``--reward`` of images in [-1, 1], and which are accepted: the selector's score at its threshold and,
         where the reward uses the policy, its match decision (p >= 0.5)."""
         images01 = unit_range(images)
