@@ -86,11 +86,15 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for method in args.methods:
         for reward in args.rewards:
-            history = train_rlhf.main(train_rlhf.parse_args([
-                "--pretrained_model_name_or_path", args.generator, "--output_dir",
-                str(output_dir / f"{method}-{reward}"), "--stand_in_rater", expert, "--real_images", str(real),
-                "--update", method, "--reward", reward, "--rounds", str(args.rounds), "--seed", str(args.seed),
-                "--report_to", "none", *passthrough]))
+            run_dir = output_dir / f"{method}-{reward}"
+            try:
+                history = train_rlhf.main(train_rlhf.parse_args([
+                    "--pretrained_model_name_or_path", args.generator, "--output_dir", str(run_dir),
+                    "--stand_in_rater", expert, "--real_images", str(real), "--update", method, "--reward", reward,
+                    "--rounds", str(args.rounds), "--seed", str(args.seed), "--report_to", "none", *passthrough]))
+            except train_rlhf.RewardModelError as error:  # a result too: the reward models did not learn
+                print(f"\n{method}, reward {reward}: stopped before an update. {error}\n", flush=True)
+                history = [json.loads(path.read_text()) for path in sorted(run_dir.glob("round-*/metrics.json"))]
             report(method, reward, history)
 
 

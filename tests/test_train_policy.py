@@ -67,3 +67,31 @@ def test_stage_two_needs_a_selector_and_ratings_must_exist(tmp_path):
     with pytest.raises(ValueError, match="no prompt_match ratings"):
         train_policy.main(train_policy.parse_args([*TOWERS, *COMMON, "--images", images, "--ratings",
                                                    str(tmp_path / "empty.jsonl"), "--output_dir", str(tmp_path)]))
+
+
+def test_a_cnn_classifier_serves_as_the_image_tower(tmp_path):
+    """A saved transformers ResNet classifier (what train_expert.py writes) is read by its pooled features; the
+    policy learns the match on it and loads back with the same predictions."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    ResNetForImageClassification(ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                              layer_type="basic", num_labels=2)).save_pretrained(tmp_path / "expert")
+    images, ratings = matched_pool(tmp_path)
+    policy = train_policy.main(train_policy.parse_args([
+        *TOWERS[2:], *COMMON, "--images", images, "--ratings", ratings, "--image_encoder_name_or_path",
+        str(tmp_path / "expert"), "--max_train_steps", "120", "--output_dir", str(tmp_path / "policy")]))
+    assert type(policy.image_encoder).__name__ == "ResNetModel" and policy.head[0].in_features == 16 + 32
+    metrics = json.loads((tmp_path / "policy" / "policy.json").read_text())
+    assert metrics["match_accuracy"] > 0.85 and metrics["spearman"] > 0.7
+    x = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        loaded = AlignmentPolicy.from_pretrained(tmp_path / "policy")
+        torch.testing.assert_close(loaded(x, ["a", "b"]), policy(x, ["a", "b"]))
+
+    rgb = tmp_path / "rgb"
+    ResNetForImageClassification(ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8], depths=[1],
+                                              layer_type="basic")).save_pretrained(rgb)
+    with pytest.raises(ValueError, match="takes 3-channel images; the rated images have 1"):
+        train_policy.main(train_policy.parse_args([*COMMON, "--images", images, "--ratings", ratings,
+                                                   "--image_encoder_name_or_path", str(rgb), "--output_dir",
+                                                   str(tmp_path / "bad")]))

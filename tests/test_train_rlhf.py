@@ -53,7 +53,7 @@ def rlhf_args(generator_folder: str, output_dir, *extra: str):
         "--policy_num_hidden_layers", "1", "--policy_intermediate_size", "32", "--policy_steps", "20",
         "--policy_learning_rate", "1e-3",
         "--updates_per_round", "6", "--update_batch_size", "8", "--learning_rate", "3e-3", "--lora_rank", "4",
-        "--report_to", "none", *extra])
+        "--min_reward_spearman", "-1", "--report_to", "none", *extra])
 
 
 def without_timing(history: list[dict]) -> list[dict]:
@@ -101,6 +101,20 @@ def test_rounds_run_rate_and_resume_exactly_after_a_crash(generator_folder, tmp_
     again = train_rlhf.main(rlhf_args(generator_folder, resumed, "--rounds", "2", *rater))
     assert without_timing(again) == without_timing(whole)
     assert len(RatingsFile(resumed / "round-002" / "ratings.jsonl").ratings()) == 48  # nothing rated twice
+
+
+def test_a_round_stops_before_the_update_when_a_reward_model_does_not_rank(generator_folder, tmp_path):
+    rater = ["--rater", "tests.test_train_rlhf:class_rater"]
+    with pytest.raises(train_rlhf.RewardModelError, match="selector's held-out Spearman correlation with the "
+                                                          "quality ratings is .* under --min_reward_spearman 1.01"):
+        train_rlhf.main(rlhf_args(generator_folder, tmp_path, "--rounds", "1", "--min_reward_spearman", "1.01", *rater))
+    round_one = tmp_path / "round-001"
+    assert (round_one / "selector").is_dir() and not (round_one / "generator").exists()
+    trained = (round_one / "selector" / "model.safetensors").stat().st_mtime_ns
+    # going on anyway keeps the selector it trained
+    history = train_rlhf.main(rlhf_args(generator_folder, tmp_path, "--rounds", "1", *rater))
+    assert [m["round"] for m in history] == [0, 1]
+    assert (round_one / "selector" / "model.safetensors").stat().st_mtime_ns == trained
 
 
 def test_without_a_rater_a_round_waits_for_people(generator_folder, tmp_path, caplog):

@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--text_encoder_name_or_path", type=str, default=None,
                        help="A local BERT-family folder with its tokenizer; default: a new BERT with a WordPiece "
                             "vocabulary from the prompts.")
+    model.add_argument("--image_encoder_name_or_path", type=str, default=None,
+                       help="A local transformers vision model folder (a ViT, or a CNN such as train_expert.py's "
+                            "classifier, whose backbone is taken) as the image tower; default: a new ViT.")
     model.add_argument("--patch_size", type=count_argument(), default=16, help="ViT patch side.")
     model.add_argument("--hidden_size", type=count_argument(), default=768, help="Width of both towers.")
     model.add_argument("--num_attention_heads", type=count_argument(), default=12, help="Heads of both towers.")
@@ -72,8 +75,17 @@ def build_policy(args, images: torch.Tensor, prompts: list[str]) -> AlignmentPol
         return AlignmentPolicy.from_pretrained(args.policy_model_name_or_path)
     tower = dict(hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
                  num_hidden_layers=args.num_hidden_layers, intermediate_size=args.intermediate_size)
-    image_encoder = ViTModel(ViTConfig(image_size=images.shape[-1], patch_size=args.patch_size,
-                                       num_channels=images.shape[1], **tower), add_pooling_layer=False)
+    if args.image_encoder_name_or_path:
+        from transformers import AutoModel
+
+        image_encoder = AutoModel.from_pretrained(args.image_encoder_name_or_path)
+        channels = image_encoder.config.num_channels
+        if channels != images.shape[1]:
+            raise ValueError(f"--image_encoder_name_or_path {args.image_encoder_name_or_path} takes {channels}-channel "
+                             f"images; the rated images have {images.shape[1]}")
+    else:
+        image_encoder = ViTModel(ViTConfig(image_size=images.shape[-1], patch_size=args.patch_size,
+                                           num_channels=images.shape[1], **tower), add_pooling_layer=False)
     if args.text_encoder_name_or_path:
         from transformers import AutoModel, AutoTokenizer
 

@@ -66,6 +66,10 @@ POLICY_ARCHITECTURE = {"patch_size": 16, "hidden_size": 768, "num_attention_head
                        "intermediate_size": 3072}
 
 
+class RewardModelError(ValueError):
+    """A reward model that does not rank its held-out ratings: the round stops before the update."""
+
+
 class UpdateMethod(StrEnum):
     REWARD_WEIGHTED = "reward_weighted"
     POLICY_GRADIENT = "policy_gradient"
@@ -118,6 +122,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, value in POLICY_ARCHITECTURE.items():
         policy.add_argument(f"--policy_{name}", type=count_argument(), default=value,
                             help=f"Policy towers' {name.replace('_', ' ')}.")
+    policy.add_argument("--policy_image_encoder", type=str, default=None,
+                        help="A local transformers vision model folder (e.g. a classifier trained on the labelled "
+                             "scans, train_expert.py) as the policy's image tower; default: a new ViT.")
     policy.add_argument("--policy_text_encoder", type=str, default=None,
                         help="A local BERT-family folder for the policy's text tower; default: a new BERT with a "
                              "WordPiece vocabulary from the prompts.")
@@ -130,6 +137,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     update.add_argument("--reward", type=RewardKind, default=RewardKind.PRODUCT, choices=list(RewardKind),
                         help="What the update maximises: the selector's score, the policy's prompt match, or both "
                              "multiplied (MINIM).")
+    update.add_argument("--min_reward_spearman", type=float, default=0.1,
+                        help="A round stops before the update unless each reward model's held-out Spearman "
+                             "correlation with its ratings reaches this (-1: never stop).")
     update.add_argument("--update", type=UpdateMethod, default=UpdateMethod.POLICY_GRADIENT,
                         choices=list(UpdateMethod), help="Reward-weighted fine-tuning, or DDPO's policy gradient.")
     update.add_argument("--updates_per_round", type=count_argument(), default=50, help="Optimiser steps a round.")
@@ -347,7 +357,19 @@ class Rounds:
                 "--max_train_steps", str(self.args.selector_steps), "--learning_rate",
                 str(self.args.selector_learning_rate), *shape, *previous]))
             os.replace(partial, folder)
+        self.check_ranks(folder / "selector.json", "selector", "quality")
         return ViTForImageClassification.from_pretrained(folder).to(self.accelerator.device).eval()
+
+    def check_ranks(self, metrics_path: Path, model: str, aspect: str) -> None:
+        """Refuse to update the generator against a reward model that does not rank held-out ratings: the update
+        would chase its errors (RESULTS.md, issue 15)."""
+        spearman = json.loads(metrics_path.read_text())["spearman"]
+        if not spearman >= self.args.min_reward_spearman:  # NaN (a constant prediction) fails too
+            raise RewardModelError(
+                f"{metrics_path.parent}: the {model}'s held-out Spearman correlation with the {aspect} ratings is "
+                f"{spearman:.3f}, under --min_reward_spearman {self.args.min_reward_spearman}; updating the generator "
+                "against it would reward its errors. Rate more images, train it longer, or pass a lower "
+                "--min_reward_spearman to go on anyway (the models are kept).")
 
     def rated_data(self, r: int) -> list[str]:
         """train_selector.py's and train_policy.py's flags for the round's rated pool."""
@@ -373,6 +395,8 @@ class Rounds:
                 start = (["--policy_model_name_or_path", str(self.folder(r - 1) / "policy")] if r > 1 else
                          [f"--{name}={getattr(args, 'policy_' + name)}" for name in POLICY_ARCHITECTURE]
                          + (["--text_encoder_name_or_path", args.policy_text_encoder] if args.policy_text_encoder
+                            else [])
+                         + (["--image_encoder_name_or_path", args.policy_image_encoder] if args.policy_image_encoder
                             else []))
                 train_policy.main(train_policy.parse_args([*common, "--output_dir", str(partial), *start]))
                 os.replace(partial, stage1)
@@ -382,6 +406,7 @@ class Rounds:
                 *common, "--stage", "2", "--selector", str(self.folder(r) / "selector"),
                 "--policy_model_name_or_path", str(stage1), "--output_dir", str(partial)]))
             os.replace(partial, folder)
+        self.check_ranks(folder / "policy.json", "policy model", "prompt-match")
         return AlignmentPolicy.from_pretrained(folder).to(self.accelerator.device).eval()
 
     def rewards(self, images: torch.Tensor, labels: torch.Tensor, selector, policy

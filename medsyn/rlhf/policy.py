@@ -2,7 +2,9 @@
 
 The paper's shape: an image ViT (768-d) and a BERT-family text encoder (768-d, BioMedBERT's), their [CLS] features
 concatenated (1536) and an MLP 1536 -> 768 -> 384 -> 1 with a sigmoid. Any transformers ViT and BERT-family model
-fit; the head's widths follow their sum (d -> d/2 -> d/4 -> 1).
+fit; the head's widths follow their sum (d -> d/2 -> d/4 -> 1). The image tower may also be a transformers CNN
+(ResNet, ConvNeXt: e.g. a classifier trained on the hospital's labelled scans), read by its pooled output: learned
+from scratch on a few hundred ratings, a ViT hardly learns to tell the classes apart (RESULTS.md, issue 15).
 
 It is trained REINFORCE-style, as the paper says: the policy's output p is a Bernoulli policy over "this image
 matches its prompt" (a = 1) or not (a = 0); for a sampled action the reward is the expert's agreement,
@@ -42,7 +44,7 @@ class AlignmentPolicy(nn.Module):
         super().__init__()
         self.image_encoder, self.text_encoder, self.tokenizer = image_encoder, text_encoder, tokenizer
         self.max_length = max_length
-        width = image_encoder.config.hidden_size + text_encoder.config.hidden_size
+        width = image_width(image_encoder.config) + text_encoder.config.hidden_size
         self.head = nn.Sequential(nn.Linear(width, width // 2), nn.ReLU(), nn.Linear(width // 2, width // 4),
                                   nn.ReLU(), nn.Linear(width // 4, 1))
 
@@ -51,7 +53,7 @@ class AlignmentPolicy(nn.Module):
         if len(prompts) != len(images):
             raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
         device = next(self.head.parameters()).device
-        image_features = self.image_encoder(pixel_values=images.to(device).float() * 2 - 1).last_hidden_state[:, 0]
+        image_features = pooled_image_features(self.image_encoder(pixel_values=images.to(device).float() * 2 - 1))
         tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
                                 return_tensors="pt").to(device)
         text_features = self.text_encoder(input_ids=tokens["input_ids"],
@@ -87,6 +89,21 @@ class AlignmentPolicy(nn.Module):
             folder / "text_encoder"), AutoTokenizer.from_pretrained(folder / "tokenizer"), config["max_length"])
         policy.head.load_state_dict(load_file(folder / HEAD_FILE))
         return policy.eval()
+
+
+def image_width(config) -> int:
+    """The feature width of a vision tower: a ViT's ``hidden_size``, a CNN's last stage (``hidden_sizes[-1]``)."""
+    width = getattr(config, "hidden_size", None) or (getattr(config, "hidden_sizes", None) or [None])[-1]
+    if width is None:
+        raise ValueError(f"a {type(config).__name__} image encoder states neither hidden_size nor hidden_sizes")
+    return width
+
+
+def pooled_image_features(outputs) -> torch.Tensor:
+    """(B, width) image features: a ViT's [CLS] token, a CNN's pooled output (its last feature map is 4-D)."""
+    if outputs.last_hidden_state.ndim == 4:
+        return outputs.pooler_output.flatten(1)
+    return outputs.last_hidden_state[:, 0]
 
 
 def reinforce_loss(probabilities: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
