@@ -269,6 +269,26 @@ def test_rewards_combine_the_selector_and_the_policy_and_accept_by_the_learned_t
     assert accepted_by(selector, images).tolist() == (scores >= scores.median()).tolist()
 
 
+def test_rated_rewards_are_the_images_own_ratings_averaged_over_raters():
+    from medsyn.rlhf.ratings import Rating
+    from medsyn.rlhf.rewards import generator_rewards, rated_rewards
+
+    def rated(image, rating, aspect, rater="dr-a"):
+        return Rating(f"sha256:{image}", "glioma", rating, rater, aspect)
+
+    ratings = [rated("a", 3, "quality"), rated("a", 3, "prompt_match"), rated("a", 1, "prompt_match", "dr-b"),
+               rated("b", 2, "quality"), rated("b", 3, "prompt_match"), rated("c", 3, "quality"),
+               rated("c", 3, "prompt_match")]
+    rewards, accepted = rated_rewards(ratings, [f"sha256:{d}" for d in "abca"])
+    # a: quality 1.0 x mean match (3 + 1) / 2 = 2 -> 0.5; b: 0.5 x 1.0; c: 1 x 1
+    torch.testing.assert_close(rewards, torch.tensor([0.5, 0.5, 1.0, 0.5]))
+    assert accepted.tolist() == [False, False, True, False]
+    with pytest.raises(ValueError, match="every image rated for \\['prompt_match'\\]"):
+        rated_rewards(ratings[:1], ["sha256:a"])
+    with pytest.raises(ValueError, match="not a model's score"):
+        generator_rewards(torch.rand(1, 1, 8, 8), ["x"], "ratings")
+
+
 def test_the_text_guided_chain_is_medisyns_sampler():
     """MediSyn's latent DDIM chain: at eta -> 0 it is the pipeline's own DDIM sampler, with guidance against the
     empty caption and the autoencoder's decoding."""

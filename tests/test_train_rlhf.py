@@ -117,6 +117,22 @@ def test_a_round_stops_before_the_update_when_a_reward_model_does_not_rank(gener
     assert (round_one / "selector" / "model.safetensors").stat().st_mtime_ns == trained
 
 
+def test_the_pools_own_ratings_as_the_reward_need_no_reward_model(generator_folder, tmp_path):
+    history = train_rlhf.main(rlhf_args(generator_folder, tmp_path, "--rounds", "1", "--reward", "ratings",
+                                        "--update", "reward_weighted", "--pretrain_weight", "0",
+                                        "--rater", "tests.test_train_rlhf:class_rater"))
+    round_one = tmp_path / "round-001"
+    assert (round_one / "generator").is_dir()
+    assert not (round_one / "selector").exists() and not (round_one / "policy").exists()
+    with np.load(round_one / "pool.npz") as pool:
+        pixels, captions = pool["images"], [str(c) for c in pool["captions"]]
+    given = class_rater(torch.from_numpy(pixels).float()[:, None] / 255, captions)
+    expected = [(q - 1) / 2 * (m - 1) / 2 for q, m in zip(given["quality"], given["prompt_match"])]
+    assert history[1]["pool_mean_reward"] == pytest.approx(np.mean(expected), abs=1e-6)
+    assert history[1]["pool_accept_rate"] == pytest.approx(np.mean([e == 1 for e in expected]))
+    assert "held_out_mean_reward" not in history[1] and "mean_rating" in history[1]
+
+
 def test_without_a_rater_a_round_waits_for_people(generator_folder, tmp_path, caplog):
     history = train_rlhf.main(rlhf_args(generator_folder, tmp_path, "--rounds", "1"))
     assert [m["round"] for m in history] == [0] and "mean_rating" not in history[0]

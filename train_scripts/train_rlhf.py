@@ -51,7 +51,7 @@ from medsyn.rlhf.raters import ClassifierStandInRater, checked_ratings, load_rat
 from medsyn.rlhf.ratings import Aspect, Rating, RatingsFile, image_digest
 from medsyn.rlhf.reward_weighted import reward_weighted_update, reward_weights
 from medsyn.rlhf.policy import AlignmentPolicy
-from medsyn.rlhf.rewards import RewardKind, generator_rewards, saved_threshold
+from medsyn.rlhf.rewards import RewardKind, generator_rewards, rated_rewards, saved_threshold
 from medsyn.rlhf.selector import SELECTOR_ARCHITECTURE
 from medsyn.seeding import keyed_generator
 from medsyn.training.lora import merged, with_lora
@@ -135,8 +135,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     update = parser.add_argument_group("generator update")
     update.add_argument("--reward", type=RewardKind, default=RewardKind.PRODUCT, choices=list(RewardKind),
-                        help="What the update maximises: the selector's score, the policy's prompt match, or both "
-                             "multiplied (MINIM).")
+                        help="What the update maximises: the selector's score, the policy's prompt match, both "
+                             "multiplied (MINIM), or the pool's own ratings (no reward model: DDPO's setting, "
+                             "nothing to game, but only rated images can be rewarded).")
     update.add_argument("--min_reward_spearman", type=float, default=0.1,
                         help="A round stops before the update unless each reward model's held-out Spearman "
                              "correlation with its ratings reaches this (-1: never stop).")
@@ -291,13 +292,17 @@ class Rounds:
         return checked_ratings(self.rater, unit_range(images), [self.prompts[int(c)] for c in labels])
 
     @property
+    def uses_models(self) -> bool:
+        return self.args.reward != RewardKind.RATINGS
+
+    @property
     def uses_policy(self) -> bool:
-        return self.args.reward != RewardKind.SELECTOR
+        return self.args.reward in (RewardKind.POLICY, RewardKind.PRODUCT)
 
     @property
     def aspects(self) -> list[Aspect]:
-        """What the round's models learn from: quality (the selector), prompt match (the policy)."""
-        return [Aspect.QUALITY, *([Aspect.PROMPT_MATCH] if self.uses_policy else [])]
+        """What the round needs rated: quality (the selector), prompt match (the policy); both for the ratings."""
+        return [Aspect.QUALITY, *([] if self.args.reward == RewardKind.SELECTOR else [Aspect.PROMPT_MATCH])]
 
     # --- the stages -------------------------------------------------------------------------------------------
 
@@ -427,7 +432,11 @@ class Rounds:
         """The generator after the round's update, saved merged (a plain pipeline) to round/generator."""
         folder = self.folder(r) / "generator"
         args = self.args
-        rewards, accepted = self.rewards(trajectory.images, trajectory.labels, selector, policy)
+        if self.uses_models:
+            rewards, accepted = self.rewards(trajectory.images, trajectory.labels, selector, policy)
+        else:
+            rewards, accepted = rated_rewards(RatingsFile(self.folder(r) / "ratings.jsonl").ratings(),
+                                              [image_digest(p) for p in to_uint8(trajectory.images)])
         summary = {"pool_mean_reward": float(rewards.mean()), "pool_accept_rate": float(accepted.float().mean())}
         if folder.exists():
             return summary
@@ -529,7 +538,7 @@ def main(args: argparse.Namespace) -> list[dict]:
             chain, trajectory = rounds.pool(r)
             if not rounds.ratings(r, trajectory):
                 break
-            selector = rounds.selector(r)
+            selector = rounds.selector(r) if rounds.uses_models else None
             policy = rounds.policy(r)
             summary = rounds.update(r, chain, trajectory, selector, policy)
             metrics = rounds.evaluate(r, selector, policy, summary)
