@@ -289,21 +289,6 @@ def test_rated_rewards_are_the_images_own_ratings_averaged_over_raters():
         generator_rewards(torch.rand(1, 1, 8, 8), ["x"], "ratings")
 
 
-def test_balanced_weights_give_every_prompt_the_same_total():
-    from medsyn.rlhf.reward_weighted import balanced_over_prompts
-
-    weights = torch.tensor([1.0, 1.0, 1.0, 0.5, 0.0, 0.0, 0.25])
-    labels = torch.tensor([0, 0, 0, 1, 2, 2, 1])
-    balanced = balanced_over_prompts(weights, labels)
-    totals = torch.zeros(3).index_add_(0, labels, balanced)
-    # prompts 0 and 1 carry the mean of their old totals (3 and 0.75) each; prompt 2, with nothing accepted, none
-    torch.testing.assert_close(totals, torch.tensor([1.875, 1.875, 0.0]))
-    torch.testing.assert_close(balanced[3] / balanced[6], torch.tensor(2.0))  # ratios within a prompt are kept
-    torch.testing.assert_close(balanced_over_prompts(torch.zeros(2), torch.tensor([0, 1])), torch.zeros(2))
-    with pytest.raises(ValueError, match="2 labels for 3 weights"):
-        balanced_over_prompts(torch.ones(3), torch.tensor([0, 1]))
-
-
 def test_the_text_guided_chain_is_medisyns_sampler():
     """MediSyn's latent DDIM chain: at eta -> 0 it is the pipeline's own DDIM sampler, with guidance against the
     empty caption and the autoencoder's decoding."""

@@ -49,7 +49,7 @@ from medsyn.rlhf.chain import SamplingChain, Trajectory, sampling_chain
 from medsyn.rlhf.policy_gradient import kl_to_reference, policy_gradient_update
 from medsyn.rlhf.raters import ClassifierStandInRater, checked_ratings, load_rater
 from medsyn.rlhf.ratings import Aspect, Rating, RatingsFile, image_digest
-from medsyn.rlhf.reward_weighted import balanced_over_prompts, reward_weighted_update, reward_weights
+from medsyn.rlhf.reward_weighted import reward_weighted_update, reward_weights
 from medsyn.rlhf.policy import AlignmentPolicy
 from medsyn.rlhf.rewards import RewardKind, generator_rewards, rated_rewards, saved_threshold
 from medsyn.rlhf.selector import SELECTOR_ARCHITECTURE
@@ -158,8 +158,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     update.add_argument("--real_images", type=str, default=None,
                         help="An .npz of real training images (images, labels, class_names): mixed into "
                              "reward-weighted fine-tuning and the Frechet distance's reference.")
-    update.add_argument("--balance_prompts", action="store_true",
-                        help="Reward-weighted: give every prompt's accepted images the same total weight.")
     update.add_argument("--pretrain_weight", type=number_argument(0), default=1.0,
                         help="Reward-weighted: the weight of the real images' loss (needs --real_images).")
     parser.add_argument("--report_to", type=str, default="tensorboard", help="Tracker: tensorboard, wandb or none.")
@@ -461,11 +459,8 @@ class Rounds:
                 raise ValueError(f"round {r}: the reward models accepted none of the pool; nothing to fine-tune "
                                  "on")
             real_images, real_labels = self.real if self.real is not None else (None, None)
-            weights = reward_weights(rewards, accepted)
-            if args.balance_prompts:
-                weights = balanced_over_prompts(weights, trajectory.labels)
-            logged = reward_weighted_update(chain, trajectory.images, trajectory.labels, weights,
-                                            real_images=real_images,
+            logged = reward_weighted_update(chain, trajectory.images, trajectory.labels,
+                                            reward_weights(rewards, accepted), real_images=real_images,
                                             real_labels=real_labels, pretrain_weight=args.pretrain_weight, **common)
         summary["update_seconds"] = time.perf_counter() - started
         summary["last_update"] = logged[-1]

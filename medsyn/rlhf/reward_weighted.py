@@ -30,23 +30,6 @@ def reward_weights(rewards: torch.Tensor, accepted: torch.Tensor | None = None) 
     return torch.where(accepted, rewards, torch.zeros_like(rewards))
 
 
-def balanced_over_prompts(weights: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``weights`` rescaled so that every prompt (label) with any weight carries the same total, their mean total.
-
-    Without it, prompts the generator already serves well (more accepted images) dominate the gradient, and the
-    shared weights drift towards them, away from the prompts that needed improving (RESULTS.md, issue 15).
-    """
-    weights, labels = torch.as_tensor(weights, dtype=torch.float32), torch.as_tensor(labels)
-    if labels.shape != weights.shape:
-        raise ValueError(f"{len(labels)} labels for {len(weights)} weights")
-    totals = torch.zeros(int(labels.max()) + 1).index_add_(0, labels, weights)
-    served = totals > 0
-    if not served.any():
-        return weights
-    scale = torch.where(served, totals[served].mean() / totals.clamp_min(1e-12), torch.zeros_like(totals))
-    return weights * scale[labels]
-
-
 def reward_weighted_update(chain: SamplingChain, images: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
                            updates: int, real_images: torch.Tensor | None = None,
                            real_labels: torch.Tensor | None = None, pretrain_weight: float = 1.0,
