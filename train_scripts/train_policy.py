@@ -24,7 +24,7 @@ from accelerate.logging import get_logger
 from transformers import BertModel, ViTConfig, ViTModel
 
 from medsyn.models.latent_diffusion import bert_text_encoder_config, build_wordpiece_tokenizer
-from medsyn.rlhf.policy import AlignmentPolicy, policy_step_loss
+from medsyn.rlhf.policy import POLICY_ARCHITECTURE, AlignmentPolicy, policy_step_loss
 from medsyn.rlhf.rating_images import add_rated_data_arguments, rated_samples, split_by_image
 from medsyn.rlhf.ratings import Aspect, normalised
 from medsyn.rlhf.rewards import accepted_by
@@ -54,11 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--image_encoder_name_or_path", type=str, default=None,
                        help="A local transformers vision model folder (a ViT, or a CNN such as train_expert.py's "
                             "classifier, whose backbone is taken) as the image tower; default: a new ViT.")
-    model.add_argument("--patch_size", type=count_argument(), default=16, help="ViT patch side.")
-    model.add_argument("--hidden_size", type=count_argument(), default=768, help="Width of both towers.")
-    model.add_argument("--num_attention_heads", type=count_argument(), default=12, help="Heads of both towers.")
-    model.add_argument("--num_hidden_layers", type=count_argument(), default=12, help="Layers of both towers.")
-    model.add_argument("--intermediate_size", type=count_argument(), default=3072, help="MLP width of both towers.")
+    for name, value in POLICY_ARCHITECTURE.items():
+        model.add_argument(f"--{name}", type=count_argument(), default=value,
+                           help=f"Both towers' {name.replace('_', ' ')} (patch size: the ViT's).")
     model.add_argument("--max_length", type=count_argument(2), default=77, help="Prompt tokens kept.")
 
     add_optimisation_arguments(parser, output_dir="medsyn-policy", learning_rate=1e-4)

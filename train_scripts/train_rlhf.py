@@ -46,11 +46,11 @@ from transformers import ViTForImageClassification
 
 from medsyn.pipelines import load_pipeline
 from medsyn.rlhf.chain import SamplingChain, Trajectory, sampling_chain
+from medsyn.rlhf.policy import POLICY_ARCHITECTURE, AlignmentPolicy
 from medsyn.rlhf.policy_gradient import kl_to_reference, policy_gradient_update
 from medsyn.rlhf.raters import ClassifierStandInRater, checked_ratings, load_rater
 from medsyn.rlhf.ratings import Aspect, Rating, RatingsFile, image_digest
 from medsyn.rlhf.reward_weighted import reward_weighted_update, reward_weights
-from medsyn.rlhf.policy import AlignmentPolicy
 from medsyn.rlhf.rewards import RewardKind, generator_rewards, rated_rewards, saved_threshold
 from medsyn.rlhf.selector import SELECTOR_ARCHITECTURE
 from medsyn.seeding import keyed_generator
@@ -61,9 +61,6 @@ logger = logging.getLogger(__name__)
 
 #: Seeds of the held-out evaluation images live apart from every round's pool seeds.
 HELD_OUT_KEY = -1
-#: train_policy.py's shape flags and their defaults (the paper's towers).
-POLICY_ARCHITECTURE = {"patch_size": 16, "hidden_size": 768, "num_attention_heads": 12, "num_hidden_layers": 12,
-                       "intermediate_size": 3072}
 
 
 class RewardModelError(ValueError):
@@ -327,8 +324,10 @@ class Rounds:
         digests = [image_digest(p) for p in pixels]
         if self.rater is None:
             given = ratings_file.ratings()
-            missing = {aspect: sum(d not in {g.image for g in given if g.aspect == aspect} for d in set(digests))
-                       for aspect in self.aspects}
+            missing = {}
+            for aspect in self.aspects:
+                rated = {g.image for g in given if g.aspect == aspect}
+                missing[aspect] = sum(d not in rated for d in set(digests))
             if any(missing.values()):
                 logger.warning(
                     f"round {r}: pool images without a rating: "

@@ -26,6 +26,9 @@ from torch import nn
 
 from medsyn.rlhf.fitting import fit_on_minibatches
 
+#: The paper's towers, each 768 wide: ViT-base (16 px patches) and BioMedBERT's shape; train_policy.py's defaults.
+POLICY_ARCHITECTURE = dict(patch_size=16, hidden_size=768, num_attention_heads=12, num_hidden_layers=12,
+                           intermediate_size=3072)
 HEAD_FILE = "policy_head.safetensors"
 CONFIG_FILE = "policy_config.json"
 

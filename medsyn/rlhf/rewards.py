@@ -4,10 +4,12 @@ rated, their own ratings, which no update can game."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from enum import StrEnum
 
 import torch
 
+from medsyn.rlhf.ratings import RATING_SCALE, Aspect, normalised
 from medsyn.rlhf.selector import selector_scores
 
 
@@ -67,10 +69,6 @@ def rated_rewards(ratings, digests: list[str]) -> tuple[torch.Tensor, torch.Tens
     Args:
         ratings: ``Rating`` records (``RatingsFile.ratings()``), of both aspects for every digest.
     """
-    from collections import defaultdict
-
-    from medsyn.rlhf.ratings import RATING_SCALE, Aspect, normalised
-
     given = defaultdict(list)
     for rating in ratings:
         given[rating.image, Aspect(rating.aspect)].append(rating.rating)
