@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from medsyn.schedulers.samplers import Sampler, sampler_scheduler
+from medsyn.schedulers.samplers import Sampler
 from medsyn.validation import DefaultsShown, count_argument, number_argument
 
 # At guidance 2 the label probe read most healthy samples of this tiny model as tumours; at 4 both classes hold.
@@ -143,12 +143,20 @@ def generate(args: argparse.Namespace) -> int:
     import torch
     from accelerate import PartialState
     from accelerate.utils import gather_object, parse_flag_from_env
-    from PIL import Image
     from tqdm.auto import tqdm
 
+    from medsyn.generation import (
+        ImageKey,
+        ModelKind,
+        SamplingSettings,
+        check_sampling,
+        model_kind,
+        sample_images,
+        to_uint8,
+    )
     from medsyn.output_files import atomic_write, check_writable, safe_file_stem
-    from medsyn.pipelines import ClassConditionalDDPMPipeline, MediSynPipeline, load_pipeline
-    from medsyn.seeding import keyed_generator
+    from medsyn.pipelines import load_pipeline
+    from medsyn.synthetic_marking import synthetic_description, write_png
 
     # 1. Check the arguments and the output folder before any model is loaded
     output_dir = Path(args.output_dir)
@@ -172,30 +180,11 @@ def generate(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.model)
     pipe.to(state.device)
     pipe.set_progress_bar_config(disable=True)  # one bar over all images instead
-    text_guided = isinstance(pipe, MediSynPipeline)
-    if text_guided:
-        if args.prompt is None:
-            raise ValueError(f"{args.model} is a text-guided MediSyn model: pass --prompt")
-        for flag, value in (("--n-steps-each", args.n_steps_each), ("--bf16", args.bf16 or None),
-                            ("--sampler", None if args.sampler == "langevin" else args.sampler)):
-            if value is not None:
-                raise ValueError(f"{flag} applies to score-Langevin models only")
-    elif isinstance(pipe, ClassConditionalDDPMPipeline):
-        if args.prompt is not None or args.negative_prompt is not None:
-            raise ValueError(f"{args.model} is a class-conditional DDPM: pass --class-label, not --prompt")
-        for flag, value in (("--n-steps-each", args.n_steps_each),
-                            ("--sampler", None if args.sampler == "langevin" else args.sampler)):
-            if value is not None:
-                raise ValueError(f"{flag} applies to score-Langevin models only")
-        pipe.check_inputs(args.batch_size, args.num_inference_steps,
-                          1.0 if args.guidance_scale is None else args.guidance_scale, "np", None)
-    else:
-        if args.prompt is not None or args.negative_prompt is not None:
-            raise ValueError(f"{args.model} is a class-conditional score model: pass --class-label, not --prompt")
-        if args.sampler != Sampler.LANGEVIN:
-            pipe.scheduler = sampler_scheduler(args.sampler, pipe.scheduler.config)
-        pipe.check_inputs(args.batch_size, args.num_inference_steps, args.n_steps_each, None,
-                          1.0 if args.guidance_scale is None else args.guidance_scale, "np", None)
+    settings = SamplingSettings(guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
+                                n_steps_each=args.n_steps_each, sampler=Sampler(args.sampler), bf16=args.bf16)
+    check_sampling(pipe, settings, prompt=args.prompt is not None, class_label=args.class_label is not None,
+                   negative_prompt=args.negative_prompt is not None, flag=lambda name: "--" + name.replace("_", "-"))
+    text_guided = model_kind(pipe) is ModelKind.MEDISYN
     if args.compile:
         pipe.unet.compile()
     labels = None
@@ -210,30 +199,13 @@ def generate(args: argparse.Namespace) -> int:
         for position in range(0, len(indices), args.batch_size):
             batch_indices = indices[position : position + args.batch_size]
             start, count = batch_indices[0], len(batch_indices)
-            generators = [keyed_generator(args.seed, i) for i in batch_indices]
-            if text_guided:
-                options = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
-                if args.num_inference_steps is not None:
-                    options["num_inference_steps"] = args.num_inference_steps
-                batch = pipe([args.prompt] * count, negative_prompt=None if args.negative_prompt is None else
-                             [args.negative_prompt] * count, generator=generators, output_type="np", **options).images
-            else:
-                langevin = {} if isinstance(pipe, ClassConditionalDDPMPipeline) else {"n_steps_each": args.n_steps_each}
-                batch = pipe(
-                    batch_size=count,
-                    class_labels=None if labels is None else labels[start : start + count],
-                    num_inference_steps=args.num_inference_steps,
-                    guidance_scale=1.0 if args.guidance_scale is None else args.guidance_scale,
-                    generator=generators,
-                    output_type="np",
-                    autocast_dtype=torch.bfloat16 if args.bf16 else None,
-                    **langevin,
-                ).images
-            batch = np.round(batch * 255).astype(np.uint8)
+            keys = [ImageKey(args.seed, i, class_label=None if labels is None else labels[i], prompt=args.prompt,
+                             negative_prompt=args.negative_prompt) for i in batch_indices]
+            batch = to_uint8(sample_images(pipe, keys, settings))
             if args.format == "png":
                 for offset, image in enumerate(batch):
                     with atomic_write(output_dir / names[start + offset]) as temporary:
-                        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(temporary, format="PNG")
+                        write_png(image, temporary, synthetic_description(args.model, args.seed, start + offset))
             else:
                 images.append(batch)
             progress.update(count)
@@ -244,7 +216,7 @@ def generate(args: argparse.Namespace) -> int:
     if args.format == "npz" and state.is_main_process:
         stacked = np.concatenate(shares)
         arrays = {
-            "images": stacked[..., 0] if stacked.shape[-1] == 1 else stacked,
+            "images": stacked,
             "labels": np.array(labels if labels is not None else [-1] * args.num_images, dtype=np.int64),
             "class_names": np.array([] if text_guided else pipe.class_names or []),
         }
