@@ -1,4 +1,5 @@
-"""The ``medsyn`` command: ``demo``, ``generate``, ``pixel-noise-baseline``, ``evaluate`` and ``evaluate-expert``.
+"""The ``medsyn`` command: ``demo``, ``generate``, ``pixel-noise-baseline``, ``evaluate``, ``evaluate-expert``,
+``push``, ``rate`` and ``serve``.
 
 Heavy imports happen inside the subcommands, so ``medsyn --help`` answers at once.
 """
@@ -182,8 +183,8 @@ def generate(args: argparse.Namespace) -> int:
     pipe.set_progress_bar_config(disable=True)  # one bar over all images instead
     settings = SamplingSettings(guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
                                 n_steps_each=args.n_steps_each, sampler=Sampler(args.sampler), bf16=args.bf16)
-    check_sampling(pipe, settings, prompt=args.prompt is not None, class_label=args.class_label is not None,
-                   negative_prompt=args.negative_prompt is not None, flag=lambda name: "--" + name.replace("_", "-"))
+    check_sampling(pipe, settings, prompt=args.prompt is not None, negative_prompt=args.negative_prompt is not None,
+                   flag=lambda name: "--" + name.replace("_", "-"))
     text_guided = model_kind(pipe) is ModelKind.MEDISYN
     if args.compile:
         pipe.unet.compile()
@@ -216,7 +217,7 @@ def generate(args: argparse.Namespace) -> int:
     if args.format == "npz" and state.is_main_process:
         stacked = np.concatenate(shares)
         arrays = {
-            "images": stacked,
+            "images": stacked[..., 0] if stacked.shape[-1] == 1 else stacked,
             "labels": np.array(labels if labels is not None else [-1] * args.num_images, dtype=np.int64),
             "class_names": np.array([] if text_guided else pipe.class_names or []),
         }
@@ -292,6 +293,73 @@ def rate(args: argparse.Namespace) -> int:
     print(f"rating {len(images)} images from {args.images} into {args.ratings}: open http://{args.host}:{args.port}/"
           "?rater=YOUR_ID (add &aspect=prompt_match to rate the match to the prompt)", flush=True)
     uvicorn.run(create_rating_app(images, ratings, args.model), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def named_values(values: list[str] | None, flag: str) -> dict[str, str]:
+    """``NAME=VALUE`` items as a mapping; each name at most once."""
+    mapping = {}
+    for value in values or []:
+        name, separator, text = value.partition("=")
+        if not separator or not name or not text:
+            raise ValueError(f"{flag} {value!r}: expected NAME=VALUE")
+        if name in mapping:
+            raise ValueError(f"{flag}: {name!r} is given twice")
+        mapping[name] = text
+    return mapping
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Serve models as a REST API with jobs (see README: Serving); or, with --create-key, add an API key and exit."""
+    import uvicorn
+
+    from medsyn.serving.api_keys import create_api_key, keys_configured
+    from medsyn.serving.app import create_app
+    from medsyn.serving.database import open_database
+    from medsyn.serving.quality_gate import QualityGate
+    from medsyn.serving.served_model import ServedModel
+    from medsyn.serving.service import GenerationService, ServiceLimits
+
+    storage = Path(args.storage)
+    sessions = open_database(args.database or str(storage / "medsyn.sqlite"))
+    if args.create_key:
+        with sessions() as session:
+            key = create_api_key(session, args.create_key, args.key_requests_per_minute, args.key_images_per_day)
+        print(f"API key {args.create_key!r} (shown once, stored only as a hash): {key}")
+        return 0
+    sources = named_values(args.model, "--model")
+    if not sources:
+        raise ValueError("give at least one --model NAME=DIR_OR_HUB_ID")
+    indices, held_out = named_values(args.train_index, "--train-index"), named_values(args.held_out_index,
+                                                                                      "--held-out-index")
+    for name in [*indices, *held_out]:
+        if name not in sources:
+            raise ValueError(f"--train-index/--held-out-index {name!r}: no --model of that name")
+    for name in held_out:
+        if name not in indices:
+            raise ValueError(f"--held-out-index {name!r} calibrates a --train-index; give that too")
+    with sessions() as session:
+        secured = keys_configured(session)
+    if not secured and args.host not in LOOPBACK_HOSTS:
+        raise ValueError(f"--host {args.host}: without API keys the service listens on localhost only; create one "
+                         "with --create-key NAME first")
+    device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    models = {}
+    for name, source in sources.items():
+        gate = QualityGate.from_image_sets(indices[name], held_out.get(name)) if name in indices else None
+        models[name] = ServedModel.load(name, source, device, gate)
+        print(f"loaded {name} from {source} in {models[name].load_seconds:.1f} s (version {models[name].version}"
+              f"{', QA index of ' + str(len(gate.train)) + ' images' if gate else ', no QA index'})", flush=True)
+    limits = ServiceLimits(max_samples=args.max_samples, max_steps=args.max_steps, max_batch=args.max_batch,
+                           max_prompt_characters=args.max_prompt_characters, max_body_bytes=args.max_body_bytes)
+    service = GenerationService(models, sessions, storage, limits)
+    if not secured:
+        print("no API keys: anyone on this machine may call the service; it listens on localhost only", flush=True)
+    print(f"serving on http://{args.host}:{args.port}/ (API under /api/v1, metrics at /metrics)", flush=True)
+    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
     return 0
 
 
@@ -526,6 +594,33 @@ def build_parser() -> argparse.ArgumentParser:
     rate_parser.add_argument("--host", default="127.0.0.1", help="address to serve on (localhost only by default)")
     rate_parser.add_argument("--port", type=count_argument(1), default=8765, help="port to serve on")
     rate_parser.set_defaults(handler=rate)
+
+    sv = commands.add_parser("serve", **shown, help="a REST service that generates images as jobs, QA-gated")
+    sv.add_argument("--model", action="append", metavar="NAME=DIR_OR_HUB_ID",
+                    help="a saved medsyn pipeline to serve under NAME; repeat for several")
+    sv.add_argument("--storage", default="medsyn-serve", help="folder for released images (and the SQLite file)")
+    sv.add_argument("--database", default=None,
+                    help="a SQLAlchemy URL (postgresql://user@host/db) or a SQLite file path (default: "
+                         "STORAGE/medsyn.sqlite)")
+    sv.add_argument("--train-index", action="append", metavar="NAME=SET",
+                    help="the model's training images (folder, manifest or .npz, as medsyn evaluate reads), for the "
+                         "QA gate; quality_check is then on by default for NAME")
+    sv.add_argument("--held-out-index", action="append", metavar="NAME=SET",
+                    help="held-out real images of NAME's data: also withhold images closer to a training image than "
+                         "the 1st percentile of held-out patients")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (others need API keys)")
+    sv.add_argument("--port", type=count_argument(1), default=8000, help="port to listen on")
+    sv.add_argument("--device", default=None, help="torch device for the models (default: cuda if available)")
+    sv.add_argument("--max-samples", type=count_argument(), default=64, help="most images one job may ask for")
+    sv.add_argument("--max-steps", type=count_argument(), default=1000,
+                    help="most num_inference_steps (and n_steps_each) a job may ask for")
+    sv.add_argument("--max-batch", type=count_argument(), default=16, help="most images per network batch")
+    sv.add_argument("--max-prompt-characters", type=count_argument(), default=1000, help="longest prompt accepted")
+    sv.add_argument("--max-body-bytes", type=count_argument(), default=64 * 1024, help="largest request body")
+    sv.add_argument("--create-key", metavar="NAME", help="create an API key called NAME, print it and exit")
+    sv.add_argument("--key-requests-per-minute", type=count_argument(), default=60, help="the new key's rate limit")
+    sv.add_argument("--key-images-per-day", type=count_argument(), default=10_000, help="the new key's image quota")
+    sv.set_defaults(handler=serve)
     return parser
 
 

@@ -58,7 +58,7 @@ def _as_flag(name: str) -> str:
     return name
 
 
-def check_sampling(pipe, settings: SamplingSettings, *, prompt: bool, class_label: bool, negative_prompt: bool,
+def check_sampling(pipe, settings: SamplingSettings, *, prompt: bool, negative_prompt: bool,
                    flag: Callable[[str], str] = _as_flag) -> None:
     """Refuse settings the model cannot use, naming the argument (``flag`` spells the names: ``--n-steps-each``
     on the command line, ``n_steps_each`` in the service)."""
@@ -125,6 +125,5 @@ def sample_images(pipe, keys: Sequence[ImageKey], settings: SamplingSettings, ca
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[0, 1] floats as 8-bit grey levels, (B, H, W) for one channel, (B, H, W, C) otherwise."""
-    pixels = np.round(np.nan_to_num(images) * 255).clip(0, 255).astype(np.uint8)
-    return pixels[..., 0] if pixels.shape[-1] == 1 else pixels
+    """[0, 1] floats as 8-bit grey levels, in the same layout (NaN as 0)."""
+    return np.round(np.nan_to_num(images) * 255).clip(0, 255).astype(np.uint8)

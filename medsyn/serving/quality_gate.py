@@ -1,0 +1,127 @@
+"""The QA gate every generated image passes before the service releases it.
+
+A service that hands out images cannot wait for a batch audit: each image is judged on its own, at once, by the
+audit's own distance (``nearest_training_distances``, RMS on [0, 1], training images shifted by up to a pixel):
+
+- not finite (NaN or Inf from the network) or blank (no grey-level spread): withheld;
+- a near-copy of a training image (within ``NEAR_COPY_DISTANCE``), or closer than the calibrated threshold when
+  held-out images were given (the ``percentile``-th held-out patient's distance): withheld, naming the image;
+- mean or spread outside the range the training images span (widened by a quarter of its width on each side,
+  so that only images unlike any training image, such as saturated or washed-out ones, are caught): withheld.
+
+The training images are the index, loaded once at start-up from any set ``medsyn evaluate`` reads, or from the
+gate file ``QualityGate.save`` writes (the images plus the calibrated threshold and ranges).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medsyn.generation import to_uint8
+from medsyn.privacy import NEAR_COPY_DISTANCE, calibrate_threshold
+from medsyn.privacy.image_arrays import as_image_stack
+from medsyn.privacy.memorisation import nearest_training_distances
+
+RANGE_MARGIN = 0.25
+"""Statistic ranges are widened by this share of their width on each side."""
+BLANK_SPREAD = 1 / 255
+"""An image whose grey levels spread less than one level (standard deviation on [0, 1]) shows nothing."""
+
+
+@dataclass(frozen=True)
+class QAVerdict:
+    released: bool
+    reason: str | None = None
+    nearest_training_distance: float | None = None
+    nearest_training_index: int | None = None
+
+
+def _statistics(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image mean and standard deviation on [0, 1] of (N, H, W, C) uint8 images."""
+    values = images.reshape(len(images), -1).double() / 255
+    return values.mean(1).numpy(), values.std(1).numpy()
+
+
+def _widened(values: np.ndarray) -> tuple[float, float]:
+    low, high = float(values.min()), float(values.max())
+    margin = RANGE_MARGIN * (high - low)
+    return low - margin, high + margin
+
+
+class QualityGate:
+    """Per-image release decisions against one model's training images (uint8, (N, H, W, C))."""
+
+    def __init__(self, train: np.ndarray | torch.Tensor, threshold: float | None = None,
+                 copy_distance: float = NEAR_COPY_DISTANCE, max_shift: int = 1):
+        self.train = as_image_stack(train, "train index")
+        if self.train.dtype != torch.uint8:
+            self.train = torch.from_numpy(to_uint8(self.train.numpy()))
+        self.threshold, self.copy_distance, self.max_shift = threshold, copy_distance, max_shift
+        self.mean_range, self.spread_range = (_widened(values) for values in _statistics(self.train))
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of the images this gate can judge."""
+        return tuple(self.train.shape[1:])
+
+    @classmethod
+    def from_image_sets(cls, train_spec: str, held_out_spec: str | None = None, percentile: float = 1.0) -> QualityGate:
+        """A gate from a training set (and held-out real images to calibrate a threshold), or from a gate file."""
+        from medsyn.evaluation import load_image_set
+
+        path = Path(train_spec)
+        if path.suffix == ".npz" and path.is_file():
+            with np.load(path, allow_pickle=False) as archive:
+                if "qa_threshold" in archive.files:
+                    threshold = float(archive["qa_threshold"])
+                    return cls(archive["images"], threshold=None if np.isnan(threshold) else threshold)
+        train = load_image_set(train_spec, "train-index").images.permute(0, 2, 3, 1).contiguous()
+        threshold = None
+        if held_out_spec is not None:
+            held_out = load_image_set(held_out_spec, "held-out-index").images.permute(0, 2, 3, 1).contiguous()
+            threshold = calibrate_threshold(held_out, train, percentile=percentile)
+        return cls(train, threshold=threshold)
+
+    def save(self, path: str | Path) -> None:
+        """The gate as one NPZ (``images`` in the layout ``medsyn evaluate`` reads, plus the threshold)."""
+        from medsyn.output_files import atomic_write
+
+        images = self.train.numpy()
+        with atomic_write(path) as temporary, open(temporary, "wb") as file:
+            np.savez_compressed(file, images=images[..., 0] if images.shape[-1] == 1 else images,
+                                qa_threshold=np.float64(np.nan if self.threshold is None else self.threshold))
+
+    def check(self, images: np.ndarray) -> list[QAVerdict]:
+        """Verdicts for float images (B, H, W, C) in [0, 1], as a pipeline returns them."""
+        if tuple(images.shape[1:]) != self.image_shape:
+            raise ValueError(f"the QA index holds {self.image_shape} images, the model made {images.shape[1:]}")
+        finite = np.isfinite(images).reshape(len(images), -1).all(1)
+        pixels = torch.from_numpy(to_uint8(images))
+        means, spreads = _statistics(pixels)
+        distances, neighbours, _, _ = nearest_training_distances(pixels, self.train, self.max_shift)
+        verdicts = []
+        for i in range(len(images)):
+            distance, neighbour = float(distances[i]), int(neighbours[i])
+            reason = None
+            if not finite[i]:
+                reason, distance, neighbour = "not finite: the network produced NaN or Inf", None, None
+            elif spreads[i] < BLANK_SPREAD:
+                reason = f"blank: grey levels spread {spreads[i]:.4f} < {BLANK_SPREAD:.4f}"
+            elif distance <= self.copy_distance:
+                reason = (f"near-copy of training image {neighbour}: RMS distance {distance:.4f} <= "
+                          f"{self.copy_distance:g}")
+            elif self.threshold is not None and distance < self.threshold:
+                reason = (f"closer to training image {neighbour} ({distance:.4f}) than the calibrated threshold "
+                          f"{self.threshold:.4f}")
+            elif not self.mean_range[0] <= means[i] <= self.mean_range[1]:
+                reason = f"mean intensity {means[i]:.3f} outside the training range {self.mean_range[0]:.3f}-" \
+                         f"{self.mean_range[1]:.3f}"
+            elif not self.spread_range[0] <= spreads[i] <= self.spread_range[1]:
+                reason = f"contrast (std) {spreads[i]:.3f} outside the training range {self.spread_range[0]:.3f}-" \
+                         f"{self.spread_range[1]:.3f}"
+            verdicts.append(QAVerdict(reason is None, reason, distance, neighbour))
+        return verdicts
