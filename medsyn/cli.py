@@ -319,7 +319,8 @@ def serve(args: argparse.Namespace) -> int:
     from medsyn.serving.api_keys import create_api_key, keys_configured
     from medsyn.serving.app import create_app
     from medsyn.serving.database import open_database
-    from medsyn.serving.quality_gate import QualityGate
+    from medsyn.output_files import safe_file_stem
+    from medsyn.serving.quality_gate import QualityGate, is_gate_file
     from medsyn.serving.served_model import ServedModel
     from medsyn.serving.service import GenerationService, ServiceLimits
 
@@ -350,6 +351,12 @@ def serve(args: argparse.Namespace) -> int:
     models = {}
     for name, source in sources.items():
         gate = QualityGate.from_image_sets(indices[name], held_out.get(name)) if name in indices else None
+        if gate is not None and not is_gate_file(indices[name]):
+            saved = storage / "qa-index" / f"{safe_file_stem(name)}.npz"
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            gate.save(saved)
+            print(f"QA index of {name} saved to {saved}: pass it as --train-index {name}={saved} to skip building "
+                  "and calibrating it again", flush=True)
         models[name] = ServedModel.load(name, source, device, gate)
         print(f"loaded {name} from {source} in {models[name].load_seconds:.1f} s (version {models[name].version}"
               f"{', QA index of ' + str(len(gate.train)) + ' images' if gate else ', no QA index'})", flush=True)

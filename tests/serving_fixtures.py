@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -14,15 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from .browser import free_port
+
 POSTGRES_BIN = next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)), None)
 REQUIRE_POSTGRES = os.environ.get("MEDSYN_REQUIRE_POSTGRES") == "1"
 """Set by CI, which installs Debian's postgresql: a missing server is then a failure, not a skip."""
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class PostgresCluster:

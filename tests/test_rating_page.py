@@ -4,9 +4,6 @@ headless Chromium (keyboard rating, reload mid-way, undo, a screenshot)."""
 from __future__ import annotations
 
 import json
-import shutil
-import socket
-import threading
 import time
 
 import numpy as np
@@ -16,6 +13,8 @@ from fastapi.testclient import TestClient
 from medsyn.rlhf.rating_app import create_rating_app
 from medsyn.rlhf.rating_images import load_images_to_rate
 from medsyn.rlhf.ratings import RatingsFile, image_digest
+
+from .browser import free_port, launch_chromium, needs_chromium, served
 
 
 def samples_npz(path, count: int = 4, captions: bool = True) -> str:
@@ -93,35 +92,16 @@ def test_undo_duplicates_and_bad_input_get_clear_answers(service):
     assert client.get("/api/next", params={"rater": "dr-a", "aspect": "prompt_match"}).json()["done"] is True
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-CHROMIUM = shutil.which("chromium")
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (CI installs it: apt-get install chromium)")
+@needs_chromium
 def test_the_page_in_headless_chromium(tmp_path):
-    import uvicorn
     from playwright.sync_api import sync_playwright
 
     images = load_images_to_rate(samples_npz(tmp_path / "samples.npz"))
     ratings = RatingsFile(tmp_path / "ratings.jsonl")
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_rating_app(images, ratings), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}/?rater=dr-a"
-    try:
+    with served(create_rating_app(images, ratings)) as base:
+        url = f"{base}/?rater=dr-a"
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync"])
+            browser = launch_chromium(playwright)
             page = browser.new_page()
             page.goto(url)
             expect_progress(page, "0 of 4 rated", "brain MRI number 0")
@@ -142,9 +122,6 @@ def test_the_page_in_headless_chromium(tmp_path):
             shot = tmp_path / "rating-page.png"
             page.screenshot(path=str(shot))
             browser.close()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
     assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 5000
     lines = [json.loads(line) for line in (tmp_path / "ratings.jsonl").read_text().splitlines()]
     assert [line["type"] for line in lines] == ["rating", "rating", "retraction", "rating"]
@@ -167,7 +144,7 @@ def test_medsyn_rate_serves_until_stopped_and_names_bad_input(tmp_path, capsys):
 
     assert main(["rate", "--images", str(tmp_path / "missing.npz"), "--ratings", str(tmp_path / "r.jsonl")]) == 2
     assert "--images" in capsys.readouterr().err and not (tmp_path / "r.jsonl").exists()
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "medsyn.cli", "rate", "--images", samples_npz(tmp_path / "s.npz"),
                                "--ratings", str(tmp_path / "r.jsonl"), "--port", str(port)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

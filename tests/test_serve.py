@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import zipfile
@@ -26,8 +24,9 @@ from medsyn.serving.quality_gate import QAVerdict, QualityGate
 from medsyn.serving.served_model import ServedModel
 from medsyn.serving.service import GenerationService, JobRequest, ServiceLimits
 
+from .browser import free_port, launch_chromium, needs_chromium, served
 from .conftest import get_dummy_pipeline
-from .serving_fixtures import free_port, postgres_cluster, wait_for_job  # noqa: F401 (a fixture)
+from .serving_fixtures import postgres_cluster, wait_for_job  # noqa: F401 (a fixture)
 
 LIMITS = ServiceLimits(max_samples=16, max_steps=400, max_batch=4, max_prompt_characters=200,
                        max_body_bytes=4096)
@@ -71,6 +70,45 @@ def zip_images(response) -> tuple[dict[str, np.ndarray], list[dict]]:
         return images, json.loads(archive.read("qa.json"))
 
 
+def test_a_medisyn_model_is_served_by_prompt_with_the_clis_images(tmp_path):
+    from .conftest import get_dummy_medisyn_pipeline
+
+    get_dummy_medisyn_pipeline().save_pretrained(tmp_path / "medisyn")
+    model = ServedModel.load("text", str(tmp_path / "medisyn"))
+    assert model.kind == "medisyn" and model.image_shape == (16, 16, 1) and model.class_names is None
+    service = GenerationService({"text": model}, open_database(str(tmp_path / "db.sqlite")), tmp_path / "s", LIMITS)
+    prompt = "axial T1 brain MRI, healthy"
+    with TestClient(create_app(service)) as client:
+        assert client.post("/api/v1/generate", json={"model": "text", "class_label": "healthy"}).status_code == 422
+        guided = {"model": "text", "prompt": prompt, "negative_prompt": "fundus", "guidance_scale": 1.0}
+        refused = client.post("/api/v1/generate", json=guided)
+        assert refused.status_code == 422 and refused.json()["detail"][0]["loc"][-1] == "negative_prompt"
+        job_id = client.post("/api/v1/generate", json={"model": "text", "prompt": prompt, "n_samples": 3, "seed": 5,
+                                                       "num_inference_steps": 2}).json()["id"]
+        assert wait_for_job(client, job_id)["status"] == "done"
+        images, _ = zip_images(client.get(f"/api/v1/jobs/{job_id}/images"))
+    assert main(["generate", "--model", str(tmp_path / "medisyn"), "--prompt", prompt, "--num-inference-steps", "2",
+                 "--num-images", "3", "--seed", "5", "--output-dir", str(tmp_path / "cli")]) == 0
+    assert sorted(images) == [f"axial_T1_brain_MRI_healthy_5_{i:06d}.png" for i in range(3)]
+    for name, image in images.items():
+        assert np.abs(image - np.asarray(Image.open(tmp_path / "cli" / name), dtype=int)).max() <= 1
+
+
+def test_the_model_version_follows_the_weights_and_names(model_dir, tmp_path):
+    import torch
+
+    from medsyn.serving.served_model import model_version
+
+    pipe = get_dummy_pipeline()
+    assert model_version(pipe) == ServedModel.load("brain", str(model_dir)).version  # saved and loaded: the same
+    renamed = get_dummy_pipeline()
+    renamed.register_class_names(["normal", "glioma"])
+    assert model_version(renamed) != model_version(pipe)
+    with torch.no_grad():
+        next(pipe.unet.parameters()).view(-1)[0] += 1e-3
+    assert model_version(pipe) != model_version(get_dummy_pipeline())
+
+
 def test_the_schema_is_the_migration_on_both_databases(database):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
@@ -88,7 +126,8 @@ def test_api_contract_and_the_clis_images(client, model_dir, tmp_path):
     reply = client.post("/api/v1/generate", json={"model": "brain", "class_label": "tumor", "n_samples": 5, "seed": 3})
     assert reply.status_code == 202 and reply.json()["status"] == "queued"
     other = client.post("/api/v1/generate", json={"model": "brain", "class_label": 0, "n_samples": 3, "seed": 7})
-    job = wait_for_job(client, reply.json()["id"])
+    assert client.get(f"/api/v1/jobs/{reply.json()['id']}?wait=31").status_code == 422  # long polls: 30 s at most
+    job = client.get(f"/api/v1/jobs/{reply.json()['id']}?wait=30").json()  # a long poll: answers once done
     assert job["status"] == "done" and job["progress"]["images_done"] == 5 and job["qa"]["released"] == 5
     assert job["class_label"] == "tumor" and job["timings"]["total_seconds"] >= job["timings"]["running_seconds"]
     assert job["quality_check"] is False  # no training index: only the sanity checks ran
@@ -156,8 +195,8 @@ def test_nan_guidance_and_huge_bodies_are_refused_not_crashed_on(model_dir, tmp_
                            ).status_code == 422
 
 
-def test_compatible_jobs_share_a_batch_round_robin(model_dir, tmp_path):
-    service = make_service(model_dir, str(tmp_path / "db.sqlite"), tmp_path / "s")
+def test_compatible_jobs_share_a_batch_round_robin(model_dir, database, tmp_path):
+    service = make_service(model_dir, database, tmp_path / "s")
     first = service.submit(JobRequest("brain", class_label="tumor", n_samples=3, seed=1))
     service.submit(JobRequest("brain", class_label="healthy", n_samples=2, guidance_scale=2.0))  # other settings
     third = service.submit(JobRequest("brain", class_label="healthy", n_samples=3, seed=2))
@@ -166,8 +205,8 @@ def test_compatible_jobs_share_a_batch_round_robin(model_dir, tmp_path):
     assert service.get_job(first.id).status == "running"
 
 
-def test_cancellation_stops_a_running_job_between_steps(model_dir, tmp_path):
-    service = make_service(model_dir, str(tmp_path / "db.sqlite"), tmp_path / "s")
+def test_cancellation_stops_a_running_job_between_steps(model_dir, database, tmp_path):
+    service = make_service(model_dir, database, tmp_path / "s")
     with TestClient(create_app(service)) as client:
         slow = {"model": "brain", "class_label": "tumor", "n_samples": 16, "n_steps_each": 400}
         job_id = client.post("/api/v1/generate", json=slow).json()["id"]
@@ -186,12 +225,12 @@ def generated_images(model_dir, label: int, seed: int, count: int) -> np.ndarray
     return sample_images(pipe, [ImageKey(seed, i, class_label=label) for i in range(count)], SamplingSettings())
 
 
-def test_the_qa_gate_withholds_a_planted_copy_of_a_training_image(model_dir, tmp_path):
+def test_the_qa_gate_withholds_a_planted_copy_of_a_training_image(model_dir, database, tmp_path):
     planted = generated_images(model_dir, 1, 5, 3)[1]  # image 1 of the job below, put in the training set
     train = np.concatenate([generated_images(model_dir, 0, 1000, 24), planted[None]])
     np.savez(tmp_path / "train.npz", images=np.round(train[..., 0] * 255).astype(np.uint8))
     gate = QualityGate.from_image_sets(str(tmp_path / "train.npz"))
-    with TestClient(create_app(make_service(model_dir, str(tmp_path / "db.sqlite"), tmp_path / "s", gate))) as client:
+    with TestClient(create_app(make_service(model_dir, database, tmp_path / "s", gate))) as client:
         assert client.get("/api/v1/models").json()["models"][0]["quality_index"] is True
         job_id = client.post("/api/v1/generate", json={"model": "brain", "class_label": "tumor", "n_samples": 3,
                                                        "seed": 5}).json()["id"]
@@ -227,10 +266,24 @@ def test_the_gate_checks_each_image_on_its_own():
         gate.check(rng.uniform(0, 1, (1, 16, 16, 1)))
 
 
-def test_dicom_output_round_trips_and_says_synthetic(model_dir, tmp_path):
+def test_a_calibrated_gate_saves_and_loads_as_one_file(tmp_path):
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "train.npz", images=rng.integers(0, 256, (40, 8, 8), dtype=np.uint8))
+    np.savez(tmp_path / "held_out.npz", images=rng.integers(0, 256, (30, 8, 8), dtype=np.uint8))
+    gate = QualityGate.from_image_sets(str(tmp_path / "train.npz"), str(tmp_path / "held_out.npz"))
+    assert gate.threshold is not None and gate.threshold > 0.2  # uniform noise images are far apart
+    gate.save(tmp_path / "gate.npz")
+    loaded = QualityGate.from_image_sets(str(tmp_path / "gate.npz"))
+    assert loaded.threshold == gate.threshold and np.array_equal(loaded.train.numpy(), gate.train.numpy())
+    assert loaded.mean_range == gate.mean_range
+    with pytest.raises(ValueError, match="already calibrated"):
+        QualityGate.from_image_sets(str(tmp_path / "gate.npz"), str(tmp_path / "held_out.npz"))
+
+
+def test_dicom_output_round_trips_and_says_synthetic(model_dir, database, tmp_path):
     import pydicom
 
-    with TestClient(create_app(make_service(model_dir, str(tmp_path / "db.sqlite"), tmp_path / "s"))) as client:
+    with TestClient(create_app(make_service(model_dir, database, tmp_path / "s"))) as client:
         dicom = client.post("/api/v1/generate", json={"model": "brain", "class_label": "tumor", "n_samples": 2,
                                                       "seed": 3, "output_format": "dicom"}).json()["id"]
         png = client.post("/api/v1/generate", json={"model": "brain", "class_label": "tumor", "n_samples": 2,
@@ -305,14 +358,17 @@ def test_a_restart_fails_jobs_of_models_no_longer_served(model_dir, tmp_path):
     assert failed.status == "failed" and "not served since the server restarted" in failed.error
 
 
-def test_api_keys_rate_limit_and_quota(model_dir, tmp_path):
-    from medsyn.serving.api_keys import create_api_key
+def test_api_keys_rate_limit_and_quota(model_dir, database, tmp_path):
+    from sqlalchemy import text
 
-    service = make_service(model_dir, str(tmp_path / "db.sqlite"), tmp_path / "s")
+    from medsyn.serving.api_keys import create_api_key, key_hash
+
+    service = make_service(model_dir, database, tmp_path / "s")
     with service.sessions() as session:
         key = create_api_key(session, "radiology", requests_per_minute=3, images_per_day=4)
-    raw = (tmp_path / "db.sqlite").read_bytes() + b"".join(p.read_bytes() for p in tmp_path.glob("db.sqlite-*"))
-    assert key.encode() not in raw  # stored as a hash only
+    with service.sessions() as session:  # stored as a hash only
+        stored = session.execute(text("SELECT * FROM api_keys")).all()
+    assert len(stored) == 1 and key not in repr(stored) and key_hash(key) in repr(stored)
     with TestClient(create_app(service, manage_workers=False)) as client:
         assert client.get("/api/v1/models").status_code == 401
         assert client.get("/api/v1/models", headers={"Authorization": "Bearer msk_wrong"}).status_code == 401
@@ -325,6 +381,14 @@ def test_api_keys_rate_limit_and_quota(model_dir, tmp_path):
         limited = client.get("/api/v1/models", headers=auth)
         assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
         assert client.get("/healthz").status_code == 200  # health and metrics stay open
+    from sqlalchemy import select
+
+    from medsyn.serving.database import AuditEvent
+
+    with service.sessions() as session:  # the audit trail: who asked for what, of which model version
+        events = session.scalars(select(AuditEvent)).all()
+    assert [(e.action, e.api_key_id, e.model_version, e.client) for e in events] == [
+        ("generate", 1, service.models["brain"].version, "testclient")]
 
 
 def test_serve_cli_creates_keys_and_refuses_an_open_port_without_them(tmp_path, capsys, model_dir):
@@ -402,28 +466,15 @@ def test_kill_9_mid_job_then_restart_delivers_the_whole_job(model_dir, tmp_path)
         assert np.abs(served - np.asarray(Image.open(tmp_path / "cli" / name), dtype=int)).max() <= 1
 
 
-CHROMIUM = shutil.which("chromium")
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (CI installs it: apt-get install chromium)")
+@needs_chromium
 def test_the_web_page_in_headless_chromium(model_dir, tmp_path):
-    import uvicorn
     from playwright.sync_api import sync_playwright
 
-    port = free_port()
-    app = create_app(make_service(model_dir, str(tmp_path / "db.sqlite"), tmp_path / "s"))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
+    with served(create_app(make_service(model_dir, str(tmp_path / "db.sqlite"), tmp_path / "s"))) as base:
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync"])
+            browser = launch_chromium(playwright)
             page = browser.new_page()
-            page.goto(f"http://127.0.0.1:{port}/")
+            page.goto(f"{base}/")
             page.wait_for_function("document.querySelectorAll('#condition option').length === 2")
             page.select_option("#condition", "tumor")
             page.fill("#n", "3")
@@ -441,7 +492,4 @@ def test_the_web_page_in_headless_chromium(model_dir, tmp_path):
             page.click("#submit")
             page.wait_for_function("document.getElementById('error').textContent.includes('n_samples')")
             browser.close()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
     assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 5000

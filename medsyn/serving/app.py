@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -27,6 +27,7 @@ from medsyn.serving.database import ApiKey, Job, JobStatus, OutputFormat, as_utc
 from medsyn.serving.service import MAX_SEED, GenerationService, JobRequest, RequestError
 
 PAGE = Path(__file__).with_name("page.html")
+MAX_WAIT_SECONDS = 30
 
 
 class GenerateRequest(BaseModel):
@@ -191,8 +192,10 @@ def create_app(service: GenerationService, manage_workers: bool = True) -> FastA
         return job_view(job, service)
 
     @app.get("/api/v1/jobs/{job_id}")
-    def get_job(job_id: str, _key: ApiKey | None = Depends(caller)) -> dict:
-        job = service.get_job(job_id)
+    def get_job(job_id: str, wait: float = Query(0, ge=0, le=MAX_WAIT_SECONDS, allow_inf_nan=False),
+                _key: ApiKey | None = Depends(caller)) -> dict:
+        """The job's state; with ``wait``, once it has finished or after that many seconds (a long poll)."""
+        job = service.wait_for_job(job_id, wait) if wait else service.get_job(job_id)
         withheld = [{"index": image.index, "reason": image.qa_reason} for image in service.images(job_id)
                     if not image.released]
         return job_view(job, service, withheld)

@@ -46,6 +46,15 @@ def _statistics(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return values.mean(1).numpy(), values.std(1).numpy()
 
 
+def is_gate_file(spec: str | Path) -> bool:
+    """Whether ``spec`` is a file ``QualityGate.save`` wrote (an NPZ with a ``qa_threshold``)."""
+    path = Path(spec)
+    if path.suffix != ".npz" or not path.is_file():
+        return False
+    with np.load(path, allow_pickle=False) as archive:
+        return "qa_threshold" in archive.files
+
+
 def _widened(values: np.ndarray) -> tuple[float, float]:
     low, high = float(values.min()), float(values.max())
     margin = RANGE_MARGIN * (high - low)
@@ -73,12 +82,13 @@ class QualityGate:
         """A gate from a training set (and held-out real images to calibrate a threshold), or from a gate file."""
         from medsyn.evaluation import load_image_set
 
-        path = Path(train_spec)
-        if path.suffix == ".npz" and path.is_file():
-            with np.load(path, allow_pickle=False) as archive:
-                if "qa_threshold" in archive.files:
-                    threshold = float(archive["qa_threshold"])
-                    return cls(archive["images"], threshold=None if np.isnan(threshold) else threshold)
+        if is_gate_file(train_spec):
+            if held_out_spec is not None:
+                raise ValueError(f"{train_spec} is a saved QA index with its threshold already calibrated; drop the "
+                                 "held-out set")
+            with np.load(train_spec, allow_pickle=False) as archive:
+                threshold = float(archive["qa_threshold"])
+                return cls(archive["images"], threshold=None if np.isnan(threshold) else threshold)
         train = load_image_set(train_spec, "train-index").images.permute(0, 2, 3, 1).contiguous()
         threshold = None
         if held_out_spec is not None:

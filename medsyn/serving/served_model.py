@@ -17,18 +17,25 @@ CARD_SUMMARY_CHARACTERS = 400
 
 
 def model_version(pipe) -> str:
-    """The first 16 hex digits of a SHA-256 over every component's config and weights: the same files give the
-    same version wherever they were loaded from, and any retraining or fine-tuning changes it."""
+    """The first 16 hex digits of a SHA-256 over every component's config (less bookkeeping such as
+    ``_name_or_path``), weights, vocabulary and class names: the same model gives the same version wherever it was
+    loaded from, and any retraining or fine-tuning changes it."""
     digest = hashlib.sha256()
     for name, component in sorted(pipe.components.items()):
         digest.update(name.encode())
         config = getattr(component, "config", None)
-        if config is not None:
-            digest.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+        if config is not None:  # diffusers' FrozenDict, or a transformers PretrainedConfig
+            config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+            kept = {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
+            digest.update(json.dumps(kept, sort_keys=True, default=str).encode())
+        if hasattr(component, "get_vocab"):  # a tokenizer: its vocabulary decides what a prompt means
+            digest.update(json.dumps(sorted(component.get_vocab().items())).encode())
+        if isinstance(component, (list, dict, str)):  # class names: they decide what a label means
+            digest.update(json.dumps(component, sort_keys=True).encode())
         if isinstance(component, torch.nn.Module):
             for key, tensor in sorted(component.state_dict().items()):
                 digest.update(key.encode())
-                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -73,10 +80,13 @@ class ServedModel:
     @classmethod
     def load(cls, name: str, source: str, device: str | torch.device = "cpu", gate: QualityGate | None = None
              ) -> ServedModel:
-        from medsyn.pipelines import load_pipeline
+        from medsyn.pipelines import ClassConditionalDDPMPipeline, MediSynPipeline, ScoreLangevinPipeline, load_pipeline
 
         started = time.perf_counter()
         pipe = load_pipeline(source)
+        if not isinstance(pipe, (ClassConditionalDDPMPipeline, MediSynPipeline, ScoreLangevinPipeline)):
+            raise ValueError(f"--model {name}={source}: a {type(pipe).__name__}; medsyn serve serves medsyn's "
+                             "score, DDPM and MediSyn pipelines")
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         shape = image_shape(pipe)

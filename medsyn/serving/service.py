@@ -10,6 +10,7 @@ database and completes them with the images an uninterrupted run would have give
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import logging
 import secrets
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from medsyn.generation import ImageKey, ModelKind, SamplingSettings, check_sampling, sample_images, to_uint8
@@ -54,6 +55,9 @@ class ServiceLimits:
     max_batch: int = 16
     max_prompt_characters: int = 1000
     max_body_bytes: int = 64 * 1024
+    batch_wait_seconds: float = 0.1
+    """An idle worker woken by a request waits this long before it fills a batch, so that requests arriving
+    together share one (a batch at a time is what the hardware is fast at)."""
 
 
 class RequestError(ValueError):
@@ -133,6 +137,7 @@ class GenerationService:
         self.storage = Path(storage)
         self.metrics = metrics or ServiceMetrics()
         self.workers: dict[str, ModelWorker] = {}
+        self.changed = threading.Condition()  # notified whenever jobs' records change, for long polls
         for name, model in models.items():
             self.metrics.model_load_seconds.labels(name).set(model.load_seconds)
 
@@ -217,10 +222,9 @@ class GenerationService:
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
         with self.sessions() as session:
             if quota is not None:
-                since = utc_now().timestamp() - 86400
-                used = sum(n for n, created in session.execute(
-                    select(Job.n_samples, Job.created_at).where(Job.api_key_id == api_key_id))
-                    if as_utc(created).timestamp() >= since)
+                since = utc_now() - datetime.timedelta(days=1)
+                used = session.scalar(select(func.coalesce(func.sum(Job.n_samples), 0)).where(
+                    Job.api_key_id == api_key_id, Job.created_at >= since))
                 if used + request.n_samples > quota:
                     raise RequestError("n_samples", f"this key's quota is {quota} images a day; {used} used in the "
                                                     f"last 24 hours", status_code=429)
@@ -240,7 +244,8 @@ class GenerationService:
                                    detail=f"{request.n_samples} images, seed {seed}, "
                                           f"{'prompt ' + repr(request.prompt[:80]) if request.prompt else class_name}"))
             session.commit()
-        self.workers[model.name].wake.set() if model.name in self.workers else None
+        if model.name in self.workers:
+            self.workers[model.name].wake.set()
         return job
 
     def get_job(self, job_id: str) -> Job:
@@ -249,6 +254,22 @@ class GenerationService:
         if job is None:
             raise RequestError(None, f"no job {job_id!r}", status_code=404)
         return job
+
+    def wait_for_job(self, job_id: str, timeout: float) -> Job:
+        """The job once it has finished, or as it is after ``timeout`` seconds (a long poll: a client learns of
+        the end at once without asking many times)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.get_job(job_id)
+            remaining = deadline - time.monotonic()
+            if job.status in FINISHED or remaining <= 0:
+                return job
+            with self.changed:
+                self.changed.wait(min(remaining, 1.0))
+
+    def _notify(self) -> None:
+        with self.changed:
+            self.changed.notify_all()
 
     def cancel(self, job_id: str, api_key_id: int | None = None, client: str | None = None) -> Job:
         """Cancel a queued or running job; the worker abandons its batch at the next step."""
@@ -262,6 +283,7 @@ class GenerationService:
             session.add(AuditEvent(action="cancel", api_key_id=api_key_id, client=client, job_id=job.id,
                                    model=job.model, model_version=job.model_version))
             session.commit()
+        self._notify()
         worker = self.workers.get(job.model)
         if worker is not None:
             worker.cancelled.add(job_id)
@@ -351,6 +373,7 @@ class GenerationService:
                 if job.generated >= job.n_samples:
                     self._finish(session, job, JobStatus.DONE, None)
             session.commit()
+        self._notify()
         self.metrics.images_generated.labels(model.name).inc(len(rows))
         self.metrics.images_withheld.labels(model.name).inc(sum(not row.released for row in rows))
 
@@ -361,6 +384,7 @@ class GenerationService:
                 if job is not None and job.status not in FINISHED and job_id in {j for j, _ in work.items}:
                     self._finish(session, job, JobStatus.FAILED, reason)
             session.commit()
+        self._notify()
 
     def _finish(self, session: Session, job: Job, status: JobStatus, error: str | None) -> None:
         job.status, job.error, job.finished_at = status, error, utc_now()
@@ -386,7 +410,8 @@ class ModelWorker(threading.Thread):
                 logger.exception("claiming a batch for %s failed", self.model.name)
                 work = None
             if work is None or not work.items:
-                self.wake.wait(0.5)
+                if self.wake.wait(0.5):
+                    self.stopping.wait(self.service.limits.batch_wait_seconds)
                 self.wake.clear()
                 continue
             self.process(work)
