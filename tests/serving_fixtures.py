@@ -16,6 +16,7 @@ import pytest
 from .browser import free_port
 
 POSTGRES_BIN = next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)), None)
+RUNUSER = shutil.which("runuser") or shutil.which("runuser", path="/usr/sbin:/sbin")  # a root-only tool
 REQUIRE_POSTGRES = os.environ.get("MEDSYN_REQUIRE_POSTGRES") == "1"
 """Set by CI, which installs Debian's postgresql: a missing server is then a failure, not a skip."""
 
@@ -37,7 +38,7 @@ class PostgresCluster:
     def _run(self, program: str, *args: str) -> None:
         command = [f"{POSTGRES_BIN}/{program}", *args]
         if self.as_root:
-            command = ["runuser", "-u", "postgres", "--", *command]
+            command = [RUNUSER, "-u", "postgres", "--", *command]
         subprocess.run(command, check=True, capture_output=True, timeout=120)
 
     def new_database(self) -> str:

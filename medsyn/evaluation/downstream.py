@@ -9,6 +9,8 @@ clinical-utility test.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -48,21 +50,25 @@ def _prepare(images: torch.Tensor, resolution: int | None) -> torch.Tensor:
 
 
 def train_classifier(images: torch.Tensor, labels: np.ndarray, num_labels: int, steps: int, batch_size: int,
-                     learning_rate: float, seed: int, progress: bool, description: str):
+                     learning_rate: float, seed: int, progress: bool, description: str,
+                     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None):
     """A seeded small ResNet trained for a fixed number of steps (AdamW, one-cycle); returns it in eval mode.
 
     Steps, not epochs: with and without synthetic images the classifier gets the same compute, so a gain
-    comes from the data, not from longer training.
+    comes from the data, not from longer training. ``augment(batch, generator)`` transforms each batch on the
+    fly, with a generator of its own, so the batches drawn are the same with and without it.
     """
     model = _classifier(images.shape[1], num_labels, seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, learning_rate, total_steps=steps)
     generator = torch.Generator().manual_seed(seed)
+    augmentation_generator = torch.Generator().manual_seed(seed + 1)
     targets = torch.as_tensor(labels)
     model.train()
     for _ in tqdm(range(steps), desc=description, disable=not progress):
         batch = torch.randint(len(images), (batch_size,), generator=generator)
-        loss = model(pixel_values=images[batch], labels=targets[batch]).loss
+        pixels = images[batch] if augment is None else augment(images[batch], augmentation_generator)
+        loss = model(pixel_values=pixels, labels=targets[batch]).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -21,7 +21,7 @@ class TestResult:
     p_value: float
 
 
-def _average_ranks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def average_ranks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """1-based ranks with ties given their mean rank, and the tie-group sizes."""
     unique, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
     ends = np.cumsum(counts)
@@ -40,7 +40,7 @@ def data_copying_test(generated: np.ndarray, held_out: np.ndarray) -> TestResult
     n, m = len(generated), len(held_out)
     if n == 0 or m == 0:
         raise ValueError(f"the data-copying test needs both samples, got {n} generated and {m} held-out distances")
-    ranks, ties = _average_ranks(np.concatenate([generated, held_out]))
+    ranks, ties = average_ranks(np.concatenate([generated, held_out]))
     u = ranks[:n].sum() - n * (n + 1) / 2
     total = n + m
     variance = n * m / 12 * ((total + 1) - (ties**3 - ties).sum() / (total * (total - 1)))
