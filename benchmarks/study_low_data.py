@@ -17,13 +17,16 @@ against 6.2; RESULTS.md, issue 13's fourth measurement).
     python benchmarks/study_low_data.py --data ../shared/data/fundus_eye_disease --resolution 32 \\
         --negative-class normal --output-dir study-fundus32
 
-The report (``report.md``, ``results.json``, ``auc_vs_fraction.png``) is rewritten after every finished run.
+The report (``report.md``, ``results.json``, ``auc_vs_fraction.png``) is rewritten after every finished run, from
+every finished run in the folder: runs of one study can go to separate processes or GPUs (``--fractions`` and
+``--seeds`` pick theirs) and the last to finish writes the whole report.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -44,7 +47,6 @@ from medsyn.evaluation.low_data_study import (
 )
 from medsyn.output_files import atomic_write, write_text_atomically
 
-MULTIPLES = (1, 2, 4)
 GENERATOR_RECIPE = [  # RESULTS.md's 32 px DDPM recipe (issue 13), with the small-data affine augmentation
     "--base_channels", "32", "--channel_mult", "1", "2", "2", "--layers_per_block", "1", "--norm_num_groups", "8",
     "--class_conditional", "--use_ema", "--ema_decay", "0.999", "--train_batch_size", "32",
@@ -106,7 +108,7 @@ def train_generator(train_file: Path, output: Path, args, seed: int) -> None:
     from medsyn.train_scripts.train_ddpm import main as train
     from medsyn.train_scripts.train_ddpm import parse_args
 
-    train(parse_args(GENERATOR_RECIPE + [
+    train(parse_args(GENERATOR_RECIPE + shlex.split(args.generator_args) + [
         "--train_data_dir", str(train_file), "--resolution", str(args.resolution), "--seed", str(seed),
         "--max_train_steps", str(args.generator_steps), "--validation_steps", str(args.generator_steps + 1),
         "--output_dir", str(output), "--resume_from_checkpoint", "latest",
@@ -119,7 +121,7 @@ def generate(model: Path, counts: list[int], args, seed: int) -> tuple[np.ndarra
 
     from medsyn.generation import ImageKey, SamplingSettings, sample_images, to_uint8
 
-    pipe = load_pipeline(model)
+    pipe = load_pipeline(model).to("cuda" if torch.cuda.is_available() else "cpu")
     pipe.set_progress_bar_config(disable=True)
     settings = SamplingSettings(guidance_scale=args.guidance_scale, num_inference_steps=args.sampling_steps)
     keys = [ImageKey(seed * 100 + c, i, class_label=c) for c, count in enumerate(counts) for i in range(count)]
@@ -165,9 +167,9 @@ def run_one(data: dict, fraction: float, seed: int, args, folder: Path, inceptio
             train_generator(train_file, model, args, seed)
     synthetic_file = folder / "synthetic.npz"
     if not synthetic_file.exists():
+        counts = synthetic_counts(real_labels, len(names), max(args.multiples))
         with timed(record, "generation"):
-            synthetic, synthetic_labels = generate(model, synthetic_counts(real_labels, len(names), max(MULTIPLES)),
-                                                   args, seed)
+            synthetic, synthetic_labels = generate(model, counts, args, seed)
         save_npz(synthetic_file, images=synthetic, labels=synthetic_labels, class_names=np.array(names))
     with np.load(synthetic_file) as archive:
         synthetic, synthetic_labels = archive["images"], archive["labels"]
@@ -187,7 +189,7 @@ def run_one(data: dict, fraction: float, seed: int, args, folder: Path, inceptio
                              "images": n}
 
     with timed(record, "classifiers"):
-        arms = study_arms(real, real_labels, synthetic, synthetic_labels, MULTIPLES, seed)
+        arms = study_arms(real, real_labels, synthetic, synthetic_labels, tuple(args.multiples), seed)
         probabilities = {}
         for arm in arms:
             classifier = train_arm(arm, len(names), args.classifier_steps, args.classifier_batch_size,
@@ -210,14 +212,13 @@ def run_one(data: dict, fraction: float, seed: int, args, folder: Path, inceptio
     return record
 
 
-def write_report(runs: list[dict], data: dict, args, output: Path) -> None:
-    """results.json, report.md (mean over seeds per fraction and arm) and auc_vs_fraction.png."""
+def write_report(finished: list[dict], data: dict, args, output: Path) -> None:
+    """results.json, report.md (mean over seeds per fraction and arm) and auc_vs_fraction.png of finished runs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    finished = [r for r in runs if "arms" in r]
     write_text_atomically(output / "results.json", json.dumps({"cleaning": data["cleaning"], "runs": finished},
                                                               indent=2))
     fractions = sorted({r["fraction"] for r in finished})
@@ -279,6 +280,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--negative-class", default="notumor", help="the class the AUC's negatives are")
     parser.add_argument("--generator-steps", type=int, default=2000)
+    parser.add_argument("--generator-args", default="",
+                        help="more train_ddpm.py flags, after the 32 px recipe (the last of a repeated flag wins), "
+                             "e.g. a larger UNet at 128 px")
+    parser.add_argument("--multiples", type=int, nargs="+", default=[1, 2, 4],
+                        help="synthetic images added, as multiples of the real count per class")
     parser.add_argument("--sampling-steps", type=int, default=10, help="DPM-Solver++ 2M steps (2 NFE each)")
     parser.add_argument("--guidance-scale", type=float, default=4.0)
     parser.add_argument("--batch-size", type=int, default=64, help="images per generation batch")
@@ -313,13 +319,18 @@ def main(argv: list[str] | None = None) -> None:
         from medsyn.metrics.inception import FIDInceptionV3
 
         inception = FIDInceptionV3.from_pretrained()
-    runs, cache = [], {}
+    cache = {}
     for fraction in args.fractions:
         for seed in args.seeds:
-            runs.append(run_one(data, fraction, seed, args, output / f"fraction-{fraction:g}-seed-{seed}",
-                                inception, cache))
-            write_report(runs, data, args, output)
+            run_one(data, fraction, seed, args, output / f"fraction-{fraction:g}-seed-{seed}", inception, cache)
+            write_report(finished_runs(output), data, args, output)
     print((output / "report.md").read_text())
+
+
+def finished_runs(output: Path) -> list[dict]:
+    """Every finished run under ``output``, whichever process made it (runs can go to separate GPUs)."""
+    runs = [json.loads(path.read_text()) for path in output.glob("fraction-*-seed-*/run.json")]
+    return sorted((r for r in runs if "arms" in r), key=lambda r: (r["fraction"], r["seed"]))
 
 
 if __name__ == "__main__":
