@@ -1,5 +1,5 @@
 """The ``medsyn`` command: ``demo``, ``generate``, ``pixel-noise-baseline``, ``evaluate``, ``evaluate-expert``,
-``push``, ``rate`` and ``serve``.
+``push``, ``rate``, ``serve`` and ``attack``.
 
 Heavy imports happen inside the subcommands, so ``medsyn --help`` answers at once.
 """
@@ -34,7 +34,8 @@ def demo(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from medsyn.data import SimulatedBrainMRI
-    from medsyn.train_scripts.train_score_langevin import main as train, parse_args
+    from medsyn.train_scripts.train_score_langevin import main as train
+    from medsyn.train_scripts.train_score_langevin import parse_args
 
     output_dir = Path(args.output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite:
@@ -316,10 +317,10 @@ def serve(args: argparse.Namespace) -> int:
     """Serve models as a REST API with jobs (see README: Serving); or, with --create-key, add an API key and exit."""
     import uvicorn
 
+    from medsyn.output_files import safe_file_stem
     from medsyn.serving.api_keys import create_api_key, keys_configured
     from medsyn.serving.app import create_app
     from medsyn.serving.database import open_database
-    from medsyn.output_files import safe_file_stem
     from medsyn.serving.quality_gate import QualityGate, is_gate_file
     from medsyn.serving.served_model import ServedModel
     from medsyn.serving.service import GenerationService, ServiceLimits
@@ -370,9 +371,68 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def attack(args: argparse.Namespace) -> int:
+    """Membership inference against a saved model: attack.json (AUC, TPR at low FPR, CIs) and roc.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from medsyn.evaluation import load_image_set
+    from medsyn.output_files import atomic_write, check_writable, write_text_atomically
+    from medsyn.pipelines import load_pipeline
+    from medsyn.privacy.membership import AttackMethod, AttackSettings, attack_report, membership_statistics
+
+    output_dir = Path(args.output_dir)
+    if _would_overwrite([output_dir / "attack.json", output_dir / "roc.png"], args.overwrite):
+        return 2
+    sets = {name: load_image_set(spec, name) for name, spec in (("members", args.members),
+                                                                 ("non-members", args.non_members))}
+    settings = AttackSettings(method=AttackMethod(args.method), noise_levels=tuple(args.noise_levels),
+                              draws=args.draws, seed=args.seed, batch_size=args.batch_size)
+    pipe = load_pipeline(args.model)
+    check_writable(output_dir)
+    names = getattr(pipe, "class_names", None)
+
+    def labels_of(image_set) -> list[int | None] | None:
+        """The set's labels as the model's class indices, matched by name (None: attack unconditionally)."""
+        if image_set.labels is None or not image_set.class_names or not names:
+            return None
+        unknown = sorted(set(image_set.class_names) - set(names))
+        if unknown:
+            raise ValueError(f"--{image_set.name}: classes {unknown} are not the model's {names}")
+        return [names.index(image_set.class_names[label]) for label in image_set.labels]
+
+    statistics = {name: membership_statistics(pipe, image_set.images, labels_of(image_set), settings)
+                  for name, image_set in sets.items()}
+    report = attack_report(statistics["members"], statistics["non-members"], settings, resamples=args.resamples)
+    write_text_atomically(output_dir / "attack.json", json.dumps(report.to_dict(), indent=2))
+    scores = np.concatenate([statistics["members"], statistics["non-members"]])
+    order = np.argsort(-scores, kind="stable")
+    member = np.concatenate([np.ones(len(statistics["members"])), np.zeros(len(statistics["non-members"]))])[order]
+    tpr = np.concatenate([[0], np.cumsum(member) / member.sum()])
+    fpr = np.concatenate([[0], np.cumsum(1 - member) / (1 - member).sum()])
+    figure, axis = plt.subplots(figsize=(4.5, 4.5))
+    axis.plot(fpr, tpr, label=f"{args.method} attack, AUC {report.auc:.3f}")
+    axis.plot([0, 1], [0, 1], "k:", label="chance")
+    axis.set(xlabel="false-positive rate (non-members called members)", ylabel="true-positive rate",
+             title="membership inference ROC")
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    with atomic_write(output_dir / "roc.png") as temporary:
+        figure.savefig(temporary, format="png", dpi=120)
+    plt.close(figure)
+    print(f"{args.method} attack: AUC {report.auc:.3f} [{report.auc_ci[0]:.3f}, {report.auc_ci[1]:.3f}], "
+          f"TPR at 1% FPR {report.tpr_at_1pct_fpr:.3f}, at 0.1% FPR {report.tpr_at_0_1pct_fpr:.3f} "
+          f"({report.members} members, {report.non_members} non-members); wrote {output_dir / 'attack.json'}")
+    return 0
+
+
 def evaluate(args: argparse.Namespace) -> int:
     """Measure generated images against real ones; write metrics.json and a self-contained report.html."""
-    from medsyn.evaluation import evaluate as run_evaluation, load_image_set, write_report
+    from medsyn.evaluation import evaluate as run_evaluation
+    from medsyn.evaluation import load_image_set, write_report
     from medsyn.output_files import check_writable, write_text_atomically
 
     output_dir = Path(args.output_dir)
@@ -601,6 +661,22 @@ def build_parser() -> argparse.ArgumentParser:
     rate_parser.add_argument("--host", default="127.0.0.1", help="address to serve on (localhost only by default)")
     rate_parser.add_argument("--port", type=count_argument(1), default=8765, help="port to serve on")
     rate_parser.set_defaults(handler=rate)
+
+    at = commands.add_parser("attack", **shown, help="membership inference: can the model tell its training images?")
+    at.add_argument("--model", required=True, help="a saved DDPM or score-model pipeline (folder or Hub id)")
+    at.add_argument("--members", required=True, help="a sample of the model's training images" + sets_help)
+    at.add_argument("--non-members", required=True, help="held-out real images of the same distribution" + sets_help)
+    at.add_argument("--method", choices=("loss", "pia"), default="loss",
+                    help="loss: the denoising loss (Carlini et al. 2023); pia: proximal initialisation (Kong et al.)")
+    at.add_argument("--noise-levels", type=number_argument(0, exclusive=True), nargs="+", default=[0.02, 0.05, 0.1],
+                    help="fractions of the noise schedule from the clean end")
+    at.add_argument("--draws", type=count_argument(), default=4, help="noise draws per level (loss attack)")
+    at.add_argument("--resamples", type=count_argument(), default=1000, help="bootstrap resamples for the CIs")
+    at.add_argument("--batch-size", type=count_argument(), default=32, help="images per network call")
+    at.add_argument("--seed", type=count_argument(0), default=0, help="seed of the noise and the bootstrap")
+    at.add_argument("--output-dir", required=True, help="folder for attack.json and roc.png")
+    at.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    at.set_defaults(handler=attack)
 
     sv = commands.add_parser("serve", **shown, help="a REST service that generates images as jobs, QA-gated")
     sv.add_argument("--model", action="append", metavar="NAME=DIR_OR_HUB_ID",

@@ -15,7 +15,6 @@ import torch
 from medsyn.evaluation.downstream import train_classifier
 from medsyn.evaluation.low_data_study import (
     Arm,
-    binary_auc,
     class_probabilities,
     clean_test_split,
     paired_bootstrap,
@@ -25,6 +24,7 @@ from medsyn.evaluation.low_data_study import (
     synthetic_counts,
     train_arm,
 )
+from medsyn.privacy.statistics import binary_auc
 
 STUDY = Path(__file__).parents[1] / "benchmarks" / "study_low_data.py"
 

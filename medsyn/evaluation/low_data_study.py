@@ -22,7 +22,7 @@ from medsyn.baselines import pixel_noise_baseline
 from medsyn.data import random_affine
 from medsyn.privacy import NEAR_COPY_DISTANCE
 from medsyn.privacy.memorisation import nearest_training_distances
-from medsyn.privacy.statistics import average_ranks
+from medsyn.privacy.statistics import binary_auc
 
 from .downstream import _prepare, train_classifier
 
@@ -129,15 +129,6 @@ class ArmMetrics:
     auc: float
     accuracy: float
     recall: list[float]
-
-
-def binary_auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """ROC AUC as the Mann-Whitney statistic: the chance a positive outscores a negative, ties counting half."""
-    ranks, _ = average_ranks(scores)
-    count = int(positive.sum())
-    if count in (0, len(positive)):
-        raise ValueError("AUC needs positive and negative test images")
-    return float((ranks[positive].sum() - count * (count + 1) / 2) / (count * (len(positive) - count)))
 
 
 def arm_metrics(probabilities: np.ndarray, labels: np.ndarray, negative_class: int) -> ArmMetrics:

@@ -28,6 +28,15 @@ def average_ranks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ((ends - counts + 1 + ends) / 2)[inverse], counts
 
 
+def binary_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney statistic: the chance a positive outscores a negative, ties counting half."""
+    ranks, _ = average_ranks(scores)
+    count = int(positive.sum())
+    if count in (0, len(positive)):
+        raise ValueError("AUC needs positive and negative test images")
+    return float((ranks[positive].sum() - count * (count + 1) / 2) / (count * (len(positive) - count)))
+
+
 def data_copying_test(generated: np.ndarray, held_out: np.ndarray) -> TestResult:
     """Meehan, Chaudhuri and Dasgupta's (2020) data-copying test: Mann-Whitney U on nearest-training distances.
 

@@ -1,0 +1,130 @@
+"""Membership inference against closed-form models: a perfect memoriser (the exact denoiser of its 8 training
+images) gives its members away (AUC 1), a model of other images does not (the CI covers 0.5); the report's
+TPR at low FPR, the seeding rule, and the CLI."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from medsyn.pipelines import ClassConditionalDDPMPipeline, ScoreLangevinPipeline
+
+from medsyn.privacy.membership import (
+    AttackMethod,
+    AttackSettings,
+    attack_report,
+    membership_statistics,
+    tpr_at_fpr,
+)
+from medsyn.schedulers import AnnealedLangevinScheduler
+
+
+class EmpiricalDenoiser(torch.nn.Module):
+    """The exact denoiser of the empirical distribution of ``data`` ((N, C, H, W) in [-1, 1]): what a network that
+    memorised its training set perfectly computes. ``alphas`` (a DDPM's cumulative alphas) makes it predict the
+    noise at integer timesteps; without them it returns the variance-exploding score at sigma."""
+
+    def __init__(self, data: torch.Tensor, alphas: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("data", data.double())
+        self.alphas = alphas
+        self.config = SimpleNamespace(in_channels=data.shape[1], num_class_embeds=None, sample_size=data.shape[-1])
+        self.dtype = torch.float32
+
+    def forward(self, x, level, class_labels=None):
+        x = x.double()
+        if self.alphas is None:  # x = x0 + sigma z
+            scale, spread = torch.ones_like(level, dtype=torch.float64), level.double()
+        else:  # x = sqrt(abar) x0 + sqrt(1 - abar) eps
+            alpha = self.alphas[level.long()].double()
+            scale, spread = alpha.sqrt(), (1 - alpha).sqrt()
+        centres = scale.view(-1, 1, 1, 1, 1) * self.data[None]  # (B, N, C, H, W)
+        squared = (x[:, None] - centres).pow(2).flatten(2).sum(2)  # (B, N)
+        weights = torch.softmax(-squared / (2 * spread.view(-1, 1) ** 2), dim=1)
+        mean = torch.einsum("bn,nchw->bchw", weights, self.data)  # E[x0 | x]
+        if self.alphas is None:
+            output = (mean - x) / spread.view(-1, 1, 1, 1) ** 2  # the score
+        else:
+            output = (x - scale.view(-1, 1, 1, 1) * mean) / spread.view(-1, 1, 1, 1)  # the noise
+        return SimpleNamespace(sample=output.float())
+
+
+def images(seed: int, count: int = 8) -> torch.Tensor:
+    """Smooth 8x8 'slices', uint8 (N, 1, 8, 8)."""
+    coarse = torch.from_numpy(np.random.default_rng(seed).uniform(0, 255, (count, 1, 3, 3))).float()
+    return torch.nn.functional.interpolate(coarse, size=(8, 8), mode="bilinear").round().byte()
+
+
+def memoriser(kind: str, data: torch.Tensor):
+    clean = data.float() / 127.5 - 1
+    if kind == "score":
+        scheduler = AnnealedLangevinScheduler(num_train_timesteps=10, sigma_max=10.0, sigma_min=0.01)
+        return ScoreLangevinPipeline(unet=EmpiricalDenoiser(clean), scheduler=scheduler)
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    return ClassConditionalDDPMPipeline(unet=EmpiricalDenoiser(clean, scheduler.alphas_cumprod), scheduler=scheduler)
+
+
+@pytest.mark.parametrize("kind", ["score", "ddpm"])
+@pytest.mark.parametrize("method", list(AttackMethod))
+def test_a_perfect_memoriser_gives_its_members_away_and_others_do_not(kind, method):
+    members, non_members, others = images(0), images(1), images(2)
+    settings = AttackSettings(method=method, batch_size=5)
+    pipe = memoriser(kind, members)
+    report = attack_report(membership_statistics(pipe, members, settings=settings),
+                           membership_statistics(pipe, non_members, settings=settings), settings, resamples=200)
+    assert report.auc == 1.0 and report.tpr_at_1pct_fpr == 1.0 and report.auc_ci[0] == 1.0
+    blind = memoriser(kind, others)  # trained on neither set: nothing to give away
+    report = attack_report(membership_statistics(blind, members, settings=settings),
+                           membership_statistics(blind, non_members, settings=settings), settings, resamples=200)
+    assert report.auc_ci[0] < 0.5 < report.auc_ci[1]
+
+
+def test_statistics_do_not_depend_on_the_batch():
+    pipe, data = memoriser("ddpm", images(0)), images(3, count=6)
+    one = membership_statistics(pipe, data, settings=AttackSettings(batch_size=6))
+    split = membership_statistics(pipe, data, settings=AttackSettings(batch_size=4))
+    other_seed = membership_statistics(pipe, data, settings=AttackSettings(batch_size=6, seed=1))
+    assert np.allclose(one, split, rtol=1e-6) and not np.allclose(one, other_seed)
+
+
+def test_tpr_at_low_fpr_lets_at_most_the_allowed_false_positives_through():
+    non_members = np.arange(200, dtype=float)  # 1% of 200: 2 false positives allowed, threshold 197
+    members = np.array([196.0, 197.0, 198.0, 250.0])
+    assert tpr_at_fpr(members, non_members, 0.01) == 0.5
+    assert tpr_at_fpr(members, non_members, 0.001) == 0.25  # none allowed: above the largest, 199
+    assert tpr_at_fpr(np.array([5.0]), np.array([1.0, 2.0]), 0.001) == 1.0
+
+
+def test_bad_settings_and_models_are_named():
+    with pytest.raises(ValueError, match="noise_levels"):
+        AttackSettings(noise_levels=(0.0,))
+    with pytest.raises(ValueError, match="latent model"):
+        membership_statistics(SimpleNamespace(), images(0))
+    with pytest.raises(ValueError, match="uint8 images"):
+        membership_statistics(memoriser("score", images(0)), images(0).float())
+
+
+def test_medsyn_attack_writes_the_report_and_the_roc_curve(tmp_path, capsys):
+    from medsyn.cli import main
+
+    from .conftest import get_dummy_pipeline
+
+    get_dummy_pipeline().save_pretrained(tmp_path / "model")
+    rng = np.random.default_rng(0)
+    for name in ("members", "non_members"):
+        np.savez(tmp_path / f"{name}.npz", images=rng.integers(0, 256, (6, 16, 16), dtype=np.uint8),
+                 labels=np.arange(6) % 2, class_names=np.array(["healthy", "tumor"]))
+    assert main(["attack", "--model", str(tmp_path / "model"), "--members", str(tmp_path / "members.npz"),
+                 "--non-members", str(tmp_path / "non_members.npz"), "--method", "pia", "--resamples", "50",
+                 "--output-dir", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "attack.json").read_text())
+    assert report["method"] == "pia" and report["members"] == 6 and 0 <= report["auc"] <= 1
+    assert len(report["most_exposed_members"]) == 6 and (tmp_path / "out" / "roc.png").stat().st_size > 1000
+    assert "AUC" in capsys.readouterr().out
+    assert main(["attack", "--model", str(tmp_path / "model"), "--members", str(tmp_path / "nope.npz"),
+                 "--non-members", str(tmp_path / "non_members.npz"), "--output-dir", str(tmp_path / "x")]) == 2
