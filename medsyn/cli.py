@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from medsyn.schedulers.samplers import Sampler
+from medsyn.schedulers.samplers import Sampler, sampler_scheduler
 from medsyn.validation import DefaultsShown, count_argument, number_argument
 
 # At guidance 2 the label probe read most healthy samples of this tiny model as tumours; at 4 both classes hold.
@@ -187,6 +187,8 @@ def generate(args: argparse.Namespace) -> int:
     check_sampling(pipe, settings, prompt=args.prompt is not None, negative_prompt=args.negative_prompt is not None,
                    flag=lambda name: "--" + name.replace("_", "-"))
     text_guided = model_kind(pipe) is ModelKind.MEDISYN
+    if settings.sampler != Sampler.LANGEVIN:
+        pipe.scheduler = sampler_scheduler(settings.sampler, pipe.scheduler.config)
     if args.compile:
         pipe.unet.compile()
     labels = None

@@ -14,7 +14,7 @@ from enum import StrEnum
 import numpy as np
 import torch
 
-from medsyn.schedulers.samplers import Sampler, sampler_scheduler
+from medsyn.schedulers.samplers import Sampler
 from medsyn.seeding import keyed_generator
 
 
@@ -83,19 +83,10 @@ def check_sampling(pipe, settings: SamplingSettings, *, prompt: bool, negative_p
         pipe.check_inputs(1, settings.num_inference_steps, settings.n_steps_each, None, guidance, "np", None)
 
 
-def use_sampler(pipe, sampler: Sampler | str) -> None:
-    """Give a score pipeline the scheduler of ``sampler``, built from its trained sigma range (kept on the pipe the
-    first time, so switching back and forth does not drift)."""
-    if not hasattr(pipe, "_trained_scheduler_config"):
-        pipe._trained_scheduler_config = pipe.scheduler.config
-    if Sampler(sampler) != getattr(pipe, "_sampler", Sampler.LANGEVIN):
-        pipe.scheduler = sampler_scheduler(sampler, pipe._trained_scheduler_config)
-        pipe._sampler = Sampler(sampler)
-
-
 def sample_images(pipe, keys: Sequence[ImageKey], settings: SamplingSettings, callback_on_step_end=None) -> np.ndarray:
     """The images of ``keys`` as float arrays (B, H, W, C) in [0, 1], non-finite values left in for the caller to
-    see; ``callback_on_step_end`` is passed to the pipeline (raise in it to abandon the batch)."""
+    see; ``callback_on_step_end`` is passed to the pipeline (raise in it to abandon the batch). A score pipeline
+    must already hold the scheduler of ``settings.sampler`` (``sampler_scheduler``)."""
     kind = model_kind(pipe)
     generators = [keyed_generator(key.seed, key.index) for key in keys]
     options = {"callback_on_step_end": callback_on_step_end} if callback_on_step_end is not None else {}
@@ -109,7 +100,6 @@ def sample_images(pipe, keys: Sequence[ImageKey], settings: SamplingSettings, ca
             options["negative_prompt"] = [n or "" for n in negatives]
         return pipe([key.prompt for key in keys], generator=generators, output_type="np", **options).images
     if kind is ModelKind.SCORE:
-        use_sampler(pipe, settings.sampler)
         options["n_steps_each"] = settings.n_steps_each
     labels = [key.class_label for key in keys]
     return pipe(

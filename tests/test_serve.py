@@ -195,6 +195,25 @@ def test_nan_guidance_and_huge_bodies_are_refused_not_crashed_on(model_dir, tmp_
                            ).status_code == 422
 
 
+def test_jobs_switch_samplers_and_back_with_the_clis_images(model_dir, tmp_path):
+    service = make_service(model_dir, str(tmp_path / "db.sqlite"), tmp_path / "s")
+    jobs = [("edm-heun", ["--sampler", "edm-heun", "--num-inference-steps", "3"]), ("langevin", [])]
+    with TestClient(create_app(service)) as client:
+        ids = []
+        for sampler, _ in jobs:
+            extra = {"num_inference_steps": 3} if sampler != "langevin" else {}
+            ids.append(client.post("/api/v1/generate", json={"model": "brain", "class_label": "tumor", "n_samples": 2,
+                                                             "seed": 1, "sampler": sampler, **extra}).json()["id"])
+        served = [zip_images(client.get(f"/api/v1/jobs/{wait_for_job(client, i)['id']}/images"))[0] for i in ids]
+    for (sampler, flags), images in zip(jobs, served, strict=True):
+        out = tmp_path / sampler
+        assert main(["generate", "--model", str(model_dir), "--class-label", "tumor", "--num-images", "2",
+                     "--seed", "1", "--output-dir", str(out), *flags]) == 0
+        for name, image in images.items():
+            assert np.abs(image - np.asarray(Image.open(out / name), dtype=int)).max() <= 1, sampler
+    assert not np.array_equal(served[0]["tumor_1_000000.png"], served[1]["tumor_1_000000.png"])
+
+
 def test_compatible_jobs_share_a_batch_round_robin(model_dir, database, tmp_path):
     service = make_service(model_dir, database, tmp_path / "s")
     first = service.submit(JobRequest("brain", class_label="tumor", n_samples=3, seed=1))

@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from medsyn.generation import ModelKind, model_kind
+from medsyn.schedulers.samplers import Sampler, sampler_scheduler
 from medsyn.serving.quality_gate import QualityGate
 
 CARD_SUMMARY_CHARACTERS = 400
@@ -72,6 +73,18 @@ class ServedModel:
     load_seconds: float
     card_summary: str | None = None
     gate: QualityGate | None = None
+    schedulers: dict[Sampler, object] = field(default_factory=dict)
+    """A score model's scheduler per sampler, each built once from the trained one's sigma range."""
+
+    def use_sampler(self, sampler: Sampler) -> None:
+        """Give a score model's pipeline the scheduler of ``sampler`` (the trained one for Langevin)."""
+        if self.kind is not ModelKind.SCORE:
+            return
+        if not self.schedulers:
+            self.schedulers[Sampler.LANGEVIN] = self.pipe.scheduler
+        if sampler not in self.schedulers:
+            self.schedulers[sampler] = sampler_scheduler(sampler, self.schedulers[Sampler.LANGEVIN].config)
+        self.pipe.scheduler = self.schedulers[sampler]
 
     @property
     def class_names(self) -> list[str] | None:

@@ -430,8 +430,10 @@ class ModelWorker(threading.Thread):
             return {}
 
         started = time.perf_counter()
+        settings = settings_of(first)
         try:
-            images = sample_images(self.model.pipe, keys, settings_of(first), callback_on_step_end=between_steps)
+            self.model.use_sampler(settings.sampler)
+            images = sample_images(self.model.pipe, keys, settings, callback_on_step_end=between_steps)
             verdicts = sanity_verdicts(images)
             gated = [work.jobs[j].quality_check for j, _ in work.items]
             if self.model.gate is not None and any(gated):
