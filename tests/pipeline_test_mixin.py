@@ -74,7 +74,9 @@ class MedsynPipelineTesterMixin:
         batched = pipe(**self.get_dummy_inputs(seed=0, batch=3)).images
         for i in range(3):
             single = pipe(**self.get_dummy_inputs(seed=i, batch=1)).images
-            np.testing.assert_allclose(batched[i], single[0], atol=1e-5, rtol=0)
+            # float32 sums run in another order for another batch shape (seen: 6e-5 with one CPU thread); a wrong
+            # generator or label would differ by the image's whole range
+            np.testing.assert_allclose(batched[i], single[0], atol=2e-4, rtol=0)
 
     def test_one_generator_equals_a_list_of_it(self):
         pipe = self.make_pipeline()

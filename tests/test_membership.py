@@ -136,9 +136,10 @@ def test_medsyn_attack_writes_the_report_and_the_roc_curve(tmp_path, capsys):
 def test_a_trained_model_that_memorised_eight_images_gives_them_away(tmp_path):
     """The issue's test on a real network: a tiny DDPM trained many steps on 8 images, attacked with 8 others of
     the same simulated distribution as non-members."""
-    from medsyn.data import SimulatedBrainMRI
     from medsyn.pipelines import load_pipeline
     from medsyn.train_scripts.train_ddpm import main, parse_args
+
+    from medsyn.data import SimulatedBrainMRI
 
     made = SimulatedBrainMRI(resolution=16, seed=0).generate(16)
     np.savez(tmp_path / "members.npz", images=made["images"][:8], labels=made["labels"][:8],
