@@ -428,6 +428,9 @@ def attack(args: argparse.Namespace) -> int:
     print(f"{args.method} attack: AUC {report.auc:.3f} [{report.auc_ci[0]:.3f}, {report.auc_ci[1]:.3f}], "
           f"TPR at 1% FPR {report.tpr_at_1pct_fpr:.3f}, at 0.1% FPR {report.tpr_at_0_1pct_fpr:.3f} "
           f"({report.members} members, {report.non_members} non-members); wrote {output_dir / 'attack.json'}")
+    if report.auc_ci[1] < 0.5:
+        print(f"warning: the statistic separates members from non-members in reverse (AUC {report.auc:.3f}): "
+              f"membership is exposed all the same (leakage AUC {report.leakage_auc:.3f})", file=sys.stderr)
     return 0
 
 

@@ -168,6 +168,9 @@ class AttackReport:
     non_members: int
     auc: float
     auc_ci: list[float]
+    leakage_auc: float
+    """max(AUC, 1 - AUC): a statistic that separates the sets in reverse (AUC well below 0.5) exposes membership
+    just as well, to anyone who flips it."""
     tpr_at_1pct_fpr: float
     tpr_at_1pct_fpr_ci: list[float]
     tpr_at_0_1pct_fpr: float
@@ -200,7 +203,8 @@ def attack_report(member_stats: np.ndarray, non_member_stats: np.ndarray, settin
     auc, tpr_1, tpr_01 = measures(member_stats, non_member_stats)
     return AttackReport(
         method=str(settings.method), members=len(member_stats), non_members=len(non_member_stats),
-        auc=auc, auc_ci=ci[0], tpr_at_1pct_fpr=tpr_1, tpr_at_1pct_fpr_ci=ci[1], tpr_at_0_1pct_fpr=tpr_01,
+        auc=auc, auc_ci=ci[0], leakage_auc=max(auc, 1 - auc), tpr_at_1pct_fpr=tpr_1, tpr_at_1pct_fpr_ci=ci[1],
+        tpr_at_0_1pct_fpr=tpr_01,
         tpr_at_0_1pct_fpr_ci=ci[2], most_exposed_members=np.argsort(-member_stats)[:exposed].tolist(),
         settings={**asdict(settings), "method": str(settings.method)},
         member_statistics=member_stats.tolist(), non_member_statistics=non_member_stats.tolist(),
