@@ -48,7 +48,7 @@ from medsyn.evaluation.low_data_study import (
     synthetic_counts,
     train_arm,
 )
-from medsyn.output_files import atomic_write, write_text_atomically
+from medsyn.output_files import write_npz_atomically, write_text_atomically
 
 GENERATOR_RECIPE = [  # RESULTS.md's 32 px DDPM recipe (issue 13), with the small-data affine augmentation
     "--base_channels", "32", "--channel_mult", "1", "2", "2", "--layers_per_block", "1", "--norm_num_groups", "8",
@@ -100,11 +100,6 @@ def timed(record: dict, stage: str):
             record.setdefault("seconds", {})[stage] = round(time.perf_counter() - self.started, 1)
 
     return _Clock()
-
-
-def save_npz(path: Path, **arrays) -> None:
-    with atomic_write(path) as temporary, open(temporary, "wb") as file:
-        np.savez_compressed(file, **arrays)
 
 
 def train_generator(train_file: Path, output: Path, args, seed: int) -> None:
@@ -162,7 +157,7 @@ def run_one(data: dict, fraction: float, seed: int, args, folder: Path, inceptio
     real, real_labels = data["train"][indices], data["train_labels"][indices]
     train_file = folder / "train.npz"  # exactly the fraction: the generator sees nothing else
     if not train_file.exists():
-        save_npz(train_file, images=real, labels=real_labels, class_names=np.array(names), indices=indices)
+        write_npz_atomically(train_file, images=real, labels=real_labels, class_names=np.array(names), indices=indices)
     record["real_images"] = len(real)
 
     model = folder / "generator"
@@ -174,7 +169,7 @@ def run_one(data: dict, fraction: float, seed: int, args, folder: Path, inceptio
         counts = synthetic_counts(real_labels, len(names), max(args.multiples))
         with timed(record, "generation"):
             synthetic, synthetic_labels = generate(model, counts, args, seed)
-        save_npz(synthetic_file, images=synthetic, labels=synthetic_labels, class_names=np.array(names))
+        write_npz_atomically(synthetic_file, images=synthetic, labels=synthetic_labels, class_names=np.array(names))
     with np.load(synthetic_file) as archive:
         synthetic, synthetic_labels = archive["images"], archive["labels"]
 
@@ -311,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     if not data_file.exists():
         data = load_dataset(args.data, args.resolution)
         kept, removed = clean_test_split(data["train"], data["test"])
-        save_npz(data_file, train=data["train"], train_labels=data["train_labels"], test=data["test"][kept],
+        write_npz_atomically(data_file, train=data["train"], train_labels=data["train_labels"], test=data["test"][kept],
                  test_labels=data["test_labels"][kept], class_names=np.array(data["class_names"]),
                  removed=removed)
     with np.load(data_file) as archive:

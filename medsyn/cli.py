@@ -156,7 +156,7 @@ def generate(args: argparse.Namespace) -> int:
         sample_images,
         to_uint8,
     )
-    from medsyn.output_files import atomic_write, check_writable, safe_file_stem
+    from medsyn.output_files import atomic_write, check_writable, safe_file_stem, write_npz_atomically
     from medsyn.pipelines import load_pipeline
     from medsyn.synthetic_marking import synthetic_description, write_png
 
@@ -226,8 +226,7 @@ def generate(args: argparse.Namespace) -> int:
         }
         if text_guided:
             arrays["captions"] = np.array([args.prompt] * args.num_images)
-        with atomic_write(output_dir / "samples.npz") as temporary, open(temporary, "wb") as file:
-            np.savez_compressed(file, **arrays)
+        write_npz_atomically(output_dir / "samples.npz", **arrays)
     state.wait_for_everyone()
     if state.is_main_process:
         print(f"wrote {args.num_images} images to {output_dir}")
@@ -240,7 +239,7 @@ def pixel_noise(args: argparse.Namespace) -> int:
 
     from medsyn.baselines import pixel_noise_baseline
     from medsyn.data import load_image_dataset
-    from medsyn.output_files import atomic_write, check_writable
+    from medsyn.output_files import check_writable, write_npz_atomically
 
     target = Path(args.output_dir) / "pixel_noise_baseline.npz"
     if _would_overwrite([target], args.overwrite):
@@ -251,14 +250,13 @@ def pixel_noise(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.data}: images have different sizes {sorted(sizes)[:3]}; resize them first")
     images = np.stack([np.asarray(image) for image in dataset["image"]])
     check_writable(target.parent)
-    with atomic_write(target) as temporary, open(temporary, "wb") as file:
-        np.savez_compressed(
-            file,
-            images=pixel_noise_baseline(images, sigma=args.sigma, seed=args.seed),
-            labels=np.array(dataset["label"], dtype=np.int64),
-            class_names=np.array(dataset.features["label"].names),
-            sources=np.array(dataset["source"]),
-        )
+    write_npz_atomically(
+        target,
+        images=pixel_noise_baseline(images, sigma=args.sigma, seed=args.seed),
+        labels=np.array(dataset["label"], dtype=np.int64),
+        class_names=np.array(dataset.features["label"].names),
+        sources=np.array(dataset["source"]),
+    )
     print(f"wrote {len(images)} noisy copies (sigma {args.sigma}) to {target}")
     return 0
 

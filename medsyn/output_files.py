@@ -88,3 +88,11 @@ def check_writable(folder: str | Path) -> None:
 def write_text_atomically(path: str | Path, text: str) -> None:
     with atomic_write(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
+
+
+def write_npz_atomically(path: str | Path, **arrays) -> None:
+    """``arrays`` as one compressed NPZ, whole or not at all."""
+    import numpy as np
+
+    with atomic_write(path) as temporary, open(temporary, "wb") as file:
+        np.savez_compressed(file, **arrays)

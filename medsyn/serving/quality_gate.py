@@ -46,6 +46,29 @@ def _statistics(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return values.mean(1).numpy(), values.std(1).numpy()
 
 
+def sanity_reason(finite: bool, spread: float) -> str | None:
+    """Why an image fails the checks that need no training index (not finite, blank), or None."""
+    if not finite:
+        return "not finite: the network produced NaN or Inf"
+    if spread < BLANK_SPREAD:
+        return f"blank: grey levels spread {spread:.4f} < {BLANK_SPREAD:.4f}"
+    return None
+
+
+def _finite_and_spread(images: np.ndarray) -> tuple[np.ndarray, torch.Tensor, np.ndarray, np.ndarray]:
+    """Per image of float (B, H, W, C): finite or not, the uint8 pixels, and their mean and spread on [0, 1]."""
+    finite = np.isfinite(images).reshape(len(images), -1).all(1)
+    pixels = torch.from_numpy(to_uint8(images))
+    return finite, pixels, *_statistics(pixels)
+
+
+def sanity_verdicts(images: np.ndarray) -> list[QAVerdict]:
+    """The verdicts of the checks that need no training index, for a model served without one."""
+    finite, _, _, spreads = _finite_and_spread(images)
+    reasons = [sanity_reason(bool(f), float(s)) for f, s in zip(finite, spreads, strict=True)]
+    return [QAVerdict(reason is None, reason) for reason in reasons]
+
+
 def is_gate_file(spec: str | Path) -> bool:
     """Whether ``spec`` is a file ``QualityGate.save`` wrote (an NPZ with a ``qa_threshold``)."""
     path = Path(spec)
@@ -98,40 +121,40 @@ class QualityGate:
 
     def save(self, path: str | Path) -> None:
         """The gate as one NPZ (``images`` in the layout ``medsyn evaluate`` reads, plus the threshold)."""
-        from medsyn.output_files import atomic_write
+        from medsyn.output_files import write_npz_atomically
 
         images = self.train.numpy()
-        with atomic_write(path) as temporary, open(temporary, "wb") as file:
-            np.savez_compressed(file, images=images[..., 0] if images.shape[-1] == 1 else images,
-                                qa_threshold=np.float64(np.nan if self.threshold is None else self.threshold))
+        write_npz_atomically(path, images=images[..., 0] if images.shape[-1] == 1 else images,
+                             qa_threshold=np.float64(np.nan if self.threshold is None else self.threshold))
+
+    def _index_reason(self, distance: float, neighbour: int, mean: float, spread: float) -> str | None:
+        """Why a finite, non-blank image fails against the index (copy, threshold, statistics), or None."""
+        if distance <= self.copy_distance:
+            return f"near-copy of training image {neighbour}: RMS distance {distance:.4f} <= {self.copy_distance:g}"
+        if self.threshold is not None and distance < self.threshold:
+            return (f"closer to training image {neighbour} ({distance:.4f}) than the calibrated threshold "
+                    f"{self.threshold:.4f}")
+        if not self.mean_range[0] <= mean <= self.mean_range[1]:
+            return f"mean intensity {mean:.3f} outside the training range {self.mean_range[0]:.3f}-" \
+                   f"{self.mean_range[1]:.3f}"
+        if not self.spread_range[0] <= spread <= self.spread_range[1]:
+            return f"contrast (std) {spread:.3f} outside the training range {self.spread_range[0]:.3f}-" \
+                   f"{self.spread_range[1]:.3f}"
+        return None
 
     def check(self, images: np.ndarray) -> list[QAVerdict]:
         """Verdicts for float images (B, H, W, C) in [0, 1], as a pipeline returns them."""
         if tuple(images.shape[1:]) != self.image_shape:
             raise ValueError(f"the QA index holds {self.image_shape} images, the model made {images.shape[1:]}")
-        finite = np.isfinite(images).reshape(len(images), -1).all(1)
-        pixels = torch.from_numpy(to_uint8(images))
-        means, spreads = _statistics(pixels)
+        finite, pixels, means, spreads = _finite_and_spread(images)
         distances, neighbours, _, _ = nearest_training_distances(pixels, self.train, self.max_shift)
         verdicts = []
         for i in range(len(images)):
             distance, neighbour = float(distances[i]), int(neighbours[i])
-            reason = None
+            reason = sanity_reason(bool(finite[i]), float(spreads[i]))
             if not finite[i]:
-                reason, distance, neighbour = "not finite: the network produced NaN or Inf", None, None
-            elif spreads[i] < BLANK_SPREAD:
-                reason = f"blank: grey levels spread {spreads[i]:.4f} < {BLANK_SPREAD:.4f}"
-            elif distance <= self.copy_distance:
-                reason = (f"near-copy of training image {neighbour}: RMS distance {distance:.4f} <= "
-                          f"{self.copy_distance:g}")
-            elif self.threshold is not None and distance < self.threshold:
-                reason = (f"closer to training image {neighbour} ({distance:.4f}) than the calibrated threshold "
-                          f"{self.threshold:.4f}")
-            elif not self.mean_range[0] <= means[i] <= self.mean_range[1]:
-                reason = f"mean intensity {means[i]:.3f} outside the training range {self.mean_range[0]:.3f}-" \
-                         f"{self.mean_range[1]:.3f}"
-            elif not self.spread_range[0] <= spreads[i] <= self.spread_range[1]:
-                reason = f"contrast (std) {spreads[i]:.3f} outside the training range {self.spread_range[0]:.3f}-" \
-                         f"{self.spread_range[1]:.3f}"
+                distance, neighbour = None, None
+            if reason is None:
+                reason = self._index_reason(distance, neighbour, float(means[i]), float(spreads[i]))
             verdicts.append(QAVerdict(reason is None, reason, distance, neighbour))
         return verdicts

@@ -38,7 +38,7 @@ from medsyn.serving.database import (
     utc_now,
 )
 from medsyn.serving.metrics import ServiceMetrics
-from medsyn.serving.quality_gate import QAVerdict
+from medsyn.serving.quality_gate import QAVerdict, sanity_verdicts
 from medsyn.serving.served_model import ServedModel
 from medsyn.synthetic_marking import dicom_bytes, synthetic_description, write_png
 
@@ -111,21 +111,6 @@ def image_file_name(job: Job, index: int) -> str:
     label = job.prompt if job.prompt is not None else job.class_name if job.class_name is not None else "sample"
     suffix = "dcm" if job.output_format == OutputFormat.DICOM else "png"
     return f"{safe_file_stem(label)}_{job.seed}_{index:06d}.{suffix}"
-
-
-def sanity_verdicts(images: np.ndarray) -> list[QAVerdict]:
-    """The checks that need no training index: finite and not blank."""
-    from medsyn.serving.quality_gate import BLANK_SPREAD
-
-    verdicts = []
-    for image in images:
-        if not np.isfinite(image).all():
-            verdicts.append(QAVerdict(False, "not finite: the network produced NaN or Inf"))
-        elif float(image.std()) < BLANK_SPREAD:
-            verdicts.append(QAVerdict(False, f"blank: grey levels spread {float(image.std()):.4f}"))
-        else:
-            verdicts.append(QAVerdict(True))
-    return verdicts
 
 
 class GenerationService:
