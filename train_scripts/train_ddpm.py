@@ -33,6 +33,7 @@ from medsyn.training.accelerator import (
     ema_or_trained_model,
     enable_gradient_checkpointing,
     step_budget,
+    trained_module,
 )
 from medsyn.training.class_conditional import (
     add_class_unet_arguments,
@@ -43,7 +44,14 @@ from medsyn.training.class_conditional import (
     labelled_dataloader,
 )
 from medsyn.training.denoising_loss import denoising_loss, noised_with_target
-from medsyn.training.loop import TrainingResult, TrainingRun, run_card_fields, training_loop
+from medsyn.training.differential_privacy import add_privacy_arguments, check_privacy_arguments, make_private
+from medsyn.training.loop import (
+    TrainingResult,
+    TrainingRun,
+    run_card_fields,
+    training_loop,
+    write_training_summary,
+)
 from medsyn.training.script_args import (
     add_data_arguments,
     add_denoising_objective_arguments,
@@ -80,6 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     add_optimisation_arguments(parser, output_dir="ddpm-model", learning_rate=1e-4)
     add_ema_arguments(parser, decay=0.999)
+    add_privacy_arguments(parser)
     add_logging_and_hub_arguments(parser)
     parser.add_argument("--num_validation_images", type=count_argument(), default=4, help="Per class.")
     parser.add_argument("--validation_inference_steps", type=count_argument(), default=25,
@@ -90,6 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     check_data_arguments(parser, args)
     check_class_unet_arguments(parser, args)
+    check_privacy_arguments(parser, args)
     if args.validation_inference_steps > args.num_train_timesteps:
         parser.error(f"--validation_inference_steps {args.validation_inference_steps} exceeds "
                      f"--num_train_timesteps {args.num_train_timesteps}")
@@ -125,10 +135,13 @@ def main(args: argparse.Namespace) -> UNet2DModel:
     null_label = null_class_label(unet)
     dataloader = labelled_dataloader(dataset, image_transform(args.resolution, center_crop=args.center_crop), args)
     optimizer = build_optimizer(args, unet.parameters())
+    unet, optimizer, dataloader, privacy = make_private(args, accelerator, unet, optimizer, dataloader,
+                                                        steps_for=lambda batches: step_budget(args, batches)[1])
     unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
     updates_per_epoch, max_train_steps, _ = step_budget(args, len(dataloader))
     lr_scheduler = build_lr_scheduler(args, accelerator, optimizer, max_train_steps)
-    ema = attach_ema(accelerator, accelerator.unwrap_model(unet), args.ema_decay, "unet_ema") if args.use_ema else None
+    ema = attach_ema(accelerator, trained_module(accelerator, unet), args.ema_decay, "unet_ema") if args.use_ema \
+        else None
     num_timesteps = noise_scheduler.config.num_train_timesteps
 
     def loss_fn(batch, step):
@@ -150,7 +163,7 @@ def main(args: argparse.Namespace) -> UNet2DModel:
     logger.info(f"{len(dataset)} images, {max_train_steps} optimiser steps, {num_timesteps} timesteps "
                 f"({noise_scheduler.config.beta_schedule}, {noise_scheduler.config.prediction_type})")
     run = TrainingRun(accelerator, [unet], list(unet.parameters()), optimizer, lr_scheduler, dataloader,
-                      updates_per_epoch, max_train_steps, ema)
+                      updates_per_epoch, max_train_steps, ema, privacy)
     result = training_loop(args, run, loss_fn, tracker_project_name="ddpm", validate=validate)
 
     pipeline = assemble_pipeline(accelerator, unet, ema, noise_scheduler, class_names)
@@ -179,10 +192,12 @@ def save_pipeline(args, accelerator, pipeline: ClassConditionalDDPMPipeline, dat
                              args.seed, num_inference_steps=args.validation_inference_steps)
     Image.fromarray(grid).save(output_dir / "samples.png")
     config, model = pipeline.scheduler.config, pipeline.unet
+    run_fields = run_card_fields(args, accelerator, result)
+    write_training_summary(output_dir, run_fields, result)
     write_model_card(
         output_dir,
         "ddpm",
-        **run_card_fields(args, accelerator, result),
+        **run_fields,
         **class_card_fields(args, class_names, model),
         sample_caption=(f"Rows: {', '.join(class_names)}" if class_names else "Unconditional samples")
         + f"; DPM-Solver++ 2M, {args.validation_inference_steps} steps, guidance {args.validation_guidance_scale}, "

@@ -25,7 +25,7 @@ from medsyn.model_card import write_model_card
 from medsyn.models.score_unet import null_class_label
 from medsyn.pipelines import ScoreLangevinPipeline
 from medsyn.schedulers import AnnealedLangevinScheduler, noise_schedule_from_data
-from medsyn.schedulers.ncsn_rules import langevin_step_size
+from medsyn.schedulers.ncsn_rules import NoiseSchedule, langevin_step_size, num_noise_levels
 from medsyn.schedulers.scheduling_annealed_langevin import geometric_sigmas
 from medsyn.training.accelerator import (
     attach_ema,
@@ -35,6 +35,7 @@ from medsyn.training.accelerator import (
     ema_or_trained_model,
     enable_gradient_checkpointing,
     step_budget,
+    trained_module,
 )
 from medsyn.training.class_conditional import (
     add_class_unet_arguments,
@@ -45,6 +46,7 @@ from medsyn.training.class_conditional import (
     labelled_dataloader,
     unet_config_from_arguments,
 )
+from medsyn.training.differential_privacy import add_privacy_arguments, check_privacy_arguments, make_private
 from medsyn.training.dsm_loss import dsm_loss, perturb
 from medsyn.training.expert_noise import ExpertNoise, NoiseProcess
 from medsyn.training.feature_alignment import (
@@ -54,7 +56,13 @@ from medsyn.training.feature_alignment import (
     block_channels,
     describe_alignment,
 )
-from medsyn.training.loop import TrainingResult, TrainingRun, run_card_fields, training_loop
+from medsyn.training.loop import (
+    TrainingResult,
+    TrainingRun,
+    run_card_fields,
+    training_loop,
+    write_training_summary,
+)
 from medsyn.training.script_args import (
     add_data_arguments,
     add_ema_arguments,
@@ -107,6 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_ema_arguments(parser, decay=0.999)
 
     add_alignment_arguments(parser)
+    add_privacy_arguments(parser)
     add_logging_and_hub_arguments(parser)
     parser.add_argument("--num_validation_images", type=count_argument(), default=4, help="Per class.")
     parser.add_argument("--validation_num_levels", type=count_argument(2), default=None,
@@ -118,6 +127,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_data_arguments(parser, args)
     check_not_applicable(parser, args, NOT_APPLICABLE)
     check_class_unet_arguments(parser, args)
+    check_privacy_arguments(parser, args, unsupported={
+        "--align_expert": bool(args.align_expert),
+        "the default --sigma_max (measured on the training images, outside the guarantee; give --sigma_max)":
+            args.sigma_max is None and not args.pretrained_model_name_or_path,
+    })
     return args
 
 
@@ -127,10 +141,13 @@ def build_model_and_scheduler(args, dataset, to_tensor, num_classes, channels):
         pipeline = ScoreLangevinPipeline.from_pretrained(args.pretrained_model_name_or_path, **pretrained_kwargs(args))
         return pipeline.unet, pipeline.scheduler
     unet = UNet2DModel(**unet_config_from_arguments(args, channels, num_classes))
-    sample = torch.stack([to_tensor(dataset[i]["image"]) for i in range(min(len(dataset), 2000))])
-    schedule = noise_schedule_from_data(sample, sigma_min=args.sigma_min, n_steps_each=args.n_steps_each)
-    if args.sigma_max is not None:
-        schedule.sigma_max = args.sigma_max
+    if args.sigma_max is None:
+        sample = torch.stack([to_tensor(dataset[i]["image"]) for i in range(min(len(dataset), 2000))])
+        schedule = noise_schedule_from_data(sample, sigma_min=args.sigma_min, n_steps_each=args.n_steps_each)
+    else:  # nothing is read from the images (a DP run's guarantee covers only what the gradients carry)
+        levels = num_noise_levels(args.sigma_max, args.sigma_min, channels * args.resolution**2)
+        schedule = NoiseSchedule(sigma_max=args.sigma_max, sigma_min=args.sigma_min, num_train_timesteps=levels,
+                                 step_size=0.0, n_steps_each=args.n_steps_each)
     if args.num_noise_levels is not None:
         schedule.num_train_timesteps = args.num_noise_levels
     schedule.step_size = args.step_size or langevin_step_size(
@@ -175,11 +192,14 @@ def main(args: argparse.Namespace) -> UNet2DModel:
     aligner = build_aligner(args, unet, to_tensor(dataset[0]["image"]), train_sigmas, null_label)
     trained_parameters = list(unet.parameters()) + (list(aligner.head.parameters()) if aligner else [])
     optimizer = build_optimizer(args, trained_parameters)
+    unet, optimizer, dataloader, privacy = make_private(args, accelerator, unet, optimizer, dataloader,
+                                                        steps_for=lambda batches: step_budget(args, batches)[1])
     unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
     head = accelerator.prepare(aligner.head) if aligner else None
     updates_per_epoch, max_train_steps, _ = step_budget(args, len(dataloader))
     lr_scheduler = build_lr_scheduler(args, accelerator, optimizer, max_train_steps)
-    ema = attach_ema(accelerator, accelerator.unwrap_model(unet), args.ema_decay, "unet_ema") if args.use_ema else None
+    ema = attach_ema(accelerator, trained_module(accelerator, unet), args.ema_decay, "unet_ema") if args.use_ema \
+        else None
 
     def loss_fn(batch, step):
         """Multi-scale denoising score matching (sigma^2-weighted), plus the alignment term when asked for."""
@@ -203,7 +223,7 @@ def main(args: argparse.Namespace) -> UNet2DModel:
                 f"{noise_scheduler.config.num_train_timesteps} noise levels "
                 f"(sigma {noise_scheduler.config.sigma_max:.3g} to {noise_scheduler.config.sigma_min:.3g})")
     run = TrainingRun(accelerator, [unet], trained_parameters, optimizer, lr_scheduler, dataloader,
-                      updates_per_epoch, max_train_steps, ema)
+                      updates_per_epoch, max_train_steps, ema, privacy)
     result = training_loop(args, run, loss_fn, tracker_project_name="score_langevin", validate=validate)
 
     if aligner is not None:
@@ -236,10 +256,12 @@ def save_pipeline(args, accelerator, model, noise_scheduler, class_names, data_d
     Image.fromarray(grid).save(output_dir / "samples.png")
     config = noise_scheduler.config
     levels_used = args.validation_num_levels or config.num_train_timesteps
+    run_fields = run_card_fields(args, accelerator, result)
+    write_training_summary(output_dir, run_fields, result)
     write_model_card(
         output_dir,
         "score_langevin",
-        **run_card_fields(args, accelerator, result),
+        **run_fields,
         **class_card_fields(args, class_names, model),
         sample_caption=(f"Rows: {', '.join(class_names)}" if class_names else "Unconditional samples")
         + f"; {levels_used} noise levels x {config.n_steps_each} steps, guidance {args.validation_guidance_scale}, "

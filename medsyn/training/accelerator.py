@@ -111,9 +111,17 @@ def attach_ema(accelerator: Accelerator, model: ModelMixin, decay: float, name: 
     return ema
 
 
+def trained_module(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The network itself, out of accelerate's wrappers (DDP, compile) and Opacus' per-sample-gradient wrapper."""
+    from opacus import GradSampleModule
+
+    model = accelerator.unwrap_model(model)
+    return model._module if isinstance(model, GradSampleModule) else model
+
+
 def ema_or_trained_model(accelerator: Accelerator, model: torch.nn.Module, ema: EMAModel | None) -> ModelMixin:
     """The trained network, a copy holding the EMA weights when EMA is on, in eval mode."""
-    model = accelerator.unwrap_model(model)
+    model = trained_module(accelerator, model)
     if ema is not None:
         copy = type(model).from_config(model.config).to(accelerator.device)
         ema.copy_to(copy.parameters())

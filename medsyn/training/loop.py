@@ -10,10 +10,11 @@ on schedule and the stop at ``max_train_steps``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,10 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from medsyn.training.accelerator import resume_position, save_checkpoint, validation_due
+from medsyn.output_files import write_text_atomically
+from medsyn.training.accelerator import resume_position, save_checkpoint, trained_module, validation_due
 from medsyn.training.checkpoints import step_generator
+from medsyn.training.differential_privacy import PrivacyReport, PrivateTraining
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +67,9 @@ class TrainingRun:
     updates_per_epoch: int
     max_train_steps: int
     ema: EMAModel | None = None
+    privacy: PrivateTraining | None = None
+    """DP-SGD (``medsyn.training.differential_privacy``): its backward replaces the loop's, its optimiser clips and
+    noises per sample (``--max_grad_norm`` is not applied), and a batch may be empty."""
 
 
 @dataclass
@@ -72,6 +78,7 @@ class TrainingResult:
 
     global_step: int
     recent: dict[str, list[float]] = field(default_factory=dict)
+    privacy: PrivacyReport | None = None
 
     def mean(self, name: str = "loss", digits: int = 4) -> str:
         """The recent mean of ``name`` for a model card, or "n/a" when no step ran."""
@@ -123,13 +130,13 @@ def training_loop(
             )
             micro_step += 1
             with accelerator.accumulate(*run.models):
-                losses = loss_fn(batch, step)
-                loss = losses["loss"]
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {global_step}; lower --learning_rate")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(run.parameters, args.max_grad_norm)
+                if run.privacy is None:
+                    losses = finite(loss_fn(batch, step), global_step)
+                    accelerator.backward(losses["loss"])
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(run.parameters, args.max_grad_norm)
+                else:
+                    losses = finite(run.privacy.backward(loss_fn, batch, step), global_step)
                 run.optimizer.step()
                 run.lr_scheduler.step()
                 run.optimizer.zero_grad()
@@ -139,7 +146,7 @@ def training_loop(
             if not accelerator.sync_gradients:
                 continue
             if run.ema is not None:
-                run.ema.step(accelerator.unwrap_model(run.models[0]).parameters())
+                run.ema.step(trained_module(accelerator, run.models[0]).parameters())
             global_step += 1
             result.global_step = global_step
             progress.update(1)
@@ -147,7 +154,8 @@ def training_loop(
             for name, value in logs.items():
                 result.recent[name] = (result.recent.get(name, []) + [value])[-RECENT_STEPS:]
             accelerator.log({**logs, "lr": run.lr_scheduler.get_last_lr()[0]}, step=global_step)
-            progress.set_postfix(loss=f"{logs['loss']:.4g}")
+            if logs:  # an empty DP batch has no loss
+                progress.set_postfix(loss=f"{logs['loss']:.4g}")
             if global_step % args.checkpointing_steps == 0:
                 save_checkpoint(args, accelerator, global_step)
             if validate is not None and accelerator.is_main_process and validation_due(
@@ -158,8 +166,18 @@ def training_loop(
             if global_step >= run.max_train_steps:
                 break
     progress.close()
+    if run.privacy is not None:
+        run.privacy.detach()
+        result.privacy = run.privacy.report()
     accelerator.wait_for_everyone()
     return result
+
+
+def finite(losses: dict, global_step: int) -> dict:
+    """``losses`` as they are, or a clear error before a non-finite loss reaches the weights."""
+    if losses and not torch.isfinite(losses["loss"]):
+        raise FloatingPointError(f"loss is {losses['loss'].item()} at step {global_step}; lower --learning_rate")
+    return losses
 
 
 def run_card_fields(args: argparse.Namespace, accelerator: Accelerator, result: TrainingResult) -> dict[str, object]:
@@ -178,7 +196,17 @@ def run_card_fields(args: argparse.Namespace, accelerator: Accelerator, result: 
         mixed_precision=accelerator.mixed_precision,
         ema=f"decay {args.ema_decay}" if getattr(args, "use_ema", False) else "off",
         final_loss=result.mean(),
+        differential_privacy=result.privacy.card_text() if result.privacy else
+        "off: no formal guarantee (`--dp_epsilon` trains with one)",
     )
+
+
+def write_training_summary(output_dir: str | Path, card_fields: dict[str, object], result: TrainingResult) -> Path:
+    """``training_summary.json``: the card's facts about the run as data, with DP-SGD's accounting when it ran."""
+    summary = {**card_fields, "differential_privacy": asdict(result.privacy) if result.privacy else None}
+    path = Path(output_dir) / "training_summary.json"
+    write_text_atomically(path, json.dumps(summary, indent=2, default=str))
+    return path
 
 
 def train_mode(models: Sequence[torch.nn.Module]) -> None:

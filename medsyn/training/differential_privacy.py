@@ -1,0 +1,264 @@
+"""Differentially private training (DP-SGD) of the pixel-space models, with Opacus.
+
+A membership attack measures what one attack gets out of a model; DP-SGD bounds what any attack can: with an
+(epsilon, delta) guarantee, no test can tell whether a given patient's scan was in the training set much better
+than chance (the odds change by at most a factor e^epsilon, except with probability delta). What it takes, as
+Dockhorn et al. 2022 ("Differentially Private Diffusion Models") do it:
+
+- Per-sample gradients (Opacus' ``GradSampleModule``), each clipped to ``max_grad_norm``, summed, plus Gaussian
+  noise of std ``noise_multiplier x max_grad_norm`` (Opacus' ``DPOptimizer``).
+- Poisson sampling: every image joins a batch with probability q = batch size / images, independently, so a batch
+  has a random size and may be empty. The accountant's amplification by sampling assumes exactly this.
+- Noise multiplicity K: each sample's loss is the mean over K noise draws (levels and noise) before its gradient
+  is clipped. Its gradient is less noisy for free: the K copies belong to one sample, so one clip bounds them.
+- The accountant (PRV by default, RDP on request) turns (noise, q, steps) into epsilon. The noise multiplier is
+  solved for before training from the run's step budget, so a budget that cannot be met is refused before a step
+  is spent; the epsilon actually spent goes into the model card and ``training_summary.json``.
+
+The noise and the Poisson batches are drawn from generators seeded from the operating system's entropy, never from
+``--seed``: the guarantee holds only while the noise is secret, and the seed is printed in every model card. A DP
+run is therefore not reproducible bit for bit. Models must not use BatchNorm (it mixes samples); medsyn's UNets use
+GroupNorm. One process only: multi-process DP (Opacus' DPDDP) is refused with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import torch
+from opacus import GradSampleModule
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.grad_sample.conv import compute_conv_grad_sample
+from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from opacus.validators import ModuleValidator
+
+from medsyn.validation import count_argument, number_argument
+
+#: The accountant's history in a checkpoint: (noise multiplier, sample rate, steps) per stretch of the run.
+ACCOUNTANT_FILE = "privacy_accountant.json"
+
+
+class PrivacyAccountant(StrEnum):
+    PRV = "prv"
+    """Gopi et al. 2021: numerically tight; Opacus' recommended accountant."""
+    RDP = "rdp"
+    """Rényi DP (Mironov 2017): a looser upper bound, the one most papers report."""
+
+
+@dataclass(frozen=True)
+class PrivacyBudget:
+    """What the caller asks for: an (epsilon, delta) guarantee at the end of the run, and how to spend it."""
+
+    epsilon: float
+    delta: float
+    max_grad_norm: float = 1.0
+    noise_multiplicity: int = 1
+    accountant: PrivacyAccountant = PrivacyAccountant.PRV
+
+    def __post_init__(self):
+        if not (math.isfinite(self.epsilon) and self.epsilon > 0):
+            raise ValueError(f"dp_epsilon must be a positive number, got {self.epsilon}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"dp_delta must be in (0, 1), got {self.delta}")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(f"dp_max_grad_norm must be a positive number, got {self.max_grad_norm}")
+        if self.noise_multiplicity < 1:
+            raise ValueError(f"dp_noise_multiplicity must be >= 1, got {self.noise_multiplicity}")
+        object.__setattr__(self, "accountant", PrivacyAccountant(self.accountant))
+
+
+@dataclass
+class PrivacyReport:
+    """What a DP run spent, for the model card and ``training_summary.json``."""
+
+    epsilon: float
+    """The accountant's epsilon for the steps actually run, at ``delta``."""
+    delta: float
+    target_epsilon: float
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    noise_multiplicity: int
+    accountant: str
+
+    def card_text(self) -> str:
+        return (f"(epsilon {self.epsilon:.3g}, delta {self.delta:.3g})-DP by DP-SGD ({self.accountant.upper()} "
+                f"accountant, target epsilon {self.target_epsilon:g}): {self.steps} steps at sample rate "
+                f"{self.sample_rate:.4g} (Poisson), noise multiplier {self.noise_multiplier:.4g}, per-sample clip "
+                f"{self.max_grad_norm:g}, noise multiplicity {self.noise_multiplicity}")
+
+
+def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
+    dp = parser.add_argument_group("differential privacy (DP-SGD with Opacus; off unless --dp_epsilon is given)")
+    dp.add_argument("--dp_epsilon", type=number_argument(0, exclusive=True), default=None,
+                    help="Train with DP-SGD to this epsilon at the end of the run; the noise is solved for.")
+    dp.add_argument("--dp_delta", type=number_argument(0, exclusive=True), default=None,
+                    help="The guarantee's delta; default 1 / (10 x training images). Must be below 1 / images.")
+    dp.add_argument("--dp_max_grad_norm", type=number_argument(0, exclusive=True), default=1.0,
+                    help="Each sample's gradient is clipped to this l2 norm.")
+    dp.add_argument("--dp_noise_multiplicity", type=count_argument(), default=1,
+                    help="Noise draws per sample, averaged before clipping (DPDM's K).")
+    dp.add_argument("--dp_accountant", type=str, default=PrivacyAccountant.PRV.value,
+                    choices=[a.value for a in PrivacyAccountant], help="How epsilon is computed.")
+
+
+def check_privacy_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                            unsupported: dict[str, bool] | None = None) -> None:
+    """Refuse what DP-SGD here does not do, naming the flag: accumulation (one Poisson batch is one step),
+    gradient checkpointing (Opacus' hooks), mixed precision, and any script-specific ``unsupported`` flags."""
+    if args.dp_epsilon is None:
+        if args.dp_delta is not None:
+            parser.error("--dp_delta needs --dp_epsilon")
+        return
+    refused = {"--gradient_accumulation_steps > 1": args.gradient_accumulation_steps > 1,
+               "--gradient_checkpointing": args.gradient_checkpointing,
+               "--mixed_precision fp16/bf16": args.mixed_precision in ("fp16", "bf16"),
+               **(unsupported or {})}
+    for flag, used in refused.items():
+        if used:
+            parser.error(f"--dp_epsilon cannot be combined with {flag}")
+
+
+def budget_from_args(args: argparse.Namespace, num_images: int) -> PrivacyBudget | None:
+    if args.dp_epsilon is None:
+        return None
+    return PrivacyBudget(epsilon=args.dp_epsilon, delta=args.dp_delta or 1 / (10 * num_images),
+                         max_grad_norm=args.dp_max_grad_norm, noise_multiplicity=args.dp_noise_multiplicity,
+                         accountant=args.dp_accountant)
+
+
+def noise_multiplier_for(budget: PrivacyBudget, sample_rate: float, steps: int) -> float:
+    """The smallest noise multiplier (to 1% in epsilon) that keeps ``steps`` steps at ``sample_rate`` within the
+    budget; a clear error when none can."""
+    try:
+        return get_noise_multiplier(target_epsilon=budget.epsilon, target_delta=budget.delta, sample_rate=sample_rate,
+                                    steps=steps, accountant=budget.accountant.value)
+    except ValueError as error:
+        raise ValueError(f"dp_epsilon {budget.epsilon} at delta {budget.delta:.3g} cannot be met in {steps} steps at "
+                         f"sample rate {sample_rate:.4g} ({error}); allow a larger epsilon, or train fewer steps "
+                         "or with smaller batches") from error
+
+
+def _contiguous_conv_grad_sample(layer, activations, backprops):
+    """Opacus' Conv2d per-sample gradient, on contiguous activations: its unfold walks the input by NCHW strides
+    and returns zeros for a channels-last one (opacus 1.6), which diffusers' attention blocks hand to the next
+    ResNet block; those convolutions' weights would then get noise only."""
+    return compute_conv_grad_sample(layer, [a.contiguous() for a in activations], backprops)
+
+
+class _GradSampleModule(GradSampleModule):
+    GRAD_SAMPLERS = {**GradSampleModule.GRAD_SAMPLERS, torch.nn.Conv2d: _contiguous_conv_grad_sample}
+
+
+def entropy_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from the OS's entropy: DP noise must not be reproducible from the published seed."""
+    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+
+
+class PrivateTraining:
+    """One model, its optimiser and its data made private: per-sample gradients, clipping, noise, Poisson batches
+    and the accountant. The training loop calls ``backward`` instead of back-propagating itself."""
+
+    def __init__(self, budget: PrivacyBudget, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 dataloader: torch.utils.data.DataLoader, batch_size: int, steps: int,
+                 device: torch.device | str = "cpu", noise_multiplier: float | None = None):
+        """``steps`` is the run's optimiser-step budget the noise is solved for; ``noise_multiplier`` overrides
+        the solved one (tests)."""
+        errors = ModuleValidator.validate(model, strict=False)
+        if errors:
+            raise ValueError(f"the model cannot be trained with DP-SGD: {errors[0]}")
+        num_images = len(dataloader.dataset)
+        if budget.delta >= 1 / num_images:
+            raise ValueError(f"dp_delta {budget.delta:.3g} must be below 1 / training images = {1 / num_images:.3g}: "
+                             "a larger delta allows releasing one image outright")
+        self.budget = budget
+        self.sample_rate = min(1.0, batch_size / num_images)
+        self.noise_multiplier = noise_multiplier if noise_multiplier is not None else noise_multiplier_for(
+            budget, self.sample_rate, steps)
+        self.model = _GradSampleModule(model, loss_reduction="mean")
+        self.optimizer = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
+                                     max_grad_norm=budget.max_grad_norm, expected_batch_size=batch_size,
+                                     loss_reduction="mean", generator=entropy_generator(device))
+        self.accountant = create_accountant(budget.accountant.value)
+        self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
+        collate = dataloader.collate_fn
+        self.dataloader = torch.utils.data.DataLoader(
+            dataloader.dataset, num_workers=dataloader.num_workers,
+            batch_sampler=UniformWithReplacementSampler(num_samples=num_images, sample_rate=self.sample_rate,
+                                                        generator=entropy_generator()),
+            collate_fn=lambda rows: collate(rows) if rows else None,  # an empty Poisson batch is None
+        )
+
+    @property
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def backward(self, loss_fn, batch: dict | None, step) -> dict:
+        """Per-sample gradients of ``loss_fn`` for the optimiser to clip and noise: each row repeated K times,
+        their gradients averaged per sample. An empty batch leaves zero samples, so the step adds noise only (the
+        accountant counts it like any other). Returns ``loss_fn``'s terms ({} for an empty batch)."""
+        if batch is None:
+            for p in self.parameters:
+                p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+            return {}
+        k = self.budget.noise_multiplicity
+        losses = loss_fn({name: value.repeat_interleave(k, dim=0) for name, value in batch.items()}, step)
+        with warnings.catch_warnings():  # Opacus' hooks fire on module outputs when the input needs no gradient
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            losses["loss"].backward()
+        for p in self.parameters:
+            p.grad_sample = p.grad_sample.unflatten(0, (-1, k)).mean(1)
+        return losses
+
+    def spent_epsilon(self) -> float:
+        return self.accountant.get_epsilon(delta=self.budget.delta) if self.accountant.history else 0.0
+
+    def report(self) -> PrivacyReport:
+        return PrivacyReport(
+            epsilon=self.spent_epsilon(), delta=self.budget.delta, target_epsilon=self.budget.epsilon,
+            noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
+            steps=sum(steps for _, _, steps in self.accountant.history), max_grad_norm=self.budget.max_grad_norm,
+            noise_multiplicity=self.budget.noise_multiplicity, accountant=self.budget.accountant.value)
+
+    def save_accountant(self, checkpoint_dir: str | os.PathLike) -> None:
+        Path(checkpoint_dir, ACCOUNTANT_FILE).write_text(json.dumps({"history": self.accountant.history}))
+
+    def load_accountant(self, checkpoint_dir: str | os.PathLike) -> None:
+        path = Path(checkpoint_dir, ACCOUNTANT_FILE)
+        if not path.is_file():
+            raise ValueError(f"{checkpoint_dir} has no {ACCOUNTANT_FILE}: it is not a DP run's checkpoint, and "
+                             "resuming it with --dp_epsilon would leave the steps before it unaccounted")
+        self.accountant.history = [tuple(entry) for entry in json.loads(path.read_text())["history"]]
+
+    def detach(self) -> None:
+        """Remove Opacus' hooks: the trained model is saved and sampled as a plain module."""
+        self.model.remove_hooks()
+
+
+def make_private(args: argparse.Namespace, accelerator, model: torch.nn.Module, optimizer, dataloader,
+                 steps_for) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.utils.data.DataLoader,
+                                      PrivateTraining | None]:
+    """(model, optimiser, loader, privacy) for the script's flags: made private with --dp_epsilon (the accountant
+    saved in and restored from every checkpoint), as given and None without. ``steps_for(batches_per_epoch)`` is
+    the run's step budget."""
+    budget = budget_from_args(args, len(dataloader.dataset))
+    if budget is None:
+        return model, optimizer, dataloader, None
+    if accelerator.num_processes > 1:
+        raise ValueError("--dp_epsilon trains in one process; launch without --multi_gpu / --num_processes")
+    sample_rate = min(1.0, args.train_batch_size / len(dataloader.dataset))
+    private = PrivateTraining(budget, model, optimizer, dataloader, args.train_batch_size,
+                              steps_for(int(1 / sample_rate)), device=accelerator.device)
+    accelerator.register_save_state_pre_hook(lambda models, weights, folder: private.save_accountant(folder))
+    accelerator.register_load_state_pre_hook(lambda models, folder: private.load_accountant(folder))
+    return private.model, private.optimizer, private.dataloader, private
