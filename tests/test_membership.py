@@ -132,37 +132,73 @@ def test_medsyn_attack_writes_the_report_and_the_roc_curve(tmp_path, capsys):
                  "--non-members", str(tmp_path / "non_members.npz"), "--output-dir", str(tmp_path / "x")]) == 2
 
 
-@pytest.mark.slow
-def test_a_trained_model_that_memorised_eight_images_gives_them_away(tmp_path):
-    """The issue's test on a real network: a tiny DDPM trained many steps on 8 images, attacked with 8 others of
-    the same simulated distribution as non-members."""
-    from medsyn.pipelines import load_pipeline
+@pytest.fixture(scope="module")
+def eight_image_models(tmp_path_factory):
+    """Tiny DDPMs trained MEMORISING_STEPS steps on 8 simulated images, plain or with DP-SGD at epsilon, made on
+    first use; 8 other images of the same distribution are the non-members."""
     from medsyn.train_scripts.train_ddpm import main, parse_args
 
     from medsyn.data import SimulatedBrainMRI
 
+    folder = tmp_path_factory.mktemp("eight")
     made = SimulatedBrainMRI(resolution=16, seed=0).generate(16)
-    np.savez(tmp_path / "members.npz", images=made["images"][:8], labels=made["labels"][:8],
+    np.savez(folder / "members.npz", images=made["images"][:8], labels=made["labels"][:8],
              class_names=np.array(["healthy", "tumor"]))
-    main(parse_args([
-        "--train_data_dir", str(tmp_path / "members.npz"), "--output_dir", str(tmp_path / "model"),
-        "--resolution", "16", "--base_channels", "16", "--channel_mult", "1", "2", "--layers_per_block", "1",
-        "--norm_num_groups", "4", "--train_batch_size", "8", "--learning_rate", "2e-3", "--lr_warmup_steps", "10",
-        "--max_train_steps", str(MEMORISING_STEPS), "--checkpointing_steps", "100000", "--validation_steps", "100000",
-        "--num_validation_images", "1", "--report_to", "none", "--seed", "0",
-    ]))
-    pipe = load_pipeline(tmp_path / "model")
-    images = torch.from_numpy(made["images"])[:, None]
+    models = {}
+
+    def model(epsilon: float | None = None):
+        if epsilon not in models:
+            output = folder / f"model-{epsilon}"
+            main(parse_args([
+                "--train_data_dir", str(folder / "members.npz"), "--output_dir", str(output),
+                "--resolution", "16", "--base_channels", "16", "--channel_mult", "1", "2", "--layers_per_block", "1",
+                "--norm_num_groups", "4", "--train_batch_size", "8", "--learning_rate", "2e-3",
+                "--lr_warmup_steps", "10", "--max_train_steps", str(MEMORISING_STEPS), "--checkpointing_steps",
+                "100000", "--validation_steps", "100000", "--num_validation_images", "1", "--report_to", "none",
+                "--seed", "0", *([] if epsilon is None else ["--dp_epsilon", str(epsilon)]),
+            ]))
+            models[epsilon] = output
+        return models[epsilon]
+
+    return model, torch.from_numpy(made["images"])[:, None]
+
+
+def loss_attack(model_folder, images):
+    from medsyn.pipelines import load_pipeline
+
+    pipe = load_pipeline(model_folder)
     loss = AttackSettings(method=AttackMethod.LOSS)
-    report = attack_report(membership_statistics(pipe, images[:8], settings=loss),
-                           membership_statistics(pipe, images[8:], settings=loss), loss, resamples=200)
+    return attack_report(membership_statistics(pipe, images[:8], settings=loss),
+                         membership_statistics(pipe, images[8:], settings=loss), loss, resamples=200)
+
+
+@pytest.mark.slow
+def test_a_trained_model_that_memorised_eight_images_gives_them_away(eight_image_models):
+    """The issue's test on a real network: a tiny DDPM trained many steps on 8 images, attacked with 8 others of
+    the same simulated distribution as non-members."""
+    from medsyn.pipelines import load_pipeline
+
+    model, images = eight_image_models
+    report = loss_attack(model(), images)
     assert report.auc >= 0.9, report.auc  # measured: 1.0
+    pipe = load_pipeline(model())
     # PIA separates this model's members too, but in reverse, by an amount that varies with the CPU the model was
     # trained on (AUC 0.016 here, 0.125 on CI). The members' clean-image noise estimate eps_0 is small (RMS 0.41
     # against the non-members' 0.73) and not noise-like, and the network, trained on white noise only, does not
-    # reproduce it from x_t, even rescaled to unit RMS; so members are the less self-consistent. The closed-form memoriser above reproduces
-    # eps_0 exactly and gives the forward direction. What holds on any machine: the separation is significant.
+    # reproduce it from x_t, even rescaled to unit RMS; so members are the less self-consistent. The closed-form
+    # memoriser above reproduces eps_0 exactly and gives the forward direction. What holds on any machine: the
+    # separation is significant.
     pia = AttackSettings(method=AttackMethod.PIA)
     report = attack_report(membership_statistics(pipe, images[:8], settings=pia),
                            membership_statistics(pipe, images[8:], settings=pia), pia, resamples=200)
     assert report.auc_ci[1] < 0.5 or report.auc_ci[0] > 0.5, report
+
+
+@pytest.mark.slow
+def test_dp_sgd_takes_the_memorised_images_back(eight_image_models):
+    """The same 8 images, the same steps, trained with DP-SGD at epsilon 1: the loss attack that separated the
+    plain model's members perfectly can no longer tell them from non-members (its CI covers 0.5)."""
+    model, images = eight_image_models
+    plain, private = loss_attack(model(), images), loss_attack(model(1.0), images)
+    assert private.auc_ci[0] <= 0.5 <= private.auc_ci[1], private
+    assert private.leakage_auc < plain.leakage_auc, (private.leakage_auc, plain.leakage_auc)

@@ -1,0 +1,177 @@
+"""How much does a trained model give away to a membership attack, and how much does DP-SGD take back? (issue 18)
+
+    python benchmarks/bench_privacy_attacks.py \\
+        --data ../shared/data/brain_tumor_mri/brain_tumor_mri_4class_128.npz --resolution 32 \\
+        --train-images 500 --steps 1000 3000 --epsilons 10 5 1 --output-dir /tmp/bench/privacy
+
+A small training set, the regime where memorisation happens. For a plain DDPM at each of ``--steps`` (one run,
+measured at its checkpoints) and a DP-SGD DDPM per ``--epsilons`` (trained for the largest step count): the loss
+attack's AUC and TPR at 1% FPR (training images against held-out ones, near-copies of the training set removed
+from the held-out side), the Inception FID of its samples to held-out images, the nearest-neighbour audit's
+verdict on them, and the seconds per training step. Resumable: a finished model or measurement is not redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from study_low_data import inception_fid, load_dataset
+
+from medsyn.evaluation.low_data_study import clean_test_split, stratified_fraction
+from medsyn.output_files import write_npz_atomically, write_text_atomically
+from medsyn.privacy.membership import AttackMethod, AttackSettings, attack_report, membership_statistics
+
+RECIPE = [  # a small CPU-sized DDPM, no augmentation and no EMA: the plain regime an attack targets
+    "--base_channels", "16", "--channel_mult", "1", "2", "2", "--layers_per_block", "1", "--norm_num_groups", "8",
+    "--class_conditional", "--train_batch_size", "32", "--learning_rate", "1e-3", "--lr_warmup_steps", "50",
+    "--report_to", "none", "--num_validation_images", "1", "--validation_inference_steps", "5",
+]
+
+
+def train(train_file: Path, output: Path, steps: int, checkpoint_every: int, extra: list[str], args) -> float:
+    """Train (resuming when a checkpoint is there); seconds per step of this call's steps."""
+    from medsyn.train_scripts.train_ddpm import main, parse_args
+
+    started = time.perf_counter()
+    main(parse_args(RECIPE + shlex.split(args.generator_args) + extra + [
+        "--train_data_dir", str(train_file), "--resolution", str(args.resolution), "--seed", "0",
+        "--max_train_steps", str(steps), "--checkpointing_steps", str(checkpoint_every),
+        "--validation_steps", str(steps + 1), "--output_dir", str(output), "--resume_from_checkpoint", "latest",
+    ]))
+    return (time.perf_counter() - started) / steps
+
+
+def pipeline_at(model: Path, checkpoint: Path | None):
+    """The trained pipeline, with the weights of ``checkpoint`` (a plain run's) when given."""
+    from medsyn.pipelines import load_pipeline
+
+    pipe = load_pipeline(model)
+    if checkpoint is not None:
+        pipe.unet.load_state_dict(load_file(checkpoint / "model.safetensors"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def measure(pipe, data: dict, args, inception, cache: dict) -> dict:
+    from medsyn.generation import ImageKey, SamplingSettings, sample_images, to_uint8
+    from medsyn.privacy import memorisation_audit
+
+    settings = AttackSettings(method=AttackMethod.LOSS)
+    members = membership_statistics(pipe, torch.from_numpy(data["members"])[:, None],
+                                    [int(x) for x in data["member_labels"]], settings)
+    held_out = membership_statistics(pipe, torch.from_numpy(data["non_members"])[:, None],
+                                     [int(x) for x in data["non_member_labels"]], settings)
+    report = attack_report(members, held_out, settings, resamples=args.resamples)
+    keys = [ImageKey(0, i, class_label=int(data["member_labels"][i % len(data["members"])]))
+            for i in range(args.num_samples)]
+    samples = np.concatenate([to_uint8(sample_images(pipe, keys[s : s + 64], SamplingSettings()))
+                              for s in range(0, len(keys), 64)])[..., 0]
+    audit = memorisation_audit(samples, data["members"], held_out=data["non_members"])
+    result = {"auc": report.auc, "auc_ci": report.auc_ci, "leakage_auc": report.leakage_auc,
+              "tpr_at_1pct_fpr": report.tpr_at_1pct_fpr, "tpr_at_1pct_fpr_ci": report.tpr_at_1pct_fpr_ci,
+              "audit": {"verdict": audit.verdict, "passed": audit.passed,
+                        "near_copies": len(audit.near_copy_indices)}}
+    if inception is not None:
+        result["fid_to_held_out"] = inception_fid(inception, samples, data["non_members"], cache)
+    return result
+
+
+def write_report(records: dict, args, output: Path) -> None:
+    lines = [f"Command: `python benchmarks/bench_privacy_attacks.py {' '.join(args.argv)}`", "",
+             f"{args.train_images} training images at {args.resolution} px; members = all of them, non-members = "
+             f"{records['non_members']} held-out images (near-copies of a training image removed).", "",
+             "| model | epsilon | steps | s/step | loss-attack AUC [95% CI] | TPR @ 1% FPR [95% CI] | FID to held-out "
+             "| audit |", "|---|---|---|---|---|---|---|---|"]
+    done = [(name, r) for name, r in records["models"].items() if "auc" in r]
+    for name, r in sorted(done, key=lambda item: (item[1]["epsilon"] != "inf", -float(item[1]["epsilon"]),
+                                                  item[1]["steps"])):
+        fid = f"{r['fid_to_held_out']:.1f}" if "fid_to_held_out" in r else "n/a"
+        lines.append(f"| {name} | {r['epsilon']} | {r['steps']} | {r['seconds_per_step']:.2f} | {r['auc']:.3f} "
+                     f"[{r['auc_ci'][0]:.3f}, {r['auc_ci'][1]:.3f}] | {r['tpr_at_1pct_fpr']:.3f} "
+                     f"[{r['tpr_at_1pct_fpr_ci'][0]:.3f}, {r['tpr_at_1pct_fpr_ci'][1]:.3f}] | {fid} | "
+                     f"{'passed' if r['audit']['passed'] else 'FAILED'}, {r['audit']['near_copies']} near-copies |")
+    write_text_atomically(output / "report.md", "\n".join(lines) + "\n")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="A medsyn NPZ with a split array, or a labelled folder.")
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--train-images", type=int, default=500)
+    parser.add_argument("--non-members", type=int, default=500, help="Held-out images attacked as non-members.")
+    parser.add_argument("--steps", type=int, nargs="+", default=[1000, 3000],
+                        help="Plain-model steps to measure (multiples of the smallest).")
+    parser.add_argument("--epsilons", type=float, nargs="*", default=[10.0, 5.0, 1.0])
+    parser.add_argument("--generator-args", default="", help="More train_ddpm flags, e.g. '--dp_noise_multiplicity 4'.")
+    parser.add_argument("--num-samples", type=int, default=250, help="Generated images for the audit and FID.")
+    parser.add_argument("--resamples", type=int, default=1000)
+    parser.add_argument("--no-fid", action="store_true")
+    parser.add_argument("--output-dir", required=True)
+    args = parser.parse_args(argv)
+    if any(s % min(args.steps) for s in args.steps):
+        parser.error("--steps must be multiples of the smallest")
+    args.argv = argv if argv is not None else __import__("sys").argv[1:]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    data_file = output / "data.npz"
+    if not data_file.exists():
+        loaded = load_dataset(args.data, args.resolution)
+        chosen = stratified_fraction(loaded["train_labels"], args.train_images / len(loaded["train"]), 0)
+        members, labels = loaded["train"][chosen], loaded["train_labels"][chosen]
+        kept, _ = clean_test_split(members, loaded["test"])
+        picked = np.random.default_rng(0).permutation(kept)[: args.non_members]
+        write_npz_atomically(data_file, members=members, member_labels=labels, non_members=loaded["test"][picked],
+                             non_member_labels=loaded["test_labels"][picked],
+                             class_names=np.array(loaded["class_names"]))
+        write_npz_atomically(output / "train.npz", images=members, labels=labels,
+                             class_names=np.array(loaded["class_names"]))
+    with np.load(data_file) as archive:
+        data = {key: archive[key] for key in archive.files}
+    records_file = output / "records.json"
+    records = json.loads(records_file.read_text()) if records_file.exists() else {"models": {}}
+    records["non_members"] = int(len(data["non_members"]))
+    inception = None
+    if not args.no_fid:
+        from medsyn.metrics.inception import FIDInceptionV3
+
+        inception = FIDInceptionV3.from_pretrained()
+    cache: dict = {}
+    longest = max(args.steps)
+    runs = [("plain", None, output / "plain", [])] + [
+        (f"dp-eps-{eps:g}", eps, output / f"dp-eps-{eps:g}", ["--dp_epsilon", str(eps)]) for eps in args.epsilons]
+    for name, epsilon, folder, extra in runs:
+        if not (folder / "model_index.json").exists():
+            seconds = train(output / "train.npz", folder, longest, min(args.steps) if epsilon is None else longest,
+                            extra, args)
+            records["models"].setdefault(name, {})["seconds_per_step"] = seconds
+        measured = args.steps if epsilon is None else [longest]
+        for steps in measured:
+            key = name if steps == longest else f"{name}-{steps}"
+            entry = records["models"].setdefault(key, {})
+            entry.update(epsilon="inf" if epsilon is None else epsilon, steps=steps,
+                         seconds_per_step=records["models"].get(name, {}).get("seconds_per_step", float("nan")))
+            if "auc" not in entry:
+                checkpoint = folder / f"checkpoint-{steps}" if epsilon is None and steps != longest else None
+                entry.update(measure(pipeline_at(folder, checkpoint), data, args, inception, cache))
+            if epsilon is not None:
+                summary = json.loads((folder / "training_summary.json").read_text())["differential_privacy"]
+                entry["epsilon"] = round(summary["epsilon"], 3)
+            write_text_atomically(records_file, json.dumps(records, indent=2))
+            write_report(records, args, output)
+    print((output / "report.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
