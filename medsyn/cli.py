@@ -404,7 +404,8 @@ def attack(args: argparse.Namespace) -> int:
             raise ValueError(f"--{image_set.name}: classes {unknown} are not the model's {names}")
         return [names.index(image_set.class_names[label]) for label in image_set.labels]
 
-    statistics = {name: membership_statistics(pipe, image_set.images, labels_of(image_set), settings)
+    statistics = {name: membership_statistics(pipe, image_set.images, labels_of(image_set), settings,
+                                              None if args.prompt is None else [args.prompt] * len(image_set.images))
                   for name, image_set in sets.items()}
     report = attack_report(statistics["members"], statistics["non-members"], settings, resamples=args.resamples)
     write_text_atomically(output_dir / "attack.json", json.dumps(report.to_dict(), indent=2))
@@ -666,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     rate_parser.set_defaults(handler=rate)
 
     at = commands.add_parser("attack", **shown, help="membership inference: can the model tell its training images?")
-    at.add_argument("--model", required=True, help="a saved DDPM or score-model pipeline (folder or Hub id)")
+    at.add_argument("--model", required=True, help="a saved DDPM, score or MediSyn pipeline (folder or Hub id)")
     at.add_argument("--members", required=True, help="a sample of the model's training images" + sets_help)
     at.add_argument("--non-members", required=True, help="held-out real images of the same distribution" + sets_help)
     at.add_argument("--method", choices=("loss", "pia"), default="loss",
@@ -674,6 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--noise-levels", type=number_argument(0, exclusive=True), nargs="+", default=[0.02, 0.05, 0.1],
                     help="fractions of the noise schedule from the clean end")
     at.add_argument("--draws", type=count_argument(), default=4, help="noise draws per level (loss attack)")
+    at.add_argument("--prompt", default=None,
+                    help="a MediSyn model's caption for every image (the one it was trained with makes a stronger "
+                         "attack); default: the empty caption")
     at.add_argument("--resamples", type=count_argument(), default=1000, help="bootstrap resamples for the CIs")
     at.add_argument("--batch-size", type=count_argument(), default=32, help="images per network call")
     at.add_argument("--seed", type=count_argument(0), default=0, help="seed of the noise and the bootstrap")

@@ -86,6 +86,56 @@ def test_a_perfect_memoriser_gives_its_members_away_and_others_do_not(kind, meth
     assert report.auc_ci[0] < 0.5 < report.auc_ci[1]
 
 
+
+class LatentMemoriser(EmpiricalDenoiser):
+    """The exact denoiser of a set of latents, called as MediSyn calls its UNet2DConditionModel; it records the
+    prompt states it was given."""
+
+    def forward(self, x, level, encoder_hidden_states=None, encoder_attention_mask=None):
+        self.prompt_states = encoder_hidden_states
+        return super().forward(x, level)
+
+
+def latent_memoriser(data: torch.Tensor):
+    """A MediSyn pipeline (the dummy VAE and text encoder) whose unet memorised the latents of ``data``: the VAE's
+    posterior mean, scaled to unit variance as training scales it."""
+    from medsyn.pipelines import MediSynPipeline
+
+    from .conftest import get_dummy_medisyn_components
+
+    components = get_dummy_medisyn_components()
+    vae = components["vae"]
+    with torch.no_grad():
+        latents = vae.encode(data.float() / 127.5 - 1).latent_dist.mean * vae.config.scaling_factor
+    components["unet"] = LatentMemoriser(latents, components["scheduler"].alphas_cumprod)
+    return MediSynPipeline(**components)
+
+
+@pytest.mark.parametrize("method", list(AttackMethod))
+def test_a_latent_model_is_attacked_in_its_latent_space(method):
+    members, non_members, others = images(0), images(1), images(2)
+    members, non_members, others = (torch.nn.functional.interpolate(x.float(), size=16).byte()
+                                    for x in (members, non_members, others))
+    settings = AttackSettings(method=method, batch_size=5)
+    pipe = latent_memoriser(members)
+    report = attack_report(membership_statistics(pipe, members, settings=settings),
+                           membership_statistics(pipe, non_members, settings=settings), settings, resamples=200)
+    assert report.auc == 1.0 and report.auc_ci[0] == 1.0
+    blind = latent_memoriser(others)
+    report = attack_report(membership_statistics(blind, members, settings=settings),
+                           membership_statistics(blind, non_members, settings=settings), settings, resamples=200)
+    assert report.auc_ci[0] < 0.5 < report.auc_ci[1]
+    # the caption reaches the unet: the empty caption's states unless the caller gives the images' own
+    empty = pipe.encode_prompt([""] * 2, "cpu", 1, False)[0]
+    membership_statistics(pipe, members[:2], settings=settings)
+    assert torch.equal(pipe.unet.prompt_states, empty)
+    membership_statistics(pipe, members[:2], settings=settings, prompts=["brain MRI, glioma"] * 2)
+    assert not torch.equal(pipe.unet.prompt_states, empty)
+    with pytest.raises(ValueError, match="3 prompts for 2 images"):
+        membership_statistics(pipe, members[:2], prompts=["a"] * 3)
+    with pytest.raises(ValueError, match="prompts condition a MediSyn model"):
+        membership_statistics(memoriser("ddpm", images(0)), images(0), prompts=["a"] * 8)
+
 def test_statistics_do_not_depend_on_the_batch():
     pipe, data = memoriser("ddpm", images(0)), images(3, count=6)
     one = membership_statistics(pipe, data, settings=AttackSettings(batch_size=6))
@@ -105,7 +155,7 @@ def test_tpr_at_low_fpr_lets_at_most_the_allowed_false_positives_through():
 def test_bad_settings_and_models_are_named():
     with pytest.raises(ValueError, match="noise_levels"):
         AttackSettings(noise_levels=(0.0,))
-    with pytest.raises(ValueError, match="latent model"):
+    with pytest.raises(ValueError, match="DDPM, score and MediSyn models"):
         membership_statistics(SimpleNamespace(), images(0))
     with pytest.raises(ValueError, match="uint8 images"):
         membership_statistics(memoriser("score", images(0)), images(0).float())
@@ -130,6 +180,25 @@ def test_medsyn_attack_writes_the_report_and_the_roc_curve(tmp_path, capsys):
     assert "AUC" in capsys.readouterr().out
     assert main(["attack", "--model", str(tmp_path / "model"), "--members", str(tmp_path / "nope.npz"),
                  "--non-members", str(tmp_path / "non_members.npz"), "--output-dir", str(tmp_path / "x")]) == 2
+
+
+def test_medsyn_attack_takes_a_medisyn_model_and_its_caption(tmp_path, capsys):
+    from medsyn.cli import main
+
+    from .conftest import get_dummy_medisyn_pipeline
+
+    get_dummy_medisyn_pipeline().save_pretrained(tmp_path / "medisyn")
+    rng = np.random.default_rng(0)
+    for name in ("members", "non_members"):
+        np.savez(tmp_path / f"{name}.npz", images=rng.integers(0, 256, (4, 16, 16), dtype=np.uint8))
+    runs = {}
+    for caption in (None, "brain MRI, glioma"):
+        out = tmp_path / f"out-{caption is None}"
+        assert main(["attack", "--model", str(tmp_path / "medisyn"), "--members", str(tmp_path / "members.npz"),
+                     "--non-members", str(tmp_path / "non_members.npz"), "--resamples", "20", "--output-dir",
+                     str(out), *([] if caption is None else ["--prompt", caption])]) == 0
+        runs[caption] = json.loads((out / "attack.json").read_text())["member_statistics"]
+    assert runs[None] != runs["brain MRI, glioma"]  # the caption conditions the unet
 
 
 @pytest.fixture(scope="module")

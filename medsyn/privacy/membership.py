@@ -18,7 +18,8 @@ a bootstrap CI over both sets.
 Noise levels are given as fractions of the schedule from the clean end (0.1: timestep 100 of 1,000 for a DDPM;
 for a score model the sigma a tenth of the way, geometrically, from sigma_min to sigma_max). Small levels are
 where memorisation shows. Images are attacked with their class label when the model is class-conditional and the
-label is known, else with the null (unconditional) class. Latent (MediSyn) models are not covered yet.
+label is known, else with the null (unconditional) class. A latent (MediSyn) model is attacked in its latent
+space, with the image's caption when the caller knows it (a stronger attack), else the empty caption.
 """
 
 from __future__ import annotations
@@ -61,13 +62,15 @@ class AttackSettings:
 
 
 class _Denoiser:
-    """A model's noise estimate at a level, for DDPM (epsilon or v prediction) and score (VE) pipelines alike."""
+    """A model's noise estimate at a level, for DDPM (epsilon or v prediction), score (VE) and latent (MediSyn)
+    pipelines alike. A latent model is attacked in its latent space: the image's posterior mean under the model's
+    own VAE, scaled as the unet learned it, is the clean sample."""
 
     def __init__(self, pipe):
-        from medsyn.pipelines import ClassConditionalDDPMPipeline, ScoreLangevinPipeline
+        from medsyn.pipelines import ClassConditionalDDPMPipeline, MediSynPipeline, ScoreLangevinPipeline
 
-        if isinstance(pipe, ClassConditionalDDPMPipeline):
-            self.kind = "ddpm"
+        if isinstance(pipe, ClassConditionalDDPMPipeline | MediSynPipeline):
+            self.kind = "latent" if isinstance(pipe, MediSynPipeline) else "ddpm"
             self.alphas = pipe.scheduler.alphas_cumprod.double()
             self.steps = pipe.scheduler.config.num_train_timesteps
             self.prediction = pipe.scheduler.config.prediction_type
@@ -76,27 +79,48 @@ class _Denoiser:
             self.sigma_min = float(pipe.scheduler.config.sigma_min)
             self.sigma_max = float(pipe.scheduler.config.sigma_max)
         else:
-            raise ValueError(f"membership attacks cover medsyn's DDPM and score models; {type(pipe).__name__} "
-                             "(a latent model) is not covered yet")
-        self.unet = pipe.unet
+            raise ValueError(f"membership attacks cover medsyn's DDPM, score and MediSyn models, not "
+                             f"{type(pipe).__name__}")
+        self.pipe, self.unet = pipe, pipe.unet
+        self.in_channels = pipe.vae.config.in_channels if self.kind == "latent" else pipe.unet.config.in_channels
 
     def level(self, fraction: float) -> float:
-        """The timestep (DDPM) or sigma (score model) ``fraction`` of the way from the clean end."""
-        if self.kind == "ddpm":
-            return float(min(self.steps - 1, max(1, round(fraction * self.steps))))
-        return self.sigma_min * (self.sigma_max / self.sigma_min) ** fraction
-
-    def noised(self, clean: torch.Tensor, noise: torch.Tensor, level: float) -> torch.Tensor:
-        if self.kind == "ddpm":
-            alpha = self.alphas[int(level)]
-            return (alpha.sqrt() * clean + (1 - alpha).sqrt() * noise).float()
-        return clean + level * noise
+        """The timestep (DDPM, latent) or sigma (score model) ``fraction`` of the way from the clean end."""
+        if self.kind == "score":
+            return self.sigma_min * (self.sigma_max / self.sigma_min) ** fraction
+        return float(min(self.steps - 1, max(1, round(fraction * self.steps))))
 
     @torch.no_grad()
-    def noise_estimate(self, noisy: torch.Tensor, level: float, labels: torch.Tensor | None) -> torch.Tensor:
+    def clean(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The model's clean sample of images in [-1, 1]: the images, or a latent model's unit latents."""
+        if self.kind != "latent":
+            return pixels
+        vae = self.pipe.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (vae.encode(pixels.to(vae.dtype)).latent_dist.mean.float() - shift) * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def conditioning(self, labels: torch.Tensor | None, prompts: list[str] | None, count: int, device) -> dict:
+        """The unet's conditioning keywords: class labels, or a latent model's prompt states (the empty caption,
+        its unconditional prompt, where none is given)."""
+        if self.kind == "latent":
+            states, mask, _, _ = self.pipe.encode_prompt(prompts if prompts is not None else [""] * count, device, 1,
+                                                         do_classifier_free_guidance=False)
+            return {"encoder_hidden_states": states, "encoder_attention_mask": mask}
+        return {"class_labels": None if labels is None else labels.to(device)}
+
+    def noised(self, clean: torch.Tensor, noise: torch.Tensor, level: float) -> torch.Tensor:
+        if self.kind == "score":
+            return clean + level * noise
+        alpha = self.alphas[int(level)]
+        return (alpha.sqrt() * clean + (1 - alpha).sqrt() * noise).float()
+
+    @torch.no_grad()
+    def noise_estimate(self, noisy: torch.Tensor, level: float, conditioning: dict) -> torch.Tensor:
         """The model's estimate of the standard normal noise in ``noisy`` at ``level``."""
-        batch = torch.full((len(noisy),), level, dtype=torch.float32 if self.kind == "score" else torch.long)
-        output = self.unet(noisy, batch, class_labels=labels).sample.float()
+        batch = torch.full((len(noisy),), level, dtype=torch.float32 if self.kind == "score" else torch.long,
+                           device=noisy.device)
+        output = self.unet(noisy, batch, **conditioning).sample.float()
         if self.kind == "score":
             return -level * output  # s(x, sigma) = -eps / sigma
         if self.prediction == "v_prediction":
@@ -104,9 +128,9 @@ class _Denoiser:
             return alpha.sqrt() * output + (1 - alpha).sqrt() * noisy  # eps from v
         return output
 
-    def clean_noise_estimate(self, clean: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    def clean_noise_estimate(self, clean: torch.Tensor, conditioning: dict) -> torch.Tensor:
         """PIA's eps_0: the estimate at the cleanest level (t = 0, or sigma_min)."""
-        return self.noise_estimate(clean, 0.0 if self.kind == "ddpm" else self.sigma_min, labels)
+        return self.noise_estimate(clean, self.sigma_min if self.kind == "score" else 0.0, conditioning)
 
 
 def _labels_for(pipe, labels: list[int | None] | None, count: int) -> torch.Tensor | None:
@@ -119,35 +143,42 @@ def _labels_for(pipe, labels: list[int | None] | None, count: int) -> torch.Tens
 
 
 def membership_statistics(pipe, images: torch.Tensor, labels: list[int | None] | None = None,
-                          settings: AttackSettings = AttackSettings()) -> np.ndarray:
+                          settings: AttackSettings = AttackSettings(), prompts: list[str] | None = None) -> np.ndarray:
     """One statistic per image (uint8 (N, C, H, W)), higher meaning more likely a training image. Image i's noise
-    is drawn from (seed, level, draw, i), so its statistic does not depend on the batch it was in."""
+    is drawn from (seed, level, draw, i), so its statistic does not depend on the batch it was in. ``labels``
+    condition a class-conditional model, ``prompts`` (one per image) a latent one."""
     if images.ndim != 4 or images.dtype != torch.uint8:
         raise ValueError(f"expected uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
     denoiser = _Denoiser(pipe)
-    if images.shape[1] != pipe.unet.config.in_channels:
-        raise ValueError(f"the model takes {pipe.unet.config.in_channels}-channel images, got {images.shape[1]}")
-    all_labels = _labels_for(pipe, labels, len(images))
+    if images.shape[1] != denoiser.in_channels:
+        raise ValueError(f"the model takes {denoiser.in_channels}-channel images, got {images.shape[1]}")
+    if prompts is not None and denoiser.kind != "latent":
+        raise ValueError(f"prompts condition a MediSyn model; {type(pipe).__name__} takes class labels")
+    if prompts is not None and len(prompts) != len(images):
+        raise ValueError(f"got {len(prompts)} prompts for {len(images)} images")
+    all_labels = None if denoiser.kind == "latent" else _labels_for(pipe, labels, len(images))
     device = next(itertools.chain(pipe.unet.parameters(), pipe.unet.buffers())).device
     statistics = np.zeros(len(images))
     for start in range(0, len(images), settings.batch_size):
         rows = range(start, min(start + settings.batch_size, len(images)))
-        clean = (images[rows.start : rows.stop].float() / 127.5 - 1).to(device)
-        batch_labels = None if all_labels is None else all_labels[rows.start : rows.stop].to(device)
+        clean = denoiser.clean((images[rows.start : rows.stop].float() / 127.5 - 1).to(device))
+        conditioning = denoiser.conditioning(
+            None if all_labels is None else all_labels[rows.start : rows.stop],
+            None if prompts is None else prompts[rows.start : rows.stop], len(rows), device)
         total = torch.zeros(len(rows), dtype=torch.float64)
         if settings.method is AttackMethod.PIA:
-            eps_0 = denoiser.clean_noise_estimate(clean, batch_labels)
+            eps_0 = denoiser.clean_noise_estimate(clean, conditioning)
         for level_index, fraction in enumerate(settings.noise_levels):
             level = denoiser.level(fraction)
             if settings.method is AttackMethod.PIA:
-                estimate = denoiser.noise_estimate(denoiser.noised(clean, eps_0, level), level, batch_labels)
+                estimate = denoiser.noise_estimate(denoiser.noised(clean, eps_0, level), level, conditioning)
                 distance = (estimate - eps_0).abs().pow(settings.norm).flatten(1).sum(1).pow(1 / settings.norm)
                 total += distance.double().cpu()
                 continue
             for draw in range(settings.draws):
                 noise = torch.stack([torch.randn(clean.shape[1:], generator=keyed_generator(
                     settings.seed, level_index, draw, i)) for i in rows]).to(device)
-                estimate = denoiser.noise_estimate(denoiser.noised(clean, noise, level), level, batch_labels)
+                estimate = denoiser.noise_estimate(denoiser.noised(clean, noise, level), level, conditioning)
                 total += (estimate - noise).pow(2).flatten(1).mean(1).double().cpu() / settings.draws
         statistics[rows.start : rows.stop] = -(total / len(settings.noise_levels)).numpy()
     return statistics
