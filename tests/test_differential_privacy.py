@@ -43,15 +43,31 @@ def loader_of(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> to
         "labels": torch.tensor([row["label"] for row in batch])})
 
 
+def pixel_unet_case():
+    """The DDPM/score UNet: (model, inputs, conditioning, forward(model, x, t, conditioning))."""
+    return (tiny_unet(), torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 1, 0]),
+            lambda model, x, t, labels: model(x, t, class_labels=labels).sample)
+
+
+def latent_unet_case():
+    """MediSyn's UNet2DConditionModel, attending to per-sample prompt states (cross-attention)."""
+    from .conftest import get_dummy_medisyn_components
+
+    unet = get_dummy_medisyn_components()["unet"]
+    return (unet, torch.randn(4, 4, 8, 8), torch.randn(4, 5, 32),
+            lambda model, x, t, states: model(x, t, encoder_hidden_states=states).sample)
+
+
+@pytest.mark.parametrize("case", [pixel_unet_case, latent_unet_case])
 @pytest.mark.parametrize("multiplicity", [1, 3])
-def test_each_sample_gradient_is_its_own_mean_over_draws_and_is_clipped(multiplicity):
+def test_each_sample_gradient_is_its_own_mean_over_draws_and_is_clipped(case, multiplicity):
     """Brute force: sample b's gradient, from a plain backward of the mean loss over its own K rows alone, equals
     the per-sample gradient DP-SGD clips; with no noise the update is the mean of the clipped gradients."""
-    images, labels = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 1, 0])
-    unet, clip = tiny_unet(), 1e-3
+    unet, images, conditioning, forward = case()
+    clip = 1e-3
     optimizer = torch.optim.SGD(unet.parameters(), lr=0.0)
     budget = PrivacyBudget(epsilon=1.0, delta=1e-3, max_grad_norm=clip, noise_multiplicity=multiplicity)
-    private = PrivateTraining(budget, unet, optimizer, loader_of(images, labels, 4), batch_size=4, steps=1,
+    private = PrivateTraining(budget, unet, optimizer, loader_of(images, torch.zeros(4), 4), batch_size=4, steps=1,
                               noise_multiplier=0.0)
     drawn = {}
 
@@ -59,10 +75,10 @@ def test_each_sample_gradient_is_its_own_mean_over_draws_and_is_clipped(multipli
         rows = len(batch["pixel_values"])
         drawn["noise"] = torch.randn(batch["pixel_values"].shape, generator=torch.Generator().manual_seed(1))
         drawn["t"] = torch.randint(0, 1000, (rows,), generator=torch.Generator().manual_seed(2))
-        prediction = private.model(batch["pixel_values"] + drawn["noise"], drawn["t"], class_labels=batch["labels"])
-        return {"loss": F.mse_loss(prediction.sample, drawn["noise"])}
+        prediction = forward(private.model, batch["pixel_values"] + drawn["noise"], drawn["t"], batch["condition"])
+        return {"loss": F.mse_loss(prediction, drawn["noise"])}
 
-    private.backward(loss_fn, {"pixel_values": images, "labels": labels},
+    private.backward(loss_fn, {"pixel_values": images, "condition": conditioning},
                      TrainingStep(torch.Generator(), 0, 0))
     parameters = private.parameters
     per_sample = [torch.cat([p.grad_sample[b].flatten() for p in parameters]) for b in range(4)]
@@ -71,8 +87,8 @@ def test_each_sample_gradient_is_its_own_mean_over_draws_and_is_clipped(multipli
     for b in range(4):
         unet.zero_grad()
         rows = slice(b * multiplicity, (b + 1) * multiplicity)
-        own = unet(images[b:b + 1].repeat(multiplicity, 1, 1, 1) + drawn["noise"][rows], drawn["t"][rows],
-                   class_labels=labels[b:b + 1].repeat(multiplicity)).sample
+        own = forward(unet, images[b:b + 1].repeat_interleave(multiplicity, 0) + drawn["noise"][rows],
+                      drawn["t"][rows], conditioning[b:b + 1].repeat_interleave(multiplicity, 0))
         F.mse_loss(own, drawn["noise"][rows]).backward()
         brute = torch.cat([p.grad.flatten() for p in parameters])
         torch.testing.assert_close(per_sample[b], brute, rtol=1e-3, atol=1e-6)

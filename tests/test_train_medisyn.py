@@ -94,6 +94,30 @@ def test_fine_tuning_trains_unet_and_text_encoder_but_not_the_autoencoder(scratc
     assert tuned.tokenizer.get_vocab() == base.tokenizer.get_vocab()
 
 
+def test_dp_fine_tuning_trains_the_unet_alone_and_says_what_the_guarantee_covers(scratch_model, tmp_path, capsys):
+    base = MediSynPipeline.from_pretrained(scratch_model)
+    tuned = run(tmp_path, "dp", "--pretrained_model_name_or_path", scratch_model, "--max_train_steps", "2",
+                "--learning_rate", "1e-3", "--dp_epsilon", "8", "--dp_noise_multiplicity", "2",
+                "--validation_prompts", PROMPT)
+    assert_same_weights(tuned.text_encoder, base.text_encoder)
+    before, after = weights(base.unet), weights(tuned.unet)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    summary = json.loads((tmp_path / "dp" / "training_summary.json").read_text())["differential_privacy"]
+    assert summary["steps"] == 2 and summary["epsilon"] <= 8 and summary["noise_multiplicity"] == 2
+    assert "does not extend to them" in (tmp_path / "dp" / "README.md").read_text()
+    # what else would read the private data is refused by name
+    for argv, named in ((["--train_text_encoder"], "--train_text_encoder"),
+                        ([], "validation prompts"),  # the defaults are training captions
+                        (["--use_lora"], "--use_lora")):
+        with pytest.raises(SystemExit):
+            parse_args([*TINY_RUN, "--pretrained_model_name_or_path", scratch_model, "--dp_epsilon", "8", *argv,
+                        *(["--validation_prompts", PROMPT] if argv else [])])
+        assert named in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a new text encoder's vocabulary is learned from the captions
+        parse_args([*TINY_MODEL, *TINY_RUN, "--vae_model_name_or_path", "v", "--dp_epsilon", "8",
+                    "--validation_prompts", PROMPT])
+    assert "new text encoder" in capsys.readouterr().err
+
 @pytest.mark.parametrize("alpha", [[], ["--lora_alpha", "16"]])  # alpha != rank: the scaling must survive too
 def test_lora_adapters_change_the_output_and_reload_onto_the_base(scratch_model, tmp_path, alpha):
     adapted = run(tmp_path, "c", "--pretrained_model_name_or_path", scratch_model, "--use_lora", "--rank", "4",

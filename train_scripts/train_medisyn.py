@@ -58,9 +58,11 @@ from medsyn.training.accelerator import (
     ema_or_trained_model,
     enable_gradient_checkpointing,
     step_budget,
+    trained_module,
 )
 from medsyn.training.checkpoints import seed_global_rng
 from medsyn.training.denoising_loss import denoising_loss, offset_noise
+from medsyn.training.differential_privacy import add_privacy_arguments, check_privacy_arguments, make_private
 from medsyn.training.expert_noise import MEDISYN_BETAS, ExpertNoise
 from medsyn.training.feature_alignment import (
     FeatureAligner,
@@ -69,7 +71,13 @@ from medsyn.training.feature_alignment import (
     block_channels,
     describe_alignment,
 )
-from medsyn.training.loop import TrainingResult, TrainingRun, run_card_fields, training_loop
+from medsyn.training.loop import (
+    TrainingResult,
+    TrainingRun,
+    run_card_fields,
+    training_loop,
+    write_training_summary,
+)
 from medsyn.training.script_args import (
     add_data_arguments,
     add_denoising_objective_arguments,
@@ -135,6 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_optimisation_arguments(parser, output_dir="medisyn-model", learning_rate=1e-4)
     add_ema_arguments(parser, decay=0.9999)
     add_alignment_arguments(parser)
+    add_privacy_arguments(parser)
     add_logging_and_hub_arguments(parser)
     parser.add_argument("--validation_prompts", type=str, nargs="+", default=None,
                         help="Default: one caption per class of the training data.")
@@ -158,6 +167,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--use_lora adapts a trained pipeline: give --pretrained_model_name_or_path")
     if args.use_lora and args.use_ema:
         parser.error("--use_ema averages full weights; LoRA trains adapters only: drop one of them")
+    check_privacy_arguments(parser, args, unsupported={  # DP-SGD covers the unet: nothing else may read the data
+        "a new text encoder (its vocabulary is learned from the training captions; give --text_encoder_name_or_path "
+        "or --pretrained_model_name_or_path)":
+            not (args.pretrained_model_name_or_path or args.text_encoder_name_or_path),
+        "--train_text_encoder": args.train_text_encoder,
+        "--use_lora": args.use_lora,
+        "--align_expert": bool(args.align_expert),
+        "the default validation prompts (taken from the training captions; give --validation_prompts or "
+        "--caption_templates)": not (args.validation_prompts or args.caption_templates),
+    })
     return args
 
 
@@ -293,6 +312,8 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
     if aligner is not None:
         parameters += list(aligner.head.parameters())
     optimizer = build_optimizer(args, parameters)
+    unet, optimizer, dataloader, privacy = make_private(args, accelerator, unet, optimizer, dataloader,
+                                                        steps_for=lambda batches: step_budget(args, batches)[1])
     if train_text_encoder:
         unet, text_encoder, optimizer, dataloader = accelerator.prepare(unet, text_encoder, optimizer, dataloader)
     else:
@@ -301,7 +322,8 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
     head = accelerator.prepare(aligner.head) if aligner else None
     updates_per_epoch, max_train_steps, _ = step_budget(args, len(dataloader))
     lr_scheduler = build_lr_scheduler(args, accelerator, optimizer, max_train_steps)
-    ema = attach_ema(accelerator, accelerator.unwrap_model(unet), args.ema_decay, "unet_ema") if args.use_ema else None
+    ema = attach_ema(accelerator, trained_module(accelerator, unet), args.ema_decay, "unet_ema") if args.use_ema \
+        else None
 
     def loss_fn(batch, step):
         """The DDPM noise-prediction loss on the frozen autoencoder's latents, captions dropped for guidance."""
@@ -346,7 +368,7 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
                 f"{'new' if new_encoder else 'pretrained'}, {'trained' if train_text_encoder else 'frozen'}"
                 f"{'; LoRA rank ' + str(args.rank) if args.use_lora else ''}")
     run = TrainingRun(accelerator, trained, parameters, optimizer, lr_scheduler, dataloader, updates_per_epoch,
-                      max_train_steps, ema)
+                      max_train_steps, ema, privacy)
     result = training_loop(args, run, loss_fn, tracker_project_name="medisyn", validate=validate)
 
     if aligner is not None:
@@ -415,10 +437,16 @@ def save_result(args, accelerator, pipeline, prompts, data_description, num_imag
         mode = f"from scratch on the autoencoder {card_reference(args.vae_model_name_or_path)}"
     encoder_origin = "new, WordPiece vocabulary learned from the captions" if new_encoder else \
         f"pretrained {card_reference(args.text_encoder_name_or_path or args.pretrained_model_name_or_path)}"
+    run_fields = run_card_fields(args, accelerator, result)
+    if result.privacy:
+        run_fields["differential_privacy"] += (
+            "; for the unet's training: the autoencoder and text encoder were not trained here, and the guarantee "
+            "does not extend to them if they saw these images")
+    write_training_summary(output_dir, run_fields, result)
     write_model_card(
         output_dir,
         "medisyn_lora" if args.use_lora else "medisyn",
-        **run_card_fields(args, accelerator, result),
+        **run_fields,
         example_prompt=json.dumps(prompts[0]),
         guidance_scale=args.validation_guidance_scale,
         sample_caption=f"Rows: {'; '.join(prompts)}. {args.validation_inference_steps} DPM-Solver steps, guidance "

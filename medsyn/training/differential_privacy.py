@@ -174,7 +174,7 @@ class PrivateTraining:
                  device: torch.device | str = "cpu", noise_multiplier: float | None = None):
         """``steps`` is the run's optimiser-step budget the noise is solved for; ``noise_multiplier`` overrides
         the solved one (tests)."""
-        errors = ModuleValidator.validate(model, strict=False)
+        errors = ModuleValidator.validate(model.train(), strict=False)  # (a loaded model comes in eval mode)
         if errors:
             raise ValueError(f"the model cannot be trained with DP-SGD: {errors[0]}")
         num_images = len(dataloader.dataset)
@@ -212,7 +212,7 @@ class PrivateTraining:
                 p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
             return {}
         k = self.budget.noise_multiplicity
-        losses = loss_fn({name: value.repeat_interleave(k, dim=0) for name, value in batch.items()}, step)
+        losses = loss_fn({name: repeated(value, k) for name, value in batch.items()}, step)
         with warnings.catch_warnings():  # Opacus' hooks fire on module outputs when the input needs no gradient
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             losses["loss"].backward()
@@ -243,6 +243,11 @@ class PrivateTraining:
     def detach(self) -> None:
         """Remove Opacus' hooks: the trained model is saved and sampled as a plain module."""
         self.model.remove_hooks()
+
+
+def repeated(rows: torch.Tensor | list, k: int) -> torch.Tensor | list:
+    """Each row (of a tensor, or of a list such as captions) ``k`` times in a row."""
+    return rows.repeat_interleave(k, dim=0) if torch.is_tensor(rows) else [row for row in rows for _ in range(k)]
 
 
 def make_private(args: argparse.Namespace, accelerator, model: torch.nn.Module, optimizer, dataloader,
