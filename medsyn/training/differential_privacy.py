@@ -165,6 +165,16 @@ def entropy_generator(device: torch.device | str = "cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
 
 
+class _EmptyAsNone:
+    """A collate function that gives None for an empty Poisson batch (picklable, for loader worker processes)."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, rows):
+        return self.collate(rows) if rows else None
+
+
 class PrivateTraining:
     """One model, its optimiser and its data made private: per-sample gradients, clipping, noise, Poisson batches
     and the accountant. The training loop calls ``backward`` instead of back-propagating itself."""
@@ -191,12 +201,11 @@ class PrivateTraining:
                                      loss_reduction="mean", generator=entropy_generator(device))
         self.accountant = create_accountant(budget.accountant.value)
         self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
-        collate = dataloader.collate_fn
         self.dataloader = torch.utils.data.DataLoader(
             dataloader.dataset, num_workers=dataloader.num_workers,
             batch_sampler=UniformWithReplacementSampler(num_samples=num_images, sample_rate=self.sample_rate,
                                                         generator=entropy_generator()),
-            collate_fn=lambda rows: collate(rows) if rows else None,  # an empty Poisson batch is None
+            collate_fn=_EmptyAsNone(dataloader.collate_fn),
         )
 
     @property
