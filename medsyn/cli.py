@@ -377,12 +377,18 @@ def attack(args: argparse.Namespace) -> int:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     from medsyn.evaluation import load_image_set
+    from medsyn.evaluation.report import roc_figure
     from medsyn.output_files import atomic_write, check_writable, write_text_atomically
     from medsyn.pipelines import load_pipeline
-    from medsyn.privacy.membership import AttackMethod, AttackSettings, attack_report, membership_statistics
+    from medsyn.privacy.membership import (
+        AttackMethod,
+        AttackSettings,
+        attack_report,
+        membership_statistics,
+        roc_points,
+    )
 
     output_dir = Path(args.output_dir)
     if _would_overwrite([output_dir / "attack.json", output_dir / "roc.png"], args.overwrite):
@@ -395,32 +401,17 @@ def attack(args: argparse.Namespace) -> int:
     check_writable(output_dir)
     names = getattr(pipe, "class_names", None)
 
-    def labels_of(image_set) -> list[int | None] | None:
-        """The set's labels as the model's class indices, matched by name (None: attack unconditionally)."""
-        if image_set.labels is None or not image_set.class_names or not names:
-            return None
-        unknown = sorted(set(image_set.class_names) - set(names))
-        if unknown:
-            raise ValueError(f"--{image_set.name}: classes {unknown} are not the model's {names}")
-        return [names.index(image_set.class_names[label]) for label in image_set.labels]
+    def labels_of(image_set) -> list[int] | None:
+        labels = image_set.labels_for_model(names)
+        return None if labels is None else labels.tolist()
 
     statistics = {name: membership_statistics(pipe, image_set.images, labels_of(image_set), settings,
                                               None if args.prompt is None else [args.prompt] * len(image_set.images))
                   for name, image_set in sets.items()}
     report = attack_report(statistics["members"], statistics["non-members"], settings, resamples=args.resamples)
     write_text_atomically(output_dir / "attack.json", json.dumps(report.to_dict(), indent=2))
-    scores = np.concatenate([statistics["members"], statistics["non-members"]])
-    order = np.argsort(-scores, kind="stable")
-    member = np.concatenate([np.ones(len(statistics["members"])), np.zeros(len(statistics["non-members"]))])[order]
-    tpr = np.concatenate([[0], np.cumsum(member) / member.sum()])
-    fpr = np.concatenate([[0], np.cumsum(1 - member) / (1 - member).sum()])
-    figure, axis = plt.subplots(figsize=(4.5, 4.5))
-    axis.plot(fpr, tpr, label=f"{args.method} attack, AUC {report.auc:.3f}")
-    axis.plot([0, 1], [0, 1], "k:", label="chance")
-    axis.set(xlabel="false-positive rate (non-members called members)", ylabel="true-positive rate",
-             title="membership inference ROC")
-    axis.legend(loc="lower right")
-    figure.tight_layout()
+    figure = roc_figure(*roc_points(statistics["members"], statistics["non-members"]),
+                        f"{args.method} attack, AUC {report.auc:.3f}")
     with atomic_write(output_dir / "roc.png") as temporary:
         figure.savefig(temporary, format="png", dpi=120)
     plt.close(figure)
@@ -473,6 +464,12 @@ def evaluate(args: argparse.Namespace) -> int:
         from medsyn.pipelines import ScoreLangevinPipeline
 
         score_model = ScoreLangevinPipeline.from_pretrained(args.score_model)
+    membership_attack = None
+    if args.attack_model:
+        from medsyn.pipelines import load_pipeline
+
+        membership_attack = {"model": load_pipeline(args.attack_model), "method": args.attack_method,
+                             "prompt": args.attack_prompt}
     downstream = None if args.no_downstream else {
         "positive": args.downstream_positive.split(",") if args.downstream_positive else None,
         "resolution": args.downstream_resolution, "steps": args.downstream_steps,
@@ -485,7 +482,7 @@ def evaluate(args: argparse.Namespace) -> int:
         kid_subset_size=args.kid_subset_size, diversity_pairs=args.diversity_pairs,
         audit_threshold=args.audit_threshold, audit_percentile=args.audit_percentile, max_images=args.max_images,
         downstream=downstream,
-        score_model=score_model, batch_size=args.batch_size, seed=args.seed,
+        score_model=score_model, membership_attack=membership_attack, batch_size=args.batch_size, seed=args.seed,
     )
     write_text_atomically(output_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
     report = write_report(metrics, sets["real"], sets["generated"], output_dir)
@@ -626,6 +623,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--downstream-steps", type=count_argument(), default=500,
                     help="training steps for each classifier")
     ev.add_argument("--score-model", help="a ScoreLangevinPipeline folder: its error per noise level on --test")
+    ev.add_argument("--attack-model", help="a saved DDPM, score or MediSyn pipeline: a membership attack on it, "
+                    "--train (sampled to --max-images) as members against --test (or --real) as non-members")
+    ev.add_argument("--attack-method", choices=("loss", "pia"), default="loss", help="the membership attack")
+    ev.add_argument("--attack-prompt", default=None, help="a MediSyn model's caption for the attacked images")
     ev.add_argument("--model-card", help="a saved model folder: write these results into its README.md")
     ev.add_argument("--batch-size", type=count_argument(), default=32, help="images per feature-extractor call")
     ev.add_argument("--seed", type=count_argument(0), default=0, help="seed of samples, subsets and classifiers")

@@ -271,3 +271,29 @@ def test_dp_sgd_takes_the_memorised_images_back(eight_image_models):
     plain, private = loss_attack(model(), images), loss_attack(model(1.0), images)
     assert private.auc_ci[0] <= 0.5 <= private.auc_ci[1], private
     assert private.leakage_auc < plain.leakage_auc, (private.leakage_auc, plain.leakage_auc)
+
+
+def test_medsyn_evaluate_reports_the_attack_with_its_roc_curve(tmp_path):
+    """``evaluate(membership_attack=...)``: --train as members against --test, in metrics and report.html."""
+    from medsyn.data import SimulatedBrainMRI
+    from medsyn.evaluation import evaluate, write_report
+    from medsyn.evaluation.image_sets import ImageSet
+
+    def image_set(name, seed):
+        made = SimulatedBrainMRI(32, seed=seed).generate(24)
+        return ImageSet(name, torch.from_numpy(made["images"])[:, None], made["labels"], ["healthy", "tumor"], name)
+
+    train, test, real, generated = (image_set(name, seed) for seed, name in
+                                    enumerate(("train", "test", "real", "generated")))
+    attack = {"model": memoriser("ddpm", train.images), "method": "loss"}
+    metrics = evaluate(real, generated, tmp_path, train=train, test=test, diversity_pairs=10,
+                       membership_attack=attack, progress=False)
+    section = metrics["membership"]
+    assert section["auc"] == 1.0 and section["members"] == 24 and section["members_from"] == "train"
+    assert section["roc"]["fpr"][0] == section["roc"]["tpr"][0] == 0 and section["roc"]["tpr"][-1] == 1
+    assert section["roc"]["tpr"][24] == 1 and section["roc"]["fpr"][24] == 0  # every member ranked first
+    assert "member_statistics" not in section
+    page = write_report(metrics, real, generated, tmp_path).read_text()
+    assert "Privacy: membership inference" in page and "TPR at 1% FPR" in page
+    with pytest.raises(ValueError, match="pass --train"):
+        evaluate(real, generated, tmp_path, membership_attack=attack, progress=False)

@@ -22,6 +22,13 @@ from medsyn.metrics.image_statistics import STATISTICS, image_statistics, radial
 from medsyn.metrics.clip import CLIP_SCORE_WEIGHT, ClipImageEncoder, OpenClipModel, prompt_adherence
 from medsyn.metrics.manifold import manifold_metrics, realism_scores
 from medsyn.privacy import AuditSpace, MemorisationAudit, memorisation_audit, save_flagged_pairs
+from medsyn.privacy.membership import (
+    AttackMethod,
+    AttackSettings,
+    attack_report,
+    membership_statistics,
+    roc_points,
+)
 
 from .downstream import binarise, downstream_utility
 from .image_sets import ImageSet
@@ -198,17 +205,28 @@ def _downstream_section(train, test, generated, options: dict | None, seed: int,
 
 def _score_error_section(pipeline, held_out: ImageSet, batch_size: int, seed: int) -> dict:
     labels = None
-    model_names = pipeline.class_names
     if pipeline.unet.config.num_class_embeds is not None:
-        if held_out.labels is None or not model_names:
-            raise ValueError(f"the score model is class-conditional: --{held_out.name} needs labels it knows")
-        unknown = sorted(set(held_out.class_names) - set(model_names))
-        if unknown:
-            raise ValueError(f"--{held_out.name} has classes {unknown} the score model does not know ({model_names})")
-        labels = np.array([model_names.index(held_out.class_names[i]) for i in held_out.labels])
+        labels = held_out.labels_for_model(pipeline.class_names, required=True)
     section = per_sigma_score_error(pipeline, held_out.images, labels, batch_size=batch_size, seed=seed)
     section["images_from"] = held_out.name
     return section
+
+
+def _membership_section(attack: dict, members: ImageSet, non_members: ImageSet, seed: int) -> dict:
+    """The membership attack ``attack`` describes (``model``, ``method``, optional ``prompt``) with ``members``
+    (training images) against ``non_members`` (held-out ones): its report and ROC curve, per-image values left out."""
+    pipe, settings = attack["model"], AttackSettings(method=AttackMethod(attack.get("method", "loss")), seed=seed)
+    statistics = []
+    for image_set in (members, non_members):
+        labels = image_set.labels_for_model(getattr(pipe, "class_names", None))
+        prompts = None if attack.get("prompt") is None else [attack["prompt"]] * len(image_set)
+        statistics.append(membership_statistics(pipe, image_set.images, None if labels is None else labels.tolist(),
+                                                settings, prompts))
+    report = attack_report(*statistics, settings).to_dict()
+    fpr, tpr = roc_points(*statistics)
+    del report["member_statistics"], report["non_member_statistics"]
+    return {**report, "members_from": members.name, "non_members_from": non_members.name,
+            "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()}}
 
 
 def evaluate(
@@ -231,6 +249,7 @@ def evaluate(
     max_images: int | None = None,
     downstream: dict | None = None,
     score_model=None,
+    membership_attack: dict | None = None,
     batch_size: int = 32,
     seed: int = 0,
     progress: bool = True,
@@ -256,7 +275,12 @@ def evaluate(
             skips it. It needs labelled ``train``, ``test`` and ``generated`` sets.
         score_model: a ``ScoreLangevinPipeline`` whose per-noise-level error is measured on ``test`` (or
             ``real``).
+        membership_attack: ``{"model": a DDPM, score or MediSyn pipeline, "method": "loss" or "pia", "prompt":
+            a latent model's caption}``: a membership attack on that model with ``train`` as members and ``test``
+            (or ``real``) as non-members.
     """
+    if membership_attack is not None and train is None:
+        raise ValueError("a membership attack needs the model's training images: pass --train")
     output_dir = Path(output_dir)
     sets = [s for s in (real, generated, train, test) if s is not None]
     check_compatible(sets)
@@ -330,6 +354,9 @@ def evaluate(
     result["downstream"] = _downstream_section(train, test, generated, downstream, seed, progress)
     if score_model is not None:
         result["score_error"] = _score_error_section(score_model, held_out, batch_size, seed)
+    if membership_attack is not None:
+        members = _sample(train, max_images, rng)
+        result["membership"] = _membership_section(membership_attack, members, held_out, seed)
     result["least_realistic"] = worst
     result["flagged_pair_images"] = [str(p.relative_to(output_dir)) for p in flagged]
     result["seconds"] = round(time.perf_counter() - started, 1)

@@ -42,6 +42,18 @@ class ImageSet:
         labels = None if self.labels is None else self.labels[indices]
         return ImageSet(self.name, self.images[index], labels, self.class_names, self.source, np.asarray(indices))
 
+    def labels_for_model(self, model_names: list[str] | None, required: bool = False) -> np.ndarray | None:
+        """The labels as a model's class indices, matched by name; None when the set or the model has no
+        classes (an error when ``required``, for a class-conditional model that cannot run without them)."""
+        if self.labels is None or not self.class_names or not model_names:
+            if required:
+                raise ValueError(f"the model is class-conditional: --{self.name} needs labels it knows")
+            return None
+        unknown = sorted(set(self.class_names) - set(model_names))
+        if unknown:
+            raise ValueError(f"--{self.name} has classes {unknown} the model does not know ({model_names})")
+        return np.array([model_names.index(self.class_names[label]) for label in self.labels])
+
     def summary(self) -> dict:
         counts = None
         if self.labels is not None and self.class_names is not None:

@@ -184,6 +184,39 @@ def _privacy_html(section: dict, output_dir: Path, flagged: list[str]) -> str:
     return "".join(parts)
 
 
+def roc_figure(fpr, tpr, label: str):
+    """A membership attack's ROC curve against chance, as a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(4.5, 4.5))
+    axis.plot(fpr, tpr, label=label)
+    axis.plot([0, 1], [0, 1], "k:", label="chance")
+    axis.set(xlabel="false-positive rate (non-members called members)", ylabel="true-positive rate",
+             title="membership inference ROC")
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    return figure
+
+
+def _membership_html(section: dict) -> str:
+    import matplotlib.pyplot as plt
+
+    figure = roc_figure(section["roc"]["fpr"], section["roc"]["tpr"], f"{section['method']} attack")
+    plot = _png(figure)
+    plt.close(figure)
+    rows = [["ROC AUC (0.5: chance)", section["auc"], f"[{section['auc_ci'][0]:.3f}, {section['auc_ci'][1]:.3f}]"],
+            ["TPR at 1% FPR", section["tpr_at_1pct_fpr"],
+             f"[{section['tpr_at_1pct_fpr_ci'][0]:.3f}, {section['tpr_at_1pct_fpr_ci'][1]:.3f}]"],
+            ["TPR at 0.1% FPR", section["tpr_at_0_1pct_fpr"],
+             f"[{section['tpr_at_0_1pct_fpr_ci'][0]:.3f}, {section['tpr_at_0_1pct_fpr_ci'][1]:.3f}]"]]
+    return (f"<p>The {html.escape(section['method'])} attack on the model itself: {section['members']} images of "
+            f"--{html.escape(section['members_from'])} (members) against {section['non_members']} of "
+            f"--{html.escape(section['non_members_from'])} (non-members). TPR at low FPR is the share of training "
+            "patients exposed when almost no outsider is falsely accused. A low AUC says this attack fails on this "
+            "model, not that every attack will; only differentially private training bounds them all.</p>"
+            + _table(["measure", "value", "95% bootstrap CI"], rows) + f"<figure>{plot}</figure>")
+
+
 def _prompt_adherence_html(section: dict) -> str:
     if "note" in section:
         return _note(section["note"])
@@ -274,6 +307,8 @@ def write_report(metrics: dict, real: ImageSet, generated: ImageSet, output_dir:
                             f"{', '.join(map(str, indices))}</figcaption></figure>")
     sections += ["<h2>Privacy: memorisation audit</h2>",
                  _privacy_html(metrics["privacy"], output_dir, metrics.get("flagged_pair_images", []))]
+    if "membership" in metrics:
+        sections += ["<h2>Privacy: membership inference</h2>", _membership_html(metrics["membership"])]
     if "score_error" in metrics:
         sections += ["<h2>Score model error per noise level</h2><p>Denoising score-matching error on held-out "
                      "images relative to a model that knows nothing (1); 0 is perfect.</p>",

@@ -184,6 +184,16 @@ def membership_statistics(pipe, images: torch.Tensor, labels: list[int | None] |
     return statistics
 
 
+def roc_points(member_stats: np.ndarray, non_member_stats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ROC curve, (false-positive rates, true-positive rates) from (0, 0), as the threshold falls past each
+    image (ties in input order)."""
+    scores = np.concatenate([member_stats, non_member_stats])
+    order = np.argsort(-scores, kind="stable")
+    member = np.concatenate([np.ones(len(member_stats)), np.zeros(len(non_member_stats))])[order]
+    return (np.concatenate([[0], np.cumsum(1 - member) / (1 - member).sum()]),
+            np.concatenate([[0], np.cumsum(member) / member.sum()]))
+
+
 def tpr_at_fpr(members: np.ndarray, non_members: np.ndarray, fpr: float) -> float:
     """The share of members above the strictest threshold that lets at most floor(fpr x n) non-members through
     (ties go against membership): with few non-members, 0.1% FPR means no false positive at all."""
