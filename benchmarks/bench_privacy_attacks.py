@@ -111,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Plain-model steps to measure (multiples of the smallest).")
     parser.add_argument("--epsilons", type=float, nargs="*", default=[10.0, 5.0, 1.0])
     parser.add_argument("--dp-steps", type=int, default=None, help="Steps of the DP models; default: the largest "
-                        "of --steps (DP steps cost about 2.5x a plain one on a CPU).")
+                        "of --steps (a DP step costs about 2x a plain one on a CPU).")
     parser.add_argument("--generator-args", default="", help="More train_ddpm flags, e.g. '--dp_noise_multiplicity 4'.")
     parser.add_argument("--num-samples", type=int, default=250, help="Generated images for the audit and FID.")
     parser.add_argument("--resamples", type=int, default=1000)
