@@ -89,11 +89,13 @@ def step_budget(args: argparse.Namespace, batches_per_epoch: int) -> tuple[int, 
     return updates_per_epoch, max_train_steps, math.ceil(max_train_steps / updates_per_epoch)
 
 
-def attach_ema(accelerator: Accelerator, model: ModelMixin, decay: float, name: str) -> EMAModel:
-    """An EMA of ``model``'s weights on the accelerator's device, saved in and restored from every checkpoint.
+def attach_ema(accelerator: Accelerator, model: torch.nn.Module, decay: float, name: str) -> EMAModel:
+    """An EMA of the weights of ``model`` (as prepared: wrappers are looked through) on the accelerator's device,
+    saved in and restored from every checkpoint.
 
     The EMA goes into ``<checkpoint>/<name>`` as safetensors (not a pickle), as in diffusers' examples.
     """
+    model = trained_module(accelerator, model)
     model_cls = type(model)
     ema = EMAModel(model.parameters(), decay=decay, model_cls=model_cls, model_config=model.config)
     ema.to(accelerator.device)
