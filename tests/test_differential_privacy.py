@@ -67,8 +67,8 @@ def test_each_sample_gradient_is_its_own_mean_over_draws_and_is_clipped(case, mu
     clip = 1e-3
     optimizer = torch.optim.SGD(unet.parameters(), lr=0.0)
     budget = PrivacyBudget(epsilon=1.0, delta=1e-3, max_grad_norm=clip, noise_multiplicity=multiplicity)
-    private = PrivateTraining(budget, unet, optimizer, loader_of(images, torch.zeros(4), 4), batch_size=4, steps=1,
-                              noise_multiplier=0.0)
+    private = PrivateTraining(budget, unet, optimizer, loader_of(images, torch.zeros(4), 4), batch_size=4,
+                              steps_for=lambda batches: 1, noise_multiplier=0.0)
     drawn = {}
 
     def loss_fn(batch, step):
@@ -104,8 +104,8 @@ def test_each_sample_gradient_is_its_own_mean_over_draws_and_is_clipped(case, mu
 def test_an_empty_poisson_batch_is_a_noise_only_step():
     unet = tiny_unet()
     private = PrivateTraining(PrivacyBudget(epsilon=1.0, delta=1e-3), unet, torch.optim.SGD(unet.parameters(), lr=0.0),
-                              loader_of(torch.randn(4, 1, 8, 8), torch.zeros(4), 2), batch_size=2, steps=10,
-                              noise_multiplier=1.0)
+                              loader_of(torch.randn(4, 1, 8, 8), torch.zeros(4), 2), batch_size=2,
+                              steps_for=lambda batches: 10, noise_multiplier=1.0)
     assert private.backward(None, None, TrainingStep(torch.Generator(), 0, 0)) == {}
     private.optimizer.step()
     update = torch.cat([p.grad.flatten() for p in private.parameters])
@@ -137,12 +137,12 @@ def test_a_delta_that_allows_releasing_an_image_and_several_processes_are_refuse
     loader = loader_of(torch.randn(4, 1, 8, 8), torch.zeros(4), 2)
     with pytest.raises(ValueError, match="dp_delta .* must be below 1 / training images"):
         PrivateTraining(PrivacyBudget(epsilon=1.0, delta=0.3), unet, torch.optim.SGD(unet.parameters(), lr=0.1),
-                        loader, batch_size=2, steps=10)
+                        loader, batch_size=2, steps_for=lambda batches: 10)
     args = SimpleNamespace(dp_epsilon=1.0, dp_delta=None, dp_max_grad_norm=1.0, dp_noise_multiplicity=1,
                            dp_accountant="prv", train_batch_size=2)
     with pytest.raises(ValueError, match="one process"):
         make_private(args, SimpleNamespace(num_processes=2), unet, torch.optim.SGD(unet.parameters(), lr=0.1),
-                     loader, steps_for=lambda batches: 10)
+                     loader)
 
 
 def test_flags_dp_cannot_honour_are_refused_by_name(capsys):

@@ -33,7 +33,6 @@ from medsyn.training.accelerator import (
     ema_or_trained_model,
     enable_gradient_checkpointing,
     step_budget,
-    trained_module,
 )
 from medsyn.training.class_conditional import (
     add_class_unet_arguments,
@@ -135,13 +134,11 @@ def main(args: argparse.Namespace) -> UNet2DModel:
     null_label = null_class_label(unet)
     dataloader = labelled_dataloader(dataset, image_transform(args.resolution, center_crop=args.center_crop), args)
     optimizer = build_optimizer(args, unet.parameters())
-    unet, optimizer, dataloader, privacy = make_private(args, accelerator, unet, optimizer, dataloader,
-                                                        steps_for=lambda batches: step_budget(args, batches)[1])
+    unet, optimizer, dataloader, privacy = make_private(args, accelerator, unet, optimizer, dataloader)
     unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
     updates_per_epoch, max_train_steps, _ = step_budget(args, len(dataloader))
     lr_scheduler = build_lr_scheduler(args, accelerator, optimizer, max_train_steps)
-    ema = attach_ema(accelerator, trained_module(accelerator, unet), args.ema_decay, "unet_ema") if args.use_ema \
-        else None
+    ema = attach_ema(accelerator, unet, args.ema_decay, "unet_ema") if args.use_ema else None
     num_timesteps = noise_scheduler.config.num_train_timesteps
 
     def loss_fn(batch, step):

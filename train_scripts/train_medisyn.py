@@ -58,7 +58,6 @@ from medsyn.training.accelerator import (
     ema_or_trained_model,
     enable_gradient_checkpointing,
     step_budget,
-    trained_module,
 )
 from medsyn.training.checkpoints import seed_global_rng
 from medsyn.training.denoising_loss import denoising_loss, offset_noise
@@ -312,8 +311,7 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
     if aligner is not None:
         parameters += list(aligner.head.parameters())
     optimizer = build_optimizer(args, parameters)
-    unet, optimizer, dataloader, privacy = make_private(args, accelerator, unet, optimizer, dataloader,
-                                                        steps_for=lambda batches: step_budget(args, batches)[1])
+    unet, optimizer, dataloader, privacy = make_private(args, accelerator, unet, optimizer, dataloader)
     if train_text_encoder:
         unet, text_encoder, optimizer, dataloader = accelerator.prepare(unet, text_encoder, optimizer, dataloader)
     else:
@@ -322,8 +320,7 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
     head = accelerator.prepare(aligner.head) if aligner else None
     updates_per_epoch, max_train_steps, _ = step_budget(args, len(dataloader))
     lr_scheduler = build_lr_scheduler(args, accelerator, optimizer, max_train_steps)
-    ema = attach_ema(accelerator, trained_module(accelerator, unet), args.ema_decay, "unet_ema") if args.use_ema \
-        else None
+    ema = attach_ema(accelerator, unet, args.ema_decay, "unet_ema") if args.use_ema else None
 
     def loss_fn(batch, step):
         """The DDPM noise-prediction loss on the frozen autoencoder's latents, captions dropped for guidance."""

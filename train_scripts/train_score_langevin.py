@@ -35,7 +35,6 @@ from medsyn.training.accelerator import (
     ema_or_trained_model,
     enable_gradient_checkpointing,
     step_budget,
-    trained_module,
 )
 from medsyn.training.class_conditional import (
     add_class_unet_arguments,
@@ -192,14 +191,12 @@ def main(args: argparse.Namespace) -> UNet2DModel:
     aligner = build_aligner(args, unet, to_tensor(dataset[0]["image"]), train_sigmas, null_label)
     trained_parameters = list(unet.parameters()) + (list(aligner.head.parameters()) if aligner else [])
     optimizer = build_optimizer(args, trained_parameters)
-    unet, optimizer, dataloader, privacy = make_private(args, accelerator, unet, optimizer, dataloader,
-                                                        steps_for=lambda batches: step_budget(args, batches)[1])
+    unet, optimizer, dataloader, privacy = make_private(args, accelerator, unet, optimizer, dataloader)
     unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
     head = accelerator.prepare(aligner.head) if aligner else None
     updates_per_epoch, max_train_steps, _ = step_budget(args, len(dataloader))
     lr_scheduler = build_lr_scheduler(args, accelerator, optimizer, max_train_steps)
-    ema = attach_ema(accelerator, trained_module(accelerator, unet), args.ema_decay, "unet_ema") if args.use_ema \
-        else None
+    ema = attach_ema(accelerator, unet, args.ema_decay, "unet_ema") if args.use_ema else None
 
     def loss_fn(batch, step):
         """Multi-scale denoising score matching (sigma^2-weighted), plus the alignment term when asked for."""

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -42,6 +43,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 
+from medsyn.training.accelerator import step_budget
 from medsyn.validation import count_argument, number_argument
 
 #: The accountant's history in a checkpoint: (noise multiplier, sample rate, steps) per stretch of the run.
@@ -193,10 +195,10 @@ class PrivateTraining:
     and the accountant. The training loop calls ``backward`` instead of back-propagating itself."""
 
     def __init__(self, budget: PrivacyBudget, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 dataloader: torch.utils.data.DataLoader, batch_size: int, steps: int,
+                 dataloader: torch.utils.data.DataLoader, batch_size: int, steps_for: Callable[[int], int],
                  device: torch.device | str = "cpu", noise_multiplier: float | None = None):
-        """``steps`` is the run's optimiser-step budget the noise is solved for; ``noise_multiplier`` overrides
-        the solved one (tests)."""
+        """``steps_for(batches_per_epoch)`` is the run's optimiser-step budget, counted in the Poisson loader's
+        epochs, that the noise is solved for; ``noise_multiplier`` overrides the solved one (tests)."""
         errors = ModuleValidator.validate(model.train(), strict=False)  # (a loaded model comes in eval mode)
         if errors:
             raise ValueError(f"the model cannot be trained with DP-SGD: {errors[0]}")
@@ -206,20 +208,20 @@ class PrivateTraining:
                              "a larger delta allows releasing one image outright")
         self.budget = budget
         self.sample_rate = min(1.0, batch_size / num_images)
-        self.noise_multiplier = noise_multiplier if noise_multiplier is not None else noise_multiplier_for(
-            budget, self.sample_rate, steps)
-        self.model = _GradSampleModule(model, loss_reduction="mean")
-        self.optimizer = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
-                                     max_grad_norm=budget.max_grad_norm, expected_batch_size=batch_size,
-                                     loss_reduction="mean", generator=entropy_generator(device))
-        self.accountant = create_accountant(budget.accountant.value)
-        self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
         self.dataloader = torch.utils.data.DataLoader(
             dataloader.dataset, num_workers=dataloader.num_workers,
             batch_sampler=UniformWithReplacementSampler(num_samples=num_images, sample_rate=self.sample_rate,
                                                         generator=entropy_generator()),
             collate_fn=_EmptyAsNone(dataloader.collate_fn),
         )
+        self.noise_multiplier = noise_multiplier if noise_multiplier is not None else noise_multiplier_for(
+            budget, self.sample_rate, steps_for(len(self.dataloader)))
+        self.model = _GradSampleModule(model, loss_reduction="mean")
+        self.optimizer = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
+                                     max_grad_norm=budget.max_grad_norm, expected_batch_size=batch_size,
+                                     loss_reduction="mean", generator=entropy_generator(device))
+        self.accountant = create_accountant(budget.accountant.value)
+        self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
 
     @property
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -275,20 +277,19 @@ def repeated(rows: torch.Tensor | list, k: int) -> torch.Tensor | list:
     return rows.repeat_interleave(k, dim=0) if torch.is_tensor(rows) else [row for row in rows for _ in range(k)]
 
 
-def make_private(args: argparse.Namespace, accelerator, model: torch.nn.Module, optimizer, dataloader,
-                 steps_for) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.utils.data.DataLoader,
-                                      PrivateTraining | None]:
-    """(model, optimiser, loader, privacy) for the script's flags: made private with --dp_epsilon (the accountant
-    saved in and restored from every checkpoint), as given and None without. ``steps_for(batches_per_epoch)`` is
-    the run's step budget."""
+def make_private(args: argparse.Namespace, accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 dataloader: torch.utils.data.DataLoader) -> tuple[torch.nn.Module, torch.optim.Optimizer,
+                                                                   torch.utils.data.DataLoader, PrivateTraining | None]:
+    """(model, optimiser, loader, privacy) for the script's flags: made private with --dp_epsilon (the noise solved
+    for the run's --max_train_steps or --num_train_epochs, the accountant saved in and restored from every
+    checkpoint), as given and None without."""
     budget = budget_from_args(args, len(dataloader.dataset))
     if budget is None:
         return model, optimizer, dataloader, None
     if accelerator.num_processes > 1:
         raise ValueError("--dp_epsilon trains in one process; launch without --multi_gpu / --num_processes")
-    sample_rate = min(1.0, args.train_batch_size / len(dataloader.dataset))
     private = PrivateTraining(budget, model, optimizer, dataloader, args.train_batch_size,
-                              steps_for(int(1 / sample_rate)), device=accelerator.device)
+                              steps_for=lambda batches: step_budget(args, batches)[1], device=accelerator.device)
     accelerator.register_save_state_pre_hook(lambda models, weights, folder: private.save_accountant(folder))
     accelerator.register_load_state_pre_hook(lambda models, folder: private.load_accountant(folder))
     return private.model, private.optimizer, private.dataloader, private
