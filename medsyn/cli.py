@@ -379,16 +379,11 @@ def attack(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
 
     from medsyn.evaluation import load_image_set
+    from medsyn.evaluation.evaluate import attack_statistics
     from medsyn.evaluation.report import roc_figure
     from medsyn.output_files import atomic_write, check_writable, write_text_atomically
     from medsyn.pipelines import load_pipeline
-    from medsyn.privacy.membership import (
-        AttackMethod,
-        AttackSettings,
-        attack_report,
-        membership_statistics,
-        roc_points,
-    )
+    from medsyn.privacy.membership import AttackMethod, AttackSettings, attack_report, roc_points
 
     output_dir = Path(args.output_dir)
     if _would_overwrite([output_dir / "attack.json", output_dir / "roc.png"], args.overwrite):
@@ -399,19 +394,10 @@ def attack(args: argparse.Namespace) -> int:
                               draws=args.draws, seed=args.seed, batch_size=args.batch_size)
     pipe = load_pipeline(args.model)
     check_writable(output_dir)
-    names = getattr(pipe, "class_names", None)
-
-    def labels_of(image_set) -> list[int] | None:
-        labels = image_set.labels_for_model(names)
-        return None if labels is None else labels.tolist()
-
-    statistics = {name: membership_statistics(pipe, image_set.images, labels_of(image_set), settings,
-                                              None if args.prompt is None else [args.prompt] * len(image_set.images))
-                  for name, image_set in sets.items()}
-    report = attack_report(statistics["members"], statistics["non-members"], settings, resamples=args.resamples)
+    statistics = attack_statistics(pipe, (sets["members"], sets["non-members"]), settings, args.prompt)
+    report = attack_report(*statistics, settings, resamples=args.resamples)
     write_text_atomically(output_dir / "attack.json", json.dumps(report.to_dict(), indent=2))
-    figure = roc_figure(*roc_points(statistics["members"], statistics["non-members"]),
-                        f"{args.method} attack, AUC {report.auc:.3f}")
+    figure = roc_figure(*roc_points(*statistics), f"{args.method} attack, AUC {report.auc:.3f}")
     with atomic_write(output_dir / "roc.png") as temporary:
         figure.savefig(temporary, format="png", dpi=120)
     plt.close(figure)

@@ -212,16 +212,23 @@ def _score_error_section(pipeline, held_out: ImageSet, batch_size: int, seed: in
     return section
 
 
+def attack_statistics(pipe, image_sets: tuple[ImageSet, ...], settings: AttackSettings,
+                      prompt: str | None = None) -> list[np.ndarray]:
+    """The membership statistics of each set's images, conditioned on the set's labels (matched to the model's
+    classes by name) or, for a latent model, on ``prompt``."""
+    statistics = []
+    for image_set in image_sets:
+        labels = image_set.labels_for_model(getattr(pipe, "class_names", None))
+        statistics.append(membership_statistics(pipe, image_set.images, None if labels is None else labels.tolist(),
+                                                settings, None if prompt is None else [prompt] * len(image_set)))
+    return statistics
+
+
 def _membership_section(attack: dict, members: ImageSet, non_members: ImageSet, seed: int) -> dict:
     """The membership attack ``attack`` describes (``model``, ``method``, optional ``prompt``) with ``members``
     (training images) against ``non_members`` (held-out ones): its report and ROC curve, per-image values left out."""
-    pipe, settings = attack["model"], AttackSettings(method=AttackMethod(attack.get("method", "loss")), seed=seed)
-    statistics = []
-    for image_set in (members, non_members):
-        labels = image_set.labels_for_model(getattr(pipe, "class_names", None))
-        prompts = None if attack.get("prompt") is None else [attack["prompt"]] * len(image_set)
-        statistics.append(membership_statistics(pipe, image_set.images, None if labels is None else labels.tolist(),
-                                                settings, prompts))
+    settings = AttackSettings(method=AttackMethod(attack.get("method", "loss")), seed=seed)
+    statistics = attack_statistics(attack["model"], (members, non_members), settings, attack.get("prompt"))
     report = attack_report(*statistics, settings).to_dict()
     fpr, tpr = roc_points(*statistics)
     del report["member_statistics"], report["non_member_statistics"]
