@@ -186,11 +186,14 @@ def encode_prompts(
 
 
 @torch.no_grad()
-def unit_latents(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Latents of unit variance (float32) of images in [-1, 1]: a draw from the autoencoder's posterior, shifted and
-    scaled as the unet learns them (what ``MediSynPipeline.decode_latents`` undoes)."""
+def unit_latents(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator | None,
+                 posterior_mean: bool = False) -> torch.Tensor:
+    """Latents of unit variance (float32) of images in [-1, 1]: a draw from the autoencoder's posterior (or its mean,
+    deterministic), shifted and scaled as the unet learns them (what ``MediSynPipeline.decode_latents`` undoes)."""
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (vae.encode(pixels).latent_dist.sample(generator=generator).float() - shift) * vae.config.scaling_factor
+    posterior = vae.encode(pixels).latent_dist
+    latents = posterior.mean if posterior_mean else posterior.sample(generator=generator)
+    return (latents.float() - shift) * vae.config.scaling_factor
 
 
 def vae_scale_factor(vae: AutoencoderKL) -> int:

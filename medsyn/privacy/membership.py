@@ -95,9 +95,9 @@ class _Denoiser:
         """The model's clean sample of images in [-1, 1]: the images, or a latent model's unit latents."""
         if self.kind != "latent":
             return pixels
-        vae = self.pipe.vae
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (vae.encode(pixels.to(vae.dtype)).latent_dist.mean.float() - shift) * vae.config.scaling_factor
+        from medsyn.models.latent_diffusion import unit_latents
+
+        return unit_latents(self.pipe.vae, pixels.to(self.pipe.vae.dtype), None, posterior_mean=True)
 
     @torch.no_grad()
     def conditioning(self, labels: torch.Tensor | None, prompts: list[str] | None, count: int, device) -> dict:
