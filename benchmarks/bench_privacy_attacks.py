@@ -61,7 +61,7 @@ def pipeline_at(model: Path, checkpoint: Path | None):
 
 
 def measure(pipe, data: dict, args, inception, cache: dict) -> dict:
-    from medsyn.generation import ImageKey, SamplingSettings, sample_images, to_uint8
+    from medsyn.generation import ImageKey, SamplingSettings, sample_image_set
     from medsyn.privacy import memorisation_audit
 
     settings = AttackSettings(method=AttackMethod.LOSS)
@@ -72,8 +72,7 @@ def measure(pipe, data: dict, args, inception, cache: dict) -> dict:
     report = attack_report(members, held_out, settings, resamples=args.resamples)
     keys = [ImageKey(0, i, class_label=int(data["member_labels"][i % len(data["members"])]))
             for i in range(args.num_samples)]
-    samples = np.concatenate([to_uint8(sample_images(pipe, keys[s : s + 64], SamplingSettings()))
-                              for s in range(0, len(keys), 64)])[..., 0]
+    samples = sample_image_set(pipe, keys, SamplingSettings(), batch_size=64)
     audit = memorisation_audit(samples, data["members"], held_out=data["non_members"])
     result = {"auc": report.auc, "auc_ci": report.auc_ci, "leakage_auc": report.leakage_auc,
               "tpr_at_1pct_fpr": report.tpr_at_1pct_fpr, "tpr_at_1pct_fpr_ci": report.tpr_at_1pct_fpr_ci,

@@ -117,17 +117,14 @@ def generate(model: Path, counts: list[int], args, seed: int) -> tuple[np.ndarra
     """``counts[c]`` images of class c, image i of class c drawn from (seed, c, i), class by class."""
     from medsyn.pipelines import load_pipeline
 
-    from medsyn.generation import ImageKey, SamplingSettings, sample_images, to_uint8
+    from medsyn.generation import ImageKey, SamplingSettings, sample_image_set
 
     pipe = load_pipeline(model).to("cuda" if torch.cuda.is_available() else "cpu")
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type=args.sampler)
     settings = SamplingSettings(guidance_scale=args.guidance_scale, num_inference_steps=args.sampling_steps)
     keys = [ImageKey(seed * 100 + c, i, class_label=c) for c, count in enumerate(counts) for i in range(count)]
-    images = [to_uint8(sample_images(pipe, keys[s : s + args.batch_size], settings))
-              for s in range(0, len(keys), args.batch_size)]
-    stacked = np.concatenate(images)
-    return (stacked[..., 0] if stacked.shape[-1] == 1 else stacked), np.array([k.class_label for k in keys])
+    return sample_image_set(pipe, keys, settings, args.batch_size), np.array([k.class_label for k in keys])
 
 
 def inception_fid(inception, a: np.ndarray, b: np.ndarray, cache: dict) -> float:
@@ -157,7 +154,8 @@ def run_one(data: dict, fraction: float, seed: int, args, folder: Path, inceptio
     real, real_labels = data["train"][indices], data["train_labels"][indices]
     train_file = folder / "train.npz"  # exactly the fraction: the generator sees nothing else
     if not train_file.exists():
-        write_npz_atomically(train_file, images=real, labels=real_labels, class_names=np.array(names), indices=indices)
+        write_npz_atomically(train_file, images=real, labels=real_labels, class_names=np.array(names),
+                             indices=indices)
     record["real_images"] = len(real)
 
     model = folder / "generator"
@@ -306,9 +304,9 @@ def main(argv: list[str] | None = None) -> None:
     if not data_file.exists():
         data = load_dataset(args.data, args.resolution)
         kept, removed = clean_test_split(data["train"], data["test"])
-        write_npz_atomically(data_file, train=data["train"], train_labels=data["train_labels"], test=data["test"][kept],
-                 test_labels=data["test_labels"][kept], class_names=np.array(data["class_names"]),
-                 removed=removed)
+        write_npz_atomically(data_file, train=data["train"], train_labels=data["train_labels"],
+                             test=data["test"][kept], test_labels=data["test_labels"][kept],
+                             class_names=np.array(data["class_names"]), removed=removed)
     with np.load(data_file) as archive:
         data = {key: archive[key] for key in archive.files}
     data["class_names"] = [str(n) for n in data["class_names"]]

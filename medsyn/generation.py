@@ -114,6 +114,14 @@ def sample_images(pipe, keys: Sequence[ImageKey], settings: SamplingSettings, ca
     ).images
 
 
+def sample_image_set(pipe, keys: Sequence[ImageKey], settings: SamplingSettings, batch_size: int) -> np.ndarray:
+    """The images of ``keys``, ``batch_size`` at a time, as an image set's uint8 array: (N, H, W) for grayscale,
+    (N, H, W, C) for colour."""
+    images = np.concatenate([to_uint8(sample_images(pipe, keys[s : s + batch_size], settings))
+                             for s in range(0, len(keys), batch_size)])
+    return images[..., 0] if images.shape[-1] == 1 else images
+
+
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """[0, 1] floats as 8-bit grey levels, in the same layout (NaN as 0)."""
     return np.round(np.nan_to_num(images) * 255).clip(0, 255).astype(np.uint8)
