@@ -39,7 +39,9 @@ def run_two_ranks(tmp_path: Path, module: str, args: list[str]) -> list[dict]:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
                "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no", str(launcher), module,
                *args]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    # the repository on the path, so that ranks can import callables from tests (a --rater module:function)
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     output_dir = Path(args[args.index("--output_dir") + 1])

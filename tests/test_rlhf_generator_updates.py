@@ -304,3 +304,28 @@ def test_the_text_guided_chain_is_medisyns_sampler():
     torch.testing.assert_close((chain_images / 2 + 0.5).clamp(0, 1), expected, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="prompts"):
         sampling_chain(pipe, guidance_scale=3.0)
+
+
+def test_gradients_shared_across_processes_sum_to_the_whole_minibatchs():
+    """``sum_gradients``: each process's gradient of its share's mean loss, weighted by the share and summed across
+    processes, is the gradient of the whole minibatch's mean loss (two processes simulated by a reduce that adds the
+    other's part)."""
+    from types import SimpleNamespace
+
+    from medsyn.rlhf.fitting import sum_gradients
+
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(3))
+    data = torch.randn(5, 3)
+    (data @ weight).pow(2).mean().backward()
+    whole = weight.grad.clone()
+    parts = []
+    for share in (data[:2], data[2:]):
+        weight.grad = None
+        (share @ weight).pow(2).mean().backward()
+        parts.append((weight.grad.clone(), len(share) / len(data)))
+    (mine, my_share), (theirs, their_share) = parts
+    weight.grad = mine
+    other = SimpleNamespace(reduce=lambda flat, reduction: flat + theirs * their_share)
+    sum_gradients([weight], my_share, other)
+    torch.testing.assert_close(weight.grad, whole)

@@ -43,7 +43,11 @@ def generator_folder(tmp_path_factory) -> str:
 
 
 def rlhf_args(generator_folder: str, output_dir, *extra: str):
-    return train_rlhf.parse_args([
+    return train_rlhf.parse_args(rlhf_argv(generator_folder, output_dir, *extra))
+
+
+def rlhf_argv(generator_folder: str, output_dir, *extra: str) -> list[str]:
+    return [
         "--pretrained_model_name_or_path", generator_folder, "--output_dir", str(output_dir),
         "--pool_per_class", "12", "--held_out_per_class", "6", "--num_inference_steps", "4",
         "--guidance_scale", "1.0", "--selector_patch_size", "4", "--selector_hidden_size", "16",
@@ -53,7 +57,7 @@ def rlhf_args(generator_folder: str, output_dir, *extra: str):
         "--policy_num_hidden_layers", "1", "--policy_intermediate_size", "32", "--policy_steps", "20",
         "--policy_learning_rate", "1e-3",
         "--updates_per_round", "6", "--update_batch_size", "8", "--learning_rate", "3e-3", "--lora_rank", "4",
-        "--min_reward_spearman", "-1", "--report_to", "none", *extra])
+        "--min_reward_spearman", "-1", "--report_to", "none", *extra]
 
 
 def without_timing(history: list[dict]) -> list[dict]:
@@ -192,3 +196,39 @@ def test_a_medisyn_round_with_reward_weighted_fine_tuning_and_real_images(tmp_pa
     with pytest.raises(ValueError, match="'cataract' is named by 0 of the prompts"):
         train_rlhf.main(rlhf_args(str(tmp_path / "medisyn"), tmp_path / "other", "--prompts", *prompts,
                                   "--real_images", str(real)))
+
+
+@pytest.mark.slow
+def test_two_processes_run_the_round_one_process_runs(generator_folder, tmp_path):
+    """``accelerate launch`` with 2 gloo ranks: the same pool (each rank samples half), rated once, and an update
+    whose every step averages the ranks' halves of the minibatch, so it ends where one process's does; then a round
+    with the reward models, trained data-parallel by their scripts."""
+    from .ddp_launch import run_two_ranks
+
+    rater = ["--rater", "tests.test_train_rlhf:class_rater"]
+    # every stochastic step in every update: the update is then deterministic given the pool
+    exact = ["--rounds", "1", "--reward", "ratings", "--update", "policy_gradient", *rater]
+    one = train_rlhf.main(rlhf_args(generator_folder, tmp_path / "one", *exact))
+    run_two_ranks(tmp_path, "medsyn.train_scripts.train_rlhf", rlhf_argv(generator_folder, tmp_path / "two", *exact))
+    two = json.loads((tmp_path / "two" / "rounds.json").read_text())["rounds"]
+    round_one = [tmp_path / run / "round-001" for run in ("one", "two")]
+    pools = [np.load(folder / "pool.npz") for folder in round_one]
+    assert np.array_equal(pools[0]["labels"], pools[1]["labels"])
+    # the same chains; float sums in another batch shape move a pixel by at most one grey level
+    assert np.abs(pools[0]["images"].astype(int) - pools[1]["images"].astype(int)).max() <= 1
+    assert len(RatingsFile(round_one[1] / "ratings.jsonl").ratings()) == 2 * 24  # rated once, not once per rank
+    start = load_pipeline(generator_folder).unet.state_dict()
+    ends = [load_pipeline(folder / "generator").unet.state_dict() for folder in round_one]
+    moved = sum((ends[0][k] - start[k]).pow(2).sum() for k in start).sqrt()
+    apart = sum((ends[1][k] - ends[0][k]).pow(2).sum() for k in start).sqrt()
+    assert moved > 0 and apart < 0.05 * moved, (float(apart), float(moved))
+    assert [m["round"] for m in two] == [0, 1]
+    assert two[1]["kl_to_round_start"] == pytest.approx(one[1]["kl_to_round_start"], rel=0.05)
+
+    run_two_ranks(tmp_path, "medsyn.train_scripts.train_rlhf",
+                  rlhf_argv(generator_folder, tmp_path / "models", "--rounds", "1", *rater))
+    round_one = tmp_path / "models" / "round-001"
+    for saved in ("selector", "policy-stage1", "policy", "generator"):
+        assert (round_one / saved).is_dir() and not (round_one / f"{saved}.partial").exists()
+    assert len(RatingsFile(round_one / "ratings.jsonl").ratings()) == 2 * 24
+    assert json.loads((tmp_path / "models" / "rounds.json").read_text())["rounds"][1]["held_out_accept_rate"] >= 0

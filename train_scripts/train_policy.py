@@ -29,7 +29,13 @@ from medsyn.rlhf.rating_images import add_rated_data_arguments, rated_samples, s
 from medsyn.rlhf.ratings import Aspect, normalised
 from medsyn.rlhf.rewards import accepted_by
 from medsyn.rlhf.selector import selector_metrics
-from medsyn.training.accelerator import build_accelerator, build_lr_scheduler, build_optimizer, step_budget
+from medsyn.training.accelerator import (
+    build_accelerator,
+    build_lr_scheduler,
+    build_optimizer,
+    end_training,
+    step_budget,
+)
 from medsyn.training.loop import TrainingRun, training_loop
 from medsyn.training.script_args import add_logging_and_hub_arguments, add_optimisation_arguments
 from medsyn.validation import DefaultsShown, count_argument
@@ -95,9 +101,11 @@ def build_policy(args, images: torch.Tensor, prompts: list[str]) -> AlignmentPol
     return AlignmentPolicy(image_encoder, text_encoder, tokenizer, args.max_length)
 
 
-def main(args: argparse.Namespace) -> AlignmentPolicy:
-    """Train one stage, save the policy and its held-out metrics (main process), return it on every rank."""
-    accelerator = build_accelerator(args)
+def main(args: argparse.Namespace, keep_process_group: bool = False) -> AlignmentPolicy:
+    """Train one stage, save the policy and its held-out metrics (main process), return it on every rank.
+    ``keep_process_group``: run inside a caller's processes, which go on after it (``end_training``)."""
+    # the encoders' pooler heads are left out (the policy reads the [CLS] / first token's state)
+    accelerator = build_accelerator(args, find_unused_parameters=True)
     images, ratings, digests, prompts = rated_samples(args.images, args.ratings, Aspect.PROMPT_MATCH, args.resolution)
     train_rows, held_out_rows = split_by_image(digests, args.validation_fraction, args.seed)
     if args.stage == 2:
@@ -145,7 +153,7 @@ def main(args: argparse.Namespace) -> AlignmentPolicy:
         output_dir = Path(args.output_dir)
         policy.save_pretrained(output_dir)
         (output_dir / "policy.json").write_text(json.dumps(metrics, indent=2))
-    accelerator.end_training()
+    end_training(accelerator, keep_process_group)
     return policy
 
 

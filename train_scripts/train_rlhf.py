@@ -26,6 +26,11 @@ issue 15). The default reward is therefore MINIM's product, the selector's score
 Every stage writes its result atomically (a temporary name, then a rename) and is skipped when its result is there;
 its randomness is keyed by (``--seed``, round), so a run killed at any point and started again ends where an
 uninterrupted one would. Round 0 holds the starting model's metrics.
+
+Under ``accelerate launch`` with several processes, each samples its share of the pool and of the held-out images
+(image i depends on (seed, round, i) alone, so the pool is the one a single process draws), the reward models train
+data-parallel through their scripts, and each generator update step averages every process's share of the minibatch;
+the main process rates, measures and writes, the others wait for it.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from transformers import ViTForImageClassification
 
 from medsyn.pipelines import load_pipeline
@@ -227,11 +233,16 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return pixels[..., 0] if pixels.shape[-1] == 1 else pixels
 
 
-def sample_chains(chain: SamplingChain, labels: torch.Tensor, seeds: list[tuple[int, ...]],
-                  batch_size: int) -> Trajectory:
-    """One chain per label, each from the generator its seed key names, ``batch_size`` at a time."""
-    parts = [chain.sample(labels[i : i + batch_size], [keyed_generator(*s) for s in seeds[i : i + batch_size]])
-             for i in range(0, len(labels), batch_size)]
+def sample_chains(chain: SamplingChain, labels: torch.Tensor, seeds: list[tuple[int, ...]], batch_size: int,
+                  accelerator: Accelerator) -> Trajectory:
+    """One chain per label, each from the generator its seed key names, ``batch_size`` at a time; every process
+    samples a contiguous share of the chains and gets them all back, in order."""
+    with accelerator.split_between_processes(list(range(len(labels)))) as own:
+        parts = [chain.sample(labels[own[i : i + batch_size]],
+                              [keyed_generator(*seeds[j]) for j in own[i : i + batch_size]])
+                 for i in range(0, len(own), batch_size)]
+    if accelerator.num_processes > 1:
+        parts = gather_object(parts)
     return Trajectory.cat(parts)
 
 
@@ -267,6 +278,20 @@ class Rounds:
 
     def folder(self, round_index: int) -> Path:
         return self.root / f"round-{round_index:03d}"
+
+    def cleared(self, partial: Path) -> Path:
+        """``partial`` emptied (what a killed run left there) by the main process, for every process."""
+        if self.accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return partial
+
+    def publish(self, partial: Path, folder: Path) -> None:
+        """``partial``, complete, renamed to ``folder`` by the main process, once every process is done with it."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            os.replace(partial, folder)
+        self.accelerator.wait_for_everyone()
 
     def generator_path(self, round_index: int) -> str:
         return self.args.pretrained_model_name_or_path if round_index == 0 else str(
@@ -307,14 +332,15 @@ class Rounds:
         """The round's pool from the generator it starts with: pool.npz (for rating) and its chains."""
         labels, seeds = self.labels_and_seeds(self.args.pool_per_class, r)
         chain = self.chain(r - 1)
-        trajectory = sample_chains(chain, labels, seeds, self.args.batch_size)
+        trajectory = sample_chains(chain, labels, seeds, self.args.batch_size, self.accelerator)
         path = self.folder(r) / "pool.npz"
-        if not path.exists():
+        if not path.exists() and self.accelerator.is_main_process:
             partial = path.with_name("pool.partial.npz")
             np.savez(partial, images=to_uint8(trajectory.images), labels=labels.numpy(),
                      class_names=np.array(self.class_names), captions=np.array([self.prompts[c] for c in labels]),
                      seeds=np.array([s[-1] for s in seeds]))
             os.replace(partial, path)
+        self.accelerator.wait_for_everyone()
         return chain, trajectory
 
     def ratings(self, r: int, trajectory) -> bool:
@@ -337,7 +363,7 @@ class Rounds:
             return not any(missing.values())
         done = {aspect: ratings_file.rated_images(self.rater_id, aspect) for aspect in Aspect}
         todo = [i for i, d in enumerate(digests) if any(d not in done[aspect] for aspect in Aspect)]
-        if todo:
+        if todo and self.accelerator.is_main_process:
             given = self.rate(trajectory.images[todo], trajectory.labels[todo])
             for k, i in enumerate(todo):
                 for aspect in Aspect:
@@ -345,6 +371,7 @@ class Rounds:
                         ratings_file.append(Rating(digests[i], self.prompts[int(trajectory.labels[i])],
                                                    given[aspect][k], self.rater_id, aspect, path=f"pool.npz[{i}]",
                                                    model=self.generator_path(r - 1), seed=i))
+        self.accelerator.wait_for_everyone()
         return True
 
     def selector(self, r: int) -> ViTForImageClassification:
@@ -352,15 +379,14 @@ class Rounds:
         if not folder.exists():
             from medsyn.train_scripts import train_selector
 
-            partial = folder.with_name("selector.partial")
-            shutil.rmtree(partial, ignore_errors=True)
+            partial = self.cleared(folder.with_name("selector.partial"))
             shape = [f"--{name}={getattr(self.args, 'selector_' + name)}" for name in SELECTOR_ARCHITECTURE]
             previous = ["--selector_model_name_or_path", str(self.folder(r - 1) / "selector")] if r > 1 else []
             train_selector.main(train_selector.parse_args([
                 *self.rated_data(r), "--aspect", Aspect.QUALITY.value, "--output_dir", str(partial),
                 "--max_train_steps", str(self.args.selector_steps), "--learning_rate",
-                str(self.args.selector_learning_rate), *shape, *previous]))
-            os.replace(partial, folder)
+                str(self.args.selector_learning_rate), *shape, *previous]), keep_process_group=True)
+            self.publish(partial, folder)
         self.check_ranks(folder / "selector.json", "selector", "quality")
         return ViTForImageClassification.from_pretrained(folder).to(self.accelerator.device).eval()
 
@@ -394,22 +420,21 @@ class Rounds:
                       str(args.policy_learning_rate)]
             stage1 = folder.with_name("policy-stage1")
             if not stage1.exists():
-                partial = stage1.with_name("policy-stage1.partial")
-                shutil.rmtree(partial, ignore_errors=True)
+                partial = self.cleared(stage1.with_name("policy-stage1.partial"))
                 start = (["--policy_model_name_or_path", str(self.folder(r - 1) / "policy")] if r > 1 else
                          [f"--{name}={getattr(args, 'policy_' + name)}" for name in POLICY_ARCHITECTURE]
                          + (["--text_encoder_name_or_path", args.policy_text_encoder] if args.policy_text_encoder
                             else [])
                          + (["--image_encoder_name_or_path", args.policy_image_encoder] if args.policy_image_encoder
                             else []))
-                train_policy.main(train_policy.parse_args([*common, "--output_dir", str(partial), *start]))
-                os.replace(partial, stage1)
-            partial = folder.with_name("policy.partial")
-            shutil.rmtree(partial, ignore_errors=True)
+                train_policy.main(train_policy.parse_args([*common, "--output_dir", str(partial), *start]),
+                                  keep_process_group=True)
+                self.publish(partial, stage1)
+            partial = self.cleared(folder.with_name("policy.partial"))
             train_policy.main(train_policy.parse_args([
                 *common, "--stage", "2", "--selector", str(self.folder(r) / "selector"),
-                "--policy_model_name_or_path", str(stage1), "--output_dir", str(partial)]))
-            os.replace(partial, folder)
+                "--policy_model_name_or_path", str(stage1), "--output_dir", str(partial)]), keep_process_group=True)
+            self.publish(partial, folder)
         self.check_ranks(folder / "policy.json", "policy model", "prompt-match")
         return AlignmentPolicy.from_pretrained(folder).to(self.accelerator.device).eval()
 
@@ -447,12 +472,12 @@ class Rounds:
             chain.keep_reference()
         started = time.perf_counter()
         common = dict(updates=args.updates_per_round, batch_size=args.update_batch_size,
-                      learning_rate=args.learning_rate, seed=args.seed + r)
+                      learning_rate=args.learning_rate, seed=args.seed + r, accelerator=self.accelerator)
         if args.update == UpdateMethod.POLICY_GRADIENT:
             logged = policy_gradient_update(chain, trajectory, rewards, clip_range=args.clip_range,
                                             kl_weight=args.kl_weight, steps_per_update=args.steps_per_update,
                                             **common)
-            summary["kl_to_round_start"] = kl_to_reference(chain, trajectory)
+            summary["kl_to_round_start"] = self.kl_to_round_start(chain, trajectory)
         else:
             if not accepted.any():
                 raise ValueError(f"round {r}: the reward models accepted none of the pool; nothing to fine-tune "
@@ -464,20 +489,37 @@ class Rounds:
         summary["update_seconds"] = time.perf_counter() - started
         summary["last_update"] = logged[-1]
         pipe.unet = merged(pipe.unet).requires_grad_(False).eval()
-        partial = folder.with_name("generator.partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        pipe.save_pretrained(partial)
-        os.replace(partial, folder)
+        partial = self.cleared(folder.with_name("generator.partial"))
+        if self.accelerator.is_main_process:
+            pipe.save_pretrained(partial)
+        self.publish(partial, folder)
         return summary
+
+    def kl_to_round_start(self, chain: SamplingChain, trajectory: Trajectory) -> float:
+        """``kl_to_reference`` over the pool, each process measuring its share of the chains."""
+        with self.accelerator.split_between_processes(list(range(len(trajectory.labels)))) as own:
+            part = [(kl_to_reference(chain, trajectory.rows(torch.tensor(own))), len(own))] if own else []
+        parts = gather_object(part) if self.accelerator.num_processes > 1 else part
+        return sum(kl * n for kl, n in parts) / sum(n for _, n in parts)
 
     def evaluate(self, r: int, selector=None, policy=None, extra: dict | None = None) -> dict:
         """The held-out images of the round's generator: the rater's mean ratings (``mean_rating`` is the match to
         the prompt, the aspect a class-conditional generator exists for), the learned reward and acceptance, the
-        Frechet distance to the real images and the per-class MS-SSIM diversity."""
+        Frechet distance to the real images and the per-class MS-SSIM diversity. Every process samples its share;
+        the main process measures and writes ``metrics.json``, which the others then read."""
+        labels, seeds = self.labels_and_seeds(self.args.held_out_per_class, HELD_OUT_KEY)
+        images = sample_chains(self.chain(r), labels, seeds, self.args.batch_size, self.accelerator).images
+        path = self.folder(r) / "metrics.json"
+        if self.accelerator.is_main_process:
+            atomic_json(path, self.measure(r, images, labels, selector, policy, extra))
+        self.accelerator.wait_for_everyone()
+        return json.loads(path.read_text())
+
+    def measure(self, r: int, images: torch.Tensor, labels: torch.Tensor, selector, policy,
+                extra: dict | None) -> dict:
+        """``evaluate``'s metrics of the held-out ``images`` (in [-1, 1]) of classes ``labels``."""
         from medsyn.metrics.diversity import mean_pairwise_ms_ssim
 
-        labels, seeds = self.labels_and_seeds(self.args.held_out_per_class, HELD_OUT_KEY)
-        images = sample_chains(self.chain(r), labels, seeds, self.args.batch_size).images
         images01 = unit_range(images)
         metrics = {"round": r, **(extra or {})}
         if self.rater is not None:
@@ -497,7 +539,6 @@ class Rounds:
             metrics["frechet_distance"] = self.frechet_distance(images)
         per_class = [mean_pairwise_ms_ssim(images01[labels == c])[0] for c in range(len(self.class_names))]
         metrics["ms_ssim"] = float(np.mean(per_class))
-        atomic_json(self.folder(r) / "metrics.json", metrics)
         return metrics
 
     def frechet_distance(self, images: torch.Tensor) -> float:
@@ -518,9 +559,9 @@ def main(args: argparse.Namespace) -> list[dict]:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     accelerator = Accelerator(log_with=None if args.report_to == "none" else args.report_to,
                               project_dir=args.output_dir)
-    if accelerator.num_processes > 1:
-        raise ValueError("train_rlhf.py runs on one process: launch it without --num_processes (a round's pool "
-                         "and update are small)")
+    if args.update_batch_size < accelerator.num_processes:
+        raise ValueError(f"--update_batch_size {args.update_batch_size} is shared by {accelerator.num_processes} "
+                         "processes: give at least one chain each")
     rounds = Rounds(args, accelerator)
     rounds.root.mkdir(parents=True, exist_ok=True)
     accelerator.init_trackers("rlhf", config={k: str(v) for k, v in vars(args).items()})
@@ -545,8 +586,9 @@ def main(args: argparse.Namespace) -> list[dict]:
         accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=r)
         logger.info(f"round {r}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
                                                if isinstance(v, float)))
-    atomic_json(rounds.root / "rounds.json", {"rounds": history, "rater": rounds.rater_id,
-                                              "update": str(args.update), "reward": str(args.reward)})
+    if accelerator.is_main_process:
+        atomic_json(rounds.root / "rounds.json", {"rounds": history, "rater": rounds.rater_id,
+                                                  "update": str(args.update), "reward": str(args.reward)})
     accelerator.end_training()
     return history
 

@@ -32,7 +32,13 @@ from medsyn.rlhf.selector import (
     selector_metrics,
     selector_scores,
 )
-from medsyn.training.accelerator import build_accelerator, build_lr_scheduler, build_optimizer, step_budget
+from medsyn.training.accelerator import (
+    build_accelerator,
+    build_lr_scheduler,
+    build_optimizer,
+    end_training,
+    step_budget,
+)
 from medsyn.training.loop import TrainingRun, run_card_fields, training_loop
 from medsyn.training.script_args import add_logging_and_hub_arguments, add_optimisation_arguments
 from medsyn.validation import DefaultsShown, count_argument
@@ -59,8 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(args: argparse.Namespace) -> ViTForImageClassification:
-    """Train, save the selector with its threshold, metrics and card (main process), return it on every rank."""
+def main(args: argparse.Namespace, keep_process_group: bool = False) -> ViTForImageClassification:
+    """Train, save the selector with its threshold, metrics and card (main process), return it on every rank.
+    ``keep_process_group``: run inside a caller's processes, which go on after it (``end_training``)."""
     accelerator = build_accelerator(args)
     images, ratings, digests, _ = rated_samples(args.images, args.ratings, args.aspect, args.resolution)
     train_rows, held_out_rows = split_by_image(digests, args.validation_fraction, args.seed)
@@ -102,7 +109,7 @@ def main(args: argparse.Namespace) -> ViTForImageClassification:
                                        threshold)
         logger.info(f"held out: rating accuracy {metrics['rating_accuracy']:.3f}, Spearman {metrics['spearman']:.3f}")
         save_selector(args, accelerator, model, threshold, metrics, len(train_rows), len(set(digests)), result)
-    accelerator.end_training()
+    end_training(accelerator, keep_process_group)
     return model
 
 

@@ -34,11 +34,12 @@ def reward_weighted_update(chain: SamplingChain, images: torch.Tensor, labels: t
                            updates: int, real_images: torch.Tensor | None = None,
                            real_labels: torch.Tensor | None = None, pretrain_weight: float = 1.0,
                            batch_size: int = 16, learning_rate: float = 1e-4, max_grad_norm: float = 1.0,
-                           seed: int = 0) -> list[dict[str, float]]:
+                           seed: int = 0, accelerator=None) -> list[dict[str, float]]:
     """``updates`` optimiser steps of the weighted loss on generated ``images`` (in [-1, 1]) with their class
     ``labels`` and ``weights``, mixed with the real images when given (``pretrain_weight`` > 0).
 
-    Generated batches are drawn from the images of positive weight. Returns each update's generated and real loss.
+    Generated batches are drawn from the images of positive weight; with ``accelerator`` each process takes its share
+    of a batch (``fit_on_minibatches``). Returns each update's generated and real loss.
     """
     weights = torch.as_tensor(weights, dtype=torch.float32)
     if not len(images) == len(labels) == len(weights):
@@ -67,4 +68,4 @@ def reward_weighted_update(chain: SamplingChain, images: torch.Tensor, labels: t
         return loss, logged
 
     return fit_on_minibatches(chain.pipe.unet, len(kept), updates, batch_loss, learning_rate, batch_size, seed,
-                              max_grad_norm)
+                              max_grad_norm, accelerator)

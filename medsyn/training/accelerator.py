@@ -10,7 +10,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    ProjectConfiguration,
+    set_seed,
+)
 from diffusers import ModelMixin
 from diffusers.training_utils import EMAModel
 
@@ -52,8 +57,11 @@ def enable_gradient_checkpointing(args: argparse.Namespace, *models: torch.nn.Mo
             model.gradient_checkpointing_enable()
 
 
-def build_accelerator(args: argparse.Namespace) -> Accelerator:
+def build_accelerator(args: argparse.Namespace, find_unused_parameters: bool = False) -> Accelerator:
     """One ``Accelerator`` from the shared flags, logging set up, seed set and the output folder made.
+
+    ``find_unused_parameters``: for a model whose forward leaves some weights out (a pretrained encoder's pooler head),
+    which DDP otherwise refuses.
 
     ``--scale_lr`` rescales ``args.learning_rate`` in place (by batch size x accumulation x processes), as
     diffusers' examples do, so everything after (optimiser, model card) sees the rate actually used.
@@ -68,6 +76,8 @@ def build_accelerator(args: argparse.Namespace) -> Accelerator:
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters
+        else None,
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(args.seed)
@@ -76,6 +86,17 @@ def build_accelerator(args: argparse.Namespace) -> Accelerator:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     return accelerator
+
+
+def end_training(accelerator: Accelerator, keep_process_group: bool = False) -> None:
+    """``accelerator.end_training()``, or, for a script run inside its caller's processes (train_rlhf.py trains the
+    selector and policy through their scripts), only its trackers finished: ``end_training`` also destroys the process
+    group, which the caller still needs."""
+    if not keep_process_group:
+        accelerator.end_training()
+        return
+    for tracker in accelerator.trackers:
+        tracker.finish()
 
 
 def step_budget(args: argparse.Namespace, batches_per_epoch: int) -> tuple[int, int, int]:
