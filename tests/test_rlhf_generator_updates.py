@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from diffusers import ConfigMixin, DDPMScheduler, ModelMixin, UNet2DModel
+from diffusers import ConfigMixin, DDPMScheduler, DPMSolverMultistepScheduler, ModelMixin, UNet2DModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
@@ -81,6 +81,20 @@ def test_a_ddim_step_at_eta_1_is_the_ddpm_posterior():
         torch.testing.assert_close(mean.double(), posterior_mean, atol=1e-5, rtol=1e-4)
         assert std == pytest.approx(float(posterior_variance.sqrt()), rel=1e-5)
     assert chain.step_distribution(x, 9, labels)[1] == 0  # to t = 0: deterministic, not an action
+
+
+def test_each_ddim_chain_step_lands_where_the_next_one_starts():
+    """DDIMScheduler.step goes back num_train_timesteps // steps; the chain's timesteps must be spaced by exactly that,
+    whatever spacing the saved scheduler has. A pipeline saved with DPM-Solver's "linspace" spacing gave 999, 946,
+    894, ...: its first step went to 949 and the next treated the sample as 946."""
+    pipe = tiny_ddpm()
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, timestep_spacing="linspace")
+    for steps in (20, 30):
+        chain = DDIMChain(pipe, guidance_scale=1.0, num_inference_steps=steps)
+        timesteps = chain.timesteps.tolist()
+        jump = 1000 // steps
+        assert len(timesteps) == steps and timesteps[-1] == 0
+        assert all(t - jump == following for t, following in zip(timesteps, timesteps[1:])), timesteps
 
 
 class ConstantScore(ModelMixin, ConfigMixin):

@@ -236,7 +236,10 @@ class DDIMChain(SamplingChain):
             raise ValueError(f"eta must be in (0, 1] for a stochastic chain, got {eta}")
         self.eta = eta
         # Clipping x0 (diffusers' DDIM default) only where the model's own schedule asks for it (medsyn's DDPMs don't).
-        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config,
+        # "leading" spacing whatever the saved scheduler's: DDIMScheduler.step goes back a fixed
+        # num_train_timesteps // steps, which only "leading" timesteps are spaced by (a DPM-Solver config's "linspace"
+        # stepped 999 -> 949 while the next step started from 946).
+        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading",
                                                    clip_sample=pipe.scheduler.config.get("clip_sample", False))
         self.scheduler.set_timesteps(num_inference_steps)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
