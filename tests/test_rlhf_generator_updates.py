@@ -329,7 +329,7 @@ def test_gradients_shared_across_processes_sum_to_the_whole_minibatchs():
     from medsyn.rlhf.fitting import sum_gradients
 
     torch.manual_seed(0)
-    weight = torch.nn.Parameter(torch.randn(3))
+    weight, unused = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))
     data = torch.randn(5, 3)
     (data @ weight).pow(2).mean().backward()
     whole = weight.grad.clone()
@@ -340,6 +340,9 @@ def test_gradients_shared_across_processes_sum_to_the_whole_minibatchs():
         parts.append((weight.grad.clone(), len(share) / len(data)))
     (mine, my_share), (theirs, their_share) = parts
     weight.grad = mine
-    other = SimpleNamespace(reduce=lambda flat, reduction: flat + theirs * their_share)
-    sum_gradients([weight], my_share, other)
+    # the other process's gradients, laid out as sum_gradients flattens them: weight's, then unused's (none: zeros)
+    theirs_flat = torch.cat([theirs * their_share, torch.zeros(2)])
+    other = SimpleNamespace(reduce=lambda t, reduction: t + (theirs_flat if len(t) == 5 else torch.tensor([1.0, 0.0])))
+    sum_gradients([weight, unused], my_share, other)
     torch.testing.assert_close(weight.grad, whole)
+    assert unused.grad is None  # no process computed one: the optimiser must not touch it (weight decay)

@@ -62,10 +62,12 @@ def fit_on_minibatches(model: nn.Module, count: int, steps: int, batch_loss: Cal
 
 def sum_gradients(parameters: list[nn.Parameter], share: float, accelerator: Accelerator) -> None:
     """Every process's gradients times its ``share`` of the minibatch, summed across processes in place: the
-    gradient of the whole minibatch's mean loss."""
+    gradient of the whole minibatch's mean loss. A parameter no process computed a gradient for keeps none, so the
+    optimiser leaves it alone (weight decay included), as it would in one process."""
+    given = torch.tensor([float(p.grad is not None) for p in parameters], device=parameters[0].device)
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in parameters])
-    flat = accelerator.reduce(flat * share, reduction="sum")
+    flat, given = accelerator.reduce(flat * share, reduction="sum"), accelerator.reduce(given, reduction="sum")
     start = 0
-    for p in parameters:
-        p.grad = flat[start : start + p.numel()].view_as(p).clone()
+    for p, somewhere in zip(parameters, given.tolist()):
+        p.grad = flat[start : start + p.numel()].view_as(p).clone() if somewhere else None
         start += p.numel()
