@@ -241,9 +241,7 @@ def sample_chains(chain: SamplingChain, labels: torch.Tensor, seeds: list[tuple[
         parts = [chain.sample(labels[own[i : i + batch_size]],
                               [keyed_generator(*seeds[j]) for j in own[i : i + batch_size]])
                  for i in range(0, len(own), batch_size)]
-    if accelerator.num_processes > 1:
-        parts = gather_object(parts)
-    return Trajectory.cat(parts)
+    return Trajectory.cat(gather_object(parts))  # (one process: the parts as they are)
 
 
 class Rounds:
@@ -361,10 +359,10 @@ class Rounds:
                     f"with\n  medsyn rate --images {self.folder(r) / 'pool.npz'} --ratings {ratings_file.path}\n"
                     "(the page's aspect=prompt_match rates the match to the prompt) and run this command again.")
             return not any(missing.values())
-        done = {aspect: ratings_file.rated_images(self.rater_id, aspect) for aspect in Aspect}
-        todo = [i for i, d in enumerate(digests) if any(d not in done[aspect] for aspect in Aspect)]
-        if todo and self.accelerator.is_main_process:
-            given = self.rate(trajectory.images[todo], trajectory.labels[todo])
+        if self.accelerator.is_main_process:  # the file's one writer; the others wait, not read it mid-append
+            done = {aspect: ratings_file.rated_images(self.rater_id, aspect) for aspect in Aspect}
+            todo = [i for i, d in enumerate(digests) if any(d not in done[aspect] for aspect in Aspect)]
+            given = self.rate(trajectory.images[todo], trajectory.labels[todo]) if todo else {}
             for k, i in enumerate(todo):
                 for aspect in Aspect:
                     if digests[i] not in done[aspect]:
@@ -499,7 +497,7 @@ class Rounds:
         """``kl_to_reference`` over the pool, each process measuring its share of the chains."""
         with self.accelerator.split_between_processes(list(range(len(trajectory.labels)))) as own:
             part = [(kl_to_reference(chain, trajectory.rows(torch.tensor(own))), len(own))] if own else []
-        parts = gather_object(part) if self.accelerator.num_processes > 1 else part
+        parts = gather_object(part)
         return sum(kl * n for kl, n in parts) / sum(n for _, n in parts)
 
     def evaluate(self, r: int, selector=None, policy=None, extra: dict | None = None) -> dict:
