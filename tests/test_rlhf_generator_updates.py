@@ -346,3 +346,62 @@ def test_gradients_shared_across_processes_sum_to_the_whole_minibatchs():
     sum_gradients([weight, unused], my_share, other)
     torch.testing.assert_close(weight.grad, whole)
     assert unused.grad is None  # no process computed one: the optimiser must not touch it (weight decay)
+
+
+def test_tuning_class_embeddings_moves_only_the_rows_of_the_classes_it_was_rewarded_for():
+    """Reward only class 1's chains, under guidance (which reads the null row) and with the label dropout of
+    reward-weighted fine-tuning (which trains it): every weight but class 1's embedding row comes out bit-identical,
+    so class 0's samples, guided, are unchanged; the unet left behind is a plain one that saves and loads."""
+    from torch.nn.utils import parametrize
+
+    from medsyn.rlhf.tuning import TunedWeights, tuned
+
+    pipe = tiny_ddpm()
+    chain = DDIMChain(pipe, guidance_scale=2.0, num_inference_steps=4)
+    class0 = torch.zeros(8, dtype=torch.long)
+    before_samples = chain.sample(class0, generators(range(100, 108))).images
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    pool = chain.sample(torch.ones(32, dtype=torch.long), generators(range(32)))
+    tune = TunedWeights.CLASS_EMBEDDINGS
+    with tuned(chain, tune):
+        assert [n for n, p in pipe.unet.named_parameters() if p.requires_grad] == [
+            "class_embedding.parametrizations.weight.original"]
+        policy_gradient_update(chain, pool, brightness(pool.images), updates=3, batch_size=8, learning_rate=1e-1,
+                               weight_decay=tune.weight_decay)
+        reward_weighted_update(chain, pool.images, pool.labels, torch.ones(32), updates=3, batch_size=8,
+                               learning_rate=1e-1, pretrain_weight=0.0, weight_decay=tune.weight_decay)
+    assert type(pipe.unet) is UNet2DModel and not parametrize.is_parametrized(pipe.unet.class_embedding)
+    assert not any(p.requires_grad for p in pipe.unet.parameters())
+    after = pipe.unet.state_dict()
+    assert after.keys() == before.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == ["class_embedding.weight"]
+    rows_changed = (before["class_embedding.weight"] != after["class_embedding.weight"]).any(1)
+    assert rows_changed.tolist() == [False, True, False]  # class 0, class 1, the null class
+    torch.testing.assert_close(chain.sample(class0, generators(range(100, 108))).images, before_samples,
+                               atol=0, rtol=0)
+
+
+def test_tuning_every_weight_keeps_a_reference_and_class_embeddings_need_a_class_table():
+    from medsyn.rlhf.tuning import tuned
+
+    pipe = tiny_ddpm()
+    chain = DDIMChain(pipe, guidance_scale=1.0, num_inference_steps=4)
+    pool = chain.sample(torch.tensor([0, 1, 0, 1]), generators(range(4)))
+    with tuned(chain, "all"):
+        assert all(p.requires_grad for p in pipe.unet.parameters())
+        assert kl_to_reference(chain, pool) == 0
+        policy_gradient_update(chain, pool, brightness(pool.images), updates=2, batch_size=4, learning_rate=1e-2)
+        assert kl_to_reference(chain, pool) > 0
+    assert not any(p.requires_grad for p in pipe.unet.parameters())
+
+    from .conftest import DUMMY_CAPTIONS, get_dummy_medisyn_pipeline
+
+    medisyn = get_dummy_medisyn_pipeline()
+    text_chain = sampling_chain(medisyn, guidance_scale=1.0, num_inference_steps=4, prompts=DUMMY_CAPTIONS[:2])
+    with pytest.raises(ValueError, match="--tune class_embeddings needs a unet with a class-embedding table"):
+        with tuned(text_chain, "class_embeddings"):
+            pass
+    with pytest.raises(ValueError, match="not a valid TunedWeights"):
+        with tuned(chain, "bias"):
+            pass

@@ -121,17 +121,29 @@ def test_a_round_stops_before_the_update_when_a_reward_model_does_not_rank(gener
     assert (round_one / "selector" / "model.safetensors").stat().st_mtime_ns == trained
 
 
-def test_the_pools_own_ratings_as_the_reward_need_no_reward_model(generator_folder, tmp_path):
+@pytest.mark.parametrize("tune", ["lora", "class_embeddings"])
+def test_the_pools_own_ratings_as_the_reward_need_no_reward_model(generator_folder, tmp_path, tune):
     history = train_rlhf.main(rlhf_args(generator_folder, tmp_path, "--rounds", "1", "--reward", "ratings",
-                                        "--update", "reward_weighted", "--pretrain_weight", "0",
+                                        "--update", "reward_weighted", "--pretrain_weight", "0", "--tune", tune,
                                         "--rater", "tests.test_train_rlhf:class_rater"))
     round_one = tmp_path / "round-001"
     assert (round_one / "generator").is_dir()
+    start = load_pipeline(generator_folder).unet.state_dict()
+    tuned = load_pipeline(round_one / "generator").unet.state_dict()
+    changed = {k for k in start if not torch.equal(start[k], tuned[k])}
     assert not (round_one / "selector").exists() and not (round_one / "policy").exists()
     with np.load(round_one / "pool.npz") as pool:
         pixels, captions = pool["images"], [str(c) for c in pool["captions"]]
     given = class_rater(torch.from_numpy(pixels).float()[:, None] / 255, captions)
     expected = [(q - 1) / 2 * (m - 1) / 2 for q, m in zip(given["quality"], given["prompt_match"])]
+    if tune == "class_embeddings":  # only rows of classes with accepted images move, never the null row
+        assert changed == {"class_embedding.weight"}
+        rows = (start["class_embedding.weight"] != tuned["class_embedding.weight"]).any(1).tolist()
+        accepted = {caption for caption, e in zip(captions, expected) if e == 1}
+        assert any(rows) and not rows[-1]
+        assert all(name in accepted for name, moved in zip(("dark", "bright"), rows) if moved)
+    else:
+        assert len(changed) > 1
     assert history[1]["pool_mean_reward"] == pytest.approx(np.mean(expected), abs=1e-6)
     assert history[1]["pool_accept_rate"] == pytest.approx(np.mean([e == 1 for e in expected]))
     assert "held_out_mean_reward" not in history[1] and "mean_rating" in history[1]
@@ -164,6 +176,8 @@ def test_bad_arguments_are_named(generator_folder, tmp_path):
         rlhf_args(generator_folder, tmp_path, "--rater", "a:b", "--stand_in_rater", "expert")
     with pytest.raises(SystemExit):
         rlhf_args(generator_folder, tmp_path, "--update", "reward_weighted")
+    with pytest.raises(SystemExit):  # every weight is --tune all now
+        rlhf_args(generator_folder, tmp_path, "--lora_rank", "0")
     real = tmp_path / "real.npz"
     np.savez(real, images=np.zeros((4, 16, 16), np.uint8), labels=np.zeros(4, int), class_names=np.array(["x", "y"]))
     with pytest.raises(ValueError, match="has classes"):
@@ -189,6 +203,10 @@ def test_a_medisyn_round_with_reward_weighted_fine_tuning_and_real_images(tmp_pa
     assert set(history[1]["mean_rating_per_class"]) == set(prompts) and "frechet_distance" in history[1]
     assert type(load_pipeline(tmp_path / "out" / "round-001" / "generator")).__name__ == "MediSynPipeline"
 
+    with pytest.raises(ValueError, match="--tune class_embeddings needs a unet with a class-embedding table"):
+        train_rlhf.main(rlhf_args(str(tmp_path / "medisyn"), tmp_path / "other", "--prompts", *prompts,
+                                  "--tune", "class_embeddings", "--rater", "tests.test_train_rlhf:brightness_rater"))
+    assert not (tmp_path / "other").exists()  # refused before the first round
     with pytest.raises(ValueError, match="give its --prompts"):
         train_rlhf.main(rlhf_args(str(tmp_path / "medisyn"), tmp_path / "other", "--pretrain_weight", "0"))
     np.savez(real, images=np.zeros((2, 16, 16), np.uint8), labels=np.arange(2),

@@ -15,9 +15,9 @@ generator; each image rated for quality and for its match to the prompt (``--rat
 stand-in, or people through the ratings file); the selector trained on the quality ratings (``train_selector.py``)
 and, unless ``--reward selector``, the policy model on the prompt-match ratings in the paper's two stages
 (``train_policy.py``), each continuing from the last round's; the generator updated by ``--update``
-(reward-weighted fine-tuning or DDPO's policy gradient; LoRA unless ``--lora_rank 0``) towards ``--reward``; then
-the same held-out classes and seeds every round, rated and measured (``metrics.json`` per round, ``rounds.json``,
-tensorboard).
+(reward-weighted fine-tuning or DDPO's policy gradient, of the weights ``--tune`` names: LoRA by default) towards
+``--reward``; then the same held-out classes and seeds every round, rated and measured (``metrics.json`` per round,
+``rounds.json``, tensorboard).
 
 The reward must see the prompt when the raters judge the match to it: a selector sees only the image, and a
 generator rewarded by it alone learns to make whatever the selector likes, whatever it was asked for (RESULTS.md,
@@ -59,8 +59,8 @@ from medsyn.rlhf.ratings import Aspect, Rating, RatingsFile, image_digest
 from medsyn.rlhf.reward_weighted import reward_weighted_update, reward_weights
 from medsyn.rlhf.rewards import RewardKind, generator_rewards, rated_rewards, saved_threshold
 from medsyn.rlhf.selector import SELECTOR_ARCHITECTURE
+from medsyn.rlhf.tuning import TunedWeights, class_embedding_table, tuned
 from medsyn.seeding import keyed_generator
-from medsyn.training.lora import merged, with_lora
 from medsyn.validation import DefaultsShown, count_argument, number_argument
 
 logger = logging.getLogger(__name__)
@@ -151,7 +151,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Chains (policy gradient) or images (reward-weighted) per optimiser step.")
     update.add_argument("--learning_rate", type=number_argument(0, exclusive=True), default=3e-4,
                         help="The generator update's learning rate.")
-    update.add_argument("--lora_rank", type=count_argument(0), default=8, help="0: update every weight.")
+    update.add_argument("--tune", type=TunedWeights, default=TunedWeights.LORA, choices=list(TunedWeights),
+                        help="The weights an update trains: LoRA adapters (merged after each round), every weight, "
+                             "or only the class-embedding rows (one class's update cannot move another's samples; "
+                             "class-conditional unets only).")
+    update.add_argument("--lora_rank", type=count_argument(), default=8, help="The adapters' rank (--tune lora).")
     update.add_argument("--kl_weight", type=number_argument(0), default=0.01,
                         help="Policy gradient: the KL guard's weight (KL to the round's starting generator).")
     update.add_argument("--clip_range", type=number_argument(0, exclusive=True), default=1.0,
@@ -264,6 +268,8 @@ class Rounds:
                 raise ValueError(f"{args.pretrained_model_name_or_path}: RLHF needs a class-conditional model with "
                                  "class names (its prompts)")
             self.prompts = [args.prompt_template.format(class_name=name) for name in self.class_names]
+        if args.tune == TunedWeights.CLASS_EMBEDDINGS:
+            class_embedding_table(start.unet)  # refused before any round, not at its update
         self.real = None
         if args.real_images:
             self.real = load_real_images(args.real_images, self.class_names, self.prompts if self.text_guided
@@ -462,31 +468,27 @@ class Rounds:
         summary = {"pool_mean_reward": float(rewards.mean()), "pool_accept_rate": float(accepted.float().mean())}
         if folder.exists():
             return summary
-        pipe = chain.pipe
-        if args.lora_rank:
-            pipe.unet = with_lora(pipe.unet, args.lora_rank, seed=args.seed + r)
-        else:
-            pipe.unet.requires_grad_(True)
-            chain.keep_reference()
+        if args.update == UpdateMethod.REWARD_WEIGHTED and not accepted.any():
+            raise ValueError(f"round {r}: the reward models accepted none of the pool; nothing to fine-tune on")
         started = time.perf_counter()
         common = dict(updates=args.updates_per_round, batch_size=args.update_batch_size,
-                      learning_rate=args.learning_rate, seed=args.seed + r, accelerator=self.accelerator)
-        if args.update == UpdateMethod.POLICY_GRADIENT:
-            logged = policy_gradient_update(chain, trajectory, rewards, clip_range=args.clip_range,
-                                            kl_weight=args.kl_weight, steps_per_update=args.steps_per_update,
-                                            **common)
-            summary["kl_to_round_start"] = self.kl_to_round_start(chain, trajectory)
-        else:
-            if not accepted.any():
-                raise ValueError(f"round {r}: the reward models accepted none of the pool; nothing to fine-tune "
-                                 "on")
-            real_images, real_labels = self.real if self.real is not None else (None, None)
-            logged = reward_weighted_update(chain, trajectory.images, trajectory.labels,
-                                            reward_weights(rewards, accepted), real_images=real_images,
-                                            real_labels=real_labels, pretrain_weight=args.pretrain_weight, **common)
+                      learning_rate=args.learning_rate, seed=args.seed + r, accelerator=self.accelerator,
+                      weight_decay=args.tune.weight_decay)
+        with tuned(chain, args.tune, args.lora_rank, seed=args.seed + r):
+            if args.update == UpdateMethod.POLICY_GRADIENT:
+                logged = policy_gradient_update(chain, trajectory, rewards, clip_range=args.clip_range,
+                                                kl_weight=args.kl_weight, steps_per_update=args.steps_per_update,
+                                                **common)
+                summary["kl_to_round_start"] = self.kl_to_round_start(chain, trajectory)
+            else:
+                real_images, real_labels = self.real if self.real is not None else (None, None)
+                logged = reward_weighted_update(chain, trajectory.images, trajectory.labels,
+                                                reward_weights(rewards, accepted), real_images=real_images,
+                                                real_labels=real_labels, pretrain_weight=args.pretrain_weight,
+                                                **common)
         summary["update_seconds"] = time.perf_counter() - started
         summary["last_update"] = logged[-1]
-        pipe.unet = merged(pipe.unet).requires_grad_(False).eval()
+        pipe = chain.pipe
         partial = self.cleared(folder.with_name("generator.partial"))
         if self.accelerator.is_main_process:
             pipe.save_pretrained(partial)

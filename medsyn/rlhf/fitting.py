@@ -18,12 +18,12 @@ from torch import nn
 
 def fit_on_minibatches(model: nn.Module, count: int, steps: int, batch_loss: Callable, learning_rate: float,
                        batch_size: int = 32, seed: int = 0, max_grad_norm: float | None = None,
-                       accelerator: Accelerator | None = None) -> list:
-    """AdamW on ``model``'s trainable parameters for ``steps`` minibatches of rows drawn (with replacement) from
-    ``count`` with a seeded generator, so a run repeats exactly; ``batch_loss(rows, generator)`` returns the loss
-    and the value recorded for that step. A loss of None means ``batch_loss`` back-propagated itself (a graph too
-    large for one pass, such as a sampling chain's). Gradients are clipped to ``max_grad_norm`` when given.
-    Returns the recorded values; the model ends in eval mode.
+                       accelerator: Accelerator | None = None, weight_decay: float = 1e-2) -> list:
+    """AdamW (with ``weight_decay``) on ``model``'s trainable parameters for ``steps`` minibatches of rows drawn (with
+    replacement) from ``count`` with a seeded generator, so a run repeats exactly; ``batch_loss(rows, generator)``
+    returns the loss and the value recorded for that step. A loss of None means ``batch_loss`` back-propagated
+    itself (a graph too large for one pass, such as a sampling chain's). Gradients are clipped to ``max_grad_norm``
+    when given. Returns the recorded values; the model ends in eval mode.
 
     With ``accelerator`` of several processes, ``batch_loss`` gets this process's rows of the minibatch and a
     generator of its own (seeded from the shared one); the model must start identical on every process, and stays
@@ -35,7 +35,7 @@ def fit_on_minibatches(model: nn.Module, count: int, steps: int, batch_loss: Cal
         raise ValueError(f"a minibatch of {min(batch_size, count)} cannot be shared by {world} processes")
     generator = torch.Generator().manual_seed(seed)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=learning_rate)
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
     model.train()
     recorded = []
     for _ in range(steps):

@@ -34,7 +34,8 @@ def reward_weighted_update(chain: SamplingChain, images: torch.Tensor, labels: t
                            updates: int, real_images: torch.Tensor | None = None,
                            real_labels: torch.Tensor | None = None, pretrain_weight: float = 1.0,
                            batch_size: int = 16, learning_rate: float = 1e-4, max_grad_norm: float = 1.0,
-                           seed: int = 0, accelerator=None) -> list[dict[str, float]]:
+                           seed: int = 0, accelerator=None, weight_decay: float = 1e-2
+                           ) -> list[dict[str, float]]:
     """``updates`` optimiser steps of the weighted loss on generated ``images`` (in [-1, 1]) with their class
     ``labels`` and ``weights``, mixed with the real images when given (``pretrain_weight`` > 0).
 
@@ -68,4 +69,4 @@ def reward_weighted_update(chain: SamplingChain, images: torch.Tensor, labels: t
         return loss, logged
 
     return fit_on_minibatches(chain.pipe.unet, len(kept), updates, batch_loss, learning_rate, batch_size, seed,
-                              max_grad_norm, accelerator)
+                              max_grad_norm, accelerator, weight_decay)
