@@ -127,19 +127,32 @@ def generate(model: Path, counts: list[int], args, seed: int) -> tuple[np.ndarra
     return sample_image_set(pipe, keys, settings, args.batch_size), np.array([k.class_label for k in keys])
 
 
-def inception_fid(inception, a: np.ndarray, b: np.ndarray, cache: dict) -> float:
-    from medsyn.metrics import frechet_distance
+def inception_features(inception, images: np.ndarray, cache: dict) -> torch.Tensor:
+    """Features of uint8 ``images`` (N, H, W) or (N, H, W, C), computed once per process for each distinct set."""
     from medsyn.metrics.features import extract_features
 
-    def features(images: np.ndarray) -> torch.Tensor:
-        key = (images.shape, hash(images.tobytes()))
-        if key not in cache:
-            tensor = torch.from_numpy(images)
-            tensor = tensor[:, None] if tensor.ndim == 3 else tensor.permute(0, 3, 1, 2)
-            cache[key] = extract_features(tensor.contiguous(), inception, batch_size=64)
-        return cache[key]
+    key = (images.shape, hash(images.tobytes()))
+    if key not in cache:
+        tensor = torch.from_numpy(images)
+        tensor = tensor[:, None] if tensor.ndim == 3 else tensor.permute(0, 3, 1, 2)
+        cache[key] = extract_features(tensor.contiguous(), inception, batch_size=64)
+    return cache[key]
 
-    return frechet_distance(features(a), features(b))
+
+def stored_test_features(inception, test: np.ndarray, output: Path, cache: dict) -> None:
+    """The cleaned test split's features into ``cache``, from ``output``'s copy, made by the first run that needs
+    them: every run scores against the same test split, which costs as much to encode as a run's own images."""
+    stored = output / "test_inception_features.npz"
+    if not stored.exists():
+        write_npz_atomically(stored, features=inception_features(inception, test, {}).numpy())
+    with np.load(stored) as archive:
+        cache[(test.shape, hash(test.tobytes()))] = torch.from_numpy(archive["features"])
+
+
+def inception_fid(inception, a: np.ndarray, b: np.ndarray, cache: dict) -> float:
+    from medsyn.metrics import frechet_distance
+
+    return frechet_distance(inception_features(inception, a, cache), inception_features(inception, b, cache))
 
 
 def run_one(data: dict, fraction: float, seed: int, args, folder: Path, inception, feature_cache: dict) -> dict:
@@ -320,6 +333,8 @@ def main(argv: list[str] | None = None) -> None:
 
         inception = FIDInceptionV3.from_pretrained()
     cache = {}
+    if inception is not None:
+        stored_test_features(inception, data["test"], output, cache)
     for fraction in args.fractions:
         for seed in args.seeds:
             run_one(data, fraction, seed, args, output / f"fraction-{fraction:g}-seed-{seed}", inception, cache)

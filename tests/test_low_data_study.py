@@ -148,3 +148,28 @@ def test_the_study_runs_end_to_end_resumes_and_keeps_test_images_from_the_genera
     before = (tmp_path / "study" / "fraction-0.5-seed-0" / "run.json").read_text()
     study.main(argv)
     assert (tmp_path / "study" / "fraction-0.5-seed-0" / "run.json").read_text() == before
+
+
+def test_the_test_splits_features_are_encoded_once_and_stored_for_every_run(tmp_path):
+    """A later run (a new process: an empty in-memory cache) reads the stored test features instead of encoding
+    the test split again, and its FID is the one computed from scratch."""
+    study = load_study()
+
+    class CountingEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.images_seen = 0
+
+        def forward(self, images):
+            self.images_seen += len(images)
+            return torch.cat([images.mean((2, 3)), images.std((2, 3)), images.amax((2, 3))], dim=1)
+
+    rng = np.random.default_rng(0)
+    test = rng.integers(0, 256, (20, 8, 8), dtype=np.uint8)
+    generated = rng.integers(0, 200, (12, 8, 8), dtype=np.uint8)
+    expected = study.inception_fid(CountingEncoder(), generated, test, {})
+    for run, test_images_encoded in ((1, len(test)), (2, 0)):
+        encoder, cache = CountingEncoder(), {}
+        study.stored_test_features(encoder, test, tmp_path, cache)
+        assert study.inception_fid(encoder, generated, test, cache) == pytest.approx(expected, rel=1e-6), run
+        assert encoder.images_seen == test_images_encoded + len(generated), run
