@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from accelerate.utils import gather_object
 from transformers import ViTForImageClassification
 
@@ -63,7 +64,7 @@ from medsyn.rlhf.tuning import TunedWeights, class_embedding_table, tuned
 from medsyn.seeding import keyed_generator
 from medsyn.validation import DefaultsShown, count_argument, number_argument
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)  # the main process's lines only
 
 #: Seeds of the held-out evaluation images live apart from every round's pool seeds.
 HELD_OUT_KEY = -1
