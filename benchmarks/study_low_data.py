@@ -127,11 +127,16 @@ def generate(model: Path, counts: list[int], args, seed: int) -> tuple[np.ndarra
     return sample_image_set(pipe, keys, settings, args.batch_size), np.array([k.class_label for k in keys])
 
 
+def feature_key(images: np.ndarray) -> tuple:
+    """What the feature cache knows an image set by: its shape and content."""
+    return images.shape, hash(images.tobytes())
+
+
 def inception_features(inception, images: np.ndarray, cache: dict) -> torch.Tensor:
     """Features of uint8 ``images`` (N, H, W) or (N, H, W, C), computed once per process for each distinct set."""
     from medsyn.metrics.features import extract_features
 
-    key = (images.shape, hash(images.tobytes()))
+    key = feature_key(images)
     if key not in cache:
         tensor = torch.from_numpy(images)
         tensor = tensor[:, None] if tensor.ndim == 3 else tensor.permute(0, 3, 1, 2)
@@ -146,7 +151,7 @@ def stored_test_features(inception, test: np.ndarray, output: Path, cache: dict)
     if not stored.exists():
         write_npz_atomically(stored, features=inception_features(inception, test, {}).numpy())
     with np.load(stored) as archive:
-        cache[(test.shape, hash(test.tobytes()))] = torch.from_numpy(archive["features"])
+        cache[feature_key(test)] = torch.from_numpy(archive["features"])
 
 
 def inception_fid(inception, a: np.ndarray, b: np.ndarray, cache: dict) -> float:

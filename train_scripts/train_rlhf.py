@@ -489,10 +489,9 @@ class Rounds:
                                                 **common)
         summary["update_seconds"] = time.perf_counter() - started
         summary["last_update"] = logged[-1]
-        pipe = chain.pipe
         partial = self.cleared(folder.with_name("generator.partial"))
         if self.accelerator.is_main_process:
-            pipe.save_pretrained(partial)
+            chain.pipe.save_pretrained(partial)
         self.publish(partial, folder)
         return summary
 

@@ -15,10 +15,13 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+#: AdamW's own default decay, for the weights that take one.
+DEFAULT_WEIGHT_DECAY = 1e-2
+
 
 def fit_on_minibatches(model: nn.Module, count: int, steps: int, batch_loss: Callable, learning_rate: float,
                        batch_size: int = 32, seed: int = 0, max_grad_norm: float | None = None,
-                       accelerator: Accelerator | None = None, weight_decay: float = 1e-2) -> list:
+                       accelerator: Accelerator | None = None, weight_decay: float = DEFAULT_WEIGHT_DECAY) -> list:
     """AdamW (with ``weight_decay``) on ``model``'s trainable parameters for ``steps`` minibatches of rows drawn (with
     replacement) from ``count`` with a seeded generator, so a run repeats exactly; ``batch_loss(rows, generator)``
     returns the loss and the value recorded for that step. A loss of None means ``batch_loss`` back-propagated

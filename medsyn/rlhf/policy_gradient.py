@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from medsyn.rlhf.chain import SamplingChain, Trajectory
-from medsyn.rlhf.fitting import fit_on_minibatches
+from medsyn.rlhf.fitting import DEFAULT_WEIGHT_DECAY, fit_on_minibatches
 
 
 def per_prompt_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -81,8 +81,8 @@ def chain_step_loss(chain: SamplingChain, trajectory: Trajectory, k: int, advant
 def policy_gradient_update(chain: SamplingChain, trajectory: Trajectory, rewards: torch.Tensor, updates: int,
                            batch_size: int = 8, steps_per_update: int | None = None, clip_range: float = 1e-4,
                            kl_weight: float = 0.0, learning_rate: float = 1e-4, max_grad_norm: float = 1.0,
-                           seed: int = 0, accelerator=None, weight_decay: float = 1e-2
-                           ) -> list[dict[str, float]]:
+                           seed: int = 0, accelerator=None,
+                           weight_decay: float = DEFAULT_WEIGHT_DECAY) -> list[dict[str, float]]:
     """``updates`` optimiser steps on the chains of ``trajectory`` (one batch of ``batch_size`` chains each, over
     ``steps_per_update`` of their stochastic steps drawn at random, all by default), back-propagating step by step
     so that memory holds one network evaluation's graph. Advantages are the rewards standardised per class.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from medsyn.rlhf.chain import SamplingChain
-from medsyn.rlhf.fitting import fit_on_minibatches
+from medsyn.rlhf.fitting import DEFAULT_WEIGHT_DECAY, fit_on_minibatches
 
 
 def reward_weights(rewards: torch.Tensor, accepted: torch.Tensor | None = None) -> torch.Tensor:
@@ -34,8 +34,8 @@ def reward_weighted_update(chain: SamplingChain, images: torch.Tensor, labels: t
                            updates: int, real_images: torch.Tensor | None = None,
                            real_labels: torch.Tensor | None = None, pretrain_weight: float = 1.0,
                            batch_size: int = 16, learning_rate: float = 1e-4, max_grad_norm: float = 1.0,
-                           seed: int = 0, accelerator=None, weight_decay: float = 1e-2
-                           ) -> list[dict[str, float]]:
+                           seed: int = 0, accelerator=None,
+                           weight_decay: float = DEFAULT_WEIGHT_DECAY) -> list[dict[str, float]]:
     """``updates`` optimiser steps of the weighted loss on generated ``images`` (in [-1, 1]) with their class
     ``labels`` and ``weights``, mixed with the real images when given (``pretrain_weight`` > 0).
 

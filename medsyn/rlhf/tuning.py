@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from medsyn.rlhf.fitting import DEFAULT_WEIGHT_DECAY
 from medsyn.training.lora import merged, with_lora
 
 
@@ -28,7 +29,7 @@ class TunedWeights(StrEnum):
     def weight_decay(self) -> float:
         """AdamW's decay for these weights: none for embedding rows (as is usual for embeddings), whose decay would
         also move the rows of classes absent from a minibatch; AdamW's default otherwise."""
-        return 0.0 if self == TunedWeights.CLASS_EMBEDDINGS else 1e-2
+        return 0.0 if self == TunedWeights.CLASS_EMBEDDINGS else DEFAULT_WEIGHT_DECAY
 
 
 class _FixedRow(nn.Module):
