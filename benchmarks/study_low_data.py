@@ -41,6 +41,7 @@ from medsyn.evaluation.low_data_study import (
     arm_metrics,
     class_probabilities,
     clean_test_split,
+    gain_over_seeds,
     paired_bootstrap,
     paired_gain,
     stratified_fraction,
@@ -227,6 +228,14 @@ def run_one(data: dict, fraction: float, seed: int, args, folder: Path, inceptio
     return record
 
 
+def seed_cell(gains: list[dict]) -> str:
+    """A report cell: mean gain over seeds, its t-interval over seeds, and the seeds significant on their own."""
+    pooled = gain_over_seeds([g["gain"] for g in gains])
+    interval = "" if pooled["ci"] is None else " ({:+.3f}, {:+.3f})".format(*pooled["ci"])
+    marked = f"**{pooled['gain']:+.3f}**" if pooled["excludes_zero"] else f"{pooled['gain']:+.3f}"
+    return f"{marked}{interval} [{sum(g['ci'][0] > 0 for g in gains)} of {len(gains)}]"
+
+
 def write_report(finished: list[dict], data: dict, args, output: Path) -> None:
     """results.json, report.md (mean over seeds per fraction and arm) and auc_vs_fraction.png of finished runs."""
     import matplotlib
@@ -241,13 +250,16 @@ def write_report(finished: list[dict], data: dict, args, output: Path) -> None:
     lines = [f"# Low-data study: {args.data} at {args.resolution} px", "",
              f"Test split: {data['cleaning']['kept']} images kept, {data['cleaning']['removed']} removed as "
              "near-copies of training slices. Classifier: the downstream ResNet, "
-             f"{args.classifier_steps} steps; AUC tumour vs none; gains paired over {args.resamples} bootstrap "
-             "resamples of the test set (95% CI); seeds counted where the CI excludes 0.", ""]
+             f"{args.classifier_steps} steps; AUC tumour vs none. Each run's gains are paired over {args.resamples} "
+             "bootstrap resamples of the test set (95% CI). A gain cell: the mean over seeds, its 95% Student-t "
+             "interval over seeds (from 2 seeds; bold where it excludes 0), and [k of n] the seeds whose own CI "
+             "lies above 0.", ""]
     for fraction in fractions:
         group = [r for r in finished if r["fraction"] == fraction]
         lines += [f"## {fraction:.0%} of the training split ({group[0]['real_images']} images), seeds "
                   f"{[r['seed'] for r in group]}", "",
-                  "| arm | AUC | accuracy | AUC gain vs real [seeds with CI > 0] | AUC gain vs classic augmentation |",
+                  "| arm | AUC | accuracy | AUC gain vs real (95% CI over seeds) [seeds with CI > 0] | "
+                  "AUC gain vs classic augmentation |",
                   "|---|---|---|---|---|"]
         for name in arm_names:
             auc = [r["arms"][name]["auc"] for r in group]
@@ -255,8 +267,7 @@ def write_report(finished: list[dict], data: dict, args, output: Path) -> None:
             cells = []
             for key in ("vs_real", "vs_real_plus_classic_augmentation"):
                 gains = [r["arms"][name][key]["auc"] for r in group if key in r["arms"][name]]
-                cells.append("" if not gains else f"{np.mean([g['gain'] for g in gains]):+.3f} "
-                             f"[{sum(g['ci'][0] > 0 for g in gains)} of {len(gains)}]")
+                cells.append("" if not gains else seed_cell(gains))
             lines.append(f"| {name} | {np.mean(auc):.3f} ± {np.std(auc):.3f} | {np.mean(accuracy):.3f} | "
                          f"{cells[0]} | {cells[1]} |")
         audits = [r["audit"]["passed"] for r in group]

@@ -17,6 +17,7 @@ from medsyn.evaluation.low_data_study import (
     Arm,
     class_probabilities,
     clean_test_split,
+    gain_over_seeds,
     paired_bootstrap,
     paired_gain,
     stratified_fraction,
@@ -106,6 +107,21 @@ def test_arms_keep_class_proportions_and_identical_arms_gain_exactly_nothing():
     assert np.array_equal(probabilities["real"], probabilities["again"])  # same seed, same batches
     boot = paired_bootstrap(probabilities, test_labels, negative_class=0, resamples=50, seed=0)
     assert paired_gain(0.0, boot, "again", "real", 0)["ci"] == [0.0, 0.0]
+
+
+def test_the_gain_over_seeds_has_the_student_t_interval():
+    pooled = gain_over_seeds([0.1, 0.2, 0.3])
+    t_975_two_dof = 0.95 / np.sqrt(2 * 0.975 * 0.025)  # the t quantile with 2 degrees of freedom in closed form
+    half = t_975_two_dof * 0.1 / np.sqrt(3)
+    assert pooled["gain"] == pytest.approx(0.2)
+    assert pooled["ci"] == pytest.approx([0.2 - half, 0.2 + half])
+    assert not pooled["excludes_zero"] and pooled["seeds"] == 3  # three positive seeds, yet the interval holds 0
+    assert gain_over_seeds([0.10, 0.12, 0.14])["excludes_zero"]
+    assert gain_over_seeds([-0.10, -0.12, -0.14])["excludes_zero"]
+    assert gain_over_seeds([0.04]) == {"gain": 0.04, "ci": None, "seeds": 1, "excludes_zero": False}
+    for bad in ([], [0.1, float("nan")]):
+        with pytest.raises(ValueError, match="gains must be"):
+            gain_over_seeds(bad)
 
 
 @pytest.fixture

@@ -164,3 +164,22 @@ def paired_gain(point: float, boot: dict[str, np.ndarray], arm: str, reference: 
     of the paired bootstrap differences (column 0: AUC, 1: accuracy)."""
     low, high = np.percentile(boot[arm][:, column] - boot[reference][:, column], [2.5, 97.5])
     return {"gain": point, "ci": [float(low), float(high)], "excludes_zero": bool(low > 0 or high < 0)}
+
+
+def gain_over_seeds(gains: list[float]) -> dict:
+    """Mean of per-seed gains with its 95% Student-t interval over seeds (None for a single seed).
+
+    Each seed draws its own real fraction and trains its own generator and classifiers, so the spread of gains
+    over seeds is the uncertainty a new user's run faces; the per-seed bootstrap sees only the test set's.
+    """
+    from scipy import stats
+
+    values = np.asarray(gains, dtype=float)
+    if values.ndim != 1 or len(values) == 0 or not np.isfinite(values).all():
+        raise ValueError(f"gains must be a non-empty list of finite numbers, got {gains!r}")
+    mean = float(values.mean())
+    if len(values) < 2:
+        return {"gain": mean, "ci": None, "seeds": 1, "excludes_zero": False}
+    half = float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
+    low, high = mean - half, mean + half
+    return {"gain": mean, "ci": [low, high], "seeds": len(values), "excludes_zero": bool(low > 0 or high < 0)}
