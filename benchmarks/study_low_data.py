@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from diffusers import DPMSolverMultistepScheduler
 
 from medsyn.evaluation.low_data_study import (
+    Arm,
     arm_metrics,
     class_probabilities,
     clean_test_split,
@@ -228,6 +229,26 @@ def run_one(data: dict, fraction: float, seed: int, args, folder: Path, inceptio
     return record
 
 
+def add_classifier_noise(record: dict, folder: Path, data: dict, args) -> None:
+    """Retrain the real-only arm on the run's own images with classifier seeds 0..N-1 (the study's classifier used
+    the run's seed, so it is among them when the seed is below N): how far the test AUC moves with the classifier's
+    seed alone. The bootstrap CIs see only the test set's noise, not this."""
+    with np.load(folder / "train.npz") as archive:
+        real = Arm("real", archive["images"], archive["labels"])
+    aucs, accuracies = [], []
+    with timed(record, "classifier noise"):
+        for classifier_seed in range(args.classifier_noise):
+            classifier = train_arm(real, len(data["class_names"]), args.classifier_steps, args.classifier_batch_size,
+                                   args.classifier_learning_rate, classifier_seed)
+            m = arm_metrics(class_probabilities(classifier, data["test"]).numpy(), data["test_labels"],
+                            data["negative_class"])
+            aucs.append(m.auc)
+            accuracies.append(m.accuracy)
+    record["classifier_noise"] = {"classifier_seeds": list(range(args.classifier_noise)), "auc": aucs,
+                                  "accuracy": accuracies}
+    write_text_atomically(folder / "run.json", json.dumps(record, indent=2))
+
+
 def seed_cell(gains: list[dict]) -> str:
     """A report cell: mean gain over seeds, its t-interval over seeds, and the seeds significant on their own."""
     pooled = gain_over_seeds([g["gain"] for g in gains])
@@ -277,6 +298,12 @@ def write_report(finished: list[dict], data: dict, args, output: Path) -> None:
             lines.append(f"FID against the test split: synthetic {np.mean([f['synthetic_vs_test'] for f in fids]):.1f}"
                          f", the real fraction itself {np.mean([f['real_fraction_vs_test'] for f in fids]):.1f} "
                          f"(same count, {fids[0]['images']} images).")
+        noise = [r for r in group if "classifier_noise" in r]
+        if noise:
+            lines.append("The classifier's own noise (real only, the same images, classifier seeds 0 to "
+                         f"{len(noise[0]['classifier_noise']['auc']) - 1}): test AUC " + "; ".join(
+                             f"seed {r['seed']} {np.mean(a):.3f} ± {np.std(a, ddof=1):.3f} ({min(a):.3f} to "
+                             f"{max(a):.3f})" for r in noise for a in [r["classifier_noise"]["auc"]]) + ".")
         seconds = {}
         for r in group:
             for stage, value in r.get("seconds", {}).items():
@@ -321,12 +348,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--classifier-batch-size", type=int, default=32)
     parser.add_argument("--classifier-learning-rate", type=float, default=2e-3)
     parser.add_argument("--resamples", type=int, default=1000)
+    parser.add_argument("--classifier-noise", type=int, default=0, metavar="N",
+                        help="also retrain the real-only arm with classifier seeds 0..N-1 on the same images, to "
+                             "show how far the AUC moves with the classifier's seed alone (N >= 2; 0: off)")
     parser.add_argument("--no-fid", action="store_true", help="skip Inception FID (slow on a CPU)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.classifier_noise == 1 or args.classifier_noise < 0:
+        raise SystemExit(f"--classifier-noise needs 2 or more classifier seeds (0: off), got {args.classifier_noise}")
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     data_file = output / "data.npz"
@@ -353,7 +385,10 @@ def main(argv: list[str] | None = None) -> None:
         stored_test_features(inception, data["test"], output, cache)
     for fraction in args.fractions:
         for seed in args.seeds:
-            run_one(data, fraction, seed, args, output / f"fraction-{fraction:g}-seed-{seed}", inception, cache)
+            folder = output / f"fraction-{fraction:g}-seed-{seed}"
+            record = run_one(data, fraction, seed, args, folder, inception, cache)
+            if len(record.get("classifier_noise", {}).get("auc", [])) < args.classifier_noise:
+                add_classifier_noise(record, folder, data, args)
             write_report(finished_runs(output), data, args, output)
     print((output / "report.md").read_text())
 

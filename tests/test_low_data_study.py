@@ -165,6 +165,22 @@ def test_the_study_runs_end_to_end_resumes_and_keeps_test_images_from_the_genera
     study.main(argv)
     assert (tmp_path / "study" / "fraction-0.5-seed-0" / "run.json").read_text() == before
 
+    # The classifier-noise stage adds to finished runs without redoing them; each run's own classifier (seed =
+    # the run's seed) is among the retrained ones, bit for bit
+    synthetic = tmp_path / "study" / "fraction-0.5-seed-1" / "synthetic.npz"
+    made_at = synthetic.stat().st_mtime_ns
+    study.main(argv + ["--classifier-noise", "3"])
+    for seed in (0, 1):
+        record = json.loads((tmp_path / "study" / f"fraction-0.5-seed-{seed}" / "run.json").read_text())
+        noise = record["classifier_noise"]
+        assert noise["classifier_seeds"] == [0, 1, 2] and len(noise["auc"]) == 3
+        assert noise["auc"][seed] == record["arms"]["real"]["auc"]
+    assert synthetic.stat().st_mtime_ns == made_at
+    assert "The classifier's own noise (real only, the same images, classifier seeds 0 to 2)" in (
+        tmp_path / "study" / "report.md").read_text()
+    with pytest.raises(SystemExit, match="2 or more"):
+        study.main(argv + ["--classifier-noise", "1"])
+
 
 def test_the_test_splits_features_are_encoded_once_and_stored_for_every_run(tmp_path):
     """A later run (a new process: an empty in-memory cache) reads the stored test features instead of encoding
