@@ -279,9 +279,9 @@ def write_report(finished: list[dict], data: dict, args, output: Path) -> None:
         group = [r for r in finished if r["fraction"] == fraction]
         lines += [f"## {fraction:.0%} of the training split ({group[0]['real_images']} images), seeds "
                   f"{[r['seed'] for r in group]}", "",
-                  "| arm | AUC | accuracy | AUC gain vs real (95% CI over seeds) [seeds with CI > 0] | "
-                  "AUC gain vs classic augmentation |",
-                  "|---|---|---|---|---|"]
+                  "| arm | AUC | accuracy | recall " + " / ".join(data["class_names"]) + " | AUC gain vs real (95% CI "
+                  "over seeds) [seeds with CI > 0] | AUC gain vs classic augmentation |",
+                  "|---|---|---|---|---|---|"]
         for name in arm_names:
             auc = [r["arms"][name]["auc"] for r in group]
             accuracy = [r["arms"][name]["accuracy"] for r in group]
@@ -289,7 +289,9 @@ def write_report(finished: list[dict], data: dict, args, output: Path) -> None:
             for key in ("vs_real", "vs_real_plus_classic_augmentation"):
                 gains = [r["arms"][name][key]["auc"] for r in group if key in r["arms"][name]]
                 cells.append("" if not gains else seed_cell(gains))
-            lines.append(f"| {name} | {np.mean(auc):.3f} ± {np.std(auc):.3f} | {np.mean(accuracy):.3f} | "
+            recall = " / ".join(f"{np.mean([r['arms'][name]['recall'][c] for r in group]):.2f}"
+                                for c in data["class_names"])
+            lines.append(f"| {name} | {np.mean(auc):.3f} ± {np.std(auc):.3f} | {np.mean(accuracy):.3f} | {recall} | "
                          f"{cells[0]} | {cells[1]} |")
         audits = [r["audit"]["passed"] for r in group]
         lines += ["", f"Audit: {sum(audits)} of {len(audits)} synthetic sets pass (no memorised images)."]

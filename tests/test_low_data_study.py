@@ -151,7 +151,12 @@ def test_the_study_runs_end_to_end_resumes_and_keeps_test_images_from_the_genera
     assert arms["real + synthetic 4x"]["train_images"] == 24 * 5
     assert set(arms["real + synthetic 1x"]["vs_real"]["auc"]) == {"gain", "ci", "excludes_zero"}
     assert "audit" in results["runs"][0] and (tmp_path / "study" / "auc_vs_fraction.png").stat().st_size > 1000
-    assert "## 50% of the training split (24 images)" in (tmp_path / "study" / "report.md").read_text()
+    report = (tmp_path / "study" / "report.md").read_text()
+    assert "## 50% of the training split (24 images)" in report
+    recall = " / ".join(f"{np.mean([r['arms']['real']['recall'][c] for r in results['runs']]):.2f}"
+                        for c in ("notumor", "tumor"))  # per class, the mean over the two seeds
+    assert "| arm | AUC | accuracy | recall notumor / tumor |" in report
+    assert [line.split(" | ")[3] for line in report.splitlines() if line.startswith("| real |")] == [recall]
 
     # The generator saw exactly its fraction of the training split, and no test image
     for seed in (0, 1):
