@@ -162,6 +162,14 @@ def inception_fid(inception, a: np.ndarray, b: np.ndarray, cache: dict) -> float
     return frechet_distance(inception_features(inception, a, cache), inception_features(inception, b, cache))
 
 
+def test_probabilities(arm: Arm, data: dict, args, seed: int) -> np.ndarray:
+    """The study's classifier (its steps, batch size and learning rate) trained on ``arm`` with ``seed``: its class
+    probabilities on the cleaned test split."""
+    classifier = train_arm(arm, len(data["class_names"]), args.classifier_steps, args.classifier_batch_size,
+                           args.classifier_learning_rate, seed)
+    return class_probabilities(classifier, data["test"]).numpy()
+
+
 def run_one(data: dict, fraction: float, seed: int, args, folder: Path, inception, feature_cache: dict) -> dict:
     """One (fraction, seed): every stage, each skipped when its output is there."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -209,9 +217,7 @@ def run_one(data: dict, fraction: float, seed: int, args, folder: Path, inceptio
         arms = study_arms(real, real_labels, synthetic, synthetic_labels, tuple(args.multiples), seed)
         probabilities = {}
         for arm in arms:
-            classifier = train_arm(arm, len(names), args.classifier_steps, args.classifier_batch_size,
-                                   args.classifier_learning_rate, seed)
-            probabilities[arm.name] = class_probabilities(classifier, data["test"]).numpy()
+            probabilities[arm.name] = test_probabilities(arm, data, args, seed)
     metrics = {name: arm_metrics(p, data["test_labels"], negative) for name, p in probabilities.items()}
     boot = paired_bootstrap(probabilities, data["test_labels"], negative, args.resamples, seed)
     record["arms"] = {}
@@ -238,9 +244,7 @@ def add_classifier_noise(record: dict, folder: Path, data: dict, args) -> None:
     aucs, accuracies = [], []
     with timed(record, "classifier noise"):
         for classifier_seed in range(args.classifier_noise):
-            classifier = train_arm(real, len(data["class_names"]), args.classifier_steps, args.classifier_batch_size,
-                                   args.classifier_learning_rate, classifier_seed)
-            m = arm_metrics(class_probabilities(classifier, data["test"]).numpy(), data["test_labels"],
+            m = arm_metrics(test_probabilities(real, data, args, classifier_seed), data["test_labels"],
                             data["negative_class"])
             aucs.append(m.auc)
             accuracies.append(m.accuracy)
