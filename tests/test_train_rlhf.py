@@ -121,6 +121,22 @@ def test_a_round_stops_before_the_update_when_a_reward_model_does_not_rank(gener
     assert (round_one / "selector" / "model.safetensors").stat().st_mtime_ns == trained
 
 
+def test_a_trained_classifier_starts_the_selector_and_later_rounds_continue_it(generator_folder, tmp_path):
+    from transformers import AutoModelForImageClassification, ResNetConfig, ResNetForImageClassification
+
+    ResNetForImageClassification(ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                              layer_type="basic", num_labels=2)).save_pretrained(tmp_path / "expert")
+    history = train_rlhf.main(rlhf_args(generator_folder, tmp_path / "run", "--rounds", "2", "--reward", "selector",
+                                        "--selector_image_encoder", str(tmp_path / "expert"),
+                                        "--rater", "tests.test_train_rlhf:brightness_rater"))
+    assert [m["round"] for m in history] == [0, 1, 2]
+    first, second = (AutoModelForImageClassification.from_pretrained(tmp_path / "run" / f"round-00{r}" / "selector")
+                     for r in (1, 2))
+    assert type(first).__name__ == type(second).__name__ == "ResNetForImageClassification"
+    assert first.config.num_labels == second.config.num_labels == 1
+    assert 0 <= history[-1]["held_out_accept_rate"] <= 1
+
+
 @pytest.mark.parametrize("tune", ["lora", "class_embeddings"])
 def test_the_pools_own_ratings_as_the_reward_need_no_reward_model(generator_folder, tmp_path, tune):
     history = train_rlhf.main(rlhf_args(generator_folder, tmp_path, "--rounds", "1", "--reward", "ratings",

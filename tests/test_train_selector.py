@@ -49,6 +49,48 @@ def test_learns_the_rating_rule_and_saves_a_loadable_selector(tmp_path):
     assert "$" not in card and "rlhf" in card and "| Spearman correlation with the ratings |" in card
 
 
+def test_a_trained_classifiers_backbone_serves_as_the_selector(tmp_path):
+    """A saved transformers ResNet classifier (what train_expert.py writes, 4 classes) gets a new one-output head,
+    learns the rating rule on its backbone, and saves a folder that loads as an image classifier; its backbone's
+    weights are where training took them, not reinitialised."""
+    from transformers import AutoModelForImageClassification, ResNetConfig, ResNetForImageClassification
+
+    expert = ResNetForImageClassification(ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16],
+                                                       depths=[1, 1], layer_type="basic", num_labels=4))
+    expert.save_pretrained(tmp_path / "expert")
+    images, ratings = rated_pool(tmp_path)
+    common = [*TINY, "--images", images, "--ratings", ratings, "--image_encoder_name_or_path",
+              str(tmp_path / "expert")]
+    model = main(parse_args([*common, "--max_train_steps", "150", "--output_dir", str(tmp_path / "selector")]))
+    out = tmp_path / "selector"
+    report = json.loads((out / "selector.json").read_text())
+    assert report["spearman"] > 0.8 and report["rating_accuracy"] > 0.7
+    loaded = AutoModelForImageClassification.from_pretrained(out)
+    assert type(loaded).__name__ == "ResNetForImageClassification" and loaded.config.num_labels == 1
+    assert loaded.config.accept_threshold == pytest.approx(report["accept_threshold"])
+    x = torch.rand(2, 1, 16, 16)
+    torch.testing.assert_close(loaded(pixel_values=x).logits, model(pixel_values=x).logits)
+    card = (out / "README.md").read_text()
+    assert "ResNetForImageClassification, backbone from expert" in card and "no training scan" not in card
+
+    # one run, where a fresh backbone was loaded but not trained, keeps the expert's weights exactly
+    untrained = main(parse_args([*common, "--max_train_steps", "1", "--learning_rate", "1e-12",
+                                 "--output_dir", str(tmp_path / "untrained")]))
+    stem = "resnet.embedder.embedder.convolution.weight"
+    torch.testing.assert_close(untrained.state_dict()[stem], expert.state_dict()[stem], atol=1e-9, rtol=0)
+
+    with pytest.raises(SystemExit):  # continue a selector or start one on a backbone, not both
+        parse_args([*common, "--selector_model_name_or_path", str(out), "--output_dir", str(tmp_path / "x")])
+    ResNetForImageClassification(ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8], depths=[1],
+                                              layer_type="basic")).save_pretrained(tmp_path / "rgb")
+    with pytest.raises(ValueError, match="rgb takes 3-channel images; the rated images are 1-channel 16 px"):
+        main(parse_args([*TINY, "--images", images, "--ratings", ratings, "--image_encoder_name_or_path",
+                         str(tmp_path / "rgb"), "--output_dir", str(tmp_path / "bad")]))
+    with pytest.raises(ValueError, match="a selector has one output, this classifier has 4"):
+        main(parse_args([*TINY, "--images", images, "--ratings", ratings, "--selector_model_name_or_path",
+                         str(tmp_path / "expert"), "--output_dir", str(tmp_path / "bad")]))
+
+
 def test_images_not_ratings_are_held_out():
     digests = ["a", "a", "b", "c", "c", "c", "d", "e"]
     train, held_out = split_by_image(digests, 0.4, seed=0)

@@ -109,9 +109,9 @@ def main(args: argparse.Namespace, keep_process_group: bool = False) -> Alignmen
     images, ratings, digests, prompts = rated_samples(args.images, args.ratings, Aspect.PROMPT_MATCH, args.resolution)
     train_rows, held_out_rows = split_by_image(digests, args.validation_fraction, args.seed)
     if args.stage == 2:
-        from transformers import ViTForImageClassification
+        from medsyn.rlhf.selector import load_selector
 
-        selector = ViTForImageClassification.from_pretrained(args.selector).to(accelerator.device).eval()
+        selector = load_selector(args.selector).to(accelerator.device).eval()
         with torch.no_grad():
             accepted = accepted_by(selector, images[train_rows])
         logger.info(f"the selector accepts {int(accepted.sum())} of {len(train_rows)} training samples")

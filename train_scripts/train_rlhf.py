@@ -49,7 +49,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import gather_object
-from transformers import ViTForImageClassification
+from transformers import PreTrainedModel
 
 from medsyn.pipelines import load_pipeline
 from medsyn.rlhf.chain import SamplingChain, Trajectory, sampling_chain
@@ -59,7 +59,7 @@ from medsyn.rlhf.raters import ClassifierStandInRater, checked_ratings, load_rat
 from medsyn.rlhf.ratings import Aspect, Rating, RatingsFile, image_digest
 from medsyn.rlhf.reward_weighted import reward_weighted_update, reward_weights
 from medsyn.rlhf.rewards import RewardKind, generator_rewards, rated_rewards, saved_threshold
-from medsyn.rlhf.selector import SELECTOR_ARCHITECTURE
+from medsyn.rlhf.selector import SELECTOR_ARCHITECTURE, load_selector
 from medsyn.rlhf.tuning import TunedWeights, class_embedding_table, tuned
 from medsyn.seeding import keyed_generator
 from medsyn.validation import DefaultsShown, count_argument, number_argument
@@ -117,6 +117,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, value in SELECTOR_ARCHITECTURE.items():
         selector.add_argument(f"--selector_{name}", type=count_argument(), default=value,
                               help=f"Selector ViT {name.replace('_', ' ')}.")
+    selector.add_argument("--selector_image_encoder", type=str, default=None,
+                          help="A local transformers image-classification folder (e.g. a classifier trained on the "
+                               "labelled scans, train_expert.py) whose backbone becomes the first round's selector, "
+                               "with a new one-output head; default: a new ViT.")
     selector.add_argument("--selector_steps", type=count_argument(), default=300,
                           help="Optimiser steps of each round's selector.")
     selector.add_argument("--selector_learning_rate", type=number_argument(0, exclusive=True), default=1e-4,
@@ -379,21 +383,26 @@ class Rounds:
         self.accelerator.wait_for_everyone()
         return True
 
-    def selector(self, r: int) -> ViTForImageClassification:
+    def selector(self, r: int) -> PreTrainedModel:
         folder = self.folder(r) / "selector"
         if not folder.exists():
             from medsyn.train_scripts import train_selector
 
             partial = self.cleared(folder.with_name("selector.partial"))
             shape = [f"--{name}={getattr(self.args, 'selector_' + name)}" for name in SELECTOR_ARCHITECTURE]
-            previous = ["--selector_model_name_or_path", str(self.folder(r - 1) / "selector")] if r > 1 else []
+            if r > 1:
+                previous = ["--selector_model_name_or_path", str(self.folder(r - 1) / "selector")]
+            elif self.args.selector_image_encoder:
+                previous = ["--image_encoder_name_or_path", self.args.selector_image_encoder]
+            else:
+                previous = []
             train_selector.main(train_selector.parse_args([
                 *self.rated_data(r), "--aspect", Aspect.QUALITY.value, "--output_dir", str(partial),
                 "--max_train_steps", str(self.args.selector_steps), "--learning_rate",
                 str(self.args.selector_learning_rate), *shape, *previous]), keep_process_group=True)
             self.publish(partial, folder)
         self.check_ranks(folder / "selector.json", "selector", "quality")
-        return ViTForImageClassification.from_pretrained(folder).to(self.accelerator.device).eval()
+        return load_selector(folder).to(self.accelerator.device).eval()
 
     def check_ranks(self, metrics_path: Path, model: str, aspect: str) -> None:
         """Refuse to update the generator against a reward model that does not rank held-out ratings: the update

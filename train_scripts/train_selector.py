@@ -1,13 +1,16 @@
-"""Train the selector (reward) model of RLHF on expert ratings: a ViT that predicts an image's normalised rating.
+"""Train the selector (reward) model of RLHF on expert ratings: an image classifier that predicts an image's
+normalised rating.
 
     accelerate launch train_scripts/train_selector.py --ratings ratings.jsonl --images pool/samples.npz \\
         --output_dir fundus-selector
 
 The ratings are the file ``medsyn rate`` writes; each names its image by pixel digest, found in ``--images`` (the
 rated pool). Every rating of the chosen ``--aspect`` is one training sample (several raters of one image give
-several). Images, not ratings, are held out, so no rated image is on both sides. The result is a transformers
-``ViTForImageClassification`` folder with its accept threshold in the config, ``selector.json`` (held-out rating
-accuracy, Spearman correlation, accept accuracy) and a model card.
+several). Images, not ratings, are held out, so no rated image is on both sides. The model is a new ViT of the
+paper's shape, or with ``--image_encoder_name_or_path`` a trained classifier's backbone with a new one-output head.
+The result is a transformers image-classification folder (``AutoModelForImageClassification`` loads it) with its
+accept threshold in the config, ``selector.json`` (held-out rating accuracy, Spearman correlation, accept accuracy)
+and a model card.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import torch
 from accelerate.logging import get_logger
-from transformers import ViTForImageClassification
+from transformers import PreTrainedModel, ViTForImageClassification
 
 from medsyn.hub_upload import push_model_folder
 from medsyn.model_card import write_model_card
@@ -27,6 +30,7 @@ from medsyn.rlhf.ratings import Aspect
 from medsyn.rlhf.selector import (
     SELECTOR_ARCHITECTURE,
     accept_threshold,
+    load_selector,
     selector_config,
     selector_loss,
     selector_metrics,
@@ -55,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = parser.add_argument_group("model (default: a new ViT of the paper's shape)")
     model.add_argument("--selector_model_name_or_path", type=str, default=None,
                        help="A selector folder to continue from (e.g. the last RLHF round's); its shape wins.")
+    model.add_argument("--image_encoder_name_or_path", type=str, default=None,
+                       help="A local transformers image-classification folder (e.g. train_expert.py's classifier) "
+                            "whose backbone becomes the selector's, with a new one-output head; default: a new ViT.")
     for name, value in SELECTOR_ARCHITECTURE.items():
         model.add_argument(f"--{name}", type=count_argument(), default=value, help=f"ViT {name.replace('_', ' ')}.")
 
@@ -62,21 +69,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.set_defaults(train_batch_size=32, num_train_epochs=20, dataset_name=None,
                         pretrained_model_name_or_path=None)
     add_logging_and_hub_arguments(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.selector_model_name_or_path and args.image_encoder_name_or_path:
+        parser.error("--selector_model_name_or_path continues a selector, --image_encoder_name_or_path starts one: "
+                     "pass one of them")
+    return args
 
 
-def main(args: argparse.Namespace, keep_process_group: bool = False) -> ViTForImageClassification:
+def main(args: argparse.Namespace, keep_process_group: bool = False) -> PreTrainedModel:
     """Train, save the selector with its threshold, metrics and card (main process), return it on every rank.
     ``keep_process_group``: run inside a caller's processes, which go on after it (``end_training``)."""
     accelerator = build_accelerator(args)
     images, ratings, digests, _ = rated_samples(args.images, args.ratings, args.aspect, args.resolution)
     train_rows, held_out_rows = split_by_image(digests, args.validation_fraction, args.seed)
-    if args.selector_model_name_or_path:
-        model = ViTForImageClassification.from_pretrained(args.selector_model_name_or_path)
-        if (model.config.image_size, model.config.num_channels) != (images.shape[-1], images.shape[1]):
-            raise ValueError(f"--selector_model_name_or_path {args.selector_model_name_or_path} takes "
-                             f"{model.config.num_channels}-channel {model.config.image_size} px images; the rated "
-                             f"images are {images.shape[1]}-channel {images.shape[-1]} px")
+    if args.selector_model_name_or_path or args.image_encoder_name_or_path:
+        model = load_selector(args.selector_model_name_or_path or args.image_encoder_name_or_path, images,
+                              new_head=args.image_encoder_name_or_path is not None)
     else:
         model = ViTForImageClassification(selector_config(images.shape[-1], images.shape[1],
                                                           **{k: getattr(args, k) for k in SELECTOR_ARCHITECTURE}))
@@ -121,7 +129,8 @@ def save_selector(args, accelerator, model, threshold: float, metrics: dict, num
     model.save_pretrained(output_dir)
     (output_dir / "selector.json").write_text(json.dumps(
         {**metrics, "accept_threshold": threshold, "aspect": args.aspect}, indent=2))
-    config = model.config
+    backbone = (f"; the backbone is {Path(args.image_encoder_name_or_path).name}'s, trained on its own data"
+                if args.image_encoder_name_or_path else "; no training scan is used")
     write_model_card(
         output_dir,
         "selector",
@@ -135,14 +144,22 @@ def save_selector(args, accelerator, model, threshold: float, metrics: dict, num
         num_train_ratings=num_train,
         num_images=num_images,
         ratings_file=Path(args.ratings).name,
-        data_description=f"expert ratings of {num_images} generated images ({Path(args.images).name}); no training "
-                         "scan is used",
-        architecture=f"ViT, {config.patch_size} px patches, {config.hidden_size} wide, {config.num_attention_heads} "
-                     f"heads, {config.num_hidden_layers} layers, {config.image_size} px, {config.num_channels} "
-                     f"channels, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters",
+        data_description=f"expert ratings of {num_images} generated images ({Path(args.images).name}){backbone}",
+        architecture=architecture(model, args.image_encoder_name_or_path),
     )
     if args.push_to_hub:
         push_model_folder(output_dir, args.hub_model_id or output_dir.name, args.hub_token, args.hub_private_repo)
+
+
+def architecture(model: PreTrainedModel, backbone: str | None) -> str:
+    """The model card's one-line description of the selector's network."""
+    config = model.config
+    size = f"{config.num_channels} channels, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
+    if config.model_type == "vit":
+        return (f"ViT, {config.patch_size} px patches, {config.hidden_size} wide, {config.num_attention_heads} heads, "
+                f"{config.num_hidden_layers} layers, {config.image_size} px, {size}")
+    origin = f", backbone from {Path(backbone).name}" if backbone else ""
+    return f"{type(model).__name__}{origin}, a one-output head, {size}"
 
 
 if __name__ == "__main__":
