@@ -128,6 +128,35 @@ class InceptionFID:
         return frechet_distance(self.reference, self.features(images))
 
 
+def run_key(model: str, sampler: str, steps: int | None, seed: int, guidance: float, per_class: int,
+            with_fid: bool) -> tuple:
+    """What makes two runs the same measurement: the model folder, sampler, steps, seed, guidance, sample size and
+    whether FID was measured."""
+    return (str(model), sampler, steps, seed, float(guidance), per_class, with_fid)
+
+
+def recorded_runs(path: str) -> dict[tuple, dict]:
+    """The runs an earlier invocation appended to ``path`` (none if it does not exist), by ``run_key``. A line cut
+    short by a kill is skipped, so its run is repeated, and ended, so that the next append starts a line of its own."""
+    runs = {}
+    try:
+        text = open(path).read()
+    except FileNotFoundError:
+        return runs
+    if text and not text.endswith("\n"):
+        with open(path, "a") as file:
+            file.write("\n")
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        seed = row.get("base_seed", 0) + row["seed"]
+        runs[run_key(row["model"], row["sampler"], row["steps"], seed, row["guidance"], row["per_class"],
+                     row["fid"] is not None)] = row
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", action="append", required=True,
@@ -146,7 +175,8 @@ def main() -> None:
     parser.add_argument("--fid", action="store_true", help="Inception FID against the held-out images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--output", help="append one JSON line per setting to this file")
+    parser.add_argument("--output", help="append one JSON line per run to this file; runs already in it are read "
+                                         "back, not repeated, so a grid stopped part-way resumes where it stopped")
     args = parser.parse_args()
     if bool(args.real_train) != bool(args.real_test):
         parser.error("--real-train and --real-test go together")
@@ -185,6 +215,7 @@ def main() -> None:
                 "agreement": report.class_agreement, "probe_floor": report.real_frechet_distance,
                 "fid": fid(generated) if fid is not None else None}
 
+    recorded = recorded_runs(args.output) if args.output else {}
     print("| model | sampler | steps | NFE / image | images/s | probe Fréchet distance | FID | agreement per class |")
     print("|---|---|---|---|---|---|---|---|")
     for path, pipe in zip(args.model, pipes):
@@ -202,12 +233,18 @@ def main() -> None:
             seeds = range(args.langevin_seeds) if setting.sampler == LANGEVIN else [0]
             results = []
             for seed in seeds:
+                key = run_key(path, setting.sampler, setting.steps, args.seed + seed, args.guidance, args.per_class,
+                              bool(args.fid))
+                if key in recorded:
+                    results.append(recorded[key])
+                    continue
                 results.append(run(pipe, setting, args.seed + seed))
                 if args.output:  # each run as it ends: a long benchmark cut short keeps what it measured
                     with open(args.output, "a") as file:
                         file.write(json.dumps({"model": path, "kind": kind, "sampler": setting.sampler,
-                                               "steps": setting.steps, "seed": seed, "guidance": args.guidance,
-                                               "per_class": args.per_class, **results[-1]}) + "\n")
+                                               "steps": setting.steps, "seed": seed, "base_seed": args.seed,
+                                               "guidance": args.guidance, "per_class": args.per_class,
+                                               **results[-1]}) + "\n")
 
             def summary(key):
                 values = [r[key] for r in results]

@@ -1,0 +1,82 @@
+"""benchmarks/bench_fast_sampling.py: a grid stopped part-way resumes from its --output file, measuring only the runs
+that are not in it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medsyn.pipelines import ClassConditionalDDPMPipeline
+
+from .test_rlhf_generator_updates import tiny_ddpm
+
+SPEC = importlib.util.spec_from_file_location(
+    "bench_fast_sampling", Path(__file__).parents[1] / "benchmarks" / "bench_fast_sampling.py")
+bench_fast_sampling = sys.modules["bench_fast_sampling"] = importlib.util.module_from_spec(SPEC)  # for @dataclass
+SPEC.loader.exec_module(bench_fast_sampling)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    """A tiny 8 px DDPM of two classes (dark, bright) and two real splits of flat images."""
+    tiny_ddpm().save_pretrained(tmp_path / "ddpm")
+    rng = np.random.default_rng(0)
+    for split, count in (("training", 64), ("testing", 32)):
+        labels = np.arange(count) % 2
+        images = (np.where(labels, 200, 40)[:, None, None] + rng.integers(0, 30, (count, 8, 8))).astype(np.uint8)
+        np.savez(tmp_path / f"{split}.npz", images=images, labels=labels, class_names=np.array(["dark", "bright"]))
+    return tmp_path
+
+
+def bench(monkeypatch, folder, *extra):
+    monkeypatch.setattr(sys, "argv", [
+        "bench_fast_sampling.py", "--model", str(folder / "ddpm"), "--real-train", str(folder / "training.npz"),
+        "--real-test", str(folder / "testing.npz"), "--per-class", "2", "--nfe", "10", "20", "--samplers", "DDIM",
+        "--output", str(folder / "runs.jsonl"), *extra])
+    bench_fast_sampling.main()
+
+
+def sampled_steps(monkeypatch) -> list:
+    calls = []
+    original = ClassConditionalDDPMPipeline.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(kwargs["num_inference_steps"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ClassConditionalDDPMPipeline, "__call__", counting)
+    return calls
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The table's rows without images/s (a rerun's own timing)."""
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| DDPM")]
+    return [cells[:5] + cells[6:] for cells in rows]
+
+
+def test_a_stopped_grid_resumes_with_only_the_missing_runs(setup, monkeypatch, capsys):
+    calls = sampled_steps(monkeypatch)
+    bench(monkeypatch, setup)
+    whole = table_rows(capsys.readouterr().out)
+    assert calls == [5, 10] and len(whole) == 2
+    runs = (setup / "runs.jsonl").read_text().splitlines()
+    assert [json.loads(r)["steps"] for r in runs] == [5, 10]
+
+    # a kill during the second run's write: its line is torn, the first run's kept
+    (setup / "runs.jsonl").write_text(runs[0] + "\n" + runs[1][: len(runs[1]) // 2])
+    calls.clear()
+    bench(monkeypatch, setup)
+    assert calls == [10] and table_rows(capsys.readouterr().out) == whole  # DDIM is deterministic: the same rows
+    lines = (setup / "runs.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[2])["steps"] == 10  # the new run on a line of its own
+
+    calls.clear()
+    bench(monkeypatch, setup)
+    assert calls == [] and table_rows(capsys.readouterr().out) == whole
+    bench(monkeypatch, setup, "--guidance", "2")  # another measurement: run again
+    assert calls == [5, 10]
