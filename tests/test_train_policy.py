@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from medsyn.rlhf.policy import AlignmentPolicy
+from medsyn.rlhf.policy import AlignmentPolicy, ClipAlignmentPolicy
 from medsyn.rlhf.ratings import Rating, RatingsFile, image_digest
 from medsyn.train_scripts import train_policy, train_selector
 
@@ -95,3 +95,37 @@ def test_a_cnn_classifier_serves_as_the_image_tower(tmp_path):
         train_policy.main(train_policy.parse_args([*COMMON, "--images", images, "--ratings", ratings,
                                                    "--image_encoder_name_or_path", str(rgb), "--output_dir",
                                                    str(tmp_path / "bad")]))
+
+
+def test_open_clip_towers_serve_as_the_frozen_encoders(tmp_path):
+    """A local open_clip folder (BiomedCLIP's format) gives both towers: they stay as loaded, only the head learns
+    the match, and the saved policy carries the towers and loads back with the same predictions."""
+    from .test_clip_metrics import save_tiny_clip
+
+    save_tiny_clip(tmp_path / "clip")
+    images, ratings = matched_pool(tmp_path)
+    data = ["--images", images, "--ratings", ratings, "--clip_model", str(tmp_path / "clip")]
+    policy = train_policy.main(train_policy.parse_args([*COMMON, *data, "--max_train_steps", "150",
+                                                        "--output_dir", str(tmp_path / "policy")]))
+    assert type(policy).__name__ == "ClipAlignmentPolicy" and policy.head[0].in_features == 2 * 16
+    metrics = json.loads((tmp_path / "policy" / "policy.json").read_text())
+    assert metrics["match_accuracy"] > 0.85 and metrics["spearman"] > 0.7
+    fresh = ClipAlignmentPolicy(tmp_path / "clip")
+    for name, weight in fresh.clip.state_dict().items():  # frozen: the towers are the folder's
+        torch.testing.assert_close(policy.clip.state_dict()[name], weight, atol=0, rtol=0)
+    x = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        loaded = AlignmentPolicy.from_pretrained(tmp_path / "policy")
+        assert isinstance(loaded, ClipAlignmentPolicy)
+        torch.testing.assert_close(loaded(x, ["a bright scan", "a dark scan"]),
+                                   policy(x, ["a bright scan", "a dark scan"]))
+    # stage 2 continues the saved policy, towers included
+    train_selector.main(train_selector.parse_args([*TOWERS[:-2], "--intermediate_size", "64", *COMMON, *data[:4],
+                                                   "--max_train_steps", "30", "--output_dir", str(tmp_path / "sel")]))
+    second = train_policy.main(train_policy.parse_args([
+        *COMMON, *data[:4], "--stage", "2", "--selector", str(tmp_path / "sel"), "--policy_model_name_or_path",
+        str(tmp_path / "policy"), "--max_train_steps", "5", "--output_dir", str(tmp_path / "stage2")]))
+    assert isinstance(second, ClipAlignmentPolicy)
+    assert (tmp_path / "stage2" / "clip" / "open_clip_config.json").is_file()
+    with pytest.raises(SystemExit):
+        train_policy.parse_args([*data, "--image_encoder_name_or_path", str(tmp_path / "x")])

@@ -121,20 +121,31 @@ def test_a_round_stops_before_the_update_when_a_reward_model_does_not_rank(gener
     assert (round_one / "selector" / "model.safetensors").stat().st_mtime_ns == trained
 
 
-def test_a_trained_classifier_starts_the_selector_and_later_rounds_continue_it(generator_folder, tmp_path):
+def test_a_trained_classifier_starts_the_selector_open_clip_the_policy_and_later_rounds_continue_them(
+        generator_folder, tmp_path):
     from transformers import AutoModelForImageClassification, ResNetConfig, ResNetForImageClassification
+
+    from .test_clip_metrics import save_tiny_clip
 
     ResNetForImageClassification(ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
                                               layer_type="basic", num_labels=2)).save_pretrained(tmp_path / "expert")
-    history = train_rlhf.main(rlhf_args(generator_folder, tmp_path / "run", "--rounds", "2", "--reward", "selector",
+    save_tiny_clip(tmp_path / "clip")
+    history = train_rlhf.main(rlhf_args(generator_folder, tmp_path / "run", "--rounds", "2",
                                         "--selector_image_encoder", str(tmp_path / "expert"),
-                                        "--rater", "tests.test_train_rlhf:brightness_rater"))
+                                        "--policy_clip_model", str(tmp_path / "clip"),
+                                        "--rater", "tests.test_train_rlhf:class_rater"))
     assert [m["round"] for m in history] == [0, 1, 2]
-    first, second = (AutoModelForImageClassification.from_pretrained(tmp_path / "run" / f"round-00{r}" / "selector")
-                     for r in (1, 2))
+    rounds = [tmp_path / "run" / f"round-00{r}" for r in (1, 2)]
+    first, second = (AutoModelForImageClassification.from_pretrained(r / "selector") for r in rounds)
     assert type(first).__name__ == type(second).__name__ == "ResNetForImageClassification"
     assert first.config.num_labels == second.config.num_labels == 1
+    for folder in rounds:
+        for stage in ("policy-stage1", "policy"):
+            assert type(AlignmentPolicy.from_pretrained(folder / stage)).__name__ == "ClipAlignmentPolicy"
     assert 0 <= history[-1]["held_out_accept_rate"] <= 1
+    with pytest.raises(SystemExit):
+        rlhf_args(generator_folder, tmp_path / "x", "--policy_clip_model", str(tmp_path / "clip"),
+                  "--policy_image_encoder", str(tmp_path / "expert"))
 
 
 @pytest.mark.parametrize("tune", ["lora", "class_embeddings"])

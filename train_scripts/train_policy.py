@@ -8,7 +8,8 @@
         --stage 2 --selector my-selector --policy_model_name_or_path policy-stage1 --output_dir policy
 
 The policy is ``medsyn.rlhf.policy.AlignmentPolicy``: a ViT and a BERT-family text encoder (new ones of the given
-shape, or a local BERT folder with ``--text_encoder_name_or_path``) with the paper's MLP head. Images, not ratings,
+shape, or a local BERT folder with ``--text_encoder_name_or_path``) with the paper's MLP head; ``--clip_model``
+takes both towers, frozen, from a local open_clip folder instead. Images, not ratings,
 are held out; ``policy.json`` gives the held-out accuracy of its match decision (p > 0.5 against "rated above 2")
 and the Spearman correlation of p with the ratings.
 """
@@ -24,7 +25,7 @@ from accelerate.logging import get_logger
 from transformers import BertModel, ViTConfig, ViTModel
 
 from medsyn.models.latent_diffusion import bert_text_encoder_config, build_wordpiece_tokenizer
-from medsyn.rlhf.policy import POLICY_ARCHITECTURE, AlignmentPolicy, policy_step_loss
+from medsyn.rlhf.policy import POLICY_ARCHITECTURE, AlignmentPolicy, ClipAlignmentPolicy, policy_step_loss
 from medsyn.rlhf.rating_images import add_rated_data_arguments, rated_samples, split_by_image
 from medsyn.rlhf.ratings import Aspect, normalised
 from medsyn.rlhf.rewards import accepted_by
@@ -60,6 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--image_encoder_name_or_path", type=str, default=None,
                        help="A local transformers vision model folder (a ViT, or a CNN such as train_expert.py's "
                             "classifier, whose backbone is taken) as the image tower; default: a new ViT.")
+    model.add_argument("--clip_model", type=str, default=None,
+                       help="A local open_clip folder (open_clip_config.json and open_clip_model.safetensors, e.g. "
+                            "BiomedCLIP's architecture) whose image and text towers, frozen, serve as both encoders; "
+                            "only the head learns.")
     for name, value in POLICY_ARCHITECTURE.items():
         model.add_argument(f"--{name}", type=count_argument(), default=value,
                            help=f"Both towers' {name.replace('_', ' ')} (patch size: the ViT's).")
@@ -71,12 +76,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.stage == 2 and not args.selector:
         parser.error("--stage 2 learns from the selector's accepted images: pass --selector")
+    if args.clip_model and (args.image_encoder_name_or_path or args.text_encoder_name_or_path):
+        parser.error("--clip_model gives both towers: leave out --image_encoder_name_or_path and "
+                     "--text_encoder_name_or_path")
     return args
 
 
 def build_policy(args, images: torch.Tensor, prompts: list[str]) -> AlignmentPolicy:
     if args.policy_model_name_or_path:
         return AlignmentPolicy.from_pretrained(args.policy_model_name_or_path)
+    if args.clip_model:
+        return ClipAlignmentPolicy(args.clip_model)
     tower = dict(hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
                  num_hidden_layers=args.num_hidden_layers, intermediate_size=args.intermediate_size)
     if args.image_encoder_name_or_path:

@@ -136,6 +136,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     policy.add_argument("--policy_text_encoder", type=str, default=None,
                         help="A local BERT-family folder for the policy's text tower; default: a new BERT with a "
                              "WordPiece vocabulary from the prompts.")
+    policy.add_argument("--policy_clip_model", type=str, default=None,
+                        help="A local open_clip folder (e.g. BiomedCLIP's architecture) whose frozen image and text "
+                             "towers serve as the policy's encoders; only its head learns.")
     policy.add_argument("--policy_steps", type=count_argument(), default=300,
                         help="Optimiser steps of each of the policy's two stages a round.")
     policy.add_argument("--policy_learning_rate", type=number_argument(0, exclusive=True), default=1e-4,
@@ -177,6 +180,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.rater and args.stand_in_rater:
         parser.error("--rater and --stand_in_rater are alternatives: give one")
+    if args.policy_clip_model and (args.policy_image_encoder or args.policy_text_encoder):
+        parser.error("--policy_clip_model gives both of the policy's towers: leave out --policy_image_encoder and "
+                     "--policy_text_encoder")
     if args.update == UpdateMethod.REWARD_WEIGHTED and args.pretrain_weight > 0 and not args.real_images:
         parser.error("reward-weighted fine-tuning mixes in real images: give --real_images or --pretrain_weight 0")
     return args
@@ -440,7 +446,8 @@ class Rounds:
                          + (["--text_encoder_name_or_path", args.policy_text_encoder] if args.policy_text_encoder
                             else [])
                          + (["--image_encoder_name_or_path", args.policy_image_encoder] if args.policy_image_encoder
-                            else []))
+                            else [])
+                         + (["--clip_model", args.policy_clip_model] if args.policy_clip_model else []))
                 train_policy.main(train_policy.parse_args([*common, "--output_dir", str(partial), *start]),
                                   keep_process_group=True)
                 self.publish(partial, stage1)

@@ -4,7 +4,9 @@ The paper's shape: an image ViT (768-d) and a BERT-family text encoder (768-d, B
 concatenated (1536) and an MLP 1536 -> 768 -> 384 -> 1 with a sigmoid. Any transformers ViT and BERT-family model
 fit; the head's widths follow their sum (d -> d/2 -> d/4 -> 1). The image tower may also be a transformers CNN
 (ResNet, ConvNeXt: e.g. a classifier trained on the hospital's labelled scans), read by its pooled output: learned
-from scratch on a few hundred ratings, a ViT hardly learns to tell the classes apart (RESULTS.md, issue 15).
+from scratch on a few hundred ratings, a ViT hardly learns to tell the classes apart (RESULTS.md, issue 15). Or both
+towers come from an open_clip model in a local folder (BiomedCLIP's architecture; ``ClipAlignmentPolicy``): its
+image and text embeddings, frozen, feed the same head.
 
 It is trained REINFORCE-style, as the paper says: the policy's output p is a Bernoulli policy over "this image
 matches its prompt" (a = 1) or not (a = 0); for a sampled action the reward is the expert's agreement,
@@ -18,12 +20,15 @@ variance without biasing the gradient and keeps no state, so a resumed run is ex
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from medsyn.metrics.clip import CONFIG_NAME as CLIP_CONFIG_NAME
+from medsyn.metrics.clip import OpenClipModel
 from medsyn.rlhf.fitting import fit_on_minibatches
 
 #: The paper's towers, each 768 wide: ViT-base (16 px patches) and BioMedBERT's shape; train_policy.py's defaults.
@@ -31,6 +36,14 @@ POLICY_ARCHITECTURE = dict(patch_size=16, hidden_size=768, num_attention_heads=1
                            intermediate_size=3072)
 HEAD_FILE = "policy_head.safetensors"
 CONFIG_FILE = "policy_config.json"
+#: Where a ``ClipAlignmentPolicy`` keeps its open_clip folder inside the policy's.
+CLIP_FOLDER = "clip"
+
+
+def alignment_head(width: int) -> nn.Sequential:
+    """The paper's MLP on the concatenated features: width -> width/2 -> width/4 -> 1 (a logit)."""
+    return nn.Sequential(nn.Linear(width, width // 2), nn.ReLU(), nn.Linear(width // 2, width // 4), nn.ReLU(),
+                         nn.Linear(width // 4, 1))
 
 
 class AlignmentPolicy(nn.Module):
@@ -47,21 +60,23 @@ class AlignmentPolicy(nn.Module):
         super().__init__()
         self.image_encoder, self.text_encoder, self.tokenizer = image_encoder, text_encoder, tokenizer
         self.max_length = max_length
-        width = image_width(image_encoder.config) + text_encoder.config.hidden_size
-        self.head = nn.Sequential(nn.Linear(width, width // 2), nn.ReLU(), nn.Linear(width // 2, width // 4),
-                                  nn.ReLU(), nn.Linear(width // 4, 1))
+        self.head = alignment_head(image_width(image_encoder.config) + text_encoder.config.hidden_size)
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """Match probabilities (B,) of images (B, C, H, W) in [0, 1] with their prompts."""
         if len(prompts) != len(images):
             raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
+        return torch.sigmoid(self.head(self.features(images, list(prompts)))[:, 0])
+
+    def features(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """The towers' image and text features, concatenated (B, width): the head's input."""
         device = next(self.head.parameters()).device
         image_features = pooled_image_features(self.image_encoder(pixel_values=images.to(device).float() * 2 - 1))
-        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
+        tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
                                 return_tensors="pt").to(device)
         text_features = self.text_encoder(input_ids=tokens["input_ids"],
                                           attention_mask=tokens["attention_mask"]).last_hidden_state[:, 0]
-        return torch.sigmoid(self.head(torch.cat([image_features, text_features], dim=1))[:, 0])
+        return torch.cat([image_features, text_features], dim=1)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
@@ -82,14 +97,61 @@ class AlignmentPolicy(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> AlignmentPolicy:
+        """A saved policy of either kind: transformers towers, or open_clip's (a ``clip/`` folder inside)."""
         from transformers import AutoModel, AutoTokenizer
 
         folder = Path(folder)
         if not (folder / HEAD_FILE).is_file():
             raise ValueError(f"{folder}: not a policy model folder (no {HEAD_FILE})")
+        if (folder / CLIP_FOLDER / CLIP_CONFIG_NAME).is_file():
+            return ClipAlignmentPolicy.from_pretrained(folder)
         config = json.loads((folder / CONFIG_FILE).read_text())
         policy = cls(AutoModel.from_pretrained(folder / "image_encoder"), AutoModel.from_pretrained(
             folder / "text_encoder"), AutoTokenizer.from_pretrained(folder / "tokenizer"), config["max_length"])
+        policy.head.load_state_dict(load_file(folder / HEAD_FILE))
+        return policy.eval()
+
+
+class ClipAlignmentPolicy(AlignmentPolicy):
+    """The policy on an open_clip model's two towers, from a local folder in open_clip's format (BiomedCLIP's
+    architecture, see ``medsyn.metrics.clip``): its image and prompt embeddings, concatenated, feed the paper's head.
+    The towers stay frozen, as in a linear probe: a few hundred ratings would only wear down what they learned from
+    image-text pairs. Only the head learns; a saved policy carries the open_clip folder in ``clip/``.
+
+    Args:
+        clip_folder: the open_clip folder (``open_clip_config.json``, ``open_clip_model.safetensors``).
+    """
+
+    def __init__(self, clip_folder: str | Path):
+        nn.Module.__init__(self)
+        self.clip_folder = Path(clip_folder)
+        self.clip = OpenClipModel.from_pretrained(self.clip_folder)
+        embed_dim = json.loads((self.clip_folder / CLIP_CONFIG_NAME).read_text())["model_cfg"]["embed_dim"]
+        self.head = alignment_head(2 * embed_dim)
+
+    def train(self, mode: bool = True) -> ClipAlignmentPolicy:
+        """Train the head; the frozen towers stay in eval mode (no dropout, fixed statistics)."""
+        super().train(mode)
+        self.clip.eval()
+        return self
+
+    def features(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        images = images.to(self.clip.mean.device)
+        return torch.cat([self.clip.image_embeddings(images), self.clip.text_embeddings(prompts)], dim=1).float()
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """clip/ (the open_clip folder, as loaded) and the head as safetensors."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if (folder / CLIP_FOLDER).resolve() != self.clip_folder.resolve():
+            shutil.copytree(self.clip_folder, folder / CLIP_FOLDER, dirs_exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, folder / HEAD_FILE)
+        (folder / CONFIG_FILE).write_text(json.dumps({"towers": "open_clip"}))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> ClipAlignmentPolicy:
+        folder = Path(folder)
+        policy = cls(folder / CLIP_FOLDER)
         policy.head.load_state_dict(load_file(folder / HEAD_FILE))
         return policy.eval()
 
