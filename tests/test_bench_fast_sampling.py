@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from medsyn.pipelines import ClassConditionalDDPMPipeline
 
@@ -80,3 +81,23 @@ def test_a_stopped_grid_resumes_with_only_the_missing_runs(setup, monkeypatch, c
     assert calls == [] and table_rows(capsys.readouterr().out) == whole
     bench(monkeypatch, setup, "--guidance", "2")  # another measurement: run again
     assert calls == [5, 10]
+
+
+def test_real_features_are_cached_by_their_pixels(tmp_path):
+    """The held-out set's features are computed once and read back on resume; other pixels (or another shape of the
+    same bytes) are computed anew, and nothing half-written is left."""
+    calls = []
+
+    def compute(images):
+        calls.append(images.shape)
+        return torch.from_numpy(images.reshape(len(images), -1).astype(np.float64).mean(1, keepdims=True))
+
+    images = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4)
+    first = bench_fast_sampling.cached_features(compute, images, str(tmp_path / "cache"))
+    again = bench_fast_sampling.cached_features(compute, images.copy(), str(tmp_path / "cache"))
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    assert calls == [(2, 4, 4)]
+    bench_fast_sampling.cached_features(compute, images.reshape(4, 2, 4), str(tmp_path / "cache"))
+    bench_fast_sampling.cached_features(compute, images + 1, str(tmp_path / "cache"))
+    assert calls == [(2, 4, 4), (4, 2, 4), (2, 4, 4)]
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 3 and not list((tmp_path / "cache").glob("*partial*"))
