@@ -26,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from medsyn.pipelines import load_pipeline
-from medsyn.train_scripts import train_expert, train_score_langevin
 
 from medsyn.evaluation.generation_accuracy import ExpertClassifier, generation_accuracy, paired_difference
 from medsyn.metrics.features import PooledImageEncoder
 from medsyn.models.score_unet import build_score_unet
+from medsyn.pipelines import load_pipeline
+from medsyn.train_scripts import train_expert, train_score_langevin
 from medsyn.training.dsm_loss import dsm_loss
 from medsyn.training.expert_noise import ExpertNoise, NoiseProcess
 from medsyn.training.feature_alignment import FeatureAligner, FrozenExpert, block_channels

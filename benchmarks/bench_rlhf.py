@@ -24,10 +24,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from bench_feature_alignment import EXPERT_RECIPE
 from PIL import Image
 from scipy import stats
 
-from bench_feature_alignment import EXPERT_RECIPE
 from medsyn.pipelines import load_pipeline
 from medsyn.train_scripts import train_expert, train_rlhf
 

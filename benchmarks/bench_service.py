@@ -40,9 +40,9 @@ import numpy as np
 
 def build_model(folder: Path, resolution: int) -> None:
     import torch
-    from medsyn.pipelines import ScoreLangevinPipeline
 
     from medsyn.models.score_unet import build_score_unet
+    from medsyn.pipelines import ScoreLangevinPipeline
     from medsyn.schedulers import AnnealedLangevinScheduler
 
     torch.manual_seed(0)

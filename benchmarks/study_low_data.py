@@ -117,9 +117,8 @@ def train_generator(train_file: Path, output: Path, args, seed: int) -> None:
 
 def generate(model: Path, counts: list[int], args, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``counts[c]`` images of class c, image i of class c drawn from (seed, c, i), class by class."""
-    from medsyn.pipelines import load_pipeline
-
     from medsyn.generation import ImageKey, SamplingSettings, sample_image_set
+    from medsyn.pipelines import load_pipeline
 
     pipe = load_pipeline(model).to("cuda" if torch.cuda.is_available() else "cpu")
     pipe.set_progress_bar_config(disable=True)

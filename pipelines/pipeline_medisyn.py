@@ -89,9 +89,8 @@ class MediSynPipeline(HubFolderMixin, DiffusionPipeline, StableDiffusionLoraLoad
         a reload assumes alpha = rank, and an adapter trained with ``--lora_alpha 16 --rank 4`` would come back
         with a quarter of its effect.
         """
-        from peft.utils import get_peft_model_state_dict
-
         from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
 
         (adapter,) = self.unet.active_adapters()
         self.save_lora_weights(

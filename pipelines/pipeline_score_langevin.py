@@ -22,6 +22,7 @@ from diffusers.callbacks import PipelineCallback
 
 from medsyn.schedulers.denoiser import SamplerInput, sampler_input, to_scheduler_output
 from medsyn.schedulers.scheduling_annealed_langevin import AnnealedLangevinScheduler
+
 # Imported so that a saved folder with this scheduler ships its code and loads it back as medsyn's.
 from medsyn.schedulers.scheduling_edm_heun import DEFAULT_STEPS, EDMHeunScheduler  # noqa: F401
 from medsyn.schedulers.scheduling_predictor_corrector import PredictorCorrectorScheduler  # noqa: F401
@@ -30,6 +31,7 @@ from medsyn.validation import finite_number, whole_number
 from .class_conditioning import ClassConditionalMixin, ClassLabels
 from .hub_folder import HubFolderMixin
 from .step_callbacks import StepCallbackMixin
+
 
 class ScoreLangevinPipeline(ClassConditionalMixin, HubFolderMixin, DiffusionPipeline, StepCallbackMixin):
     r"""Pipeline for image generation by annealed Langevin dynamics on a learned score.

@@ -12,12 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DModel
-from medsyn.train_scripts import train_ddpm, train_score_langevin
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from safetensors.torch import load_file
 
 from medsyn.models.ddpm_unet import ddpm_unet_config
+from medsyn.train_scripts import train_ddpm, train_score_langevin
 from medsyn.training.differential_privacy import PrivacyBudget, PrivateTraining, make_private, noise_multiplier_for
 from medsyn.training.loop import TrainingStep
 

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from medsyn.pipelines import ClassConditionalDDPMPipeline, ScoreLangevinPipeline
 
+from medsyn.pipelines import ClassConditionalDDPMPipeline, ScoreLangevinPipeline
 from medsyn.privacy.membership import (
     AttackMethod,
     AttackSettings,
@@ -205,9 +205,8 @@ def test_medsyn_attack_takes_a_medisyn_model_and_its_caption(tmp_path, capsys):
 def eight_image_models(tmp_path_factory):
     """Tiny DDPMs trained MEMORISING_STEPS steps on 8 simulated images, plain or with DP-SGD at epsilon, made on
     first use; 8 other images of the same distribution are the non-members."""
-    from medsyn.train_scripts.train_ddpm import main, parse_args
-
     from medsyn.data import SimulatedBrainMRI
+    from medsyn.train_scripts.train_ddpm import main, parse_args
 
     folder = tmp_path_factory.mktemp("eight")
     made = SimulatedBrainMRI(resolution=16, seed=0).generate(16)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from medsyn.pipelines import ClassConditionalDDPMPipeline
-from medsyn.train_scripts.train_ddpm import main, parse_args
 from PIL import Image
 
+from medsyn.pipelines import ClassConditionalDDPMPipeline
+from medsyn.train_scripts.train_ddpm import main, parse_args
 from medsyn.training.class_conditional import class_sample_grid
 
 from .conftest import assert_same_weights

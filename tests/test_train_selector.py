@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import ViTForImageClassification
 
-from medsyn.rlhf.ratings import Rating, RatingsFile, image_digest
 from medsyn.rlhf.rating_images import split_by_image
+from medsyn.rlhf.ratings import Rating, RatingsFile, image_digest
 from medsyn.train_scripts.train_selector import main, parse_args
 
 TINY = ["--patch_size", "4", "--hidden_size", "32", "--num_attention_heads", "2", "--num_hidden_layers", "2",

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from medsyn.metrics.clip import CLIP_SCORE_WEIGHT, ClipImageEncoder, OpenClipModel, prompt_adherence
 from medsyn.metrics.diversity import mean_pairwise_ms_ssim
 from medsyn.metrics.feature_distances import frechet_distance, kernel_distance
 from medsyn.metrics.features import extract_features
 from medsyn.metrics.image_statistics import STATISTICS, image_statistics, radial_power_spectrum
-from medsyn.metrics.clip import CLIP_SCORE_WEIGHT, ClipImageEncoder, OpenClipModel, prompt_adherence
 from medsyn.metrics.manifold import manifold_metrics, realism_scores
 from medsyn.privacy import AuditSpace, MemorisationAudit, memorisation_audit, save_flagged_pairs
 from medsyn.privacy.membership import (

@@ -93,7 +93,12 @@ class ServedModel:
     @classmethod
     def load(cls, name: str, source: str, device: str | torch.device = "cpu", gate: QualityGate | None = None
              ) -> ServedModel:
-        from medsyn.pipelines import ClassConditionalDDPMPipeline, MediSynPipeline, ScoreLangevinPipeline, load_pipeline
+        from medsyn.pipelines import (
+            ClassConditionalDDPMPipeline,
+            MediSynPipeline,
+            ScoreLangevinPipeline,
+            load_pipeline,
+        )
 
         started = time.perf_counter()
         pipe = load_pipeline(source)
