@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from diffusers.utils import logging as diffusers_logging
 from medsyn.data import SimulatedBrainMRI, image_transform
 from medsyn.metrics import fit_label_probe, label_probe_report
 from medsyn.metrics.feature_distances import frechet_distance
+from medsyn.output_files import write_npz_atomically
 from medsyn.pipelines import ClassConditionalDDPMPipeline, ScoreLangevinPipeline, load_pipeline
 from medsyn.schedulers import AnnealedLangevinScheduler, EDMHeunScheduler, PredictorCorrectorScheduler
 from medsyn.seeding import keyed_generator
@@ -141,17 +141,16 @@ class InceptionFID:
 
 def cached_features(compute, images: np.ndarray, cache_dir: str) -> torch.Tensor:
     """``compute(images)``, read from ``cache_dir`` when an earlier run stored it for these very pixels (the file is
-    named by their digest), else computed and stored (written whole, then renamed: a kill leaves no half file).
-    On one CPU thread the held-out set's Inception features take about as long as a setting's sampling."""
+    named by their digest), else computed and stored whole or not at all. On one CPU thread the held-out set's
+    Inception features take about as long as a setting's sampling."""
     digest = hashlib.sha256(np.ascontiguousarray(images).tobytes() + str(images.shape).encode()).hexdigest()[:32]
-    path = Path(cache_dir) / f"inception-{digest}.npy"
+    path = Path(cache_dir) / f"inception-{digest}.npz"
     if path.is_file():
-        return torch.from_numpy(np.load(path))
+        with np.load(path) as stored:
+            return torch.from_numpy(stored["features"])
     features = compute(images)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.stem + ".partial.npy")
-    np.save(partial, features.numpy())
-    os.replace(partial, path)
+    write_npz_atomically(path, features=features.numpy())
     return features
 
 

@@ -79,6 +79,11 @@ def test_a_trained_classifiers_backbone_serves_as_the_selector(tmp_path):
     stem = "resnet.embedder.embedder.convolution.weight"
     torch.testing.assert_close(untrained.state_dict()[stem], expert.state_dict()[stem], atol=1e-9, rtol=0)
 
+    # a continued selector (the next RLHF round's) still names its backbone
+    main(parse_args([*TINY, "--images", images, "--ratings", ratings, "--selector_model_name_or_path", str(out),
+                     "--max_train_steps", "1", "--output_dir", str(tmp_path / "continued")]))
+    card = (tmp_path / "continued" / "README.md").read_text()
+    assert "ResNetForImageClassification, backbone from expert" in card and "no training scan" not in card
     with pytest.raises(SystemExit):  # continue a selector or start one on a backbone, not both
         parse_args([*common, "--selector_model_name_or_path", str(out), "--output_dir", str(tmp_path / "x")])
     ResNetForImageClassification(ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8], depths=[1],

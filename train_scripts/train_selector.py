@@ -129,8 +129,8 @@ def save_selector(args, accelerator, model, threshold: float, metrics: dict, num
     model.save_pretrained(output_dir)
     (output_dir / "selector.json").write_text(json.dumps(
         {**metrics, "accept_threshold": threshold, "aspect": args.aspect}, indent=2))
-    backbone = (f"; the backbone is {Path(args.image_encoder_name_or_path).name}'s, trained on its own data"
-                if args.image_encoder_name_or_path else "; no training scan is used")
+    backbone = getattr(model.config, "selector_backbone", None)
+    origin = f"; the backbone is {backbone}'s, trained on its own data" if backbone else "; no training scan is used"
     write_model_card(
         output_dir,
         "selector",
@@ -144,21 +144,22 @@ def save_selector(args, accelerator, model, threshold: float, metrics: dict, num
         num_train_ratings=num_train,
         num_images=num_images,
         ratings_file=Path(args.ratings).name,
-        data_description=f"expert ratings of {num_images} generated images ({Path(args.images).name}){backbone}",
-        architecture=architecture(model, args.image_encoder_name_or_path),
+        data_description=f"expert ratings of {num_images} generated images ({Path(args.images).name}){origin}",
+        architecture=architecture(model),
     )
     if args.push_to_hub:
         push_model_folder(output_dir, args.hub_model_id or output_dir.name, args.hub_token, args.hub_private_repo)
 
 
-def architecture(model: PreTrainedModel, backbone: str | None) -> str:
+def architecture(model: PreTrainedModel) -> str:
     """The model card's one-line description of the selector's network."""
     config = model.config
     size = f"{config.num_channels} channels, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
     if config.model_type == "vit":
         return (f"ViT, {config.patch_size} px patches, {config.hidden_size} wide, {config.num_attention_heads} heads, "
                 f"{config.num_hidden_layers} layers, {config.image_size} px, {size}")
-    origin = f", backbone from {Path(backbone).name}" if backbone else ""
+    backbone = getattr(config, "selector_backbone", None)
+    origin = f", backbone from {backbone}" if backbone else ""
     return f"{type(model).__name__}{origin}, a one-output head, {size}"
 
 

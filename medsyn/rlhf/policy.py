@@ -136,7 +136,6 @@ class ClipAlignmentPolicy(AlignmentPolicy):
         return self
 
     def features(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        images = images.to(self.clip.mean.device)
         return torch.cat([self.clip.image_embeddings(images), self.clip.text_embeddings(prompts)], dim=1).float()
 
     def save_pretrained(self, folder: str | Path) -> None:

@@ -12,6 +12,8 @@ separates images rated 3 from the rest (balanced accuracy on the ratings).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torchmetrics.functional import spearman_corrcoef
@@ -38,6 +40,7 @@ def load_selector(folder: str, images: torch.Tensor | None = None, new_head: boo
     checks that the model takes them."""
     if new_head:
         model = AutoModelForImageClassification.from_pretrained(folder, num_labels=1, ignore_mismatched_sizes=True)
+        model.config.selector_backbone = Path(folder).name  # saved with it: the card names it in every later round
     else:
         model = AutoModelForImageClassification.from_pretrained(folder)
     if model.config.num_labels != 1:
