@@ -10,7 +10,12 @@ training-step overhead of alignment.
    graded by the features it was trained to match. The gain is paired per training seed and pooled over them with
    a t-interval.
 4. The step overhead is timed apart, in one process, alternating plain and aligned optimiser steps on one UNet
-   at ``--overhead-resolution`` (target <= 25% at 64 px).
+   at ``--overhead-resolution`` (target <= 25% at 64 px; ``--overhead-repeats 0`` skips it).
+
+Every stage resumes: a finished classifier or model in ``--output-dir`` is kept, a cut training run goes on from
+its newest checkpoint (resume-exact), and a model's judged evaluation is stored beside it, so an hour-long grid
+can stop and restart, and processes can split it by ``--train-seeds`` once the expert and judge exist. A last run
+over all seeds then reads everything back and prints the table.
 
     python benchmarks/bench_feature_alignment.py \\
         --data ../shared/data/brain_tumor_mri/brain_tumor_mri_4class_128.npz --output-dir /tmp/bench-fa
@@ -30,6 +35,7 @@ import torch
 from medsyn.evaluation.generation_accuracy import ExpertClassifier, generation_accuracy, paired_difference
 from medsyn.metrics.features import PooledImageEncoder
 from medsyn.models.score_unet import build_score_unet
+from medsyn.output_files import write_text_atomically
 from medsyn.pipelines import load_pipeline
 from medsyn.train_scripts import train_expert, train_score_langevin
 from medsyn.training.dsm_loss import dsm_loss
@@ -40,26 +46,59 @@ SCORE_RECIPE = [  # medsyn demo's recipe
     "--base_channels", "32", "--channel_mult", "1", "2", "2", "--layers_per_block", "1", "--norm_num_groups", "8",
     "--class_conditional", "--use_ema", "--ema_decay", "0.995", "--train_batch_size", "32", "--learning_rate", "1e-3",
     "--lr_warmup_steps", "50", "--num_noise_levels", "40", "--sigma_min", "0.05", "--n_steps_each", "6",
-    "--checkpointing_steps", "100000", "--report_to", "none", "--num_validation_images", "4",
+    "--report_to", "none", "--num_validation_images", "4",
 ]
 EXPERT_RECIPE = ["--embedding_size", "16", "--hidden_sizes", "32", "64", "128", "--depths", "1", "1", "1",
                  "--layer_type", "basic", "--train_batch_size", "64", "--learning_rate", "1e-3", "--augment",
-                 "--report_to", "none", "--checkpointing_steps", "100000"]
+                 "--report_to", "none"]
+TIMING_FILE = "bench_timing.json"  # beside a trained model: its training seconds
+EVALUATION_FILE = "bench_evaluation.json"  # beside a trained model: its judged evaluation and the settings used
+
+
+def resumable(args, steps: int) -> list[str]:
+    """Training flags that checkpoint every ``--checkpoint-every`` steps and go on from the newest checkpoint."""
+    return ["--max_train_steps", str(steps), "--validation_steps", str(steps + 1),
+            "--checkpointing_steps", str(args.checkpoint_every), "--resume_from_checkpoint", "latest"]
 
 
 def train_models(args, expert: str) -> dict[str, list[dict]]:
+    """A baseline and an aligned model per training seed, each trained, resumed or read back from its folder.
+    ``seconds`` of a resumed run count only the steps after the checkpoint (``resumed`` says so)."""
     runs: dict[str, list[dict]] = {"baseline": [], "aligned": []}
     for seed in args.train_seeds:
         for variant in runs:
             out = Path(args.output_dir) / f"{variant}-seed{seed}"
-            extra = ["--align_expert", expert, "--align_weight", str(args.align_weight)] if variant == "aligned" else []
-            start = time.perf_counter()
-            train_score_langevin.main(train_score_langevin.parse_args([
-                *SCORE_RECIPE, "--train_data_dir", args.data, "--resolution", str(args.resolution),
-                "--max_train_steps", str(args.train_steps), "--validation_steps", str(args.train_steps + 1),
-                "--seed", str(seed), "--output_dir", str(out), *extra]))
-            runs[variant].append({"path": str(out), "seconds": time.perf_counter() - start})
+            if not (out / "model_index.json").exists():
+                extra = (["--align_expert", expert, "--align_weight", str(args.align_weight)]
+                         if variant == "aligned" else [])
+                resumed = any(out.glob("checkpoint-*"))
+                start = time.perf_counter()
+                train_score_langevin.main(train_score_langevin.parse_args([
+                    *SCORE_RECIPE, "--train_data_dir", args.data, "--resolution", str(args.resolution),
+                    *resumable(args, args.train_steps), "--seed", str(seed), "--output_dir", str(out), *extra]))
+                write_text_atomically(out / TIMING_FILE, json.dumps(
+                    {"seconds": time.perf_counter() - start, "resumed": resumed}))
+            timing = json.loads((out / TIMING_FILE).read_text()) if (out / TIMING_FILE).exists() else {}
+            runs[variant].append({"path": str(out), "seconds": timing.get("seconds"),
+                                  "resumed": timing.get("resumed", False)})
     return runs
+
+
+def judged(run: dict, judge: ExpertClassifier, judge_path: str, args) -> dict:
+    """The run's generation accuracy by the judge, read back when it was stored with the same judge and settings."""
+    settings = {"judge": str(Path(judge_path).resolve()), "per_class": args.per_class,
+                "eval_seeds": list(args.eval_seeds), "guidance_scale": args.guidance_scale}
+    stored = Path(run["path"]) / EVALUATION_FILE
+    if stored.exists():
+        record = json.loads(stored.read_text())
+        if record["settings"] == settings:
+            return record["evaluation"]
+    pipeline = load_pipeline(run["path"])
+    pipeline.set_progress_bar_config(disable=True)
+    evaluation = generation_accuracy(pipeline, judge, args.per_class, args.eval_seeds,
+                                     guidance_scale=args.guidance_scale)
+    write_text_atomically(stored, json.dumps({"settings": settings, "evaluation": evaluation}))
+    return evaluation
 
 
 def resnet50_expert() -> FrozenExpert:
@@ -115,7 +154,14 @@ def pooled_gain(pairs: list[dict]) -> dict | None:
     return {"gains": gains, "mean": mean, "low": mean - half, "high": mean + half}
 
 
-def main() -> None:
+def seconds(run: dict) -> str:
+    """A run's training seconds for the table; those of a resumed run are marked, as they miss the cut part."""
+    if run["seconds"] is None:
+        return "?"
+    return f"{run['seconds']:.0f}" + (" (resumed)" if run["resumed"] else "")
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="a labelled image folder, manifest or .npz")
     parser.add_argument("--output-dir", required=True)
@@ -133,40 +179,37 @@ def main() -> None:
     parser.add_argument("--guidance-scale", type=float, default=4.0)
     parser.add_argument("--overhead-resolution", type=int, default=64)
     parser.add_argument("--overhead-batch", type=int, default=16)
-    parser.add_argument("--overhead-repeats", type=int, default=10)
-    args = parser.parse_args()
+    parser.add_argument("--overhead-repeats", type=int, default=10, help="0 skips the overhead timing")
+    parser.add_argument("--checkpoint-every", type=int, default=250,
+                        help="training steps between checkpoints, from which a cut run resumes")
+    args = parser.parse_args(argv)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     def classifier(name: str, seed: int, *extra: str) -> str:
-        path = str(output_dir / name)
-        train_expert.main(train_expert.parse_args([
-            *EXPERT_RECIPE, "--train_data_dir", args.data, "--resolution", str(args.resolution),
-            "--max_train_steps", str(args.expert_steps), "--validation_steps", str(args.expert_steps + 1),
-            "--seed", str(seed), "--output_dir", path, *extra]))
-        return path
+        path = output_dir / name
+        if not (path / "validation.json").exists():  # written once the classifier is saved
+            train_expert.main(train_expert.parse_args([
+                *EXPERT_RECIPE, "--train_data_dir", args.data, "--resolution", str(args.resolution),
+                *resumable(args, args.expert_steps), "--seed", str(seed), "--output_dir", str(path), *extra]))
+        return str(path)
 
     noise = ["--noise_augment", "ve", "--sigma_min", "0.05"] if args.expert_noise == "ve" else []
     expert = args.expert or classifier("expert", 0, *noise)
     judge_path = args.judge or classifier("judge", 100)
     expert_report, judge_report = (json.loads((Path(p) / "validation.json").read_text())
                                    if (Path(p) / "validation.json").is_file() else {} for p in (expert, judge_path))
-    runs = train_models(args, expert)
+    results = train_models(args, expert)
     judge = ExpertClassifier.from_pretrained(judge_path)
-    results = {}
-    for variant, variant_runs in runs.items():
-        for run in variant_runs:
-            pipeline = load_pipeline(run["path"])
-            pipeline.set_progress_bar_config(disable=True)
-            run["evaluation"] = generation_accuracy(pipeline, judge, args.per_class, args.eval_seeds,
-                                                    guidance_scale=args.guidance_scale)
-        results[variant] = variant_runs
-    pairs = [paired_difference(b["evaluation"], a["evaluation"]) for b, a in zip(results["baseline"], results["aligned"])]
+    for run in (run for variant_runs in results.values() for run in variant_runs):
+        run["evaluation"] = judged(run, judge, judge_path, args)
+    pairs = [paired_difference(baseline["evaluation"], aligned["evaluation"])
+             for baseline, aligned in zip(results["baseline"], results["aligned"])]
     overhead = {
         name: step_overhead(judge_expert, args.overhead_resolution, args.overhead_batch, args.overhead_repeats)
         for name, judge_expert in (("trained expert", FrozenExpert.from_pretrained(expert)),
                                    ("ResNet50 architecture", resnet50_expert()))
-    }
+    } if args.overhead_repeats else {}
     pooled = pooled_gain(pairs)
     (output_dir / "results.json").write_text(json.dumps(
         {"args": vars(args), "expert": expert_report, "judge": judge_report, "runs": results, "paired": pairs,
@@ -190,7 +233,7 @@ def main() -> None:
             per_class = " / ".join(f"{v:.2f}" for v in np.diag(matrix) / matrix.sum(1))
             diversity = ", ".join(f"{k} {v:.3f}" for k, v in ev["ms_ssim_per_class"].items())
             print(f"| {variant} | {seed} | {ev['accuracy_mean']:.3f} +- {ev['accuracy_std']:.3f} | {per_class} | "
-                  f"{diversity} | {run['seconds']:.0f} |")
+                  f"{diversity} | {seconds(run)} |")
     for seed, pair in zip(args.train_seeds, pairs):
         print(f"aligned - baseline (train seed {seed}, paired over eval seeds): "
               f"{pair['accuracy_difference_mean']:+.3f} +- {pair['accuracy_difference_std']:.3f}")
