@@ -5,7 +5,9 @@ it samples ``--per-class`` images per class with each sampler at each NFE budget
 and guidance, and prints NFE per image (both halves of guidance counted), images/s, a label probe's class
 agreement and Fréchet distance, and Inception FID against held-out real images (``--fid``). Annealed Langevin at
 its trained schedule runs with several seeds: its seed-to-seed spread is the yardstick, and the target is a
-sampler within it at <= 1/10 of Langevin's NFE.
+sampler within it at <= 1/10 of Langevin's NFE. Annealed Langevin cut to each budget (fewer levels, 2 steps each,
+the step size re-derived by NCSNv2's technique 4) is on the curve too: it is what ``num_inference_steps`` gives a
+user who keeps the default sampler.
 
 Reference images: medsyn's simulated MRI (the demo model), or a real set given as two NPZ files, the model's
 training split (the probe learns from it) and a held-out split (FID and probe distances are measured against it).
@@ -40,6 +42,7 @@ from medsyn.schedulers import AnnealedLangevinScheduler, EDMHeunScheduler, Predi
 from medsyn.seeding import keyed_generator
 
 LANGEVIN = "annealed Langevin, trained schedule"
+SHORT_LANGEVIN = "annealed Langevin, 2 steps per level, alpha re-derived"
 
 
 @dataclass
@@ -63,6 +66,8 @@ def score_settings(config, nfe_budgets: list[int], deterministic: bool) -> list[
                                 max(2, calls)))
         settings.append(Setting("predictor-corrector (1 corrector step)",
                                 PredictorCorrectorScheduler.from_config(config), max(2, calls // 2)))
+        settings.append(Setting(SHORT_LANGEVIN, AnnealedLangevinScheduler.from_config(config),
+                                max(2, (calls - 1) // 2), {"n_steps_each": 2}))  # L levels x 2 + 1 calls
     # Last, being the slowest: a run cut short has the fast samplers' rows.
     return settings + [Setting(LANGEVIN, AnnealedLangevinScheduler.from_config(config), None)]
 

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from medsyn.pipelines import ClassConditionalDDPMPipeline
+from medsyn.schedulers import AnnealedLangevinScheduler
 
+from .conftest import get_dummy_pipeline
 from .test_rlhf_generator_updates import tiny_ddpm
 
 SPEC = importlib.util.spec_from_file_location(
@@ -101,3 +103,16 @@ def test_real_features_are_cached_by_their_pixels(tmp_path):
     bench_fast_sampling.cached_features(compute, images + 1, str(tmp_path / "cache"))
     assert calls == [(2, 4, 4), (4, 2, 4), (2, 4, 4)]
     assert len(list((tmp_path / "cache").iterdir())) == 3  # one file per set of pixels, no temporary left
+
+
+def test_langevin_cut_to_a_budget_keeps_within_it_and_re_derives_its_step_size():
+    pipe = get_dummy_pipeline()
+    trained = AnnealedLangevinScheduler.from_config(pipe.scheduler.config, n_steps_each=6).config  # 4 levels x 6
+    for budget in (10, 20, 35, 50, 100):
+        (setting,) = [s for s in bench_fast_sampling.score_settings(trained, [budget], False)
+                      if s.sampler == bench_fast_sampling.SHORT_LANGEVIN]
+        pipe.scheduler = setting.scheduler
+        nfe = bench_fast_sampling.evaluations_per_image(pipe, setting)
+        levels = pipe.scheduler.num_inference_steps
+        assert budget - 2 <= nfe <= budget and nfe == 2 * (2 * levels + 1)  # L levels x 2 steps + 1, guided
+        assert pipe.scheduler.n_steps_each == 2 and pipe.scheduler.step_size != trained.step_size
