@@ -68,6 +68,10 @@ def train_models(args, expert: str) -> dict[str, list[dict]]:
     for seed in args.train_seeds:
         for variant in runs:
             out = Path(args.output_dir) / f"{variant}-seed{seed}"
+            summary = out / "training_summary.json"
+            if summary.exists() and (steps := json.loads(summary.read_text())["train_steps"]) != args.train_steps:
+                raise ValueError(f"{out} holds a model trained for {steps} steps, not --train-steps "
+                                 f"{args.train_steps}: give another --output-dir")
             if not (out / "model_index.json").exists():
                 extra = (["--align_expert", expert, "--align_weight", str(args.align_weight)]
                          if variant == "aligned" else [])

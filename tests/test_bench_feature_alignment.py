@@ -53,6 +53,8 @@ def test_a_second_run_reads_everything_back_and_re_judges_only_on_new_settings(f
     bench.main(bench_args(first_run))
     after = json.loads((first_run / "out" / "results.json").read_text())
     assert after["runs"] == before["runs"] and after["paired"] == before["paired"]
+    with pytest.raises(ValueError, match="trained for 4 steps, not --train-steps 6"):
+        bench.main(bench_args(first_run, "--train-steps", "6"))  # never mixed with models of another length
 
     monkeypatch.undo()
     monkeypatch.setattr(bench.train_expert, "main", refuse)
