@@ -17,6 +17,12 @@ its newest checkpoint (resume-exact), and a model's judged evaluation is stored 
 can stop and restart, and processes can split it by ``--train-seeds`` once the expert and judge exist. A last run
 over all seeds then reads everything back and prints the table.
 
+A grid longer than the machine's life (a scratch disk wiped between sessions) goes on elsewhere with ``--records``:
+a small folder kept with the results, where each judged model leaves its evaluation, its training seconds and the
+SHA-256 of the judge (and, for an aligned model, the expert) it depends on. A later run that retrains the expert
+and judge to the same weights (same data, seeds, torch and thread count: run it with ``OMP_NUM_THREADS=1``) reads
+those models back instead of training them again, and refuses, naming the difference, a record made otherwise.
+
     python benchmarks/bench_feature_alignment.py \\
         --data ../shared/data/brain_tumor_mri/brain_tumor_mri_4class_128.npz --output-dir /tmp/bench-fa
 """
@@ -24,6 +30,7 @@ over all seeds then reads everything back and prints the table.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import time
@@ -61,12 +68,65 @@ def resumable(args, steps: int) -> list[str]:
             "--checkpointing_steps", str(args.checkpoint_every), "--resume_from_checkpoint", "latest"]
 
 
-def train_models(args, expert: str) -> dict[str, list[dict]]:
-    """A baseline and an aligned model per training seed, each trained, resumed or read back from its folder.
-    ``seconds`` of a resumed run count only the steps after the checkpoint (``resumed`` says so)."""
+def weights_digest(folder: str) -> str:
+    """SHA-256 over a saved model's safetensors files: the same weights give the same digest wherever they lie."""
+    digest = hashlib.sha256()
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{folder}: no .safetensors weights to identify the model by")
+    for file in files:
+        digest.update(file.name.encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def recipe(args, variant: str, seed: int, expert_digest: str) -> dict:
+    """What a model's training depended on: a record made with anything else is not this model."""
+    made = {"data": str(Path(args.data).resolve()), "resolution": args.resolution, "train_steps": args.train_steps,
+            "seed": seed}
+    if variant == "aligned":
+        made |= {"align_weight": args.align_weight, "expert_sha256": expert_digest}
+    return made
+
+
+def recorded(args, variant: str, seed: int, made: dict, settings: dict) -> dict | None:
+    """The run read back from ``--records``, or None where it holds none; a record of another recipe, judge or
+    evaluation is refused by name, never mixed in or overwritten."""
+    path = Path(args.records) / f"{variant}-seed{seed}.json" if args.records else None
+    if path is None or not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    differs = [f"{key} {record[part].get(key)!r} (here {wanted!r})"
+               for part, expected in (("recipe", made), ("settings", settings))
+               for key, wanted in expected.items() if record[part].get(key) != wanted]
+    if differs:
+        raise ValueError(f"{path} was made otherwise ({'; '.join(differs)}): retrain the expert and judge as the "
+                         f"record says (torch {record['torch']}, OMP_NUM_THREADS=1), or give another --records")
+    return {"path": str(path), "seconds": record["seconds"], "resumed": record["resumed"], "recipe": made,
+            "evaluation": record["evaluation"]}
+
+
+def write_record(args, variant: str, seed: int, run: dict, settings: dict) -> None:
+    """Keep a judged model's outcome in ``--records``, without its weights."""
+    folder = Path(args.records)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(folder / f"{variant}-seed{seed}.json", json.dumps(
+        {"recipe": run["recipe"], "settings": settings, "torch": torch.__version__, "seconds": run["seconds"],
+         "resumed": run["resumed"], "evaluation": run["evaluation"]}, indent=1))
+
+
+def train_models(args, expert: str, settings: dict) -> dict[str, list[dict]]:
+    """A baseline and an aligned model per training seed, each read back from ``--records``, or trained, resumed or
+    read back from its folder. ``seconds`` of a resumed run count only the steps after the checkpoint (``resumed``
+    says so)."""
     runs: dict[str, list[dict]] = {"baseline": [], "aligned": []}
+    expert_digest = weights_digest(expert)
     for seed in args.train_seeds:
         for variant in runs:
+            made = recipe(args, variant, seed, expert_digest)
+            if run := recorded(args, variant, seed, made, settings):
+                runs[variant].append(run)
+                continue
             out = Path(args.output_dir) / f"{variant}-seed{seed}"
             summary = out / "training_summary.json"
             if summary.exists() and (steps := json.loads(summary.read_text())["train_steps"]) != args.train_steps:
@@ -84,14 +144,12 @@ def train_models(args, expert: str) -> dict[str, list[dict]]:
                     {"seconds": time.perf_counter() - start, "resumed": resumed}))
             timing = json.loads((out / TIMING_FILE).read_text()) if (out / TIMING_FILE).exists() else {}
             runs[variant].append({"path": str(out), "seconds": timing.get("seconds"),
-                                  "resumed": timing.get("resumed", False)})
+                                  "resumed": timing.get("resumed", False), "recipe": made})
     return runs
 
 
-def judged(run: dict, judge: ExpertClassifier, judge_path: str, args) -> dict:
+def judged(run: dict, judge: ExpertClassifier, settings: dict, args) -> dict:
     """The run's generation accuracy by the judge, read back when it was stored with the same judge and settings."""
-    settings = {"judge": str(Path(judge_path).resolve()), "per_class": args.per_class,
-                "eval_seeds": list(args.eval_seeds), "guidance_scale": args.guidance_scale}
     stored = Path(run["path"]) / EVALUATION_FILE
     if stored.exists():
         record = json.loads(stored.read_text())
@@ -186,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overhead-repeats", type=int, default=10, help="0 skips the overhead timing")
     parser.add_argument("--checkpoint-every", type=int, default=250,
                         help="training steps between checkpoints, from which a cut run resumes")
+    parser.add_argument("--records", help="a durable folder for each judged model's outcome, read back by later "
+                                          "runs on another machine (see above)")
     args = parser.parse_args(argv)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -203,10 +263,16 @@ def main(argv: list[str] | None = None) -> None:
     judge_path = args.judge or classifier("judge", 100)
     expert_report, judge_report = (json.loads((Path(p) / "validation.json").read_text())
                                    if (Path(p) / "validation.json").is_file() else {} for p in (expert, judge_path))
-    results = train_models(args, expert)
+    settings = {"judge_sha256": weights_digest(judge_path), "per_class": args.per_class,
+                "eval_seeds": list(args.eval_seeds), "guidance_scale": args.guidance_scale}
+    results = train_models(args, expert, settings)
     judge = ExpertClassifier.from_pretrained(judge_path)
-    for run in (run for variant_runs in results.values() for run in variant_runs):
-        run["evaluation"] = judged(run, judge, judge_path, args)
+    for variant, variant_runs in results.items():
+        for seed, run in zip(args.train_seeds, variant_runs):
+            if "evaluation" not in run:
+                run["evaluation"] = judged(run, judge, settings, args)
+                if args.records:
+                    write_record(args, variant, seed, run, settings)
     pairs = [paired_difference(baseline["evaluation"], aligned["evaluation"])
              for baseline, aligned in zip(results["baseline"], results["aligned"])]
     overhead = {

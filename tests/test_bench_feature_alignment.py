@@ -1,6 +1,6 @@
 """benchmarks/bench_feature_alignment.py: every stage of the hour-long grid resumes. A finished classifier or model is
 read back, a training run cut after a checkpoint goes on from it to the same weights, and a stored evaluation is
-reused only for the same judge and settings."""
+reused only for the same judge (by its weights) and settings, here or, through --records, after the disk is gone."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 SPEC = importlib.util.spec_from_file_location(
     "bench_feature_alignment", Path(__file__).parents[1] / "benchmarks" / "bench_feature_alignment.py")
@@ -85,3 +85,59 @@ def test_a_cut_training_run_resumes_from_its_checkpoint_to_the_same_weights(firs
                       for folder in (cut, done / "baseline-seed0"))
     assert resumed.keys() == whole.keys() and all((resumed[k] == whole[k]).all() for k in whole)
     assert json.loads((cut / bench.TIMING_FILE).read_text())["resumed"] is True
+
+
+def perturb_weights(folder: Path) -> None:
+    """The same classifier, retrained to other weights (as another thread count or torch would give)."""
+    file = folder / "model.safetensors"
+    weights = load_file(file)
+    first = sorted(weights)[0]
+    weights[first] = weights[first] + 1e-3
+    save_file(weights, file)
+
+
+def test_a_stored_evaluation_follows_the_judge_s_weights_not_its_path(first_run, tmp_path, monkeypatch):
+    for place in ("before", "after"):
+        shutil.copy(first_run / "data.npz", (tmp_path / place).mkdir() or tmp_path / place)
+    shutil.copytree(first_run / "out", tmp_path / "before" / "out")
+    monkeypatch.setattr(bench.train_score_langevin, "main", refuse)
+    bench.main(bench_args(tmp_path / "before"))  # judged at these settings, if not yet
+    shutil.move(tmp_path / "before" / "out", tmp_path / "after" / "out")  # the same judge, elsewhere
+    judged = []
+    real = bench.generation_accuracy
+    monkeypatch.setattr(bench, "generation_accuracy", lambda *a, **k: judged.append(a[2]) or real(*a, **k))
+    bench.main(bench_args(tmp_path / "after"))
+    assert judged == []
+    perturb_weights(tmp_path / "after" / "out" / "judge")  # retrained in place to other weights
+    bench.main(bench_args(tmp_path / "after"))
+    assert judged == [1, 1]
+
+
+def test_records_carry_a_grid_over_a_wiped_disk_and_refuse_one_made_otherwise(first_run, tmp_path, monkeypatch):
+    shutil.copy(first_run / "data.npz", tmp_path)
+    records = tmp_path / "records"
+    bench.main(bench_args(tmp_path, "--records", str(records)))
+    before = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert sorted(p.name for p in records.iterdir()) == ["aligned-seed0.json", "baseline-seed0.json"]
+    record = json.loads((records / "aligned-seed0.json").read_text())
+    assert not list(records.glob("*.safetensors")) and record["recipe"]["train_steps"] == 4
+    assert record["evaluation"] == before["runs"]["aligned"][0]["evaluation"]
+
+    shutil.rmtree(tmp_path / "out")  # the scratch disk is wiped; expert and judge retrain to the same weights
+    monkeypatch.setattr(bench.train_score_langevin, "main", refuse)
+    monkeypatch.setattr(bench, "generation_accuracy", refuse)
+    bench.main(bench_args(tmp_path, "--records", str(records)))
+    after = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert after["paired"] == before["paired"]
+    assert [run["evaluation"] for run in after["runs"]["baseline"]] == [
+        run["evaluation"] for run in before["runs"]["baseline"]]
+
+    with pytest.raises(ValueError, match=r"train_steps 4 \(here 6\)"):
+        bench.main(bench_args(tmp_path, "--records", str(records), "--train-steps", "6"))
+    perturb_weights(tmp_path / "out" / "expert")
+    with pytest.raises(ValueError, match="aligned-seed0.json was made otherwise.*expert_sha256"):
+        bench.main(bench_args(tmp_path, "--records", str(records)))
+    perturb_weights(tmp_path / "out" / "judge")
+    with pytest.raises(ValueError, match="baseline-seed0.json was made otherwise.*judge_sha256"):
+        bench.main(bench_args(tmp_path, "--records", str(records)))
+    assert json.loads((records / "aligned-seed0.json").read_text()) == record  # nothing kept was overwritten
