@@ -14,8 +14,8 @@ training-step overhead of alignment.
 
 Every stage resumes: a finished classifier or model in ``--output-dir`` is kept, a cut training run goes on from
 its newest checkpoint (resume-exact), and a model's judged evaluation is stored beside it, so an hour-long grid
-can stop and restart, and processes can split it by ``--train-seeds`` once the expert and judge exist. A last run
-over all seeds then reads everything back and prints the table.
+can stop and restart, and processes can split it by ``--train-seeds`` or ``--variants`` once the expert and judge
+exist. A last run over all seeds then reads everything back and prints the table.
 
 A grid longer than the machine's life (a scratch disk wiped between sessions) goes on elsewhere with ``--records``:
 a small folder kept with the results, where each judged model leaves its evaluation, its training seconds and the
@@ -58,6 +58,7 @@ SCORE_RECIPE = [  # medsyn demo's recipe
 EXPERT_RECIPE = ["--embedding_size", "16", "--hidden_sizes", "32", "64", "128", "--depths", "1", "1", "1",
                  "--layer_type", "basic", "--train_batch_size", "64", "--learning_rate", "1e-3", "--augment",
                  "--report_to", "none"]
+VARIANTS = ("baseline", "aligned")
 TIMING_FILE = "bench_timing.json"  # beside a trained model: its training seconds
 EVALUATION_FILE = "bench_evaluation.json"  # beside a trained model: its judged evaluation and the settings used
 
@@ -115,37 +116,24 @@ def write_record(args, variant: str, seed: int, run: dict, settings: dict) -> No
          "resumed": run["resumed"], "evaluation": run["evaluation"]}, indent=1))
 
 
-def train_models(args, expert: str, settings: dict) -> dict[str, list[dict]]:
-    """A baseline and an aligned model per training seed, each read back from ``--records``, or trained, resumed or
-    read back from its folder. ``seconds`` of a resumed run count only the steps after the checkpoint (``resumed``
-    says so)."""
-    runs: dict[str, list[dict]] = {"baseline": [], "aligned": []}
-    expert_digest = weights_digest(expert)
-    for seed in args.train_seeds:
-        for variant in runs:
-            made = recipe(args, variant, seed, expert_digest)
-            if run := recorded(args, variant, seed, made, settings):
-                runs[variant].append(run)
-                continue
-            out = Path(args.output_dir) / f"{variant}-seed{seed}"
-            summary = out / "training_summary.json"
-            if summary.exists() and (steps := json.loads(summary.read_text())["train_steps"]) != args.train_steps:
-                raise ValueError(f"{out} holds a model trained for {steps} steps, not --train-steps "
-                                 f"{args.train_steps}: give another --output-dir")
-            if not (out / "model_index.json").exists():
-                extra = (["--align_expert", expert, "--align_weight", str(args.align_weight)]
-                         if variant == "aligned" else [])
-                resumed = any(out.glob("checkpoint-*"))
-                start = time.perf_counter()
-                train_score_langevin.main(train_score_langevin.parse_args([
-                    *SCORE_RECIPE, "--train_data_dir", args.data, "--resolution", str(args.resolution),
-                    *resumable(args, args.train_steps), "--seed", str(seed), "--output_dir", str(out), *extra]))
-                write_text_atomically(out / TIMING_FILE, json.dumps(
-                    {"seconds": time.perf_counter() - start, "resumed": resumed}))
-            timing = json.loads((out / TIMING_FILE).read_text()) if (out / TIMING_FILE).exists() else {}
-            runs[variant].append({"path": str(out), "seconds": timing.get("seconds"),
-                                  "resumed": timing.get("resumed", False), "recipe": made})
-    return runs
+def train(args, out: Path, variant: str, seed: int, expert: str) -> dict:
+    """One model trained, resumed or read back from its folder. ``seconds`` of a resumed run count only the steps
+    after the checkpoint (``resumed`` says so)."""
+    summary = out / "training_summary.json"
+    if summary.exists() and (steps := json.loads(summary.read_text())["train_steps"]) != args.train_steps:
+        raise ValueError(f"{out} holds a model trained for {steps} steps, not --train-steps "
+                         f"{args.train_steps}: give another --output-dir")
+    if not (out / "model_index.json").exists():
+        extra = ["--align_expert", expert, "--align_weight", str(args.align_weight)] if variant == "aligned" else []
+        resumed = any(out.glob("checkpoint-*"))
+        start = time.perf_counter()
+        train_score_langevin.main(train_score_langevin.parse_args([
+            *SCORE_RECIPE, "--train_data_dir", args.data, "--resolution", str(args.resolution),
+            *resumable(args, args.train_steps), "--seed", str(seed), "--output_dir", str(out), *extra]))
+        write_text_atomically(out / TIMING_FILE, json.dumps({"seconds": time.perf_counter() - start,
+                                                             "resumed": resumed}))
+    timing = json.loads((out / TIMING_FILE).read_text()) if (out / TIMING_FILE).exists() else {}
+    return {"path": str(out), "seconds": timing.get("seconds"), "resumed": timing.get("resumed", False)}
 
 
 def judged(run: dict, judge: ExpertClassifier, settings: dict, args) -> dict:
@@ -161,6 +149,23 @@ def judged(run: dict, judge: ExpertClassifier, settings: dict, args) -> dict:
                                      guidance_scale=args.guidance_scale)
     write_text_atomically(stored, json.dumps({"settings": settings, "evaluation": evaluation}))
     return evaluation
+
+
+def train_and_judge(args, expert: str, judge: ExpertClassifier, settings: dict) -> dict[str, list[dict]]:
+    """Each ``--variants`` model per training seed, read back from ``--records``, or trained and judged at once (and
+    recorded), so that a run cut part-way loses at most the model in hand."""
+    runs: dict[str, list[dict]] = {variant: [] for variant in args.variants}
+    expert_digest = weights_digest(expert)
+    for seed in args.train_seeds:
+        for variant in runs:
+            made = recipe(args, variant, seed, expert_digest)
+            if not (run := recorded(args, variant, seed, made, settings)):
+                run = train(args, Path(args.output_dir) / f"{variant}-seed{seed}", variant, seed, expert)
+                run |= {"recipe": made, "evaluation": judged(run, judge, settings, args)}
+                if args.records:
+                    write_record(args, variant, seed, run, settings)
+            runs[variant].append(run)
+    return runs
 
 
 def resnet50_expert() -> FrozenExpert:
@@ -235,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--expert-steps", type=int, default=600)
     parser.add_argument("--train-steps", type=int, default=600)
     parser.add_argument("--train-seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="only these models per seed: two processes can train a seed's pair side by side")
     parser.add_argument("--align-weight", type=float, default=0.1)
     parser.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--per-class", type=int, default=12)
@@ -265,16 +272,10 @@ def main(argv: list[str] | None = None) -> None:
                                    if (Path(p) / "validation.json").is_file() else {} for p in (expert, judge_path))
     settings = {"judge_sha256": weights_digest(judge_path), "per_class": args.per_class,
                 "eval_seeds": list(args.eval_seeds), "guidance_scale": args.guidance_scale}
-    results = train_models(args, expert, settings)
     judge = ExpertClassifier.from_pretrained(judge_path)
-    for variant, variant_runs in results.items():
-        for seed, run in zip(args.train_seeds, variant_runs):
-            if "evaluation" not in run:
-                run["evaluation"] = judged(run, judge, settings, args)
-                if args.records:
-                    write_record(args, variant, seed, run, settings)
+    results = train_and_judge(args, expert, judge, settings)
     pairs = [paired_difference(baseline["evaluation"], aligned["evaluation"])
-             for baseline, aligned in zip(results["baseline"], results["aligned"])]
+             for baseline, aligned in zip(results.get("baseline", []), results.get("aligned", []))]
     overhead = {
         name: step_overhead(judge_expert, args.overhead_resolution, args.overhead_batch, args.overhead_repeats)
         for name, judge_expert in (("trained expert", FrozenExpert.from_pretrained(expert)),

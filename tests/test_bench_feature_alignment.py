@@ -141,3 +141,29 @@ def test_records_carry_a_grid_over_a_wiped_disk_and_refuse_one_made_otherwise(fi
     with pytest.raises(ValueError, match="baseline-seed0.json was made otherwise.*judge_sha256"):
         bench.main(bench_args(tmp_path, "--records", str(records)))
     assert json.loads((records / "aligned-seed0.json").read_text()) == record  # nothing kept was overwritten
+
+
+def test_each_model_is_recorded_once_judged_and_processes_can_split_a_seed_s_pair(first_run, tmp_path, monkeypatch):
+    shutil.copy(first_run / "data.npz", tmp_path)
+    records = tmp_path / "records"
+    real_train = bench.train_score_langevin.main
+
+    def killed_at_the_aligned_model(args):
+        if args.align_expert:
+            raise KeyboardInterrupt("the machine went away")
+        real_train(args)
+
+    monkeypatch.setattr(bench.train_score_langevin, "main", killed_at_the_aligned_model)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(bench_args(tmp_path, "--records", str(records)))
+    assert [p.name for p in records.iterdir()] == ["baseline-seed0.json"]  # judged before the next model began
+
+    monkeypatch.setattr(bench.train_score_langevin, "main", real_train)
+    trained = []
+    real_model = bench.train
+    monkeypatch.setattr(bench, "train", lambda *a: trained.append(a[2]) or real_model(*a))
+    bench.main(bench_args(tmp_path, "--records", str(records), "--variants", "aligned"))
+    assert trained == ["aligned"] and json.loads((tmp_path / "out" / "results.json").read_text())["paired"] == []
+    bench.main(bench_args(tmp_path, "--records", str(records)))  # the pair, both read back
+    assert trained == ["aligned"]
+    assert len(json.loads((tmp_path / "out" / "results.json").read_text())["paired"]) == 1
