@@ -85,8 +85,9 @@ def recipe(args, variant: str, seed: int, expert_digest: str) -> dict:
     """What a model's training depended on: a record made with anything else is not this model."""
     made = {"data": str(Path(args.data).resolve()), "resolution": args.resolution, "train_steps": args.train_steps,
             "seed": seed}
-    if variant == "aligned":
-        made |= {"align_weight": args.align_weight, "expert_sha256": expert_digest}
+    if variant == "aligned":  # the weight against the per-value MSE (records without this key were per image sum)
+        made |= {"align_weight": args.align_weight, "align_weight_against": "per-value MSE",
+                 "expert_sha256": expert_digest}
     return made
 
 

@@ -134,6 +134,13 @@ def test_records_carry_a_grid_over_a_wiped_disk_and_refuse_one_made_otherwise(fi
 
     with pytest.raises(ValueError, match=r"train_steps 4 \(here 6\)"):
         bench.main(bench_args(tmp_path, "--records", str(records), "--train-steps", "6"))
+    per_image_sum = tmp_path / "per-image-sum"  # made while --align_weight was against the per-image DSM sum
+    shutil.copytree(records, per_image_sum)
+    legacy = json.loads((per_image_sum / "aligned-seed0.json").read_text())
+    del legacy["recipe"]["align_weight_against"]
+    (per_image_sum / "aligned-seed0.json").write_text(json.dumps(legacy))
+    with pytest.raises(ValueError, match="aligned-seed0.json was made otherwise.*align_weight_against None"):
+        bench.main(bench_args(tmp_path, "--records", str(per_image_sum)))
     perturb_weights(tmp_path / "out" / "expert")
     with pytest.raises(ValueError, match="aligned-seed0.json was made otherwise.*expert_sha256"):
         bench.main(bench_args(tmp_path, "--records", str(records)))

@@ -1,6 +1,7 @@
 import torch
+import torch.nn.functional as F
 
-from medsyn.training.dsm_loss import dsm_loss, perturb
+from medsyn.training.dsm_loss import dsm_loss, per_value_scale, perturb
 
 
 def test_dsm_loss_at_optimal_score_equals_closed_form_minimum():
@@ -27,3 +28,14 @@ def test_perturb_draws_levels_uniformly_and_adds_scaled_noise():
     torch.testing.assert_close(noisy, sigma.view(-1, 1, 1, 1) * noise)
     counts = torch.stack([(sigma == s).float().mean() for s in sigmas])
     torch.testing.assert_close(counts, torch.full((3,), 1 / 3), atol=0.01, rtol=0)
+
+
+def test_per_value_scale_turns_the_per_value_mse_of_the_implied_noise_into_the_dsm_loss():
+    """-sigma * score is the score model's noise prediction: its per-value MSE against z, times half an image's
+    value count, is the DSM loss, for any shape."""
+    generator = torch.Generator().manual_seed(0)
+    for shape in ((4, 1, 8, 8), (3, 3, 16, 12)):
+        score, noise = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+        sigma = torch.rand(shape[0], generator=generator) + 0.1
+        mse = F.mse_loss(-sigma.view(-1, 1, 1, 1) * score, noise)
+        torch.testing.assert_close(dsm_loss(score, noise, sigma).mean(), per_value_scale(score) * mse)

@@ -65,6 +65,31 @@ def test_aligned_score_training_differs_from_plain_and_saves_the_projection_with
     assert "every noise level weighted equally (the expert has no accuracy per noise level)" in card
 
 
+@pytest.mark.parametrize("resolution", [16, 24])
+def test_the_alignment_weight_is_against_the_per_value_dsm_at_every_resolution(expert_path, tmp_path, monkeypatch,
+                                                                              resolution):
+    """The DSM loss sums over an image's values; the alignment term is scaled by half their count, so that
+    --align_weight means what it means against MediSyn's per-value MSE (once 1/2048 of it at 64 px)."""
+    seen = []
+
+    def recording_loop(args, run, loss_fn, **kwargs):
+        def recorded(batch, step):
+            losses = loss_fn(batch, step)
+            seen.append({name: value.item() for name, value in losses.items()})
+            return losses
+        return training_loop(args, run, recorded, **kwargs)
+
+    training_loop = train_score_langevin.training_loop
+    monkeypatch.setattr(train_score_langevin, "training_loop", recording_loop)
+    score_run(tmp_path, "aligned", "--max_train_steps", "2", "--resolution", str(resolution), "--align_expert",
+              expert_path, "--align_weight", "0.3")
+    assert len(seen) == 2
+    for losses in seen:
+        expected = losses["dsm_loss"] + 0.3 * resolution**2 / 2 * losses["align_loss"]  # one channel
+        assert losses["align_loss"] > 0.1
+        assert losses["loss"] == pytest.approx(expected, rel=1e-5)
+
+
 def test_levels_where_the_expert_guesses_teach_the_unet_nothing(ve_expert_path, tmp_path):
     """Above the margin no level is informative: every weight is 0 and the UNet trains as without alignment (up to
     float rounding in the clipping norm, which now also sums the head's zero gradients); below it the UNet changes."""

@@ -46,7 +46,7 @@ from medsyn.training.class_conditional import (
     unet_config_from_arguments,
 )
 from medsyn.training.differential_privacy import add_privacy_arguments, check_privacy_arguments, make_private
-from medsyn.training.dsm_loss import dsm_loss, perturb
+from medsyn.training.dsm_loss import dsm_loss, per_value_scale, perturb
 from medsyn.training.expert_noise import ExpertNoise, NoiseProcess
 from medsyn.training.feature_alignment import (
     FeatureAligner,
@@ -209,8 +209,10 @@ def main(args: argparse.Namespace) -> UNet2DModel:
         losses = {"loss": dsm_loss(score.float(), noise.float(), sigma.float()).mean()}
         if aligner is not None:
             seen, level = (noisy, sigma) if args.align_on == "noisy" else (clean, None)
+            losses["dsm_loss"] = losses["loss"]
             losses["align_loss"] = aligner.loss(seen, level, head)
-            losses["loss"] = losses["loss"] + args.align_weight * losses["align_loss"]
+            # dsm_loss sums over an image's values; --align_weight is relative to a per-value mean loss, as in MediSyn
+            losses["loss"] = losses["loss"] + args.align_weight * per_value_scale(clean) * losses["align_loss"]
         return losses
 
     def validate(step):

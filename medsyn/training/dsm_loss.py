@@ -38,3 +38,17 @@ def dsm_loss(score: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> t
         raise ValueError(f"score shape {tuple(score.shape)} != noise shape {tuple(noise.shape)}")
     residual = sigma.view(-1, *[1] * (score.ndim - 1)).to(score.dtype) * score + noise
     return 0.5 * residual.pow(2).flatten(1).sum(dim=1)
+
+
+def per_value_scale(sample: torch.Tensor) -> float:
+    """``dsm_loss`` over the per-value mean squared error of the noise it implies (``-sigma * score`` against ``z``):
+    half of one image's value count.
+
+    A term weighted for a per-value mean loss (diffusers' DDPM MSE, MediSyn's, the feature-aligned paper's) is
+    multiplied by this before it is added to ``dsm_loss``, so that its weight means the same at every resolution
+    and in every training script.
+
+    Args:
+        sample: a batch of images (B, C, H, W).
+    """
+    return sample[0].numel() / 2

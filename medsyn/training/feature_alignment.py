@@ -187,7 +187,11 @@ def add_alignment_arguments(parser) -> None:
     group.add_argument("--align_expert", type=str, default=None,
                        help="An expert classifier (train_expert.py, best with --noise_augment) whose features of the "
                             "noisy input the UNet's features must predict.")
-    group.add_argument("--align_weight", type=float, default=0.1, help="w2 in L = L_diffusion + w2 * L_align.")
+    group.add_argument("--align_weight", type=float, default=0.1,
+                       help="w2 in L = L_diffusion + w2 * L_align, against L_diffusion as a per-value mean squared "
+                            "error (diffusers' and MediSyn's; the score model's per-image DSM sum is half an image's "
+                            "value count times that), so that a weight means the same at every resolution and in "
+                            "every training script.")
     group.add_argument("--align_block", type=str, default=DEFAULT_ALIGN_BLOCK,
                        help='The UNet block whose pooled output is aligned, e.g. "down_blocks.-1" or "mid_block".')
     group.add_argument("--align_on", type=str, default="noisy", choices=("noisy", "clean"),

@@ -1,0 +1,98 @@
+"""How strongly does the alignment term pull on the score UNet, next to denoising score matching?
+
+``--align_weight`` multiplies ``1 - cosine`` (at most 2 per image) against a per-value mean squared error, which
+for the score model's per-image DSM *sum* means scaling the term by half an image's value count (before that
+scaling, a weight of 0.1 at 64 px was 1/2048 of the paper's). This script measures what a weight does where it
+acts: the gradient norms of both terms on the UNet's own parameters, per band of the score model's noise levels,
+on real batches, for a fresh UNet or a trained one.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_alignment_strength.py \\
+        --data ../shared/data/brain_tumor_mri/brain_tumor_mri_4class_128.npz --resolution 64 \\
+        --expert /tmp/bench/fa64/brain-200/expert --unet /tmp/bench/fa64/brain-200/baseline-seed1/unet
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DModel
+
+from medsyn.data import image_channels, image_transform
+from medsyn.models.score_unet import null_class_label
+from medsyn.schedulers.scheduling_annealed_langevin import geometric_sigmas
+from medsyn.training.class_conditional import labelled_dataloader
+from medsyn.training.dsm_loss import dsm_loss, per_value_scale
+from medsyn.training.script_args import load_training_data
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_feature_alignment import SCORE_RECIPE  # noqa: E402  (the grid's recipe, so the UNet is the same)
+
+from medsyn.train_scripts import train_score_langevin  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--expert", required=True, help="the alignment expert's folder")
+    parser.add_argument("--unet", help="a trained score UNet's folder; default: a fresh one of the grid's recipe")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--align-weight", type=float, default=0.1)
+    parser.add_argument("--bands", type=int, default=4, help="equal slices of the noise schedule, largest first")
+    parser.add_argument("--batches", type=int, default=3, help="batches of 32 per band")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    train_args = train_score_langevin.parse_args([
+        *SCORE_RECIPE, "--train_data_dir", args.data, "--resolution", str(args.resolution), "--output_dir",
+        "unused", "--align_expert", args.expert, "--align_weight", str(args.align_weight)])
+    dataset, _ = load_training_data(train_args, require_labels=True)
+    to_tensor = image_transform(args.resolution, center_crop=train_args.center_crop)
+    unet, scheduler = train_score_langevin.build_model_and_scheduler(
+        train_args, dataset, to_tensor, len(dataset.features["label"].names), image_channels(dataset))
+    if args.unet:
+        unet.load_state_dict(UNet2DModel.from_pretrained(args.unet).state_dict())
+    sigmas = geometric_sigmas(scheduler.config.sigma_max, scheduler.config.sigma_min,
+                              scheduler.config.num_train_timesteps).float()
+    aligner = train_score_langevin.build_aligner(train_args, unet, to_tensor(dataset[0]["image"]), sigmas,
+                                               null_class_label(unet))
+    parameters = [p for p in unet.parameters() if p.requires_grad]
+    batches = iter(labelled_dataloader(dataset, to_tensor, train_args))
+    pixels = math.prod(to_tensor(dataset[0]["image"]).shape)
+
+    print(f"{'trained' if args.unet else 'fresh'} UNet, {args.resolution} px, {pixels} values per image, align "
+          f"weight {args.align_weight}, {args.batches} batches of 32 per band")
+    print("| sigma band | alignment weight of the band (expert) | DSM loss | align loss | grad DSM | "
+          "grad weight x align | ratio | cosine of the two gradients |")
+    print("|---|---|---|---|---|---|---|---|")
+    for band in torch.tensor_split(sigmas, args.bands):
+        rows = []
+        for _ in range(args.batches):
+            batch = next(batches)
+            clean, labels = batch["pixel_values"], batch["labels"]
+            sigma = band[torch.randint(len(band), (clean.shape[0],))]
+            noise = torch.randn_like(clean)
+            noisy = clean + sigma.view(-1, 1, 1, 1) * noise
+            score = unet(noisy, sigma, class_labels=labels).sample
+            dsm = dsm_loss(score, noise, sigma).mean()
+            align = args.align_weight * per_value_scale(clean) * aligner.loss(noisy, sigma)
+            g_dsm = torch.autograd.grad(dsm, parameters, retain_graph=True, allow_unused=True)
+            g_align = torch.autograd.grad(align, parameters, allow_unused=True)
+            pairs = [(a, b) for a, b in zip(g_dsm, g_align) if a is not None and b is not None]
+            dot = sum((a * b).sum() for a, b in pairs)
+            n_dsm = torch.sqrt(sum(a.pow(2).sum() for a in g_dsm if a is not None))
+            n_align = torch.sqrt(sum(b.pow(2).sum() for b in g_align if b is not None))
+            rows.append((dsm.item(), align.item() / args.align_weight, n_dsm.item(), n_align.item(),
+                         (dot / (n_dsm * n_align).clamp_min(1e-30)).item()))
+        mean = [sum(column) / len(column) for column in zip(*rows)]
+        weight = aligner.weights(band).mean().item() if aligner.weights(band) is not None else 1.0
+        print(f"| {band.max():.3g} to {band.min():.3g} | {weight:.2f} | {mean[0]:.1f} | {mean[1]:.3f} | "
+              f"{mean[2]:.3g} | {mean[3]:.3g} | {mean[3] / mean[2]:.2e} | {mean[4]:+.3f} |")
+
+
+if __name__ == "__main__":
+    main()
