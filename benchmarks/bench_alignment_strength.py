@@ -4,7 +4,8 @@
 for the score model's per-image DSM *sum* means scaling the term by half an image's value count (before that
 scaling, a weight of 0.1 at 64 px was 1/2048 of the paper's). This script measures what a weight does where it
 acts: the gradient norms of both terms on the UNet's own parameters, per band of the score model's noise levels,
-on real batches, for a fresh UNet or a trained one.
+on real batches, for a fresh UNet or a trained one. The head is freshly initialised, as when alignment starts;
+a trained head lowers the alignment loss and its gradient.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_alignment_strength.py \\
         --data ../shared/data/brain_tumor_mri/brain_tumor_mri_4class_128.npz --resolution 64 \\
@@ -79,14 +80,15 @@ def main(argv: list[str] | None = None) -> None:
             noisy = clean + sigma.view(-1, 1, 1, 1) * noise
             score = unet(noisy, sigma, class_labels=labels).sample
             dsm = dsm_loss(score, noise, sigma).mean()
-            align = args.align_weight * per_value_scale(clean) * aligner.loss(noisy, sigma)
+            distance = aligner.loss(noisy, sigma)  # weighted 1 - cosine, before --align_weight
+            align = args.align_weight * per_value_scale(clean) * distance
             g_dsm = torch.autograd.grad(dsm, parameters, retain_graph=True, allow_unused=True)
             g_align = torch.autograd.grad(align, parameters, allow_unused=True)
             pairs = [(a, b) for a, b in zip(g_dsm, g_align) if a is not None and b is not None]
             dot = sum((a * b).sum() for a, b in pairs)
             n_dsm = torch.sqrt(sum(a.pow(2).sum() for a in g_dsm if a is not None))
             n_align = torch.sqrt(sum(b.pow(2).sum() for b in g_align if b is not None))
-            rows.append((dsm.item(), align.item() / args.align_weight, n_dsm.item(), n_align.item(),
+            rows.append((dsm.item(), distance.item(), n_dsm.item(), n_align.item(),
                          (dot / (n_dsm * n_align).clamp_min(1e-30)).item()))
         mean = [sum(column) / len(column) for column in zip(*rows)]
         weight = aligner.weights(band).mean().item() if aligner.weights(band) is not None else 1.0
