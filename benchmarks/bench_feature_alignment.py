@@ -45,7 +45,7 @@ from medsyn.models.score_unet import build_score_unet
 from medsyn.output_files import write_text_atomically
 from medsyn.pipelines import load_pipeline
 from medsyn.train_scripts import train_expert, train_score_langevin
-from medsyn.training.dsm_loss import dsm_loss
+from medsyn.training.dsm_loss import dsm_loss, per_value_scale
 from medsyn.training.expert_noise import ExpertNoise, NoiseProcess
 from medsyn.training.feature_alignment import FeatureAligner, FrozenExpert, block_channels
 
@@ -196,7 +196,7 @@ def step_overhead(expert: FrozenExpert, resolution: int, batch: int, repeats: in
         noisy = clean + sigma.view(-1, 1, 1, 1) * noise
         loss = dsm_loss(unet(noisy, sigma, class_labels=labels).sample, noise, sigma).mean()
         if aligned:
-            loss = loss + 0.1 * aligner.loss(noisy, sigma)
+            loss = loss + 0.1 * per_value_scale(clean) * aligner.loss(noisy, sigma)  # as the score script adds it
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
