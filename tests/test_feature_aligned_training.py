@@ -88,6 +88,7 @@ def test_the_alignment_weight_is_against_the_per_value_dsm_at_every_resolution(e
         expected = losses["dsm_loss"] + 0.3 * resolution**2 / 2 * losses["align_loss"]  # one channel
         assert losses["align_loss"] > 0.1
         assert losses["loss"] == pytest.approx(expected, rel=1e-5)
+    assert "weight 0.3 per value" in (tmp_path / "aligned" / "README.md").read_text()
 
 
 def test_levels_where_the_expert_guesses_teach_the_unet_nothing(ve_expert_path, tmp_path):

@@ -267,5 +267,6 @@ def describe_alignment(args, aligner: FeatureAligner | None) -> str:
         kept = accuracy.informative_range(args.align_min_margin)
         weighting = (f"noise levels weighted by the expert's accuracy over chance (margin {args.align_min_margin}; "
                      + (f"informative for sigma {kept[0]:.3g} to {kept[1]:.3g})" if kept else "no level informative)"))
-    return (f"expert {card_reference(args.align_expert)}, weight {args.align_weight}, block `{args.align_block}`, "
-            f"the expert sees the {args.align_on} input, an MLP head predicts its features (1 - cosine), {weighting}")
+    return (f"expert {card_reference(args.align_expert)}, weight {args.align_weight} per value, "
+            f"block `{args.align_block}`, the expert sees the {args.align_on} input, an MLP head predicts its "
+            f"features (1 - cosine), {weighting}")
