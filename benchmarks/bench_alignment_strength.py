@@ -15,7 +15,6 @@ a trained head lowers the alignment loss and its gradient.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -26,13 +25,19 @@ from medsyn.data import image_channels, image_transform
 from medsyn.models.score_unet import null_class_label
 from medsyn.schedulers.scheduling_annealed_langevin import geometric_sigmas
 from medsyn.training.class_conditional import labelled_dataloader
-from medsyn.training.dsm_loss import dsm_loss, per_value_scale
+from medsyn.training.dsm_loss import dsm_loss, per_value_scale, perturb
 from medsyn.training.script_args import load_training_data
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_feature_alignment import SCORE_RECIPE  # noqa: E402  (the grid's recipe, so the UNet is the same)
 
 from medsyn.train_scripts import train_score_langevin  # noqa: E402
+
+
+def flat_gradient(loss: torch.Tensor, parameters: list[torch.nn.Parameter], keep_graph: bool) -> torch.Tensor:
+    """d loss / d parameters as one vector, zeros where the loss does not reach (the up path, for alignment)."""
+    grads = torch.autograd.grad(loss, parameters, retain_graph=keep_graph, materialize_grads=True)
+    return torch.cat([grad.flatten() for grad in grads])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,14 +64,13 @@ def main(argv: list[str] | None = None) -> None:
         unet.load_state_dict(UNet2DModel.from_pretrained(args.unet).state_dict())
     sigmas = geometric_sigmas(scheduler.config.sigma_max, scheduler.config.sigma_min,
                               scheduler.config.num_train_timesteps).float()
-    aligner = train_score_langevin.build_aligner(train_args, unet, to_tensor(dataset[0]["image"]), sigmas,
-                                               null_class_label(unet))
+    example = to_tensor(dataset[0]["image"])
+    aligner = train_score_langevin.build_aligner(train_args, unet, example, sigmas, null_class_label(unet))
     parameters = [p for p in unet.parameters() if p.requires_grad]
     batches = iter(labelled_dataloader(dataset, to_tensor, train_args))
-    pixels = math.prod(to_tensor(dataset[0]["image"]).shape)
 
-    print(f"{'trained' if args.unet else 'fresh'} UNet, {args.resolution} px, {pixels} values per image, align "
-          f"weight {args.align_weight}, {args.batches} batches of 32 per band")
+    print(f"{'trained' if args.unet else 'fresh'} UNet, {args.resolution} px, {example.numel()} values per image, "
+          f"align weight {args.align_weight}, {args.batches} batches of 32 per band")
     print("| sigma band | alignment weight of the band (expert) | DSM loss | align loss | grad DSM | "
           "grad weight x align | ratio | cosine of the two gradients |")
     print("|---|---|---|---|---|---|---|---|")
@@ -75,23 +79,18 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.batches):
             batch = next(batches)
             clean, labels = batch["pixel_values"], batch["labels"]
-            sigma = band[torch.randint(len(band), (clean.shape[0],))]
-            noise = torch.randn_like(clean)
-            noisy = clean + sigma.view(-1, 1, 1, 1) * noise
+            noisy, noise, sigma = perturb(clean, band)
             score = unet(noisy, sigma, class_labels=labels).sample
             dsm = dsm_loss(score, noise, sigma).mean()
             distance = aligner.loss(noisy, sigma)  # weighted 1 - cosine, before --align_weight
             align = args.align_weight * per_value_scale(clean) * distance
-            g_dsm = torch.autograd.grad(dsm, parameters, retain_graph=True, allow_unused=True)
-            g_align = torch.autograd.grad(align, parameters, allow_unused=True)
-            pairs = [(a, b) for a, b in zip(g_dsm, g_align) if a is not None and b is not None]
-            dot = sum((a * b).sum() for a, b in pairs)
-            n_dsm = torch.sqrt(sum(a.pow(2).sum() for a in g_dsm if a is not None))
-            n_align = torch.sqrt(sum(b.pow(2).sum() for b in g_align if b is not None))
-            rows.append((dsm.item(), distance.item(), n_dsm.item(), n_align.item(),
-                         (dot / (n_dsm * n_align).clamp_min(1e-30)).item()))
+            g_dsm = flat_gradient(dsm, parameters, keep_graph=True)
+            g_align = flat_gradient(align, parameters, keep_graph=False)
+            rows.append((dsm.item(), distance.item(), g_dsm.norm().item(), g_align.norm().item(),
+                         torch.nn.functional.cosine_similarity(g_dsm, g_align, dim=0).item()))
         mean = [sum(column) / len(column) for column in zip(*rows)]
-        weight = aligner.weights(band).mean().item() if aligner.weights(band) is not None else 1.0
+        band_weights = aligner.weights(band)
+        weight = band_weights.mean().item() if band_weights is not None else 1.0
         print(f"| {band.max():.3g} to {band.min():.3g} | {weight:.2f} | {mean[0]:.1f} | {mean[1]:.3f} | "
               f"{mean[2]:.3g} | {mean[3]:.3g} | {mean[3] / mean[2]:.2e} | {mean[4]:+.3f} |")
 
