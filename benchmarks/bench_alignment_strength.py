@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,7 +41,13 @@ def flat_gradient(loss: torch.Tensor, parameters: list[torch.nn.Parameter], keep
     return torch.cat([grad.flatten() for grad in grads])
 
 
-def main(argv: list[str] | None = None) -> None:
+def endless(dataloader):
+    """The loader's batches, epoch after epoch: a small set still fills every band."""
+    while True:
+        yield from dataloader
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True)
     parser.add_argument("--expert", required=True, help="the alignment expert's folder")
@@ -50,8 +57,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bands", type=int, default=4, help="equal slices of the noise schedule, largest first")
     parser.add_argument("--batches", type=int, default=3, help="batches of 32 per band")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+@dataclass(frozen=True)
+class BandStrength:
+    """Both terms of the score script's loss in one band of noise levels, averaged over its batches."""
+
+    sigma_max: float
+    sigma_min: float
+    band_weight: float  # the expert's alignment weight in the band (1 when the expert has no accuracy table)
+    dsm: float
+    distance: float  # weighted 1 - cosine, before --align_weight
+    grad_dsm: float
+    grad_align: float  # of --align_weight x per_value_scale x distance, as the score script adds it
+    cosine: float  # between the two gradients
+
+
+def measure(args: argparse.Namespace) -> list[BandStrength]:
     torch.manual_seed(args.seed)
     train_args = train_score_langevin.parse_args([
         *SCORE_RECIPE, "--train_data_dir", args.data, "--resolution", str(args.resolution), "--output_dir",
@@ -67,13 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     example = to_tensor(dataset[0]["image"])
     aligner = train_score_langevin.build_aligner(train_args, unet, example, sigmas, null_class_label(unet))
     parameters = [p for p in unet.parameters() if p.requires_grad]
-    batches = iter(labelled_dataloader(dataset, to_tensor, train_args))
+    batches = endless(labelled_dataloader(dataset, to_tensor, train_args))
 
-    print(f"{'trained' if args.unet else 'fresh'} UNet, {args.resolution} px, {example.numel()} values per image, "
-          f"align weight {args.align_weight}, {args.batches} batches of 32 per band")
-    print("| sigma band | alignment weight of the band (expert) | DSM loss | align loss | grad DSM | "
-          "grad weight x align | ratio | cosine of the two gradients |")
-    print("|---|---|---|---|---|---|---|---|")
+    bands = []
     for band in torch.tensor_split(sigmas, args.bands):
         rows = []
         for _ in range(args.batches):
@@ -82,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
             noisy, noise, sigma = perturb(clean, band)
             score = unet(noisy, sigma, class_labels=labels).sample
             dsm = dsm_loss(score, noise, sigma).mean()
-            distance = aligner.loss(noisy, sigma)  # weighted 1 - cosine, before --align_weight
+            distance = aligner.loss(noisy, sigma)
             align = args.align_weight * per_value_scale(clean) * distance
             g_dsm = flat_gradient(dsm, parameters, keep_graph=True)
             g_align = flat_gradient(align, parameters, keep_graph=False)
@@ -91,8 +110,21 @@ def main(argv: list[str] | None = None) -> None:
         mean = [sum(column) / len(column) for column in zip(*rows)]
         band_weights = aligner.weights(band)
         weight = band_weights.mean().item() if band_weights is not None else 1.0
-        print(f"| {band.max():.3g} to {band.min():.3g} | {weight:.2f} | {mean[0]:.1f} | {mean[1]:.3f} | "
-              f"{mean[2]:.3g} | {mean[3]:.3g} | {mean[3] / mean[2]:.2e} | {mean[4]:+.3f} |")
+        bands.append(BandStrength(band.max().item(), band.min().item(), weight, *mean))
+    return bands
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    bands = measure(args)
+    print(f"{'trained' if args.unet else 'fresh'} UNet, {args.resolution} px, align weight {args.align_weight}, "
+          f"{args.batches} batches of 32 per band")
+    print("| sigma band | alignment weight of the band (expert) | DSM loss | align loss | grad DSM | "
+          "grad weight x align | ratio | cosine of the two gradients |")
+    print("|---|---|---|---|---|---|---|---|")
+    for b in bands:
+        print(f"| {b.sigma_max:.3g} to {b.sigma_min:.3g} | {b.band_weight:.2f} | {b.dsm:.1f} | {b.distance:.3f} | "
+              f"{b.grad_dsm:.3g} | {b.grad_align:.3g} | {b.grad_align / b.grad_dsm:.2e} | {b.cosine:+.3f} |")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """benchmarks/bench_feature_alignment.py: every stage of the hour-long grid resumes. A finished classifier or model is
 read back, a training run cut after a checkpoint goes on from it to the same weights, and a stored evaluation is
-reused only for the same judge (by its weights) and settings, here or, through --records, after the disk is gone."""
+reused only for the same judge (by its weights) and settings, here or, through --records, after the disk is gone.
+Its companion bench_alignment_strength.py is tested on the same run's expert and UNet."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ bench = sys.modules["bench_feature_alignment"] = importlib.util.module_from_spec
 SPEC.loader.exec_module(bench)
 # this test's own copy of the module samples with 4 noise levels x 1 step, not the demo's 40 x 6: same code paths
 bench.SCORE_RECIPE = [*bench.SCORE_RECIPE, "--num_noise_levels", "4", "--n_steps_each", "1"]
+SPEC = importlib.util.spec_from_file_location(  # imports the SCORE_RECIPE above, so its UNet is the run's
+    "bench_alignment_strength", Path(__file__).parents[1] / "benchmarks" / "bench_alignment_strength.py")
+strength = sys.modules["bench_alignment_strength"] = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(strength)
 
 
 def bench_args(folder: Path, *extra: str) -> list[str]:
@@ -174,3 +179,20 @@ def test_each_model_is_recorded_once_judged_and_processes_can_split_a_seed_s_pai
     bench.main(bench_args(tmp_path, "--records", str(records)))  # the pair, both read back
     assert trained == ["aligned"]
     assert len(json.loads((tmp_path / "out" / "results.json").read_text())["paired"]) == 1
+
+
+def test_alignment_strength_measures_the_score_script_s_term_per_band(first_run):
+    out = first_run / "out"
+    common = ["--data", str(first_run / "data.npz"), "--resolution", "16", "--expert", str(out / "expert"),
+              "--unet", str(out / "baseline-seed0" / "unet"), "--bands", "4", "--batches", "1"]
+    single, double = (strength.measure(strength.parse_args([*common, "--align-weight", weight]))
+                      for weight in ("0.1", "0.2"))
+    assert [band.sigma_max for band in single] == sorted(band.sigma_max for band in single)[::-1]  # largest first
+    assert any(band.band_weight > 0 for band in single) and any(band.band_weight == 0 for band in single)
+    for one, two in zip(single, double):
+        assert (one.dsm, one.distance, one.grad_dsm) == (two.dsm, two.distance, two.grad_dsm)  # same batches, noise
+        assert two.grad_align == pytest.approx(2 * one.grad_align, rel=1e-5)  # the term is linear in the weight
+        if one.band_weight == 0:  # where the expert is at chance, alignment does not act
+            assert one.distance == one.grad_align == 0
+        else:
+            assert one.grad_align > 0 and -1 <= one.cosine <= 1
