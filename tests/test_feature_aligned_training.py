@@ -92,9 +92,10 @@ def test_the_alignment_weight_is_against_the_per_value_dsm_at_every_resolution(e
 
 
 def test_levels_where_the_expert_guesses_teach_the_unet_nothing(ve_expert_path, tmp_path):
-    """Above the margin no level is informative: every weight is 0 and the UNet trains as without alignment (up to
-    float rounding in the clipping norm, which now also sums the head's zero gradients); below it the UNet changes."""
-    common = ["--max_train_steps", "3", "--learning_rate", "1e-3"]
+    """Above the margin no level is informative: every weight is 0 and the UNet trains exactly as without alignment;
+    below it the UNet changes. Clipping is out of reach (a norm of 1e30): the joint norm also sums the head's zero
+    gradients, whose rounding AdamW would turn into changes of up to the learning rate on some processors."""
+    common = ["--max_train_steps", "3", "--learning_rate", "1e-3", "--max_grad_norm", "1e30"]
     plain = score_run(tmp_path, "plain", *common)
     aligned = ["--align_expert", ve_expert_path, "--align_weight", "1.0"]
     silent = score_run(tmp_path, "silent", *common, *aligned, "--align_min_margin", "0.6")
@@ -103,7 +104,7 @@ def test_levels_where_the_expert_guesses_teach_the_unet_nothing(ve_expert_path, 
     def largest_change(model):
         return max((v - plain.state_dict()[k]).abs().max().item() for k, v in model.state_dict().items())
 
-    assert largest_change(silent) < 1e-6
+    assert largest_change(silent) == 0
     assert largest_change(active) > 1e-4
     card = (tmp_path / "active" / "README.md").read_text()
     assert "weighted by the expert's accuracy over chance (margin 0.1; informative for sigma 0.01 to 1)" in card
