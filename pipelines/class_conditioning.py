@@ -104,13 +104,16 @@ class ClassConditionalMixin:
                           guidance_scale: float) -> torch.Tensor:
         """The unet's output, guided as u + w (c - u) when guidance is on (the same rule for scores, noise and v),
         in float32; the unet runs in its own dtype (a pipeline moved to bfloat16 included)."""
-        sample = sample.to(self.unet.dtype)
         if labels is None or guidance_scale == 1.0:
-            return self.unet(sample, t, class_labels=labels).sample.float()
+            return self.network_output(sample, t, labels)
         null = torch.full_like(labels, null_class_label(self.unet))
-        both = self.unet(torch.cat([sample, sample]), t, class_labels=torch.cat([labels, null])).sample.float()
+        both = self.network_output(torch.cat([sample, sample]), t, torch.cat([labels, null]))
         conditional, unconditional = both.chunk(2)
         return unconditional + guidance_scale * (conditional - unconditional)
+
+    def network_output(self, sample: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The unet's prediction at ``(sample, t)`` in float32 (the unet runs in its own dtype)."""
+        return self.unet(sample.to(self.unet.dtype), t, class_labels=labels).sample.float()
 
     @staticmethod
     def to_output_type(samples: torch.Tensor, output_type: str, numpy_to_pil) -> Any:

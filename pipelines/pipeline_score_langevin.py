@@ -20,6 +20,7 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.callbacks import PipelineCallback
 
+from medsyn.models.preconditioning import network_score
 from medsyn.schedulers.denoiser import SamplerInput, sampler_input, to_scheduler_output
 from medsyn.schedulers.scheduling_annealed_langevin import AnnealedLangevinScheduler
 
@@ -92,6 +93,10 @@ class ScoreLangevinPipeline(ClassConditionalMixin, HubFolderMixin, DiffusionPipe
             finite_number(step_size, "step_size", minimum=0, exclusive=True)
         if max_batch_size is not None:
             whole_number(max_batch_size, "max_batch_size")
+
+    def network_output(self, sample: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The score at ``(sample, sigma = t)``, whatever the unet's parameterisation (NCSN or EDM)."""
+        return network_score(self.unet, sample, t, class_labels=labels)
 
     @property
     def prior_sigma(self) -> float:

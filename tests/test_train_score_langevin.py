@@ -102,6 +102,50 @@ def test_fine_tune_from_pretrained(tmp_path):
     assert changed
 
 
+EDM_TINY = [flag for flag in TINY if flag not in ("--num_noise_levels", "6")]
+
+
+def test_edm_preconditioned_training_saves_a_model_that_samples_with_edm_heun(tmp_path):
+    from medsyn.models.preconditioning import edm_preconditioning
+    from medsyn.schedulers import EDMHeunScheduler
+
+    out = tmp_path / "edm"
+    model = main(parse_args([*EDM_TINY, "--output_dir", str(out), "--preconditioning", "edm", "--class_conditional",
+                             "--max_train_steps", "3", "--checkpointing_steps", "100", "--validation_steps", "100",
+                             "--learning_rate", "1e-3"]))
+    sigma_data = edm_preconditioning(model).sigma_data
+    assert 0.1 < sigma_data < 1.0  # the simulated slices' sd in [-1, 1], measured
+    pipe = ScoreLangevinPipeline.from_pretrained(out)
+    assert isinstance(pipe.scheduler, EDMHeunScheduler)
+    assert edm_preconditioning(pipe.unet).sigma_data == pytest.approx(sigma_data)
+    card = (out / "README.md").read_text()
+    assert f"EDM preconditioning (sigma_data {sigma_data:.4g}), ln(sigma) ~ N(-1.2, 1.2^2)" in card
+    assert "EDM Heun, 3 steps (5 evaluations)" in card and "$" not in card
+    pipe.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(class_sample_grid(pipe, ["healthy", "tumor"], 2, 1.0, 7, num_inference_steps=3),
+                                  np.asarray(Image.open(out / "samples.png")))
+    with pytest.raises(SystemExit):
+        parse_args([*TINY, "--preconditioning", "edm"])  # --num_noise_levels is Langevin's
+    with pytest.raises(ValueError, match="pretrained model is edm-parameterised"):
+        run(tmp_path, "x", "--pretrained_model_name_or_path", str(out), "--class_conditional", "--max_train_steps", "1")
+
+
+def test_a_model_saved_before_preconditioning_was_recorded_samples_as_before(tmp_path):
+    import json
+
+    run(tmp_path, "old", "--class_conditional", "--max_train_steps", "2", "--checkpointing_steps", "100",
+        "--validation_steps", "100")
+    before = class_sample_grid(ScoreLangevinPipeline.from_pretrained(tmp_path / "old"), ["healthy", "tumor"], 2, 2.0,
+                               3, num_inference_steps=3)
+    config_path = tmp_path / "old" / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config.pop("_score_preconditioning") == {"type": "ncsn"}
+    config_path.write_text(json.dumps(config))
+    after = class_sample_grid(ScoreLangevinPipeline.from_pretrained(tmp_path / "old"), ["healthy", "tumor"], 2, 2.0,
+                              3, num_inference_steps=3)
+    np.testing.assert_array_equal(before, after)
+
+
 def test_bad_arguments_fail_clearly(tmp_path):
     with pytest.raises(SystemExit):
         parse_args(["--train_data_dir", "a", "--dataset_name", "b"])

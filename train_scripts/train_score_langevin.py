@@ -22,11 +22,13 @@ from PIL import Image
 from medsyn.data import image_channels, image_transform, random_affine
 from medsyn.hub_upload import push_model_folder
 from medsyn.model_card import write_model_card
+from medsyn.models.preconditioning import Preconditioning, edm_preconditioning, set_preconditioning
 from medsyn.models.score_unet import null_class_label
 from medsyn.pipelines import ScoreLangevinPipeline
-from medsyn.schedulers import AnnealedLangevinScheduler, noise_schedule_from_data
+from medsyn.schedulers import AnnealedLangevinScheduler, EDMHeunScheduler, noise_schedule_from_data
 from medsyn.schedulers.ncsn_rules import NoiseSchedule, langevin_step_size, num_noise_levels
 from medsyn.schedulers.scheduling_annealed_langevin import geometric_sigmas
+from medsyn.schedulers.scheduling_edm_heun import DEFAULT_STEPS
 from medsyn.training.accelerator import (
     attach_ema,
     build_accelerator,
@@ -46,7 +48,7 @@ from medsyn.training.class_conditional import (
     unet_config_from_arguments,
 )
 from medsyn.training.differential_privacy import add_privacy_arguments, check_privacy_arguments, make_private
-from medsyn.training.dsm_loss import dsm_loss, per_value_scale, perturb
+from medsyn.training.dsm_loss import per_value_scale
 from medsyn.training.expert_noise import ExpertNoise, NoiseProcess
 from medsyn.training.feature_alignment import (
     FeatureAligner,
@@ -62,6 +64,7 @@ from medsyn.training.loop import (
     training_loop,
     write_training_summary,
 )
+from medsyn.training.score_losses import EDMLoss, NCSNLoss
 from medsyn.training.script_args import (
     add_data_arguments,
     add_ema_arguments,
@@ -100,10 +103,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_pretrained_arguments(model)
 
     noise = parser.add_argument_group("noise schedule (default: NCSNv2 techniques 1, 2, 4 on the data)")
+    noise.add_argument("--preconditioning", type=Preconditioning, choices=list(Preconditioning),
+                       default=Preconditioning.NCSN,
+                       help="ncsn: NCSNv2 (unscaled input, 40-odd discrete levels drawn uniformly, Langevin sampling); "
+                            "edm: Karras et al. 2022 (scaled input and output, log-normal levels, EDM Heun sampling).")
+    noise.add_argument("--sigma_data", type=number_argument(0, exclusive=True), default=None,
+                       help="edm: the data's standard deviation in [-1, 1]; default: measured on up to 2,000 "
+                            "training images (give it under DP).")
+    noise.add_argument("--p_mean", type=float, default=-1.2, help="edm: mean of ln(sigma) in training.")
+    noise.add_argument("--p_std", type=number_argument(0, exclusive=True), default=1.2,
+                       help="edm: standard deviation of ln(sigma) in training.")
     noise.add_argument("--sigma_max", type=number_argument(0, exclusive=True), default=None,
-                       help="Default: largest pairwise data distance.")
-    noise.add_argument("--sigma_min", type=number_argument(0, exclusive=True), default=0.01,
-                       help="Smallest noise level.")
+                       help="Default: largest pairwise data distance (ncsn); 80 (edm).")
+    noise.add_argument("--sigma_min", type=number_argument(0, exclusive=True), default=None,
+                       help="Smallest noise level; default 0.01 (ncsn), 0.002 (edm).")
     noise.add_argument("--num_noise_levels", type=count_argument(2), default=None, help="Default: NCSNv2 technique 2.")
     noise.add_argument("--n_steps_each", type=count_argument(), default=5,
                        help="Langevin steps per noise level when sampling.")
@@ -126,26 +139,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_data_arguments(parser, args)
     check_not_applicable(parser, args, NOT_APPLICABLE)
     check_class_unet_arguments(parser, args)
+    if args.preconditioning is Preconditioning.EDM:
+        for flag in ("num_noise_levels", "step_size"):
+            if getattr(args, flag) is not None:
+                parser.error(f"--{flag} is annealed Langevin's (ncsn); an edm model is trained on continuous levels")
     check_privacy_arguments(parser, args, unsupported={
         "--align_expert": bool(args.align_expert),
         "the default --sigma_max (measured on the training images, outside the guarantee; give --sigma_max)":
-            args.sigma_max is None and not args.pretrained_model_name_or_path,
+            args.sigma_max is None and not args.pretrained_model_name_or_path
+            and args.preconditioning is Preconditioning.NCSN,
+        "the default --sigma_data (measured on the training images, outside the guarantee; give --sigma_data)":
+            args.sigma_data is None and not args.pretrained_model_name_or_path
+            and args.preconditioning is Preconditioning.EDM,
     })
     return args
+
+
+def data_sigma(sample: torch.Tensor) -> float:
+    """EDM's sigma_data: the standard deviation of the training values in [-1, 1] (all pixels of the sample pooled)."""
+    return float(sample.float().std())
 
 
 def build_model_and_scheduler(args, dataset, to_tensor, num_classes, channels):
     """A new score UNet and a noise schedule from the data, or both from a pretrained pipeline."""
     if args.pretrained_model_name_or_path:
         pipeline = ScoreLangevinPipeline.from_pretrained(args.pretrained_model_name_or_path, **pretrained_kwargs(args))
+        saved = Preconditioning.EDM if edm_preconditioning(pipeline.unet) else Preconditioning.NCSN
+        if saved is not args.preconditioning:
+            raise ValueError(f"--preconditioning {args.preconditioning}: the pretrained model is {saved}-parameterised")
         return pipeline.unet, pipeline.scheduler
     unet = UNet2DModel(**unet_config_from_arguments(args, channels, num_classes))
+
+    def sample():
+        return torch.stack([to_tensor(dataset[i]["image"]) for i in range(min(len(dataset), 2000))])
+
+    if args.preconditioning is Preconditioning.EDM:
+        sigma_data = args.sigma_data or data_sigma(sample())
+        set_preconditioning(unet, Preconditioning.EDM, sigma_data)
+        return unet, EDMHeunScheduler(sigma_max=args.sigma_max or 80.0, sigma_min=args.sigma_min or 0.002)
+    set_preconditioning(unet, Preconditioning.NCSN)
+    sigma_min = args.sigma_min or 0.01
     if args.sigma_max is None:
-        sample = torch.stack([to_tensor(dataset[i]["image"]) for i in range(min(len(dataset), 2000))])
-        schedule = noise_schedule_from_data(sample, sigma_min=args.sigma_min, n_steps_each=args.n_steps_each)
+        schedule = noise_schedule_from_data(sample(), sigma_min=sigma_min, n_steps_each=args.n_steps_each)
     else:  # nothing is read from the images (a DP run's guarantee covers only what the gradients carry)
-        levels = num_noise_levels(args.sigma_max, args.sigma_min, channels * args.resolution**2)
-        schedule = NoiseSchedule(sigma_max=args.sigma_max, sigma_min=args.sigma_min, num_train_timesteps=levels,
+        levels = num_noise_levels(args.sigma_max, sigma_min, channels * args.resolution**2)
+        schedule = NoiseSchedule(sigma_max=args.sigma_max, sigma_min=sigma_min, num_train_timesteps=levels,
                                  step_size=0.0, n_steps_each=args.n_steps_each)
     if args.num_noise_levels is not None:
         schedule.num_train_timesteps = args.num_noise_levels
@@ -155,15 +193,25 @@ def build_model_and_scheduler(args, dataset, to_tensor, num_classes, channels):
     return unet, AnnealedLangevinScheduler(**asdict(schedule))
 
 
-def build_aligner(args, unet, example: torch.Tensor, sigmas: torch.Tensor, null_label) -> FeatureAligner | None:
+def build_loss(args, unet, noise_scheduler, device) -> NCSNLoss | EDMLoss:
+    """The training loss of the unet's parameterisation."""
+    edm = edm_preconditioning(unet)
+    if edm is not None:
+        return EDMLoss(edm, args.p_mean, args.p_std)
+    config = noise_scheduler.config
+    return NCSNLoss(geometric_sigmas(config.sigma_max, config.sigma_min, config.num_train_timesteps).float().to(device))
+
+
+def build_aligner(args, unet, example: torch.Tensor, sigma_range: tuple[float, float], null_label,
+                  device) -> FeatureAligner | None:
     """The feature-alignment term when --align_expert is given: the block's width from one forward pass."""
     if not args.align_expert:
         return None
-    expert = FrozenExpert.from_pretrained(args.align_expert).to(sigmas.device)
-    labels = None if null_label is None else torch.full((1,), null_label, dtype=torch.long, device=sigmas.device)
-    width = block_channels(unet.to(sigmas.device), args.align_block, example[None].to(sigmas.device),
-                           timestep=sigmas[:1], class_labels=labels)
-    model_noise = ExpertNoise(NoiseProcess.VE, sigma_min=sigmas.min().item(), sigma_max=sigmas.max().item())
+    expert = FrozenExpert.from_pretrained(args.align_expert).to(device)
+    labels = None if null_label is None else torch.full((1,), null_label, dtype=torch.long, device=device)
+    width = block_channels(unet.to(device), args.align_block, example[None].to(device),
+                           timestep=torch.tensor([sigma_range[1]], device=device), class_labels=labels)
+    model_noise = ExpertNoise(NoiseProcess.VE, sigma_min=sigma_range[0], sigma_max=sigma_range[1])
     return FeatureAligner(expert, unet, args.align_block, width, model_noise, args.resolution, args.align_min_margin,
                           args.align_head_dim)
 
@@ -183,12 +231,11 @@ def main(args: argparse.Namespace) -> UNet2DModel:
         raise ValueError(f"the data has {channels} channels but the model expects {unet.config.in_channels}")
     enable_gradient_checkpointing(args, unet)
     null_label = null_class_label(unet)
-    train_sigmas = geometric_sigmas(
-        noise_scheduler.config.sigma_max, noise_scheduler.config.sigma_min, noise_scheduler.config.num_train_timesteps
-    ).float().to(accelerator.device)
+    score_loss = build_loss(args, unet, noise_scheduler, accelerator.device)
+    sigma_range = (noise_scheduler.config.sigma_min, noise_scheduler.config.sigma_max)
 
     dataloader = labelled_dataloader(dataset, to_tensor, args)
-    aligner = build_aligner(args, unet, to_tensor(dataset[0]["image"]), train_sigmas, null_label)
+    aligner = build_aligner(args, unet, to_tensor(dataset[0]["image"]), sigma_range, null_label, accelerator.device)
     trained_parameters = list(unet.parameters()) + (list(aligner.head.parameters()) if aligner else [])
     optimizer = build_optimizer(args, trained_parameters)
     unet, optimizer, dataloader, privacy = make_private(args, accelerator, unet, optimizer, dataloader)
@@ -199,16 +246,15 @@ def main(args: argparse.Namespace) -> UNet2DModel:
     ema = attach_ema(accelerator, unet, args.ema_decay, "unet_ema") if args.use_ema else None
 
     def loss_fn(batch, step):
-        """Multi-scale denoising score matching (sigma^2-weighted), plus the alignment term when asked for."""
+        """Denoising score matching (NCSN's or EDM's), plus the alignment term when asked for."""
         clean = batch["pixel_values"]
         if args.augment:
             clean = random_affine(clean, generator=step.generator)
         labels = drop_labels(batch["labels"], null_label, args.label_drop_rate, step.generator)
-        noisy, noise, sigma = perturb(clean, train_sigmas, generator=step.generator)
-        score = unet(noisy, sigma, class_labels=labels).sample
-        losses = {"loss": dsm_loss(score.float(), noise.float(), sigma.float()).mean()}
+        terms = score_loss(unet, clean, labels, step.generator)
+        losses = {"loss": terms.loss.mean()}
         if aligner is not None:
-            seen, level = (noisy, sigma) if args.align_on == "noisy" else (clean, None)
+            seen, level = (terms.noisy, terms.sigma) if args.align_on == "noisy" else (clean, None)
             losses["dsm_loss"] = losses["loss"]
             losses["align_loss"] = aligner.loss(seen, level, head)
             # dsm_loss sums over an image's values; --align_weight is relative to a per-value mean loss, as in MediSyn
@@ -218,9 +264,8 @@ def main(args: argparse.Namespace) -> UNet2DModel:
     def validate(step):
         log_validation(args, accelerator, unet, ema, noise_scheduler, class_names, step)
 
-    logger.info(f"{len(dataset)} images, {max_train_steps} optimiser steps, "
-                f"{noise_scheduler.config.num_train_timesteps} noise levels "
-                f"(sigma {noise_scheduler.config.sigma_max:.3g} to {noise_scheduler.config.sigma_min:.3g})")
+    logger.info(f"{len(dataset)} images, {max_train_steps} optimiser steps, {describe_training_noise(unet, noise_scheduler)}; "
+                f"sampling: {describe_sampler(noise_scheduler)}")
     run = TrainingRun(accelerator, [unet], trained_parameters, optimizer, lr_scheduler, dataloader,
                       updates_per_epoch, max_train_steps, ema, privacy)
     result = training_loop(args, run, loss_fn, tracker_project_name="score_langevin", validate=validate)
@@ -253,8 +298,6 @@ def save_pipeline(args, accelerator, model, noise_scheduler, class_names, data_d
     grid = class_sample_grid(pipeline, class_names, args.num_validation_images, args.validation_guidance_scale,
                              args.seed, num_inference_steps=args.validation_num_levels)
     Image.fromarray(grid).save(output_dir / "samples.png")
-    config = noise_scheduler.config
-    levels_used = args.validation_num_levels or config.num_train_timesteps
     run_fields = run_card_fields(args, accelerator, result)
     write_training_summary(output_dir, run_fields, result)
     write_model_card(
@@ -263,20 +306,41 @@ def save_pipeline(args, accelerator, model, noise_scheduler, class_names, data_d
         **run_fields,
         **class_card_fields(args, class_names, model),
         sample_caption=(f"Rows: {', '.join(class_names)}" if class_names else "Unconditional samples")
-        + f"; {levels_used} noise levels x {config.n_steps_each} steps, guidance {args.validation_guidance_scale}, "
+        + f"; {describe_sampler(noise_scheduler, args.validation_num_levels)}, guidance {args.validation_guidance_scale}, "
         f"seed {args.seed}.",
         data_description=data_description,
         num_train_images=num_images,
         channels=channels,
-        num_levels=config.num_train_timesteps,
-        sigma_max=f"{config.sigma_max:.4g}",
-        sigma_min=f"{config.sigma_min:.4g}",
-        n_steps_each=config.n_steps_each,
-        step_size=f"{config.step_size:.3g}",
+        training_noise=describe_training_noise(model, noise_scheduler, args),
+        default_sampler=describe_sampler(noise_scheduler),
         alignment=alignment,
     )
     if args.push_to_hub:
         push_model_folder(output_dir, args.hub_model_id or output_dir.name, args.hub_token, args.hub_private_repo)
+    logger.info(f"saved the pipeline and its model card to {output_dir}")
+
+
+def describe_training_noise(unet, noise_scheduler, args=None) -> str:
+    """The parameterisation and the training distribution of noise levels, in one line."""
+    edm = edm_preconditioning(unet)
+    if edm is not None:
+        levels = f", ln(sigma) ~ N({args.p_mean}, {args.p_std}^2)" if args is not None else ""
+        return f"EDM preconditioning (sigma_data {edm.sigma_data:.4g}){levels}"
+    config = noise_scheduler.config
+    return (f"NCSN: {config.num_train_timesteps} geometric levels, sigma {config.sigma_max:.4g} to "
+            f"{config.sigma_min:.4g}, drawn uniformly")
+
+
+def describe_sampler(scheduler, num_inference_steps: int | None = None) -> str:
+    """The saved sampler and its budget, in one line."""
+    config = scheduler.config
+    if isinstance(scheduler, AnnealedLangevinScheduler):
+        levels = num_inference_steps or config.num_train_timesteps
+        return (f"annealed Langevin, {levels} levels x {config.n_steps_each} steps, step size alpha "
+                f"{config.step_size:.3g}")
+    steps = num_inference_steps or DEFAULT_STEPS
+    return (f"EDM Heun, {steps} steps ({2 * steps - 1} evaluations), sigma {config.sigma_max:.4g} to "
+            f"{config.sigma_min:.4g}")
 
 if __name__ == "__main__":
     main(parse_args())

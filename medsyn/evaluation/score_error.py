@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from medsyn.models.preconditioning import network_score
 from medsyn.seeding import keyed_generator
 from medsyn.training.dsm_loss import dsm_loss
 
@@ -47,7 +48,7 @@ def per_sigma_score_error(
                 torch.randn(shape, generator=keyed_generator(seed, start + i, level)) for i in range(len(clean))
             ]).to(device)
             sigma_batch = sigma.to(device).expand(len(clean))
-            score = unet(clean + sigma * noise, sigma_batch, class_labels=batch_labels).sample.float()
+            score = network_score(unet, clean + sigma * noise, sigma_batch, class_labels=batch_labels)
             totals[level] += dsm_loss(score, noise, sigma_batch).double().sum().cpu()
     relative = (totals / len(images) / (dimension / 2)).tolist()
     return {"sigma": sigmas.tolist(), "relative_dsm_error": relative, "images": len(images)}

@@ -32,6 +32,7 @@ from enum import StrEnum
 import numpy as np
 import torch
 
+from medsyn.models.preconditioning import network_score
 from medsyn.seeding import keyed_generator
 
 from .statistics import binary_auc
@@ -120,9 +121,9 @@ class _Denoiser:
         """The model's estimate of the standard normal noise in ``noisy`` at ``level``."""
         batch = torch.full((len(noisy),), level, dtype=torch.float32 if self.kind == "score" else torch.long,
                            device=noisy.device)
-        output = self.unet(noisy, batch, **conditioning).sample.float()
         if self.kind == "score":
-            return -level * output  # s(x, sigma) = -eps / sigma
+            return -level * network_score(self.unet, noisy, batch, **conditioning)  # s(x, sigma) = -eps / sigma
+        output = self.unet(noisy, batch, **conditioning).sample.float()
         if self.prediction == "v_prediction":
             alpha = self.alphas[int(level)].float()
             return alpha.sqrt() * output + (1 - alpha).sqrt() * noisy  # eps from v

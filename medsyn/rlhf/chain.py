@@ -30,6 +30,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from medsyn.models.latent_diffusion import encode_prompts, prompt_max_length, unit_latents
+from medsyn.models.preconditioning import network_score
 from medsyn.models.score_unet import null_class_label
 from medsyn.schedulers.scheduling_annealed_langevin import AnnealedLangevinScheduler, geometric_sigmas
 from medsyn.training.class_conditional import drop_labels
@@ -216,8 +217,8 @@ class LangevinChain(SamplingChain):
     def denoising_loss(self, clean, labels, generator):
         labels = drop_labels(labels, null_class_label(self.pipe.unet), self.label_drop_rate, generator)
         noisy, noise, sigma = perturb(clean, self.train_sigmas.to(clean.device), generator=generator)
-        score = self.pipe.unet(noisy, sigma, class_labels=labels).sample
-        return dsm_loss(score.float(), noise.float(), sigma.float())
+        score = network_score(self.pipe.unet, noisy, sigma, class_labels=labels)
+        return dsm_loss(score, noise.float(), sigma.float())
 
 
 class DDIMChain(SamplingChain):
