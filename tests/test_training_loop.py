@@ -137,3 +137,19 @@ def test_resume_continues_the_micro_step_sequence(tmp_path):
     training_loop(args, run, loss_fn, tracker_project_name="test")
     assert resumed == straight[3:]
     assert run.models[0].weight.item() == straight_weight
+
+
+@pytest.mark.parametrize("warmup", [0, 4])
+def test_warm_up_steps_apply_to_the_constant_schedule(tmp_path, warmup):
+    """diffusers' "constant" ignores --lr_warmup_steps; medsyn then warms up linearly, as the flag says."""
+    args = flags(tmp_path, lr_warmup_steps=warmup)
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.8)
+    scheduler = build_lr_scheduler(args, accelerator, optimizer, 10)
+    rates = []
+    for _ in range(6):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    expected = [0.8] * 6 if not warmup else [0.0, 0.2, 0.4, 0.6, 0.8, 0.8]
+    assert rates == pytest.approx(expected)

@@ -83,6 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     noise.add_argument("--beta_schedule", type=str, default="linear",
                        choices=("linear", "scaled_linear", "squaredcos_cap_v2"),
                        help="diffusers' beta schedule (linear 1e-4 to 0.02 is DDPM's; squaredcos_cap_v2 is cosine).")
+    noise.add_argument("--beta_start", type=number_argument(0, exclusive=True), default=1e-4,
+                       help="First beta of the linear schedules (DDPM's 1e-4; MONAI's tutorial 0.0015).")
+    noise.add_argument("--beta_end", type=number_argument(0, exclusive=True), default=0.02,
+                       help="Last beta of the linear schedules (DDPM's 0.02; MONAI's tutorial 0.0195).")
     add_denoising_objective_arguments(noise)
 
     add_optimisation_arguments(parser, output_dir="ddpm-model", learning_rate=1e-4)
@@ -117,6 +121,7 @@ def build_model_and_scheduler(args, num_classes: int, channels: int) -> tuple[UN
         layers_per_block=args.layers_per_block, norm_num_groups=args.norm_num_groups,
     ))
     scheduler = DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
+                              beta_start=args.beta_start, beta_end=args.beta_end,
                               prediction_type=args.prediction_type, clip_sample=False)
     return unet, scheduler
 
@@ -203,7 +208,8 @@ def save_pipeline(args, accelerator, pipeline: ClassConditionalDDPMPipeline, dat
         num_train_images=num_images,
         channels=channels,
         num_train_timesteps=config.num_train_timesteps,
-        beta_schedule=config.beta_schedule,
+        beta_schedule=config.beta_schedule if config.beta_schedule == "squaredcos_cap_v2"
+        else f"{config.beta_schedule} ({config.beta_start:g} to {config.beta_end:g})",
         prediction_type=config.prediction_type,
         loss_weighting=f"min-SNR, gamma {args.snr_gamma}" if args.snr_gamma else "uniform (Ho et al.'s simple loss)",
     )

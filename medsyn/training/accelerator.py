@@ -163,12 +163,15 @@ def validation_due(args: argparse.Namespace, global_step: int, max_train_steps: 
 
 
 def build_lr_scheduler(args: argparse.Namespace, accelerator: Accelerator, optimizer, max_train_steps: int):
-    """diffusers' ``get_scheduler`` from --lr_scheduler/--lr_warmup_steps, prepared (it steps once per process)."""
+    """diffusers' ``get_scheduler`` from --lr_scheduler/--lr_warmup_steps, prepared (it steps once per process).
+
+    "constant" with warm-up steps is "constant_with_warmup": diffusers' "constant" ignores the warm-up silently."""
     from diffusers.optimization import get_scheduler
 
+    name = "constant_with_warmup" if args.lr_scheduler == "constant" and args.lr_warmup_steps else args.lr_scheduler
     return accelerator.prepare(get_scheduler(
-        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
+        name, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=(getattr(args, "lr_schedule_steps", None) or max_train_steps) * accelerator.num_processes,
     ))
 
 

@@ -69,7 +69,11 @@ def add_optimisation_arguments(parser: argparse.ArgumentParser, output_dir: str,
     train.add_argument("--lr_scheduler", type=str, default="constant",
                        help="diffusers' learning-rate schedule (constant, linear, cosine, constant_with_warmup...).")
     train.add_argument("--lr_warmup_steps", type=count_argument(0), default=0,
-                       help="Optimiser steps of linear warm-up.")
+                       help="Optimiser steps of linear warm-up (also with the constant schedule).")
+    train.add_argument("--lr_schedule_steps", type=count_argument(), default=None,
+                       help="The schedule's horizon in optimiser steps; default --max_train_steps. Set it to the "
+                            "final length when a run is trained in stages (resumed to larger --max_train_steps), so "
+                            "each stage follows the same decay.")
     train.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW's beta1.")
     train.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW's beta2.")
     train.add_argument("--adam_weight_decay", type=number_argument(0), default=0.0,
