@@ -512,3 +512,20 @@ def test_the_web_page_in_headless_chromium(model_dir, tmp_path):
             page.wait_for_function("document.getElementById('error').textContent.includes('n_samples')")
             browser.close()
     assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 5000
+
+
+@pytest.mark.parametrize("resolution", [16, 32])
+def test_the_gate_withholds_every_training_image_moved_by_one_pixel(resolution):
+    """Each of the 8 one-pixel moves, zero-filled or wrapped around: all withheld as near-copies (the gate once
+    re-checked only the 3 plain-nearest training images and released about half of them at 16 px)."""
+    from medsyn.data import SimulatedBrainMRI
+
+    from .test_privacy import MOVES, zero_fill_move
+
+    train = SimulatedBrainMRI(resolution=resolution, seed=9).generate(120)["images"]
+    gate = QualityGate(train)
+    for dy, dx in MOVES:
+        for moved in (zero_fill_move(train, dy, dx), np.roll(train, (dy, dx), axis=(1, 2))):
+            verdicts = gate.check(moved[..., None] / 255.0)
+            assert [v.nearest_training_index for v in verdicts] == list(range(len(train)))
+            assert all(not v.released and v.reason.startswith("near-copy") for v in verdicts), (dy, dx)

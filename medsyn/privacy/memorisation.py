@@ -40,9 +40,6 @@ NEAR_COPY_DISTANCE = 0.01
 """RMS pixel distance on [0, 1] (2.6 grey levels) under which two images are the same image: a copy plus faint
 noise or recompression. Different patients' slices are several times further apart."""
 MIN_HELD_OUT = 20
-SHIFT_CANDIDATES = 3
-"""Nearest training images (by plain distance) that the shift-tolerant comparison re-examines; the same number
-for generated and held-out images, so that their distances stay comparable."""
 
 
 class AuditSpace(StrEnum):
@@ -119,13 +116,14 @@ def nearest_training_distances(
     Returns (distance (N,), training index (N,)) and the plain k nearest (distances and indices, (N, k)).
     Generated and held-out images go through this same function, so they stay comparable.
     """
-    searched = max(k, SHIFT_CANDIDATES) if max_shift else k
-    distances, neighbours = nearest_neighbours(images, train, k=min(searched, len(train)), **search)
+    distances, neighbours = nearest_neighbours(images, train, k=min(k, len(train)), **search)
     if max_shift and np.ndim(images) != 2:
-        nearest, index = shift_tolerant_nearest(images, train, neighbours[:, :SHIFT_CANDIDATES], max_shift)
+        nearest, index = shift_tolerant_nearest(images, train, max_shift, k=1, unshifted=(distances, neighbours),
+                                                **search)
+        nearest, index = nearest[:, 0], index[:, 0]
     else:
         nearest, index = distances[:, 0], neighbours[:, 0]
-    return nearest, index, distances[:, :k], neighbours[:, :k]
+    return nearest, index, distances, neighbours
 
 
 def held_out_distances(
