@@ -314,11 +314,11 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Serve models as a REST API with jobs (see README: Serving); or, with --create-key, add an API key and exit."""
+    """Serve models as a REST API with jobs (see README: Serving); or manage its API keys and exit."""
     import uvicorn
 
     from medsyn.output_files import safe_file_stem
-    from medsyn.serving.api_keys import create_api_key, keys_configured
+    from medsyn.serving.api_keys import create_api_key, keys_configured, list_api_keys, revoke_api_key
     from medsyn.serving.app import create_app
     from medsyn.serving.database import open_database
     from medsyn.serving.quality_gate import QualityGate, is_gate_file
@@ -329,8 +329,25 @@ def serve(args: argparse.Namespace) -> int:
     sessions = open_database(args.database or str(storage / "medsyn.sqlite"))
     if args.create_key:
         with sessions() as session:
-            key = create_api_key(session, args.create_key, args.key_requests_per_minute, args.key_images_per_day)
-        print(f"API key {args.create_key!r} (shown once, stored only as a hash): {key}")
+            key = create_api_key(session, args.create_key, args.key_requests_per_minute, args.key_images_per_day,
+                                 admin=args.admin)
+        print(f"API key {args.create_key!r}{' (admin)' if args.admin else ''} (shown once, stored only as a hash): "
+              f"{key}")
+        return 0
+    if args.revoke_key:
+        with sessions() as session:
+            revoke_api_key(session, args.revoke_key)
+            active = keys_configured(session)
+        print(f"API key {args.revoke_key!r} revoked; a running server refuses it from its next request on"
+              + ("" if active else ". No active key is left: a server started with keys now refuses every call "
+                                   "until a new key is created"))
+        return 0
+    if args.list_keys:
+        with sessions() as session:
+            for key in list_api_keys(session):
+                print(f"{key.name}\t{'revoked' if key.revoked else 'active'}\t{'admin' if key.admin else 'caller'}\t"
+                      f"{key.requests_per_minute}/min\t{key.images_per_day} images/day\tcreated "
+                      f"{key.created_at:%Y-%m-%d %H:%M}")
         return 0
     sources = named_values(args.model, "--model")
     if not sources:
@@ -367,7 +384,7 @@ def serve(args: argparse.Namespace) -> int:
     if not secured:
         print("no API keys: anyone on this machine may call the service; it listens on localhost only", flush=True)
     print(f"serving on http://{args.host}:{args.port}/ (API under /api/v1, metrics at /metrics)", flush=True)
-    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(create_app(service, require_keys=secured), host=args.host, port=args.port, log_level="warning")
     return 0
 
 
@@ -695,6 +712,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-prompt-characters", type=count_argument(), default=1000, help="longest prompt accepted")
     sv.add_argument("--max-body-bytes", type=count_argument(), default=64 * 1024, help="largest request body")
     sv.add_argument("--create-key", metavar="NAME", help="create an API key called NAME, print it and exit")
+    sv.add_argument("--admin", action="store_true", help="with --create-key: the key sees every caller's jobs")
+    sv.add_argument("--revoke-key", metavar="NAME", help="revoke the API key called NAME and exit")
+    sv.add_argument("--list-keys", action="store_true", help="list the API keys (names, state, limits) and exit")
     sv.add_argument("--key-requests-per-minute", type=count_argument(), default=60, help="the new key's rate limit")
     sv.add_argument("--key-images-per-day", type=count_argument(), default=10_000, help="the new key's image quota")
     sv.set_defaults(handler=serve)

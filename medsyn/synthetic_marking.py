@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +46,28 @@ def png_bytes(image: np.ndarray, description: str) -> bytes:
     return buffer.getvalue()
 
 
-def dicom_dataset(image: np.ndarray, description: str):
-    """``image`` (H, W) grey or (H, W, 3) RGB uint8 as a Secondary Capture dataset: fresh UIDs, a synthetic
-    marker for the patient, ImageType DERIVED\\SECONDARY, conversion type SYN (synthetic image)."""
+@dataclass(frozen=True)
+class DicomSeries:
+    """Where an instance belongs: the images of one job are one series of one study, numbered 1..N. The UIDs are
+    derived from the job's id, so an image drawn again after a restart lands in the same series."""
+
+    study_uid: str
+    series_uid: str
+    instance_number: int
+    created: datetime.datetime
+
+    @classmethod
+    def of_job(cls, job_id: str, index: int, created: datetime.datetime) -> DicomSeries:
+        from pydicom.uid import generate_uid
+
+        return cls(generate_uid(entropy_srcs=[job_id, "study"]), generate_uid(entropy_srcs=[job_id, "series"]),
+                   index + 1, created)
+
+
+def dicom_dataset(image: np.ndarray, description: str, series: DicomSeries | None = None):
+    """``image`` (H, W) grey or (H, W, 3) RGB uint8 as a Secondary Capture dataset: a synthetic marker for the
+    patient, ImageType DERIVED\\SECONDARY, conversion type SYN (synthetic image); its own study and series
+    unless ``series`` places it in one."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -63,7 +83,8 @@ def dicom_dataset(image: np.ndarray, description: str):
     now = datetime.datetime.now(datetime.UTC)
     ds.SOPClassUID = SECONDARY_CAPTURE
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    if series is None:
+        series = DicomSeries(generate_uid(), generate_uid(), 1, now)
     ds.PatientName = f"{SYNTHETIC_MARKER}^MEDSYN"
     ds.PatientID = SYNTHETIC_MARKER
     ds.PatientIdentityRemoved = "YES"
@@ -75,9 +96,11 @@ def dicom_dataset(image: np.ndarray, description: str):
     ds.SeriesDescription = description[:64]
     ds.ImageComments = description
     ds.BurnedInAnnotation = "NO"
-    ds.ContentDate = ds.StudyDate = now.strftime("%Y%m%d")
-    ds.ContentTime = ds.StudyTime = now.strftime("%H%M%S")
-    ds.InstanceNumber = 1
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = series.study_uid, series.series_uid
+    ds.StudyDate, ds.StudyTime = series.created.strftime("%Y%m%d"), series.created.strftime("%H%M%S")
+    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = series.instance_number
     ds.Rows, ds.Columns = image.shape[:2]
     ds.SamplesPerPixel = 1 if image.ndim == 2 else 3
     ds.PhotometricInterpretation = "MONOCHROME2" if image.ndim == 2 else "RGB"
@@ -88,7 +111,7 @@ def dicom_dataset(image: np.ndarray, description: str):
     return ds
 
 
-def dicom_bytes(image: np.ndarray, description: str) -> bytes:
+def dicom_bytes(image: np.ndarray, description: str, series: DicomSeries | None = None) -> bytes:
     buffer = io.BytesIO()
-    dicom_dataset(image, description).save_as(buffer, enforce_file_format=True)
+    dicom_dataset(image, description, series).save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()

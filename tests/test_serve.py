@@ -320,7 +320,10 @@ def test_dicom_output_round_trips_and_says_synthetic(model_dir, database, tmp_pa
         assert ds.ConversionType == "SYN" and ds.PhotometricInterpretation == "MONOCHROME2"
         assert (ds.BitsAllocated, ds.BitsStored, ds.SamplesPerPixel) == (8, 8, 1)
         assert "SYNTHETIC" in ds.ImageComments and "seed 3" in ds.ImageComments
-    assert len({ds.SOPInstanceUID for ds in files}) == len({ds.StudyInstanceUID for ds in files}) == 2
+    # one job = one series of one study, its instances numbered 1..N (a viewer once showed 2 studies here)
+    assert len({ds.SOPInstanceUID for ds in files}) == 2
+    assert len({ds.StudyInstanceUID for ds in files}) == len({ds.SeriesInstanceUID for ds in files}) == 1
+    assert sorted(int(ds.InstanceNumber) for ds in files) == [1, 2]
 
 
 def test_rgb_dicom_round_trips():

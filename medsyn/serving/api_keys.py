@@ -1,4 +1,5 @@
-"""API keys: made once and shown once, stored only as a hash; a per-key rate limit and daily image quota."""
+"""API keys: made once and shown once, stored only as a hash; a per-key rate limit and daily image quota;
+revoked by name, never deleted (the audit trail keeps pointing at them)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def create_api_key(session: Session, name: str, requests_per_minute: int = 60, images_per_day: int = 10_000) -> str:
+def create_api_key(session: Session, name: str, requests_per_minute: int = 60, images_per_day: int = 10_000,
+                   admin: bool = False) -> str:
     """Store a new key for ``name`` and return it: the only time it is seen in clear."""
     if not name or len(name) > 64:
         raise ValueError(f"key name must be 1-64 characters, got {name!r}")
@@ -28,7 +30,7 @@ def create_api_key(session: Session, name: str, requests_per_minute: int = 60, i
         raise ValueError(f"an API key named {name!r} exists already; pick another name")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     session.add(ApiKey(name=name, key_hash=key_hash(key), requests_per_minute=requests_per_minute,
-                       images_per_day=images_per_day, revoked=False))
+                       images_per_day=images_per_day, revoked=False, admin=admin))
     session.commit()
     return key
 
@@ -40,7 +42,23 @@ def find_api_key(session: Session, key: str) -> ApiKey | None:
 
 
 def keys_configured(session: Session) -> bool:
+    """Whether any key is active: decided once when a server starts (see ``medsyn.serving.app``)."""
     return bool(session.scalar(select(func.count()).select_from(ApiKey).where(ApiKey.revoked.is_(False))))
+
+
+def revoke_api_key(session: Session, name: str) -> None:
+    """Revoke the key called ``name``: a running server refuses it from its next request on."""
+    found = session.scalar(select(ApiKey).where(ApiKey.name == name))
+    if found is None:
+        names = session.scalars(select(ApiKey.name).order_by(ApiKey.name)).all()
+        raise ValueError(f"no API key named {name!r}; the keys are {names}")
+    found.revoked = True
+    session.commit()
+
+
+def list_api_keys(session: Session) -> list[ApiKey]:
+    """Every key, active or revoked, oldest first (hashes only: clear keys are never stored)."""
+    return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))
 
 
 @dataclass

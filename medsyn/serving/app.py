@@ -2,12 +2,19 @@
 
 Every refusal is a 4xx whose ``detail`` says what is wrong, naming the field where one is to blame; nothing a
 client sends reaches a worker unchecked.
+
+Authentication is decided once, when the app is made: with keys (any active key then), every ``/api/v1`` call,
+``/metrics`` (except from this machine) and the API schema need one, for the life of the process, even after the
+last key is revoked (every call is then refused, saying why); without keys the server listens on localhost only.
+A key sees only its own jobs (another's answer 404, as if absent); an admin key, or localhost without keys, sees
+all.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import threading
 import time
 import zipfile
 from contextlib import asynccontextmanager
@@ -15,10 +22,12 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from sqlalchemy import text
 
 from medsyn.schedulers.samplers import Sampler
@@ -28,18 +37,22 @@ from medsyn.serving.service import MAX_SEED, GenerationService, JobRequest, Requ
 
 PAGE = Path(__file__).with_name("page.html")
 MAX_WAIT_SECONDS = 30
+MAX_GUIDANCE_SCALE = 100.0
+"""Guidance beyond this gives no image (1e308 made a non-finite one); the API refuses it, naming the field."""
+LOOPBACK_CLIENTS = {"127.0.0.1", "::1", "localhost"}
 
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model: str = Field(min_length=1, max_length=64, description="a model name from GET /api/v1/models")
-    class_label: str | int | None = Field(None, description="class name or index (class-conditional models)")
+    class_label: StrictStr | StrictInt | None = Field(
+        None, description="class name, or index as a number or ASCII digits (class-conditional models)")
     prompt: str | None = Field(None, min_length=1, description="the text prompt (MediSyn models)")
     negative_prompt: str | None = Field(None, min_length=1)
     n_samples: int = Field(1, ge=1)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="image i depends only on (seed, i)")
-    guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
+    guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False)
     num_inference_steps: int | None = Field(None, ge=1)
     n_steps_each: int | None = Field(None, ge=1)
     sampler: Sampler = Sampler.LANGEVIN
@@ -47,8 +60,10 @@ class GenerateRequest(BaseModel):
     quality_check: bool | None = Field(None, description="default: on where the server has the model's index")
 
 
-class BodySizeLimit:
-    """Refuse request bodies over ``limit`` bytes with 413, whether or not they say their length."""
+class BodyChecks:
+    """Before any route runs: a body over ``limit`` bytes gets 413 naming the limit, whether or not it says its
+    length (a chunked one is read up to the limit, never further); a body that is not JSON by its content type
+    gets 415 naming the expected type; one that is not UTF-8 gets 400 saying so."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -56,21 +71,46 @@ class BodySizeLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = JSONResponse({"detail": f"request body over this server's limit of {self.limit} bytes"}, 413)
-        length = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return await too_large(scope, receive, send)
-        received = 0
-
-        async def counted():
-            nonlocal received
+            return await self._refuse(413, f"request body over this server's limit of {self.limit} bytes",
+                                      scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
             message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                raise HTTPException(413, f"request body over this server's limit of {self.limit} bytes")
-            return message
+            if message["type"] != "http.request":
+                return await self.app(scope, self._replay([message], receive), send)
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.limit:
+                return await self._refuse(413, f"request body over this server's limit of {self.limit} bytes",
+                                          scope, receive, send)
+        body = b"".join(chunks)
+        if body:
+            content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            if content_type != b"application/json":
+                shown = content_type.decode("latin-1") or "none"
+                return await self._refuse(415, f"send the body as application/json (content type was {shown})",
+                                          scope, receive, send)
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return await self._refuse(400, f"the request body is not valid UTF-8 (byte {error.start})",
+                                          scope, receive, send)
+        return await self.app(scope, self._replay([{"type": "http.request", "body": body, "more_body": False}],
+                                                  receive), send)
 
-        return await self.app(scope, counted, send)
+    @staticmethod
+    def _replay(messages: list[dict], receive):
+        async def replayed():
+            return messages.pop(0) if messages else await receive()
+        return replayed
+
+    @staticmethod
+    async def _refuse(status: int, detail: str, scope, receive, send):
+        await JSONResponse({"detail": detail}, status)(scope, receive, send)
 
 
 def _seconds(start, end) -> float | None:
@@ -98,8 +138,32 @@ def job_view(job: Job, service: GenerationService, qa: list[dict] | None = None)
     return view
 
 
-def create_app(service: GenerationService, manage_workers: bool = True) -> FastAPI:
-    """The app for ``service``; with ``manage_workers`` its workers start and stop with the app."""
+class LongPollLimit:
+    """At most ``limit`` long polls at once (each holds a connection, not a worker thread); 429 past it."""
+
+    def __init__(self, limit: int):
+        self.limit, self.active, self._lock = limit, 0, threading.Lock()
+
+    def __enter__(self):
+        with self._lock:
+            if self.active >= self.limit:
+                raise HTTPException(429, f"this server holds {self.limit} long polls already; poll without wait",
+                                    headers={"Retry-After": "1"})
+            self.active += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self.active -= 1
+
+
+def create_app(service: GenerationService, manage_workers: bool = True, require_keys: bool | None = None) -> FastAPI:
+    """The app for ``service``; with ``manage_workers`` its workers start and stop with the app.
+
+    ``require_keys``: whether calls need an API key, for the app's whole life; default: whether the database holds
+    an active key now."""
+    if require_keys is None:
+        with service.sessions() as session:
+            require_keys = keys_configured(session)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -109,8 +173,10 @@ def create_app(service: GenerationService, manage_workers: bool = True) -> FastA
         if manage_workers:
             service.stop()
 
-    app = FastAPI(title="medsyn serve", version="1", lifespan=lifespan)
+    schema_urls = {"docs_url": None, "redoc_url": None, "openapi_url": None} if require_keys else {}
+    app = FastAPI(title="medsyn serve", version="1", lifespan=lifespan, **schema_urls)
     limiter = RateLimiter()
+    long_polls = LongPollLimit(service.limits.max_long_polls)
     metrics = service.metrics
 
     @app.exception_handler(RequestError)
@@ -139,20 +205,25 @@ def create_app(service: GenerationService, manage_workers: bool = True) -> FastA
         metrics.request_seconds.labels(path).observe(time.perf_counter() - started)
         return response
 
-    app.add_middleware(BodySizeLimit, limit=service.limits.max_body_bytes)
+    app.add_middleware(BodyChecks, limit=service.limits.max_body_bytes)
 
     def caller(request: Request) -> ApiKey | None:
-        """The API key of the request when the server has keys (401 without a valid one, 429 over its rate)."""
+        """The API key of the request when the server requires keys (401 without a valid one, 429 over its
+        rate); None on a keyless (localhost-only) server."""
+        if not require_keys:
+            return None
+        header = request.headers.get("authorization", "")
+        key = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else \
+            request.headers.get("x-api-key")
+        if not key:
+            raise HTTPException(401, "an API key is required: send 'Authorization: Bearer <key>'",
+                                headers={"WWW-Authenticate": "Bearer"})
         with service.sessions() as session:
-            if not keys_configured(session):
-                return None
-            header = request.headers.get("authorization", "")
-            key = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else \
-                request.headers.get("x-api-key")
-            if not key:
-                raise HTTPException(401, "an API key is required: send 'Authorization: Bearer <key>'",
-                                    headers={"WWW-Authenticate": "Bearer"})
             record = find_api_key(session, key)
+            if record is None and not keys_configured(session):
+                raise HTTPException(401, "this server requires an API key and none is active (every key is "
+                                         "revoked); an operator creates one with 'medsyn serve --create-key NAME'",
+                                    headers={"WWW-Authenticate": "Bearer"})
         if record is None:
             raise HTTPException(401, "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
         wait = limiter.retry_after(record.id, record.requests_per_minute)
@@ -163,6 +234,19 @@ def create_app(service: GenerationService, manage_workers: bool = True) -> FastA
 
     def client_of(request: Request) -> str | None:
         return request.client.host if request.client else None
+
+    def owned_job(job_id: str, key: ApiKey | None):
+        """The job, if ``key`` may see it: its own, or any for an admin key or a keyless server; else 404, the
+        same answer as for an id that does not exist, so that ids do not leak."""
+        job = service.get_job(job_id)
+        if key is not None and not key.admin and job.api_key_id != key.id:
+            raise RequestError(None, f"no job {job_id!r}", status_code=404)
+        return job
+
+    def metrics_reader(request: Request) -> None:
+        """With keys, metrics (model names, traffic) go to this machine's scraper or to a key holder."""
+        if require_keys and client_of(request) not in LOOPBACK_CLIENTS:
+            caller(request)
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
@@ -176,7 +260,7 @@ def create_app(service: GenerationService, manage_workers: bool = True) -> FastA
         return {"status": "ok" if all(alive.values()) else "degraded", "workers": alive}
 
     @app.get("/metrics")
-    def prometheus() -> Response:
+    def prometheus(_reader: None = Depends(metrics_reader)) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/api/v1/models")
@@ -191,17 +275,27 @@ def create_app(service: GenerationService, manage_workers: bool = True) -> FastA
                              client=client_of(request), quota=None if key is None else key.images_per_day)
         return job_view(job, service)
 
+    if require_keys:
+        @app.get("/api/v1/openapi.json", include_in_schema=False)
+        def schema(_key: ApiKey | None = Depends(caller)) -> dict:
+            return get_openapi(title=app.title, version=app.version, routes=app.routes)
+
     @app.get("/api/v1/jobs/{job_id}")
-    def get_job(job_id: str, wait: float = Query(0, ge=0, le=MAX_WAIT_SECONDS, allow_inf_nan=False),
-                _key: ApiKey | None = Depends(caller)) -> dict:
-        """The job's state; with ``wait``, once it has finished or after that many seconds (a long poll)."""
-        job = service.wait_for_job(job_id, wait) if wait else service.get_job(job_id)
-        withheld = [{"index": image.index, "reason": image.qa_reason} for image in service.images(job_id)
-                    if not image.released]
-        return job_view(job, service, withheld)
+    async def get_job(job_id: str, wait: float = Query(0, ge=0, le=MAX_WAIT_SECONDS, allow_inf_nan=False),
+                      key: ApiKey | None = Depends(caller)) -> dict:
+        """The job's state; with ``wait``, once it has finished or after that many seconds (a long poll, which
+        waits on the event loop and holds no worker thread)."""
+        job = await run_in_threadpool(owned_job, job_id, key)
+        if wait:
+            with long_polls:
+                job = await service.wait_for_job(job_id, wait)
+        images = await run_in_threadpool(service.images, job_id)
+        withheld = [{"index": image.index, "reason": image.qa_reason} for image in images if not image.released]
+        return await run_in_threadpool(job_view, job, service, withheld)
 
     @app.delete("/api/v1/jobs/{job_id}")
     def cancel(job_id: str, request: Request, key: ApiKey | None = Depends(caller)) -> dict:
+        owned_job(job_id, key)
         job = service.cancel(job_id, None if key is None else key.id, client_of(request))
         return job_view(job, service)
 
@@ -209,7 +303,7 @@ def create_app(service: GenerationService, manage_workers: bool = True) -> FastA
     def all_images(job_id: str, request: Request, key: ApiKey | None = Depends(caller)) -> Response:
         """Every released image of a finished job: a zip (PNG or DICOM files and qa.json) or, for the npz
         format, one samples.npz in ``medsyn generate``'s layout."""
-        job = service.get_job(job_id)
+        job = owned_job(job_id, key)
         if job.status != JobStatus.DONE:
             raise RequestError(None, f"job {job_id} is {job.status}; its images are released once it is done",
                                status_code=409)
@@ -244,7 +338,7 @@ def create_app(service: GenerationService, manage_workers: bool = True) -> FastA
 
     @app.get("/api/v1/jobs/{job_id}/images/{index}")
     def one_image(job_id: str, index: int, request: Request, key: ApiKey | None = Depends(caller)) -> Response:
-        job = service.get_job(job_id)
+        job = owned_job(job_id, key)
         if not 0 <= index < job.n_samples:
             raise RequestError(None, f"job {job_id} has images 0-{job.n_samples - 1}, not {index}", 404)
         image = next((image for image in service.images(job_id) if image.index == index), None)

@@ -70,6 +70,8 @@ class ApiKey(Base):
     """SHA-256 of the key: keys are 256 random bits, so a plain hash cannot be reversed by search."""
     created_at: Mapped[datetime.datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    """An admin key sees and cancels every caller's jobs; another key only its own."""
     requests_per_minute: Mapped[int] = mapped_column(Integer)
     images_per_day: Mapped[int] = mapped_column(Integer)
 

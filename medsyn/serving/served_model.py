@@ -116,7 +116,7 @@ class ServedModel:
 
     def summary(self) -> dict:
         return {
-            "name": self.name, "kind": self.kind.value, "source": self.source, "version": self.version,
+            "name": self.name, "kind": self.kind.value, "version": self.version,  # no file path: it is the server's
             "class_names": self.class_names, "image_shape": list(self.image_shape),
             "quality_index": self.gate is not None, "load_seconds": round(self.load_seconds, 3),
             "card_summary": self.card_summary,

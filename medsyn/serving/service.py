@@ -10,9 +10,11 @@ database and completes them with the images an uninterrupted run would have give
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import hashlib
 import logging
+import re
 import secrets
 import threading
 import time
@@ -29,6 +31,7 @@ from medsyn.output_files import TEMPORARY_PREFIX, atomic_write, safe_file_stem
 from medsyn.schedulers.samplers import Sampler
 from medsyn.serving.database import (
     FINISHED,
+    ApiKey,
     AuditEvent,
     Job,
     JobImage,
@@ -40,7 +43,7 @@ from medsyn.serving.database import (
 from medsyn.serving.metrics import ServiceMetrics
 from medsyn.serving.quality_gate import QAVerdict, sanity_verdicts
 from medsyn.serving.served_model import ServedModel
-from medsyn.synthetic_marking import dicom_bytes, synthetic_description, write_png
+from medsyn.synthetic_marking import DicomSeries, dicom_bytes, synthetic_description, write_png
 
 logger = logging.getLogger("medsyn.serve")
 MAX_SEED = 2**31 - 1  # a 32-bit INTEGER column in every database
@@ -56,8 +59,14 @@ class ServiceLimits:
     max_prompt_characters: int = 1000
     max_body_bytes: int = 64 * 1024
     batch_wait_seconds: float = 0.1
+    max_long_polls: int = 256
+    """Long polls (``GET /jobs/{id}?wait=``) held at once; more get 429."""
     """An idle worker woken by a request waits this long before it fills a batch, so that requests arriving
     together share one (a batch at a time is what the hardware is fast at)."""
+
+
+#: A class index given as a string: ASCII digits only ("²" and "١" are digits to str.isdigit, not to int()).
+CLASS_INDEX = re.compile(r"[0-9]+")
 
 
 class RequestError(ValueError):
@@ -122,7 +131,8 @@ class GenerationService:
         self.storage = Path(storage)
         self.metrics = metrics or ServiceMetrics()
         self.workers: dict[str, ModelWorker] = {}
-        self.changed = threading.Condition()  # notified whenever jobs' records change, for long polls
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()  # long polls, woken on changes
+        self._waiters_lock = threading.Lock()
         for name, model in models.items():
             self.metrics.model_load_seconds.labels(name).set(model.load_seconds)
 
@@ -138,6 +148,8 @@ class GenerationService:
                 if job.model not in self.models:
                     self._finish(session, job, JobStatus.FAILED,
                                  f"model {job.model!r} is not served since the server restarted")
+                elif job.model_version != self.models[job.model].version:
+                    self._rebind_or_fail(session, job, self.models[job.model].version)
                 elif job.status == JobStatus.RUNNING:
                     job.status = JobStatus.QUEUED
                     session.add(AuditEvent(action="resume", job_id=job.id, model=job.model,
@@ -148,6 +160,18 @@ class GenerationService:
         for name, model in self.models.items():
             self.workers[name] = ModelWorker(self, model)
             self.workers[name].start()
+
+    def _rebind_or_fail(self, session: Session, job: Job, version: str) -> None:
+        """A job whose model changed version while the server was down: with no image made yet it moves to the new
+        version (recorded); with some, it fails, since its images would mix two models."""
+        if job.generated == 0:
+            session.add(AuditEvent(action="rebind", job_id=job.id, model=job.model, model_version=version,
+                                   detail=f"no image made yet; moved from version {job.model_version} to {version}"))
+            job.model_version, job.status = version, JobStatus.QUEUED
+            return
+        self._finish(session, job, JobStatus.FAILED,
+                     f"model {job.model!r} is now version {version}, but {job.generated} of this job's images came "
+                     f"from version {job.model_version}; finishing it would mix two models: submit it again")
 
     def stop(self, timeout: float = 30.0) -> None:
         for worker in self.workers.values():
@@ -179,6 +203,9 @@ class GenerationService:
         if request.class_label is not None and request.prompt is not None:
             raise RequestError("class_label", "give class_label (class-conditional models) or prompt (MediSyn), "
                                               "not both")
+        if request.negative_prompt is not None and model.kind is not ModelKind.MEDISYN:
+            raise RequestError("negative_prompt", f"negative_prompt is for text-guided (MediSyn) models; model "
+                                                  f"{model.name!r} is {model.kind.value}")
         if request.quality_check and model.gate is None:
             raise RequestError("quality_check", f"this server has no training index for model {model.name!r}, so "
                                                 "it cannot run the QA gate; start it with --train-index")
@@ -194,7 +221,7 @@ class GenerationService:
         class_label = class_name = None
         if request.class_label is not None:
             label = request.class_label
-            if isinstance(label, str) and label.isdigit():
+            if isinstance(label, str) and CLASS_INDEX.fullmatch(label):
                 label = int(label)
             try:
                 class_label = int(model.pipe.encode_class_labels(label, 1)[0])
@@ -207,6 +234,10 @@ class GenerationService:
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
         with self.sessions() as session:
             if quota is not None:
+                # Check and book in one transaction that first writes the key's row: a row lock on PostgreSQL, the
+                # write lock on SQLite, so concurrent requests of one key are counted one after the other.
+                session.execute(update(ApiKey).where(ApiKey.id == api_key_id).values(
+                    images_per_day=ApiKey.images_per_day))
                 since = utc_now() - datetime.timedelta(days=1)
                 used = session.scalar(select(func.coalesce(func.sum(Job.n_samples), 0)).where(
                     Job.api_key_id == api_key_id, Job.created_at >= since))
@@ -240,31 +271,56 @@ class GenerationService:
             raise RequestError(None, f"no job {job_id!r}", status_code=404)
         return job
 
-    def wait_for_job(self, job_id: str, timeout: float) -> Job:
+    async def wait_for_job(self, job_id: str, timeout: float) -> Job:
         """The job once it has finished, or as it is after ``timeout`` seconds (a long poll: a client learns of
-        the end at once without asking many times)."""
-        deadline = time.monotonic() + timeout
+        the end at once without asking many times). It waits on the event loop, not in a worker thread, so many
+        long polls do not starve the other routes."""
+        from fastapi.concurrency import run_in_threadpool
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         while True:
-            job = self.get_job(job_id)
-            remaining = deadline - time.monotonic()
-            if job.status in FINISHED or remaining <= 0:
-                return job
-            with self.changed:
-                self.changed.wait(min(remaining, 1.0))
+            waiter = (loop, asyncio.Event())
+            with self._waiters_lock:
+                self._waiters.add(waiter)
+            try:
+                job = await run_in_threadpool(self.get_job, job_id)
+                remaining = deadline - loop.time()
+                if job.status in FINISHED or remaining <= 0:
+                    return job
+                try:
+                    await asyncio.wait_for(waiter[1].wait(), min(remaining, 1.0))
+                except TimeoutError:
+                    pass
+            finally:
+                with self._waiters_lock:
+                    self._waiters.discard(waiter)
 
     def _notify(self) -> None:
-        with self.changed:
-            self.changed.notify_all()
+        """Wake every long poll (from any thread)."""
+        with self._waiters_lock:
+            waiters = list(self._waiters)
+        for loop, event in waiters:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # that loop has closed
+                pass
 
     def cancel(self, job_id: str, api_key_id: int | None = None, client: str | None = None) -> Job:
-        """Cancel a queued or running job; the worker abandons its batch at the next step."""
+        """Cancel a queued or running job, exactly once however many ask at the same time (one conditional
+        update decides); the worker abandons its batch at the next step."""
         with self.sessions() as session:
+            cancelled = session.execute(update(Job).where(
+                Job.id == job_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])
+            ).values(status=JobStatus.CANCELLED, finished_at=utc_now()))
             job = session.get(Job, job_id)
             if job is None:
                 raise RequestError(None, f"no job {job_id!r}", status_code=404)
-            if job.status in FINISHED:
+            if cancelled.rowcount != 1:
+                session.rollback()
                 raise RequestError(None, f"job {job_id} is {job.status} already", status_code=409)
-            self._finish(session, job, JobStatus.CANCELLED, None)
+            session.refresh(job)
+            self._observe_finish(job)
             session.add(AuditEvent(action="cancel", api_key_id=api_key_id, client=client, job_id=job.id,
                                    model=job.model, model_version=job.model_version))
             session.commit()
@@ -334,7 +390,8 @@ class GenerationService:
                 description = synthetic_description(f"{model.name}@{model.version}", job.seed, index)
                 with atomic_write(path) as temporary:
                     if job.output_format == OutputFormat.DICOM:
-                        temporary.write_bytes(dicom_bytes(image, description))
+                        series = DicomSeries.of_job(job.id, index, as_utc(job.created_at))
+                        temporary.write_bytes(dicom_bytes(image, description, series))
                     else:
                         write_png(image, temporary, description)
             rows.append(JobImage(job_id=job_id, index=index, sha256=digest, released=verdict.released,
@@ -373,8 +430,11 @@ class GenerationService:
 
     def _finish(self, session: Session, job: Job, status: JobStatus, error: str | None) -> None:
         job.status, job.error, job.finished_at = status, error, utc_now()
-        waited = (job.finished_at - as_utc(job.created_at)).total_seconds()
-        self.metrics.job_seconds.labels(job.model, status.value).observe(waited)
+        self._observe_finish(job)
+
+    def _observe_finish(self, job: Job) -> None:
+        waited = (as_utc(job.finished_at) - as_utc(job.created_at)).total_seconds()
+        self.metrics.job_seconds.labels(job.model, JobStatus(job.status).value).observe(waited)
 
 
 class ModelWorker(threading.Thread):
