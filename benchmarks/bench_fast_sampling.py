@@ -54,7 +54,10 @@ class Setting:
 
 
 def score_settings(config, nfe_budgets: list[int], deterministic: bool) -> list[Setting]:
-    """Every sampler of a score model at each NFE budget (with guidance: 2 evaluations per network call)."""
+    """Every sampler of a score model at each NFE budget (with guidance: 2 evaluations per network call). Annealed
+    Langevin needs a trained ladder of levels: an EDM-trained model (continuous levels, saved with EDM Heun) has
+    none, so its rows are the ODE/SDE samplers'."""
+    langevin = "num_train_timesteps" in config
     settings = []
     for nfe in nfe_budgets:
         calls = nfe // 2
@@ -66,10 +69,11 @@ def score_settings(config, nfe_budgets: list[int], deterministic: bool) -> list[
                                 max(2, calls)))
         settings.append(Setting("predictor-corrector (1 corrector step)",
                                 PredictorCorrectorScheduler.from_config(config), max(2, calls // 2)))
-        settings.append(Setting(SHORT_LANGEVIN, AnnealedLangevinScheduler.from_config(config),
-                                max(2, (calls - 1) // 2), {"n_steps_each": 2}))  # L levels x 2 + 1 calls
+        if langevin:
+            settings.append(Setting(SHORT_LANGEVIN, AnnealedLangevinScheduler.from_config(config),
+                                    max(2, (calls - 1) // 2), {"n_steps_each": 2}))  # L levels x 2 + 1 calls
     # Last, being the slowest: a run cut short has the fast samplers' rows.
-    return settings + [Setting(LANGEVIN, AnnealedLangevinScheduler.from_config(config), None)]
+    return settings + ([Setting(LANGEVIN, AnnealedLangevinScheduler.from_config(config), None)] if langevin else [])
 
 
 def ddpm_settings(config, nfe_budgets: list[int]) -> list[Setting]:

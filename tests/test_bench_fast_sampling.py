@@ -116,3 +116,19 @@ def test_langevin_cut_to_a_budget_keeps_within_it_and_re_derives_its_step_size()
         levels = pipe.scheduler.num_inference_steps
         assert budget - 2 <= nfe <= budget and nfe == 2 * (2 * levels + 1)  # L levels x 2 steps + 1, guided
         assert pipe.scheduler.n_steps_each == 2 and pipe.scheduler.step_size != trained.step_size
+
+
+def test_an_edm_model_is_sampled_by_the_ode_and_sde_samplers_only():
+    """An EDM-trained score model has no ladder of levels to anneal over: no Langevin rows, every other sampler
+    within its budget."""
+    from medsyn.schedulers import EDMHeunScheduler
+
+    config = EDMHeunScheduler(sigma_max=80.0, sigma_min=0.002).config
+    settings = bench_fast_sampling.score_settings(config, [20, 48], True)
+    names = {s.sampler for s in settings}
+    assert not any("Langevin" in name for name in names)
+    assert {"EDM Heun, deterministic", "EDM Heun, S_churn 40", "DPM-Solver++ 2M (diffusers EDM)"} <= names
+    pipe = get_dummy_pipeline()
+    for setting in settings:
+        pipe.scheduler = setting.scheduler
+        assert bench_fast_sampling.evaluations_per_image(pipe, setting) <= 48
