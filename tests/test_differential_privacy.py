@@ -167,16 +167,44 @@ def test_the_card_reports_the_accountants_epsilon_for_the_steps_run_across_a_res
     train_ddpm.main(train_ddpm.parse_args(run))
     # resumed from step 2: without the accountant's saved history the summary would count 2 steps, not 4
     train_ddpm.main(train_ddpm.parse_args(run + ["--resume_from_checkpoint", "checkpoint-2"]))
-    summary = json.loads((tmp_path / "dp" / "training_summary.json").read_text())["differential_privacy"]
-    assert summary["steps"] == 4 and summary["sample_rate"] == 4 / 24 and summary["delta"] == 1 / 240
-    assert summary["noise_multiplier"] == get_noise_multiplier(target_epsilon=6, target_delta=1 / 240,
+    summary = json.loads((tmp_path / "dp" / "training_summary.json").read_text())
+    private = summary["differential_privacy"]
+    # delta: the largest power of ten at most 1 / (100 x 24 images); the sample rate 4/24 shown to 2 digits
+    assert private["steps"] == 4 and private["sample_rate"] == 0.17 and private["delta"] == 1e-4
+    assert private["images_times_delta"] == 0.002
+    assert private["noise_multiplier"] == get_noise_multiplier(target_epsilon=6, target_delta=1e-4,
                                                                sample_rate=4 / 24, steps=4, accountant="prv")
     accountant = PRVAccountant()
-    accountant.history = [(summary["noise_multiplier"], 4 / 24, 4)]
-    assert summary["epsilon"] == pytest.approx(accountant.get_epsilon(1 / 240), rel=1e-9)
-    assert summary["epsilon"] <= 6
+    accountant.history = [(private["noise_multiplier"], 4 / 24, 4)]
+    assert private["epsilon"] == pytest.approx(accountant.get_epsilon(1e-4), rel=1e-9)
+    assert private["epsilon"] <= 6
     card = (tmp_path / "dp" / "README.md").read_text()
-    assert f"(epsilon {summary['epsilon']:.3g}, delta 0.00417)-DP" in card and "noise multiplicity 2" in card
+    assert f"(epsilon {private['epsilon']:.3g}, delta 0.0001)-DP" in card and "noise multiplicity 2" in card
+    # nothing about the data outside the guarantee: no unnoised loss, no exact image count
+    assert summary["final_loss"].startswith("withheld") and "| training images | withheld (differentially" in card
+
+
+def test_a_resume_with_a_larger_budget_solves_the_remaining_noise_and_the_card_shows_both(tmp_path):
+    """--dp_epsilon 6 for 4 steps, resumed to 12: the noise of steps 5-12 is solved so that all 12 meet 6 (it once
+    re-solved 12 steps as if none were spent, overshooting to 7.6 silently)."""
+    dp = ["--dp_epsilon", "6", "--checkpointing_steps", "4", "--output_dir", str(tmp_path / "dp")]
+    train_ddpm.main(train_ddpm.parse_args(DDPM_TINY + [*dp, "--max_train_steps", "4"]))
+    first = json.loads((tmp_path / "dp" / "training_summary.json").read_text())["differential_privacy"]
+    with pytest.warns(UserWarning, match="DP budget changed on resume"):
+        train_ddpm.main(train_ddpm.parse_args(DDPM_TINY + [*dp, "--max_train_steps", "12",
+                                                           "--resume_from_checkpoint", "latest"]))
+    private = json.loads((tmp_path / "dp" / "training_summary.json").read_text())["differential_privacy"]
+    (noise_1, _, steps_1), (noise_2, _, steps_2) = private["history"]
+    assert (steps_1, steps_2) == (4, 8) and noise_1 == first["noise_multiplier"] and noise_2 > noise_1
+    accountant = PRVAccountant()
+    accountant.history = [(noise_1, 4 / 24, 4), (noise_2, 4 / 24, 8)]
+    assert private["epsilon"] == pytest.approx(accountant.get_epsilon(1e-4), rel=1e-9)
+    assert 5.9 <= private["epsilon"] <= 6.0
+    card = (tmp_path / "dp" / "README.md").read_text()
+    assert f"noise multiplier {noise_1:.4g} for 4 steps" in card and f"then noise multiplier {noise_2:.4g} for 8" in card
+    with pytest.raises(ValueError, match="already run spent"):  # a smaller epsilon than already spent is refused
+        train_ddpm.main(train_ddpm.parse_args(DDPM_TINY + [*dp[:1], "0.5", *dp[2:], "--max_train_steps", "16",
+                                                           "--resume_from_checkpoint", "latest"]))
 
 
 def test_a_dp_run_and_a_plain_run_with_the_same_seed_differ(tmp_path):

@@ -36,12 +36,8 @@ class GaussianF(nn.Module):
     def __init__(self, edm: EDMPreconditioning):
         super().__init__()
         self.edm = edm
-        self.register_buffer("anchor", torch.zeros(()))  # gives the module a dtype and device
+        self.anchor = nn.Parameter(torch.zeros(()), requires_grad=False)  # gives the module a dtype
         self.config = {}
-
-    @property
-    def dtype(self):
-        return self.anchor.dtype
 
     def forward(self, scaled, t, class_labels=None):
         sigma = (4 * t.double().log()).exp()

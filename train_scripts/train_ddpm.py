@@ -47,6 +47,7 @@ from medsyn.training.differential_privacy import add_privacy_arguments, check_pr
 from medsyn.training.loop import (
     TrainingResult,
     TrainingRun,
+    public_image_count,
     run_card_fields,
     training_loop,
     write_training_summary,
@@ -205,7 +206,7 @@ def save_pipeline(args, accelerator, pipeline: ClassConditionalDDPMPipeline, dat
         + f"; DPM-Solver++ 2M, {args.validation_inference_steps} steps, guidance {args.validation_guidance_scale}, "
         f"seed {args.seed}.",
         data_description=data_description,
-        num_train_images=num_images,
+        num_train_images=public_image_count(num_images, result),
         channels=channels,
         num_train_timesteps=config.num_train_timesteps,
         beta_schedule=config.beta_schedule if config.beta_schedule == "squaredcos_cap_v2"

@@ -73,6 +73,7 @@ from medsyn.training.feature_alignment import (
 from medsyn.training.loop import (
     TrainingResult,
     TrainingRun,
+    public_image_count,
     run_card_fields,
     training_loop,
     write_training_summary,
@@ -450,7 +451,7 @@ def save_result(args, accelerator, pipeline, prompts, data_description, num_imag
                        f"{args.validation_guidance_scale}, seeds {args.seed} onwards.",
         training_mode=mode,
         data_description=data_description,
-        num_train_images=num_images,
+        num_train_images=public_image_count(num_images, result),
         caption_source=f"templates {describe_templates(args.caption_templates)}" if args.caption_templates
         else "the data's captions",
         caption_dropout=args.caption_dropout,

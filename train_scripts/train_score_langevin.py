@@ -60,6 +60,7 @@ from medsyn.training.feature_alignment import (
 from medsyn.training.loop import (
     TrainingResult,
     TrainingRun,
+    public_image_count,
     run_card_fields,
     training_loop,
     write_training_summary,
@@ -309,7 +310,7 @@ def save_pipeline(args, accelerator, model, noise_scheduler, class_names, data_d
         + f"; {describe_sampler(noise_scheduler, args.validation_num_levels)}, guidance {args.validation_guidance_scale}, "
         f"seed {args.seed}.",
         data_description=data_description,
-        num_train_images=num_images,
+        num_train_images=public_image_count(num_images, result),
         channels=channels,
         training_noise=describe_training_noise(model, noise_scheduler, args),
         default_sampler=describe_sampler(noise_scheduler),

@@ -64,9 +64,20 @@ def set_preconditioning(unet, preconditioning: Preconditioning | str, sigma_data
         unet.register_to_config(**{CONFIG_KEY: {"type": "ncsn"}})
 
 
+def _unwrapped(unet):
+    """The diffusers model inside DDP (``module``) or Opacus (``_module``) wrappers."""
+    while not hasattr(unet, "config") and (hasattr(unet, "module") or hasattr(unet, "_module")):
+        unet = getattr(unet, "module", None) or unet._module
+    return unet
+
+
+def _dtype(unet) -> torch.dtype:
+    return next(unet.parameters()).dtype
+
+
 def edm_preconditioning(unet) -> EDMPreconditioning | None:
-    """The EDM coefficients of ``unet``, or None for an NCSN-parameterised network."""
-    saved = getattr(unet, "config", {}).get(CONFIG_KEY) or {"type": "ncsn"}
+    """The EDM coefficients of ``unet`` (wrappers looked through), or None for an NCSN-parameterised network."""
+    saved = getattr(_unwrapped(unet), "config", {}).get(CONFIG_KEY) or {"type": "ncsn"}
     kind = Preconditioning(saved.get("type", "ncsn"))
     return EDMPreconditioning(float(saved["sigma_data"])) if kind is Preconditioning.EDM else None
 
@@ -82,7 +93,8 @@ def network_denoised(unet, sample: torch.Tensor, sigma: torch.Tensor | float, ed
     sigma = _levels(sigma, sample)
     c_skip, c_out, c_in, c_noise = (c.view(-1, *[1] * (sample.ndim - 1)) for c in edm.coefficients(sigma))
     t = c_noise.exp().flatten()  # UNet2DModel embeds log(t) = c_noise and divides its output by t
-    raw = unet((c_in * sample).to(unet.dtype), t.to(unet.dtype), **conditioning).sample.float()
+    dtype = _dtype(unet)
+    raw = unet((c_in * sample).to(dtype), t.to(dtype), **conditioning).sample.float()
     return c_skip * sample.float() + c_out * (raw * t.view_as(c_noise))
 
 
@@ -98,7 +110,8 @@ def network_score(unet, sample: torch.Tensor, sigma: torch.Tensor | float, **con
     edm = edm_preconditioning(unet)
     if edm is None:
         sigma = _levels(sigma, sample)
-        return unet(sample.to(unet.dtype), sigma.to(unet.dtype), **conditioning).sample.float()
+        dtype = _dtype(unet)
+        return unet(sample.to(dtype), sigma.to(dtype), **conditioning).sample.float()
     sigma = _levels(sigma, sample)
     denoised = network_denoised(unet, sample, sigma, edm, **conditioning)
     return (denoised - sample.float()) / sigma.view(-1, *[1] * (sample.ndim - 1)) ** 2

@@ -14,6 +14,12 @@ Dockhorn et al. 2022 ("Differentially Private Diffusion Models") do it:
 - The accountant (PRV by default, RDP on request) turns (noise, q, steps) into epsilon. The noise multiplier is
   solved for before training from the run's step budget, so a budget that cannot be met is refused before a step
   is spent; the epsilon actually spent goes into the model card and ``training_summary.json``.
+- A resume keeps the accountant's history of (noise, q, steps) stretches; when the budget changed (more steps, a
+  new batch size), the noise of the remaining steps is solved again so that the whole history meets the target,
+  or the resume is refused. The card lists every stretch.
+- Nothing derived from the private data leaves the folder unnoised: the final training loss and the exact number
+  of images are withheld from the card and ``training_summary.json`` (the sample rate is shown to 2 digits).
+  The default delta is a power of ten at most 1 / (100 N), so it does not reveal N either.
 
 The noise and the Poisson batches are drawn from generators seeded from the operating system's entropy, never from
 ``--seed``: the guarantee holds only while the noise is secret, and the seed is printed in every model card. A DP
@@ -86,19 +92,27 @@ class PrivacyReport:
     epsilon: float
     """The accountant's epsilon for the steps actually run, at ``delta``."""
     delta: float
+    images_times_delta: float
+    """N x delta, to 1 digit: the expected number of images the guarantee's failure case could release."""
     target_epsilon: float
     noise_multiplier: float
+    """The noise of the last stretch."""
     sample_rate: float
+    """To 2 significant digits (the exact rate would give the number of images)."""
     steps: int
     max_grad_norm: float
     noise_multiplicity: int
     accountant: str
+    history: list[tuple[float, float, int]]
+    """(noise multiplier, sample rate to 2 digits, steps) per stretch of the run, in order."""
 
     def card_text(self) -> str:
+        stretches = ", then ".join(f"noise multiplier {noise:.4g} for {steps} steps at sample rate {rate:.2g}"
+                                   for noise, rate, steps in self.history)
         return (f"(epsilon {self.epsilon:.3g}, delta {self.delta:.3g})-DP by DP-SGD ({self.accountant.upper()} "
-                f"accountant, target epsilon {self.target_epsilon:g}): {self.steps} steps at sample rate "
-                f"{self.sample_rate:.4g} (Poisson), noise multiplier {self.noise_multiplier:.4g}, per-sample clip "
-                f"{self.max_grad_norm:g}, noise multiplicity {self.noise_multiplicity}")
+                f"accountant, target epsilon {self.target_epsilon:g}; N x delta {self.images_times_delta:.1g}): "
+                f"{self.steps} steps (Poisson sampling): {stretches}; per-sample clip {self.max_grad_norm:g}, noise "
+                f"multiplicity {self.noise_multiplicity}")
 
 
 def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,7 +120,8 @@ def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
     dp.add_argument("--dp_epsilon", type=number_argument(0, exclusive=True), default=None,
                     help="Train with DP-SGD to this epsilon at the end of the run; the noise is solved for.")
     dp.add_argument("--dp_delta", type=number_argument(0, exclusive=True), default=None,
-                    help="The guarantee's delta; default 1 / (10 x training images). Must be below 1 / images.")
+                    help="The guarantee's delta; default the largest power of ten at most 1 / (100 x training "
+                         "images). Must be below 1 / images.")
     dp.add_argument("--dp_max_grad_norm", type=number_argument(0, exclusive=True), default=1.0,
                     help="Each sample's gradient is clipped to this l2 norm.")
     dp.add_argument("--dp_noise_multiplicity", type=count_argument(), default=1,
@@ -132,10 +147,16 @@ def check_privacy_arguments(parser: argparse.ArgumentParser, args: argparse.Name
             parser.error(f"--dp_epsilon cannot be combined with {flag}")
 
 
+def default_delta(num_images: int) -> float:
+    """The largest power of ten at most 1 / (100 N): a 1% chance at most, summed over the images, that one is
+    released outright, and a value that does not give N away."""
+    return 10.0 ** math.floor(math.log10(1 / (100 * num_images)))
+
+
 def budget_from_args(args: argparse.Namespace, num_images: int) -> PrivacyBudget | None:
     if args.dp_epsilon is None:
         return None
-    return PrivacyBudget(epsilon=args.dp_epsilon, delta=args.dp_delta or 1 / (10 * num_images),
+    return PrivacyBudget(epsilon=args.dp_epsilon, delta=args.dp_delta or default_delta(num_images),
                          max_grad_norm=args.dp_max_grad_norm, noise_multiplicity=args.dp_noise_multiplicity,
                          accountant=args.dp_accountant)
 
@@ -162,6 +183,37 @@ def noise_multiplier_for(budget: PrivacyBudget, sample_rate: float, steps: int) 
         raise ValueError(f"dp_epsilon {budget.epsilon} at delta {budget.delta:.3g} cannot be met in {steps} steps at "
                          f"sample rate {sample_rate:.4g} ({error}); allow a larger epsilon, or train fewer steps "
                          "or with smaller batches") from error
+
+
+def epsilon_of(history: list[tuple[float, float, int]], budget: PrivacyBudget) -> float:
+    """The accountant's epsilon at ``budget.delta`` for the stretches of ``history``."""
+    accountant = create_accountant(budget.accountant.value)
+    accountant.history = list(history)
+    with quiet_prv_bounds(budget.accountant):
+        return accountant.get_epsilon(delta=budget.delta)
+
+
+def remaining_noise_multiplier(history: list[tuple[float, float, int]], budget: PrivacyBudget, sample_rate: float,
+                               steps: int) -> float:
+    """The smallest noise (to 0.1%) for ``steps`` more steps after ``history`` so that the whole run meets the
+    budget; a clear error when even huge noise cannot (the steps already run spent it)."""
+    spent = epsilon_of(history, budget)
+    if spent >= budget.epsilon:
+        raise ValueError(f"dp_epsilon {budget.epsilon}: the {sum(s for _, _, s in history)} steps already run spent "
+                         f"epsilon {spent:.3g}; resume with a larger --dp_epsilon or do not train further")
+    low, high = 0.0, 1.0
+    while epsilon_of([*history, (high, sample_rate, steps)], budget) > budget.epsilon:
+        low, high = high, high * 2
+        if high > 1e4:
+            raise ValueError(f"dp_epsilon {budget.epsilon} cannot be met: {steps} more steps after epsilon {spent:.3g} "
+                             "spent would need a noise multiplier over 10,000")
+    while high - low > 1e-3 * high:
+        middle = (low + high) / 2
+        if epsilon_of([*history, (middle, sample_rate, steps)], budget) > budget.epsilon:
+            low = middle
+        else:
+            high = middle
+    return high
 
 
 def _contiguous_conv_grad_sample(layer, activations, backprops):
@@ -214,8 +266,9 @@ class PrivateTraining:
                                                         generator=entropy_generator()),
             collate_fn=_EmptyAsNone(dataloader.collate_fn),
         )
+        self.total_steps = steps_for(len(self.dataloader))
         self.noise_multiplier = noise_multiplier if noise_multiplier is not None else noise_multiplier_for(
-            budget, self.sample_rate, steps_for(len(self.dataloader)))
+            budget, self.sample_rate, self.total_steps)
         self.model = _GradSampleModule(model, loss_reduction="mean")
         self.optimizer = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
                                      max_grad_norm=budget.max_grad_norm, expected_batch_size=batch_size,
@@ -251,11 +304,15 @@ class PrivateTraining:
             return self.accountant.get_epsilon(delta=self.budget.delta)
 
     def report(self) -> PrivacyReport:
+        history = self.accountant.history  # Opacus keeps it as stretches of one noise and rate
+        num_images = len(self.dataloader.dataset)
         return PrivacyReport(
-            epsilon=self.spent_epsilon(), delta=self.budget.delta, target_epsilon=self.budget.epsilon,
-            noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
-            steps=sum(steps for _, _, steps in self.accountant.history), max_grad_norm=self.budget.max_grad_norm,
-            noise_multiplicity=self.budget.noise_multiplicity, accountant=self.budget.accountant.value)
+            epsilon=self.spent_epsilon(), delta=self.budget.delta,
+            images_times_delta=float(f"{num_images * self.budget.delta:.1g}"), target_epsilon=self.budget.epsilon,
+            noise_multiplier=self.noise_multiplier, sample_rate=float(f"{self.sample_rate:.2g}"),
+            steps=sum(steps for _, _, steps in history), max_grad_norm=self.budget.max_grad_norm,
+            noise_multiplicity=self.budget.noise_multiplicity, accountant=self.budget.accountant.value,
+            history=[(noise, float(f"{rate:.2g}"), steps) for noise, rate, steps in history])
 
     def save_accountant(self, checkpoint_dir: str | os.PathLike) -> None:
         Path(checkpoint_dir, ACCOUNTANT_FILE).write_text(json.dumps({"history": self.accountant.history}))
@@ -266,6 +323,22 @@ class PrivateTraining:
             raise ValueError(f"{checkpoint_dir} has no {ACCOUNTANT_FILE}: it is not a DP run's checkpoint, and "
                              "resuming it with --dp_epsilon would leave the steps before it unaccounted")
         self.accountant.history = [tuple(entry) for entry in json.loads(path.read_text())["history"]]
+        self._meet_the_budget_after(sum(steps for _, _, steps in self.accountant.history))
+
+    def _meet_the_budget_after(self, steps_run: int) -> None:
+        """On resume: keep the noise if the whole run still meets the target with it, else solve the remaining
+        steps' noise again (a larger --max_train_steps or batch size), or refuse."""
+        remaining = max(0, self.total_steps - steps_run)
+        history = self.accountant.history
+        planned = [*history, (self.noise_multiplier, self.sample_rate, remaining)] if remaining else history
+        if epsilon_of(planned, self.budget) <= self.budget.epsilon * 1.0001 or not remaining:
+            return
+        self.noise_multiplier = remaining_noise_multiplier(history, self.budget, self.sample_rate, remaining)
+        self.optimizer.noise_multiplier = self.noise_multiplier
+        warnings.warn(f"DP budget changed on resume: {steps_run} steps already spent epsilon "
+                      f"{epsilon_of(history, self.budget):.3g}; the remaining {remaining} steps run at noise "
+                      f"multiplier {self.noise_multiplier:.4g} so that the whole run meets epsilon "
+                      f"{self.budget.epsilon:g}", stacklevel=2)
 
     def detach(self) -> None:
         """Remove Opacus' hooks: the trained model is saved and sampled as a plain module."""

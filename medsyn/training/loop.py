@@ -195,10 +195,16 @@ def run_card_fields(args: argparse.Namespace, accelerator: Accelerator, result: 
         learning_rate=args.learning_rate,
         mixed_precision=accelerator.mixed_precision,
         ema=f"decay {args.ema_decay}" if getattr(args, "use_ema", False) else "off",
-        final_loss=result.mean(),
+        final_loss="withheld: a DP run publishes nothing about its data outside the guarantee" if result.privacy
+        else result.mean(),
         differential_privacy=result.privacy.card_text() if result.privacy else
         "off: no formal guarantee (`--dp_epsilon` trains with one)",
     )
+
+
+def public_image_count(num_images: int, result: TrainingResult) -> int | str:
+    """The number of training images, or for a DP run a note that it is withheld (outside the guarantee)."""
+    return "withheld (differentially private run)" if result.privacy else num_images
 
 
 def write_training_summary(output_dir: str | Path, card_fields: dict[str, object], result: TrainingResult) -> Path:
