@@ -563,8 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--format", choices=("png", "npz"), default="png", help="one PNG per image, or one NPZ")
     gen.add_argument("--batch-size", type=count_argument(), default=16, help="images per network call")
     gen.add_argument("--guidance-scale", type=number_argument(0), default=None,
-                     help="classifier-free guidance weight (default: 1.0, none, for score and DDPM models; the "
-                     "pipeline's 4.0 for MediSyn)")
+                     help="classifier-free guidance weight (default: the weight the model was judged at, saved "
+                     "in its config: the demo's 4.0; 1.0, none, for models saved without one; 4.0 for MediSyn)")
     gen.add_argument("--num-inference-steps", type=count_argument(), default=None,
                      help="noise levels of a score model (default: as trained), or denoising steps of DDPM (25) and "
                      "MediSyn (50) models")

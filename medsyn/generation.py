@@ -76,7 +76,9 @@ def check_sampling(pipe, settings: SamplingSettings, *, prompt: bool, negative_p
         for name, value in score_only:
             if value is not None:
                 raise ValueError(f"{flag(name)} applies to score-Langevin models only")
-    guidance = 1.0 if settings.guidance_scale is None else settings.guidance_scale
+    if kind is ModelKind.MEDISYN:
+        return
+    guidance = pipe.guidance_default if settings.guidance_scale is None else settings.guidance_scale
     if kind is ModelKind.DDPM:
         pipe.check_inputs(1, settings.num_inference_steps, guidance, "np", None)
     elif kind is ModelKind.SCORE:
@@ -106,7 +108,7 @@ def sample_images(pipe, keys: Sequence[ImageKey], settings: SamplingSettings, ca
         batch_size=len(keys),
         class_labels=None if all(label is None for label in labels) else labels,
         num_inference_steps=settings.num_inference_steps,
-        guidance_scale=1.0 if settings.guidance_scale is None else settings.guidance_scale,
+        guidance_scale=settings.guidance_scale,  # None: the model's saved default
         generator=generators,
         output_type="np",
         autocast_dtype=torch.bfloat16 if settings.bf16 else None,

@@ -29,6 +29,12 @@ class ClassConditionalMixin:
         self.register_to_config(class_names=names)
 
     @property
+    def guidance_default(self) -> float:
+        """The guidance the model was judged at when saved (``default_guidance_scale``), 1 (none) if not saved."""
+        saved = self.config.get("default_guidance_scale")
+        return 1.0 if saved is None else float(saved)
+
+    @property
     def class_names(self) -> list[str] | None:
         """The names of the unet's classes, in index order."""
         names = self.config.class_names
@@ -38,7 +44,8 @@ class ClassConditionalMixin:
     def components(self) -> dict[str, Any]:
         """The modules and the class names: ``Pipeline(**pipe.components)`` is the same pipeline (diffusers leaves
         out every argument with a default, which dropped the names)."""
-        return {**super().components, "class_names": self.class_names}
+        return {**super().components, "class_names": self.class_names,
+                "default_guidance_scale": self.config.get("default_guidance_scale")}
 
     def encode_class_labels(self, class_labels: ClassLabels | None, batch_size: int) -> torch.Tensor | None:
         """Class indices for ``batch_size`` images; the null class when the unet is conditional and none given."""

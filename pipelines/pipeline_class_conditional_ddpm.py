@@ -49,10 +49,11 @@ class ClassConditionalDDPMPipeline(ClassConditionalMixin, HubFolderMixin, Diffus
     _callback_tensor_inputs = ["latents"]
 
     def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin,
-                 class_names: list[str] | dict[str, str] | None = None):
+                 class_names: list[str] | dict[str, str] | None = None, default_guidance_scale: float | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_class_names(class_names)
+        self.register_to_config(default_guidance_scale=default_guidance_scale)
 
     def check_inputs(self, batch_size: int, num_inference_steps: int | None, guidance_scale: float, output_type: str,
                      max_batch_size: int | None) -> None:
@@ -96,7 +97,7 @@ class ClassConditionalDDPMPipeline(ClassConditionalMixin, HubFolderMixin, Diffus
         batch_size: int = 1,
         class_labels: ClassLabels | None = None,
         num_inference_steps: int | None = None,
-        guidance_scale: float = 1.0,
+        guidance_scale: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -113,7 +114,8 @@ class ClassConditionalDDPMPipeline(ClassConditionalMixin, HubFolderMixin, Diffus
             class_labels: a class index or name, or one per image (then it sets the batch size). None on a
                 class-conditional model samples the unconditional (null-class) prediction.
             num_inference_steps: denoising steps (default 25); one network evaluation each, two with guidance.
-            guidance_scale: classifier-free guidance weight w; 1 disables guidance.
+            guidance_scale: classifier-free guidance weight w; 1 disables guidance. Default: the weight the model
+                was judged at when saved (``default_guidance_scale`` in its config), else 1.
             generator: a generator, or one per image; the only source of randomness. An image depends only on its
                 own generator, so results are the same for any ``max_batch_size``.
             latents: initial noise of shape (batch, channels, height, width).
@@ -130,6 +132,8 @@ class ClassConditionalDDPMPipeline(ClassConditionalMixin, HubFolderMixin, Diffus
             [`ImagePipelineOutput`] with ``images``, or a tuple ``(images,)`` when ``return_dict`` is False.
         """
         # 1. Check inputs
+        if guidance_scale is None:
+            guidance_scale = self.guidance_default
         if isinstance(class_labels, (list, tuple, torch.Tensor)):
             batch_size = len(class_labels)
         self.check_inputs(batch_size, num_inference_steps, guidance_scale, output_type, max_batch_size)

@@ -59,10 +59,12 @@ class ScoreLangevinPipeline(ClassConditionalMixin, HubFolderMixin, DiffusionPipe
         unet: UNet2DModel,
         scheduler: AnnealedLangevinScheduler,
         class_names: list[str] | dict[str, str] | None = None,
+        default_guidance_scale: float | None = None,
     ):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_class_names(class_names)
+        self.register_to_config(default_guidance_scale=default_guidance_scale)
 
     def check_inputs(
         self,
@@ -154,7 +156,7 @@ class ScoreLangevinPipeline(ClassConditionalMixin, HubFolderMixin, DiffusionPipe
         num_inference_steps: int | None = None,
         n_steps_each: int | None = None,
         step_size: float | None = None,
-        guidance_scale: float = 1.0,
+        guidance_scale: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -175,7 +177,8 @@ class ScoreLangevinPipeline(ClassConditionalMixin, HubFolderMixin, DiffusionPipe
                 evaluations, DPM-Solver++ N, predictor-corrector 2N; default 18, or 100 for predictor-corrector).
             n_steps_each: Langevin steps per level (default: the scheduler's); annealed Langevin only.
             step_size: alpha of the Langevin step size (default: the scheduler's); annealed Langevin only.
-            guidance_scale: classifier-free guidance weight w; 1 disables guidance.
+            guidance_scale: classifier-free guidance weight w; 1 disables guidance. Default: the weight the model
+                was judged at when saved (``default_guidance_scale`` in its config), else 1.
             generator: a generator, or one per image; the only source of randomness. An image depends only on its
                 own generator, so results are the same for any ``max_batch_size``.
             latents: initial samples of shape (batch, channels, height, width); default: N(0, sigma_1^2 I).
@@ -193,6 +196,8 @@ class ScoreLangevinPipeline(ClassConditionalMixin, HubFolderMixin, DiffusionPipe
             [`ImagePipelineOutput`] with ``images``, or a tuple ``(images,)`` when ``return_dict`` is False.
         """
         # 1. Check inputs
+        if guidance_scale is None:
+            guidance_scale = self.guidance_default
         if isinstance(class_labels, (list, tuple, torch.Tensor)):
             batch_size = len(class_labels)
         self.check_inputs(batch_size, num_inference_steps, n_steps_each, step_size, guidance_scale, output_type,

@@ -164,3 +164,23 @@ def test_two_process_ddp_ranks_end_with_identical_weights(tmp_path):
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["sha256"] == ranks[1]["sha256"]
     assert "| optimiser steps, batch size | 4, 4 (x1 accumulation, 2 processes)" in (out / "README.md").read_text()
+
+
+def test_the_guidance_a_model_was_judged_at_is_its_default(tmp_path):
+    """The card's samples use --validation_guidance_scale; loading the model and calling it without a guidance
+    weight gives those images, not unguided ones (the default was 1.0, so README commands gave other pictures)."""
+    run(tmp_path, "guided", "--class_conditional", "--max_train_steps", "2", "--checkpointing_steps", "100",
+        "--validation_steps", "100", "--validation_guidance_scale", "4.0")
+    pipe = ScoreLangevinPipeline.from_pretrained(tmp_path / "guided")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.guidance_default == 4.0
+
+    def images(**kwargs):
+        return pipe(class_labels=["tumor", "healthy"], num_inference_steps=3, output_type="np",
+                    generator=torch.Generator().manual_seed(1), **kwargs).images
+
+    np.testing.assert_array_equal(images(), images(guidance_scale=4.0))
+    assert not np.array_equal(images(), images(guidance_scale=1.0))
+    assert ScoreLangevinPipeline(**pipe.components).guidance_default == 4.0
+    unsaved = ScoreLangevinPipeline(pipe.unet, pipe.scheduler, class_names=pipe.class_names)
+    assert unsaved.guidance_default == 1.0

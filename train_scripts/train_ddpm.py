@@ -158,8 +158,10 @@ def main(args: argparse.Namespace) -> UNet2DModel:
         return {"loss": denoising_loss(prediction, target, timesteps, noise_scheduler, args.snr_gamma)}
 
     def validate(step):
-        grid = class_sample_grid(assemble_pipeline(accelerator, unet, ema, noise_scheduler, class_names), class_names,
-                                 args.num_validation_images, args.validation_guidance_scale, args.seed,
+        pipeline = assemble_pipeline(accelerator, unet, ema, noise_scheduler, class_names,
+                                     args.validation_guidance_scale)
+        grid = class_sample_grid(pipeline, class_names, args.num_validation_images, args.validation_guidance_scale,
+                                 args.seed,
                                  num_inference_steps=args.validation_inference_steps)
         save_validation_image(args, accelerator, grid, step)
 
@@ -169,19 +171,21 @@ def main(args: argparse.Namespace) -> UNet2DModel:
                       updates_per_epoch, max_train_steps, ema, privacy)
     result = training_loop(args, run, loss_fn, tracker_project_name="ddpm", validate=validate)
 
-    pipeline = assemble_pipeline(accelerator, unet, ema, noise_scheduler, class_names)
+    pipeline = assemble_pipeline(accelerator, unet, ema, noise_scheduler, class_names, args.validation_guidance_scale)
     if accelerator.is_main_process:
         save_pipeline(args, accelerator, pipeline, data_description, len(dataset), channels, result)
     accelerator.end_training()
     return pipeline.unet
 
 
-def assemble_pipeline(accelerator, unet, ema, noise_scheduler: DDPMScheduler,
-                      class_names) -> ClassConditionalDDPMPipeline:
-    """The trained (EMA) unet with DPM-Solver++ 2M on the training schedule, good at 25 steps."""
+def assemble_pipeline(accelerator, unet, ema, noise_scheduler: DDPMScheduler, class_names,
+                      guidance_scale: float) -> ClassConditionalDDPMPipeline:
+    """The trained (EMA) unet with DPM-Solver++ 2M on the training schedule, good at 25 steps; its default guidance
+    the one its samples are shown at."""
     solver = DPMSolverMultistepScheduler.from_config(noise_scheduler.config)
     pipeline = ClassConditionalDDPMPipeline(ema_or_trained_model(accelerator, unet, ema), solver,
-                                            class_names=class_names)
+                                            class_names=class_names,
+                                            default_guidance_scale=guidance_scale)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -209,7 +213,8 @@ def save_pipeline(args, accelerator, pipeline: ClassConditionalDDPMPipeline, dat
         num_train_images=public_image_count(num_images, result),
         channels=channels,
         num_train_timesteps=config.num_train_timesteps,
-        beta_schedule=config.beta_schedule if config.beta_schedule == "squaredcos_cap_v2"
+        beta_schedule=config.beta_schedule if (config.beta_start, config.beta_end) == (1e-4, 0.02)
+        or config.beta_schedule == "squaredcos_cap_v2"
         else f"{config.beta_schedule} ({config.beta_start:g} to {config.beta_end:g})",
         prediction_type=config.prediction_type,
         loss_weighting=f"min-SNR, gamma {args.snr_gamma}" if args.snr_gamma else "uniform (Ho et al.'s simple loss)",

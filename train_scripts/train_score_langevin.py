@@ -293,7 +293,8 @@ def log_validation(args, accelerator, unet, ema, noise_scheduler, class_names, s
 def save_pipeline(args, accelerator, model, noise_scheduler, class_names, data_description, num_images,
                   channels, result: TrainingResult, alignment: str) -> None:
     output_dir = Path(args.output_dir)
-    pipeline = ScoreLangevinPipeline(model, noise_scheduler, class_names=class_names)
+    pipeline = ScoreLangevinPipeline(model, noise_scheduler, class_names=class_names,
+                                     default_guidance_scale=args.validation_guidance_scale)
     pipeline.save_pretrained(output_dir)
     pipeline.set_progress_bar_config(disable=True)
     grid = class_sample_grid(pipeline, class_names, args.num_validation_images, args.validation_guidance_scale,

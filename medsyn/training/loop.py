@@ -191,7 +191,7 @@ def run_card_fields(args: argparse.Namespace, accelerator: Accelerator, result: 
         train_steps=result.global_step,
         batch_size=args.train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        num_processes=accelerator.num_processes,
+        num_processes=f"{accelerator.num_processes} process" + ("es" if accelerator.num_processes != 1 else ""),
         learning_rate=args.learning_rate,
         mixed_precision=accelerator.mixed_precision,
         ema=f"decay {args.ema_decay}" if getattr(args, "use_ema", False) else "off",
