@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -144,3 +146,50 @@ def test_the_k_nearest_under_shifts_are_distinct_and_ascending():
     np.testing.assert_allclose(distances[:, 0], brute_force_shifted(queries, references), rtol=1e-12)
     with pytest.raises(ValueError, match="max_shift"):
         shift_tolerant_nearest(queries, references, max_shift=-1)
+
+
+def test_a_held_out_set_from_another_source_makes_the_verdict_inconclusive(slices):
+    """Calibration assumes the held-out images are exchangeable with the training images. Held-out slices of a
+    brighter protocol are not: the audit says so instead of passing or failing; a near-copy still fails it."""
+    from medsyn.privacy import held_out_exchangeability
+
+    train, same = slices["train"], SimulatedBrainMRI(resolution=32, seed=8).generate(60)["images"]
+    other = np.clip(same.astype(np.float64) * 1.25 + 10, 0, 255).astype(np.uint8)
+    assert held_out_exchangeability(same, train).p_value > 0.01
+    assert held_out_exchangeability(other, train).p_value < 1e-4
+    fresh = slices["novel"]
+    audit = memorisation_audit(fresh, train, held_out=other)
+    assert not audit.passed and audit.verdict.startswith("inconclusive: the held-out images are not exchangeable")
+    assert audit.held_out_exchangeable is False and audit.exchangeability_p_value < 1e-4
+    assert memorisation_audit(fresh, train, held_out=same).held_out_exchangeable is True
+    copied = fresh.copy()
+    copied[0] = train[3]
+    assert memorisation_audit(copied, train, held_out=other).verdict.startswith("failed: 1 generated images")
+    unchecked = memorisation_audit(fresh, train, held_out=other, check_exchangeable=False)
+    assert unchecked.held_out_exchangeable is None and not unchecked.verdict.startswith("inconclusive")
+
+
+SHARED_BRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain_tumor_mri" / \
+    "brain_tumor_mri_4class_128.npz"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_BRAIN.is_file(), reason="needs ../shared/data (the real brain MRI set)")
+def test_the_public_brain_sets_test_split_is_not_exchangeable_with_its_training_split():
+    """PROVENANCE.md: the test split differs from the training split. At 32 px, against 1,500 training slices: 400
+    test slices are reported as not exchangeable; 400 other training slices are exchangeable."""
+    import torch
+    import torch.nn.functional as F
+
+    from medsyn.privacy import held_out_exchangeability
+
+    with np.load(SHARED_BRAIN) as archive:
+        images, split = archive["images"], archive["split"]
+    small = F.interpolate(torch.from_numpy(images)[:, None].float(), size=32, mode="area")[:, 0]
+    small = small.round().clamp(0, 255).byte().numpy()
+    rng = np.random.default_rng(0)
+    training = rng.permutation(np.flatnonzero(split == "training"))
+    testing = rng.permutation(np.flatnonzero(split == "testing"))
+    train = small[training[:1500]]
+    assert held_out_exchangeability(small[testing[:400]], train).p_value < 0.01
+    assert held_out_exchangeability(small[training[1500:1900]], train).p_value > 0.01

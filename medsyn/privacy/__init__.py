@@ -6,11 +6,12 @@ from .memorisation import (
     AuditSpace,
     MemorisationAudit,
     calibrate_threshold,
+    held_out_exchangeability,
     memorisation_audit,
     save_flagged_pairs,
 )
 from .nearest_neighbours import nearest_neighbours
-from .statistics import data_copying_test, flagged_count_test
+from .statistics import data_copying_test, exchangeability_test, flagged_count_test
 
 __all__ = [
     "NEAR_COPY_DISTANCE",
@@ -20,7 +21,9 @@ __all__ = [
     "as_image_stack",
     "calibrate_threshold",
     "data_copying_test",
+    "exchangeability_test",
     "flagged_count_test",
+    "held_out_exchangeability",
     "memorisation_audit",
     "nearest_neighbours",
     "save_flagged_pairs",

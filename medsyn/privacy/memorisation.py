@@ -34,12 +34,15 @@ from medsyn.validation import finite_number
 
 from .image_arrays import as_image_stack, common_representation
 from .nearest_neighbours import nearest_neighbours, shift_tolerant_nearest
-from .statistics import data_copying_test, flagged_count_test
+from .statistics import TestResult, data_copying_test, exchangeability_test, flagged_count_test
 
 NEAR_COPY_DISTANCE = 0.01
 """RMS pixel distance on [0, 1] (2.6 grey levels) under which two images are the same image: a copy plus faint
 noise or recompression. Different patients' slices are several times further apart."""
 MIN_HELD_OUT = 20
+EXCHANGEABILITY_ALPHA = 0.01
+"""Below this two-sided p the held-out set is reported as not exchangeable with the training set (a strict level:
+the check is for sets from another source or protocol, such as the public brain set's test split)."""
 
 
 class AuditSpace(StrEnum):
@@ -85,6 +88,12 @@ class MemorisationAudit:
     """(num_generated, k) plain distances to the nearest training images, ascending."""
     neighbours: np.ndarray = field(repr=False)
     """(num_generated, k) indices of those training images."""
+    exchangeability_z: float | None = None
+    """Z_U of held-out vs training images' distances to a random half of the training set: near 0 when the held-out
+    set is exchangeable with the training set, as the calibration assumes."""
+    exchangeability_p_value: float | None = None
+    held_out_exchangeable: bool | None = None
+    """False: the verdict is "inconclusive" (unless near-copies fail it), the calibration's assumption being broken."""
     held_out_distances: np.ndarray | None = field(default=None, repr=False)
     """Nearest-training distances of the held-out images used for calibration."""
     nearest_distances: np.ndarray | None = field(default=None, repr=False)
@@ -152,6 +161,35 @@ def held_out_distances(
     return kept, excluded
 
 
+def held_out_exchangeability(
+    held_out: np.ndarray | torch.Tensor,
+    train: np.ndarray | torch.Tensor,
+    copy_distance: float = NEAR_COPY_DISTANCE,
+    max_shift: int = 1,
+    seed: int = 0,
+    **search,
+) -> TestResult | None:
+    """Is ``held_out`` exchangeable with ``train``, as the audit's calibration assumes? Both are compared with one
+    random half of ``train``: the held-out images' nearest distances to it against the other half's, near-copies
+    left out of both (repeats inside a training set would otherwise look like closeness), by a two-sided
+    Mann-Whitney test (``exchangeability_test``). None when either side has fewer than ``MIN_HELD_OUT`` images.
+
+    A generator that learnt the training distribution well draws images like the training half, not like a held-out
+    set from another source; calibrated on the latter it would fail for being good. Hold out part of the training
+    data before training instead."""
+    order = np.random.default_rng(seed).permutation(len(train))
+    reference, others = order[: len(train) // 2], order[len(train) // 2 :]
+    index = torch.as_tensor(reference) if torch.is_tensor(train) else reference
+    rest = torch.as_tensor(others) if torch.is_tensor(train) else others
+    kept = []
+    for images in (held_out, train[rest]):
+        distances = nearest_training_distances(images, train[index], max_shift, **search)[0]
+        kept.append(distances[distances > copy_distance])
+    if min(len(kept[0]), len(kept[1])) < MIN_HELD_OUT:
+        return None  # too few to test (a training set under 2 x MIN_HELD_OUT images)
+    return exchangeability_test(*kept)
+
+
 def calibrate_threshold(
     held_out: np.ndarray | torch.Tensor,
     train: np.ndarray | torch.Tensor,
@@ -179,6 +217,7 @@ def memorisation_audit(
     max_shift: int = 1,
     k: int = 3,
     bins: int = 50,
+    check_exchangeable: bool = True,
     **search,
 ) -> MemorisationAudit:
     """Audit every generated image against the training set and decide (see the module docstring).
@@ -194,6 +233,8 @@ def memorisation_audit(
         max_shift: training images may move by up to this many pixels when compared (a copy moved by a pixel
             is still a copy); 0 for plain distances. Ignored for features.
         k: training neighbours kept per generated image (for the side-by-side PNGs).
+        check_exchangeable: first test that ``held_out`` is exchangeable with ``train``
+            (``held_out_exchangeability``); when it is not, the verdict is "inconclusive" (near-copies still fail).
         search: passed to ``nearest_neighbours`` (``block_size``, ``device``, ``progress``).
     """
     space = AuditSpace(space)
@@ -222,9 +263,12 @@ def memorisation_audit(
     near_copies = near_copies[np.argsort(nearest[near_copies], kind="stable")]
 
     calibration, excluded, expected, count_p, copying = None, np.array([], dtype=int), None, None, None
+    exchangeable = None
     if held_out is not None:
         calibration, excluded = held_out_distances(held_out, train, copy_distance, max_shift, **search)
         copying = data_copying_test(nearest, calibration)
+        if check_exchangeable:
+            exchangeable = held_out_exchangeability(held_out, train, copy_distance, max_shift, **search)
     if threshold is None:
         rank = _calibration_rank(percentile, len(calibration))
         threshold = float(np.sort(calibration)[rank - 1])
@@ -241,6 +285,11 @@ def memorisation_audit(
 
     if len(near_copies):
         verdict = f"failed: {len(near_copies)} generated images are within {copy_distance:g} of a training image"
+    elif exchangeable is not None and exchangeable.p_value < EXCHANGEABILITY_ALPHA:
+        verdict = (f"inconclusive: the held-out images are not exchangeable with the training images (Z_U "
+                   f"{exchangeable.statistic:.2f} against a random half of the training set, p = "
+                   f"{exchangeable.p_value:.2g} < {EXCHANGEABILITY_ALPHA:g}); calibrate on images held out from the "
+                   "training data before training")
     elif count_p is not None and count_p < tests_alpha:
         verdict = (f"failed: {len(flagged)} generated images below the threshold where {expected:.1f} are expected "
                    f"(p = {count_p:.2g} < {tests_alpha:g})")
@@ -265,6 +314,9 @@ def memorisation_audit(
         flagged_p_value=count_p,
         data_copying_z=None if copying is None else copying.statistic,
         data_copying_p_value=None if copying is None else copying.p_value,
+        exchangeability_z=None if exchangeable is None else exchangeable.statistic,
+        exchangeability_p_value=None if exchangeable is None else exchangeable.p_value,
+        held_out_exchangeable=None if exchangeable is None else exchangeable.p_value >= EXCHANGEABILITY_ALPHA,
         alpha=alpha,
         held_out_used=None if calibration is None else len(calibration),
         held_out_duplicates_excluded=len(excluded),

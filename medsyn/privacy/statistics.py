@@ -61,6 +61,14 @@ def data_copying_test(generated: np.ndarray, held_out: np.ndarray) -> TestResult
     return TestResult(float(z), float(min(1.0, p)))
 
 
+def exchangeability_test(held_out: np.ndarray, training: np.ndarray) -> TestResult:
+    """Two-sided Mann-Whitney test that held-out images' nearest-training distances and those of training images
+    (left out of the reference half) come from one distribution: the calibration's assumption. ``statistic`` is
+    Z_U (below 0: held-out images sit closer than training ones); ``p_value`` two-sided, normal approximation."""
+    z = data_copying_test(held_out, training).statistic
+    return TestResult(z, float(math.erfc(abs(z) / math.sqrt(2))))
+
+
 def flagged_count_test(flagged: int, num_generated: int, rank: int, num_held_out: int) -> TestResult:
     """P(at least ``flagged`` of ``num_generated`` fall below the ``rank``-th smallest of ``num_held_out``).
 
