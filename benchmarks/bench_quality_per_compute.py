@@ -25,6 +25,18 @@ skipped, and training continues from the last checkpoint. Run two arms at a time
 
 Each finished budget writes ``<arm>/steps-<budget>/`` (the pipeline) and a record
 ``benchmarks/records/quality_per_compute/<name>/<arm>-steps-<budget>.json`` (training seconds, the command).
+Each model is then judged by ``bench_fast_sampling.py`` (512 images, the same per-image seeds, guidance 4, FID
+against the held-out slices with the real-vs-real floor at the same n, the label probe), one line per sampler and
+budget in ``eval-<arm>.jsonl`` beside the records:
+
+    python benchmarks/bench_fast_sampling.py --model ~/medsyn-runs/qpc-brain32/edm/steps-3000 \
+        --real-train ~/medsyn-runs/qpc-brain32/train.npz --real-test ~/medsyn-runs/qpc-brain32/held_out.npz \
+        --fid --per-class 128 --nfe 20 35 48 --samplers Heun DPM --deterministic-heun --langevin-seeds 1 \
+        --output ~/medsyn-runs/qpc-brain32/eval-edm.jsonl
+    python benchmarks/bench_quality_per_compute.py report --name brain32 --figures benchmarks/figures
+
+``report`` prints the table (arm, steps, training seconds, sampler, NFE, FID, probe agreement) and draws FID
+against training seconds (each arm's best sampler) and FID against NFE (the largest budget).
 """
 
 from __future__ import annotations
@@ -128,6 +140,65 @@ def train(args) -> None:
         print(f"{args.arm}: {budget} steps in {record['training_seconds']:.0f} s", flush=True)
 
 
+def evaluated_rows(records: Path) -> list[dict]:
+    """Every evaluation line of every arm, joined with its budget's training record (arm, steps, seconds)."""
+    rows = []
+    for path in sorted(records.glob("eval-*.jsonl")):
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            folder = Path(row["model"])
+            arm, steps = folder.parent.name, int(folder.name.removeprefix("steps-"))
+            trained = records / f"{arm}-steps-{steps}.json"
+            seconds = json.loads(trained.read_text())["training_seconds"] if trained.is_file() else None
+            rows.append({**row, "arm": arm, "train_steps": steps, "training_seconds": seconds})
+    return rows
+
+
+def report(args) -> None:
+    records = RECORDS / args.name
+    rows = sorted(evaluated_rows(records), key=lambda r: (r["arm"], r["train_steps"], r["sampler"], r["nfe"]))
+    print("| arm | steps | training s (1 thread) | sampler | NFE / image | FID (n=512) | probe agreement per class |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        agreement = " / ".join(f"{v:.2f}" for v in row["agreement"].values())
+        seconds = "n/a" if row["training_seconds"] is None else f"{row['training_seconds']:.0f}"
+        print(f"| {row['arm']} | {row['train_steps']} | {seconds} | {row['sampler']} | {row['nfe']} | "
+              f"{row['fid']:.1f} | {agreement} |")
+    if args.figures and rows:
+        plot(rows, Path(args.figures), args.name)
+
+
+def plot(rows: list[dict], folder: Path, name: str) -> None:
+    """FID against training seconds (each arm's best sampler per budget) and FID against NFE (largest budget)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    figure, (by_time, by_nfe) = plt.subplots(1, 2, figsize=(11, 4))
+    for arm in sorted({r["arm"] for r in rows}):
+        mine = [r for r in rows if r["arm"] == arm and r["training_seconds"] is not None]
+        budgets = sorted({r["train_steps"] for r in mine})
+        best = [min((r for r in mine if r["train_steps"] == b), key=lambda r: r["fid"]) for b in budgets]
+        by_time.plot([r["training_seconds"] / 3600 for r in best], [r["fid"] for r in best], "o-", label=arm)
+        last = [r for r in mine if r["train_steps"] == max(budgets, default=0)]
+        for sampler in sorted({r["sampler"] for r in last}):
+            points = sorted((r["nfe"], r["fid"]) for r in last if r["sampler"] == sampler)
+            by_nfe.plot(*zip(*points), "o-", label=f"{arm}: {sampler}")
+    by_time.set(xlabel="training hours (1 CPU thread)", ylabel="FID (512 vs 512 held-out)",
+                title="quality per compute")
+    by_nfe.set(xlabel="network evaluations per image (guided)", ylabel="FID", xscale="log",
+               title="quality per sampling cost (largest budget)")
+    by_time.legend(fontsize=7)
+    by_nfe.legend(fontsize=6)
+    figure.tight_layout()
+    figure.savefig(folder / f"quality_per_compute_{name}.png", dpi=120)
+    print(f"figure: {folder / f'quality_per_compute_{name}.png'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -141,8 +212,11 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--name", default="brain32", help="the records' folder name")
     t.add_argument("--output-dir", required=True)
+    r = commands.add_parser("report", help="the table and plots from the records")
+    r.add_argument("--name", default="brain32")
+    r.add_argument("--figures", default=None, help="folder for the PNG plots")
     args = parser.parse_args(argv)
-    {"prepare": prepare, "train": train}[args.command](args)
+    {"prepare": prepare, "train": train, "report": report}[args.command](args)
 
 
 if __name__ == "__main__":
