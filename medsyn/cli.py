@@ -431,6 +431,7 @@ def evaluate(args: argparse.Namespace) -> int:
     """Measure generated images against real ones; write metrics.json and a self-contained report.html."""
     from medsyn.evaluation import evaluate as run_evaluation
     from medsyn.evaluation import load_image_set, write_report
+    from medsyn.evaluation.image_sets import at_generated_resolution
     from medsyn.output_files import check_writable, write_text_atomically
 
     output_dir = Path(args.output_dir)
@@ -438,6 +439,11 @@ def evaluate(args: argparse.Namespace) -> int:
         return 2
     sets = {name: load_image_set(spec, name) if spec else None for name, spec in (
         ("real", args.real), ("generated", args.generated), ("train", args.train), ("test", args.test))}
+    sets, resized = at_generated_resolution(sets)
+    for note in resized:
+        print(f"note: {note}", flush=True)
+    if sets["test"] is None:  # --test defaults to --real: the downstream test set and the audit's calibration
+        sets["test"] = sets["real"]
     inception, inception_note = None, "not computed: --no-inception"
     if not args.no_inception:
         from medsyn.metrics.inception import FIDInceptionV3
@@ -487,6 +493,7 @@ def evaluate(args: argparse.Namespace) -> int:
         downstream=downstream,
         score_model=score_model, membership_attack=membership_attack, batch_size=args.batch_size, seed=args.seed,
     )
+    metrics["resized"] = resized
     write_text_atomically(output_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
     report = write_report(metrics, sets["real"], sets["generated"], output_dir)
     if args.model_card:

@@ -113,8 +113,8 @@ def test_same_distribution_scores_as_such_and_files_are_protected(sets, tmp_path
 
 
 def test_mismatched_sets_get_a_clear_error(sets, tmp_path, capsys):
-    small = _save(tmp_path / "small.npz", np.zeros((5, 16, 16), dtype=np.uint8))
-    assert main(["evaluate", "--real", sets["real"], "--generated", small, "--no-inception",
+    rgb = _save(tmp_path / "rgb.npz", np.zeros((5, 32, 32, 3), dtype=np.uint8))
+    assert main(["evaluate", "--real", sets["real"], "--generated", rgb, "--no-inception",
                  "--output-dir", str(tmp_path / "o")]) == 2
     assert "differ in (channels, height, width)" in capsys.readouterr().err
     bad = tmp_path / "nan.npz"
@@ -147,3 +147,32 @@ def test_held_out_images_leaked_from_training_are_left_out_of_both_calibrations(
     privacy = json.loads((out / "metrics.json").read_text())["privacy"]
     assert privacy["pixel"]["held_out_excluded_indices"] == list(range(30, 40))
     assert privacy["pixel"]["held_out_used"] == privacy["domain_features"]["held_out_used"] == 30
+
+
+def test_own_data_path_train_at_a_lower_resolution_generate_evaluate(tmp_path):
+    """The README's own-data path on a 128 px set trained at 16 px: train on one part of the file (the training
+    scripts read evaluate's PATH:part=K/N), generate, evaluate against the other part. The real sets are resized
+    to the model's 16 px as the training scripts resize, and the downstream section runs (--test defaults to
+    --real)."""
+    from medsyn.train_scripts import train_score_langevin
+
+    data = SimulatedBrainMRI(128, seed=4).generate(48)
+    path = _save(tmp_path / "scans.npz", data["images"], data["labels"])
+    train_score_langevin.main(train_score_langevin.parse_args([
+        "--train_data_dir", f"{path}:part=1/2", "--resolution", "16", "--class_conditional", "--base_channels", "8",
+        "--channel_mult", "1", "2", "--layers_per_block", "1", "--norm_num_groups", "4", "--train_batch_size", "4",
+        "--num_noise_levels", "4", "--n_steps_each", "1", "--max_train_steps", "2", "--num_validation_images", "1",
+        "--report_to", "none", "--output_dir", str(tmp_path / "model")]))
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "| training images | 24 |" in card and "part=1/2" in card
+    assert main(["generate", "--model", str(tmp_path / "model"), "--class-label", "tumor", "--num-images", "24",
+                 "--format", "npz", "--output-dir", str(tmp_path / "out")]) == 0
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--real", f"{path}:part=2/2", "--train", f"{path}:part=1/2", "--generated",
+                 str(tmp_path / "out" / "samples.npz"), "--no-inception", "--diversity-pairs", "10",
+                 "--downstream-steps", "5", "--output-dir", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resized"] == ["--real resized from (128, 128) to (16, 16) as the training scripts resize",
+                                  "--train resized from (128, 128) to (16, 16) as the training scripts resize"]
+    assert metrics["inputs"]["real"]["shape"] == [1, 16, 16]
+    assert "note" not in metrics["downstream"], metrics["downstream"]

@@ -42,6 +42,15 @@ class ImageSet:
         labels = None if self.labels is None else self.labels[indices]
         return ImageSet(self.name, self.images[index], labels, self.class_names, self.source, np.asarray(indices))
 
+    def resized(self, height: int, width: int) -> ImageSet:
+        """The set at ``height`` x ``width``, resized as the training scripts resize (``image_transform``: bilinear
+        with antialiasing on the uint8 pixels), so real images meet a model's samples at the model's resolution."""
+        from torchvision.transforms import v2
+
+        resize = v2.Resize((height, width), interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        return ImageSet(self.name, resize(self.images), self.labels, self.class_names,
+                        f"{self.source} (resized to {height}x{width})", self.kept)
+
     def labels_for_model(self, model_names: list[str] | None, required: bool = False) -> np.ndarray | None:
         """The labels as a model's class indices, matched by name; None when the set or the model has no
         classes (an error when ``required``, for a class-conditional model that cannot run without them)."""
@@ -61,7 +70,25 @@ class ImageSet:
         return {"source": self.source, "count": len(self), "shape": list(self.images.shape[1:]), "per_class": counts}
 
 
-def _parse(spec: str) -> tuple[Path, dict[str, str]]:
+def at_generated_resolution(sets: dict[str, ImageSet | None]) -> tuple[dict[str, ImageSet | None], list[str]]:
+    """Every real set (``real``, ``train``, ``test``) at the size of ``generated`` when only the size differs (a
+    model trained at 32 px on 128 px scans); the notes say which sets were resized. Another channel count stays an
+    error for ``check_compatible`` to name."""
+    generated = sets["generated"]
+    channels, height, width = generated.images.shape[1:]
+    notes = []
+    for name, image_set in sets.items():
+        if image_set is None or name == "generated":
+            continue
+        if image_set.images.shape[1] == channels and tuple(image_set.images.shape[2:]) != (height, width):
+            notes.append(f"--{name} resized from {tuple(image_set.images.shape[2:])} to {(height, width)} as the "
+                         "training scripts resize")
+            sets = {**sets, name: image_set.resized(height, width)}
+    return sets, notes
+
+
+def parse_set_spec(spec: str) -> tuple[Path, dict[str, str]]:
+    """``PATH[:key=value,...]`` as the path and its selection (see the module docstring)."""
     path, _, selection = spec.rpartition(":")
     if not path or "=" not in selection:
         return Path(spec), {}
@@ -84,20 +111,41 @@ def _part(value: str, n: int, spec: str) -> np.ndarray:
     return np.arange(n) % parts == k - 1
 
 
+def _npz_selection(archive, count: int, filters: dict[str, str], spec: str) -> np.ndarray:
+    """Which of an NPZ's ``count`` images its per-image arrays select (``part`` aside), as a boolean mask."""
+    keep = np.ones(count, dtype=bool)
+    for key, value in filters.items():
+        if key == "part":
+            continue
+        if key not in archive.files or archive[key].shape[:1] != (count,):
+            per_image = [f for f in archive.files if archive[f].shape[:1] == (count,) and f != "images"]
+            raise ValueError(f"{spec}: no per-image array {key!r} to select on; per-image arrays: {per_image}")
+        keep &= archive[key].astype(str) == value
+    return keep
+
+
+def selected_rows(spec: str, num_rows: int) -> np.ndarray:
+    """The rows of ``spec``'s set (``num_rows`` of them, in the loader's order) that its selection keeps: what a
+    training script trains on for ``--train_data_dir data.npz:split=training,part=1/2``."""
+    path, filters = parse_set_spec(spec)
+    keep = np.ones(num_rows, dtype=bool)
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            keep &= _npz_selection(archive, num_rows, filters, spec)
+    elif set(filters) - {"part"}:
+        raise ValueError(f"{spec}: only .npz sets can be selected by {sorted(set(filters) - {'part'})}; folders take "
+                         "part=K/N")
+    if "part" in filters:
+        keep &= _part(filters["part"], num_rows, spec)
+    return np.flatnonzero(keep)
+
+
 def _from_npz(path: Path, filters: dict[str, str], spec: str) -> tuple[np.ndarray, np.ndarray | None, list | None]:
     with np.load(path, allow_pickle=False) as archive:
         if "images" not in archive.files:
             raise ValueError(f"{path}: no 'images' array (arrays: {archive.files})")
         images = archive["images"]
-        keep = np.ones(len(images), dtype=bool)
-        for key, value in filters.items():
-            if key == "part":
-                continue
-            if key not in archive.files or archive[key].shape[:1] != (len(images),):
-                per_image = [f for f in archive.files if archive[f].shape[:1] == (len(images),) and f != "images"]
-                raise ValueError(f"{spec}: no per-image array {key!r} to select on; per-image arrays: {per_image}")
-            column = archive[key]
-            keep &= column.astype(str) == value
+        keep = _npz_selection(archive, len(images), filters, spec)
         labels = archive["labels"].astype(np.int64) if "labels" in archive.files else None
         names = [str(n) for n in archive["class_names"]] if "class_names" in archive.files else None
     if images.ndim not in (3, 4):
@@ -124,7 +172,7 @@ def _from_dataset(path: Path) -> tuple[np.ndarray, np.ndarray | None, list | Non
 
 def load_image_set(spec: str, name: str) -> ImageSet:
     """Read ``spec`` (see the module docstring) as an ``ImageSet`` called ``name`` (for messages)."""
-    path, filters = _parse(spec)
+    path, filters = parse_set_spec(spec)
     if not path.exists():
         raise ValueError(f"--{name} {spec}: no such file or folder")
     if path.suffix == ".npz":

@@ -249,8 +249,17 @@ def load_training_data(args: argparse.Namespace, require_labels: bool = False, c
             mode = "L" if args.num_channels == 1 else "RGB"
             dataset = dataset.map(lambda row: {"image": row["image"].convert(mode)})
     elif args.train_data_dir:
-        dataset = load_image_dataset(args.train_data_dir, channels=args.num_channels)
-        description = card_reference(args.train_data_dir)
+        from medsyn.evaluation.image_sets import parse_set_spec, selected_rows
+
+        path, selection = parse_set_spec(args.train_data_dir)  # data.npz:split=training,part=1/2, as evaluate reads
+        dataset = load_image_dataset(path, channels=args.num_channels)
+        if selection:
+            rows = selected_rows(args.train_data_dir, len(dataset))
+            if len(rows) == 0:
+                raise ValueError(f"--train_data_dir {args.train_data_dir}: the selection is empty")
+            dataset = dataset.select(rows)
+        description = card_reference(str(path)) + (f" ({', '.join(f'{k}={v}' for k, v in selection.items())})"
+                                                   if selection else "")
         if caption_column:
             caption_column_of(dataset, caption_column)
     else:
