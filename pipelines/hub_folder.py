@@ -130,6 +130,20 @@ def _is_component_entry(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 2 and all(isinstance(part, str) for part in value)
 
 
+def readable_like_the_rest(folder: Path) -> None:
+    """Give files written private (safetensors writes its weights 0600, through a temporary file) the mode the
+    process's umask gives any new file, so the weights are as readable as the config beside them."""
+    mask = 0o022  # read, not set: os.umask would change it for every thread for a moment
+    try:
+        status = Path("/proc/self/status").read_text()
+        mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        pass
+    for path in folder.rglob("*"):
+        if path.is_file() and path.stat().st_mode & 0o777 == 0o600:
+            path.chmod(0o666 & ~mask)
+
+
 class HubFolderMixin:
     """``save_pretrained`` that ships the code; loading that reads a shipped folder with this environment's classes."""
 
@@ -146,6 +160,7 @@ class HubFolderMixin:
         index.pop("_name_or_path", None)  # where it was loaded from: a local path means nothing on the Hub
         write_text_atomically(folder / "model_index.json",
                               json.dumps({**index, **entries}, indent=2, sort_keys=True) + "\n")
+        readable_like_the_rest(folder)
 
     def _upload_folder(self, working_dir: str | os.PathLike, repo_id: str, *args, **kwargs):
         """``push_to_hub`` uploads the model card of the folder this pipeline was loaded from (naming ``repo_id``),

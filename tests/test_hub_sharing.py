@@ -171,3 +171,10 @@ def test_folders_saved_before_code_shipping_still_load(tmp_path):
     expected = pipe(class_labels=[0, 1], generator=generators, output_type="pt").images
     generators = [torch.Generator().manual_seed(s) for s in (0, 1)]
     assert torch.equal(loaded(class_labels=[0, 1], generator=generators, output_type="pt").images, expected)
+
+
+def test_the_weights_are_as_readable_as_the_rest_of_the_folder(tmp_path):
+    """safetensors writes its file 0600; a saved folder's weights get the mode of its other files."""
+    get_dummy_pipeline().save_pretrained(tmp_path / "model")
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "model").rglob("*") if path.is_file()}
+    assert len(set(modes.values())) == 1, modes
