@@ -61,3 +61,24 @@ def test_evaluate_reports_the_score_error_of_a_saved_model(tmp_path):
     np.savez(path, images=_images(8)[:, 0].numpy(), labels=np.arange(8) % 2, class_names=np.array(["a", "b"]))
     assert main(["evaluate", "--real", str(path), "--generated", str(path), "--no-inception", "--no-downstream",
                  "--score-model", str(tmp_path / "model"), "--output-dir", str(tmp_path / "e2")]) == 2
+
+
+def test_an_edm_model_with_a_zero_network_has_its_closed_form_error_at_every_level():
+    """F = 0 leaves D = c_skip x, so s = -x / (sigma^2 + sd^2), and the relative DSM error at sigma is
+    (sd^4 + sigma^2 E[x0^2]) / (sigma^2 + sd^2)^2. EDM Heun's schedule ends at sigma 0, which is skipped."""
+    from medsyn.models.preconditioning import set_preconditioning
+    from medsyn.schedulers import EDMHeunScheduler
+
+    pipe = get_dummy_pipeline()
+    torch.nn.init.zeros_(pipe.unet.conv_out.weight)
+    torch.nn.init.zeros_(pipe.unet.conv_out.bias)
+    sd = 0.5
+    set_preconditioning(pipe.unet, "edm", sd)
+    pipe.scheduler = EDMHeunScheduler(sigma_max=20.0, sigma_min=0.01)
+    images = _images(40)
+    result = per_sigma_score_error(pipe, images, labels=np.zeros(40, dtype=int))
+    sigmas = np.array(result["sigma"])
+    assert (sigmas > 0).all() and len(sigmas) == len(pipe.scheduler.sigmas) - 1
+    m2 = ((images.double() / 127.5 - 1) ** 2).mean().item()
+    expected = (sd**4 + sigmas**2 * m2) / (sigmas**2 + sd**2) ** 2
+    np.testing.assert_allclose(result["relative_dsm_error"], expected, rtol=0.06)

@@ -38,6 +38,7 @@ def per_sigma_score_error(
         raise ValueError("this model is class-conditional: pass the images' labels")
     device = unet.device
     sigmas = scheduler.sigmas.float()
+    sigmas = sigmas[sigmas > 0]  # EDM Heun's schedule ends at 0, where no score is defined
     dimension = float(np.prod(shape))
     totals = torch.zeros(len(sigmas), dtype=torch.float64)
     for start in range(0, len(images), batch_size):
