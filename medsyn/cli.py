@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from medsyn.schedulers.samplers import Sampler, sampler_scheduler
-from medsyn.validation import DefaultsShown, count_argument, number_argument
+from medsyn.validation import DefaultsShown, class_label_value, count_argument, number_argument
 
 # At guidance 2 the label probe read most healthy samples of this tiny model as tumours; at 4 both classes hold.
 DEMO_GUIDANCE = 4.0
@@ -144,7 +145,7 @@ def generate(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
     from accelerate import PartialState
-    from accelerate.utils import gather_object, parse_flag_from_env
+    from accelerate.utils import parse_flag_from_env
     from tqdm.auto import tqdm
 
     from medsyn.generation import (
@@ -193,11 +194,11 @@ def generate(args: argparse.Namespace) -> int:
         pipe.unet.compile()
     labels = None
     if not text_guided and args.class_label is not None:
-        label = int(args.class_label) if args.class_label.isdigit() else args.class_label
-        labels = pipe.encode_class_labels(label, 1).tolist() * args.num_images
+        labels = pipe.encode_class_labels(class_label_value(args.class_label), 1).tolist() * args.num_images
 
-    # 3. Sample batch by batch, image i from its own generator keyed by (seed, i)
-    images = []
+    # 3. Sample batch by batch, image i from its own generator keyed by (seed, i); for NPZ, each batch is kept as a
+    #    chunk file as it is made, so that a run stopped part-way and started again with the same arguments resumes
+    chunks = npz_chunk_folder(output_dir, args) if args.format == "npz" else None
     description = "generating" if state.num_processes == 1 else f"generating (process 0 of {state.num_processes})"
     with tqdm(total=len(indices), desc=description, unit="image", disable=not state.is_main_process) as progress:
         for position in range(0, len(indices), args.batch_size):
@@ -205,20 +206,26 @@ def generate(args: argparse.Namespace) -> int:
             start, count = batch_indices[0], len(batch_indices)
             keys = [ImageKey(args.seed, i, class_label=None if labels is None else labels[i], prompt=args.prompt,
                              negative_prompt=args.negative_prompt) for i in batch_indices]
+            chunk = None if chunks is None else chunks / f"images_{start:06d}_{count:06d}.npz"
+            if chunk is not None and chunk.is_file():
+                progress.update(count)
+                continue
             batch = to_uint8(sample_images(pipe, keys, settings))
-            if args.format == "png":
+            if chunk is None:
                 for offset, image in enumerate(batch):
                     with atomic_write(output_dir / names[start + offset]) as temporary:
                         write_png(image, temporary, synthetic_description(args.model, args.seed, start + offset))
             else:
-                images.append(batch)
+                write_npz_atomically(chunk, images=batch)
             progress.update(count)
 
-    # 4. One NPZ, in the layout medsyn evaluate reads, from every process's share in index order
-    if args.format == "npz":
-        shares = gather_object([np.concatenate(images)] if images else []) if state.num_processes > 1 else images
+    # 4. One NPZ, in the layout medsyn evaluate reads, from every process's chunks in index order
+    state.wait_for_everyone()
     if args.format == "npz" and state.is_main_process:
-        stacked = np.concatenate(shares)
+        parts = sorted(chunks.glob("images_*.npz"))
+        stacked = np.concatenate([np.load(part)["images"] for part in parts])
+        if len(stacked) != args.num_images:
+            raise ValueError(f"{chunks} holds {len(stacked)} images, not {args.num_images}: a chunk is missing")
         arrays = {
             "images": stacked[..., 0] if stacked.shape[-1] == 1 else stacked,
             "labels": np.array(labels if labels is not None else [-1] * args.num_images, dtype=np.int64),
@@ -227,10 +234,25 @@ def generate(args: argparse.Namespace) -> int:
         if text_guided:
             arrays["captions"] = np.array([args.prompt] * args.num_images)
         write_npz_atomically(output_dir / "samples.npz", **arrays)
+        shutil.rmtree(chunks)
     state.wait_for_everyone()
     if state.is_main_process:
         print(f"wrote {args.num_images} images to {output_dir}")
     return 0
+
+
+def npz_chunk_folder(output_dir: Path, args: argparse.Namespace) -> Path:
+    """Where ``generate --format npz`` keeps its batches until the NPZ is whole: named by every argument that
+    decides the images, so a restart with other arguments never reuses them."""
+    import hashlib
+
+    decisive = {key: str(getattr(args, key)) for key in (
+        "model", "class_label", "prompt", "negative_prompt", "num_images", "seed", "batch_size", "guidance_scale",
+        "num_inference_steps", "n_steps_each", "sampler", "bf16")}
+    digest = hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+    folder = output_dir / f".samples-{digest}.partial"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def pixel_noise(args: argparse.Namespace) -> int:

@@ -11,6 +11,12 @@ import math
 import numbers
 
 
+def class_label_value(text: str) -> int | str:
+    """A class label as typed: ASCII digits are an index, anything else a name ("²" and "１" are digits to
+    ``str.isdigit`` but not to ``int``, and are names here, which the model then refuses by name)."""
+    return int(text) if text.isascii() and text.isdigit() else text
+
+
 def whole_number(value, name: str, minimum: int = 1) -> int:
     """``value`` as an int if it is a whole number >= ``minimum`` (1.0 is accepted, 1.7, NaN and True are not)."""
     whole = not isinstance(value, bool) and (isinstance(value, numbers.Integral) or (

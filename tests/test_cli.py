@@ -112,3 +112,34 @@ def test_every_flag_has_help():
     missing = [f"{name} {action.option_strings[0]}" for name, sub in subcommands.items()
                for action in sub._actions if action.option_strings and action.dest != "help" and not action.help]
     assert missing == []
+
+
+def test_an_interrupted_npz_run_resumes_from_its_finished_batches(tmp_path, monkeypatch):
+    """--format npz keeps each batch as it is made: stopped after two batches and started again, the run samples
+    only the rest and writes the NPZ an uninterrupted run writes (it once wrote nothing until the end)."""
+    import medsyn.generation as generation
+
+    model = tmp_path / "model"
+    get_dummy_pipeline().save_pretrained(model)
+    common = ["generate", "--model", str(model), "--class-label", "tumor", "--num-images", "7", "--batch-size", "2",
+              "--num-inference-steps", "2", "--seed", "3", "--format", "npz"]
+    assert main([*common, "--output-dir", str(tmp_path / "whole")]) == 0
+    real_sample, calls = generation.sample_images, []
+
+    def stopping(pipe, keys, settings, **kwargs):
+        calls.append([key.index for key in keys])
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the user's Ctrl-C in the third batch
+        return real_sample(pipe, keys, settings, **kwargs)
+
+    monkeypatch.setattr(generation, "sample_images", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        main([*common, "--output-dir", str(tmp_path / "resumed")])
+    assert not (tmp_path / "resumed" / "samples.npz").exists()
+    calls.clear()
+    monkeypatch.setattr(generation, "sample_images", lambda *a, **k: (calls.append(1), real_sample(*a, **k))[1])
+    assert main([*common, "--output-dir", str(tmp_path / "resumed")]) == 0
+    assert len(calls) == 2  # images 4-5 and 6: the first two batches were kept
+    whole, resumed = (np.load(tmp_path / name / "samples.npz") for name in ("whole", "resumed"))
+    np.testing.assert_array_equal(whole["images"], resumed["images"])
+    assert not list((tmp_path / "resumed").glob(".samples-*"))  # the chunks are gone once the NPZ is whole

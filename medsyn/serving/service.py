@@ -14,7 +14,6 @@ import asyncio
 import datetime
 import hashlib
 import logging
-import re
 import secrets
 import threading
 import time
@@ -44,6 +43,7 @@ from medsyn.serving.metrics import ServiceMetrics
 from medsyn.serving.quality_gate import QAVerdict, sanity_verdicts
 from medsyn.serving.served_model import ServedModel
 from medsyn.synthetic_marking import DicomSeries, dicom_bytes, synthetic_description, write_png
+from medsyn.validation import class_label_value
 
 logger = logging.getLogger("medsyn.serve")
 MAX_SEED = 2**31 - 1  # a 32-bit INTEGER column in every database
@@ -63,10 +63,6 @@ class ServiceLimits:
     """Long polls (``GET /jobs/{id}?wait=``) held at once; more get 429."""
     """An idle worker woken by a request waits this long before it fills a batch, so that requests arriving
     together share one (a batch at a time is what the hardware is fast at)."""
-
-
-#: A class index given as a string: ASCII digits only ("²" and "١" are digits to str.isdigit, not to int()).
-CLASS_INDEX = re.compile(r"[0-9]+")
 
 
 class RequestError(ValueError):
@@ -221,8 +217,8 @@ class GenerationService:
         class_label = class_name = None
         if request.class_label is not None:
             label = request.class_label
-            if isinstance(label, str) and CLASS_INDEX.fullmatch(label):
-                label = int(label)
+            if isinstance(label, str):
+                label = class_label_value(label)
             try:
                 class_label = int(model.pipe.encode_class_labels(label, 1)[0])
             except ValueError as error:
