@@ -88,7 +88,9 @@ def measure(args: argparse.Namespace) -> list[BandStrength]:
     sigmas = geometric_sigmas(scheduler.config.sigma_max, scheduler.config.sigma_min,
                               scheduler.config.num_train_timesteps).float()
     example = to_tensor(dataset[0]["image"])
-    aligner = train_score_langevin.build_aligner(train_args, unet, example, sigmas, null_class_label(unet))
+    sigma_range = (scheduler.config.sigma_min, scheduler.config.sigma_max)
+    aligner = train_score_langevin.build_aligner(train_args, unet, example, sigma_range, null_class_label(unet),
+                                                 sigmas.device)
     parameters = [p for p in unet.parameters() if p.requires_grad]
     batches = endless(labelled_dataloader(dataset, to_tensor, train_args))
 

@@ -81,8 +81,10 @@ def test_a_cut_training_run_resumes_from_its_checkpoint_to_the_same_weights(firs
     cut = tmp_path / "out" / "baseline-seed0"
     shutil.copytree(done / "baseline-seed0" / "checkpoint-2", cut / "checkpoint-2")  # killed after step 2
     losses = []
-    real = bench.train_score_langevin.dsm_loss
-    monkeypatch.setattr(bench.train_score_langevin, "dsm_loss", lambda *a: losses.append(1) or real(*a))
+    import medsyn.training.score_losses as score_losses
+
+    real = score_losses.dsm_loss
+    monkeypatch.setattr(score_losses, "dsm_loss", lambda *a: losses.append(1) or real(*a))
     monkeypatch.setattr(bench.train_expert, "main", refuse)
     bench.main(bench_args(tmp_path))
     assert len(losses) == 2  # steps 3 and 4 only

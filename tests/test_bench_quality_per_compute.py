@@ -46,5 +46,6 @@ def test_arms_train_in_resumable_stages_and_the_report_joins_the_records(tmp_pat
     (tmp_path / "records" / "tiny" / "eval-edm.jsonl").write_text(json.dumps(line) + "\n")
     bench.main(["report", "--name", "tiny", "--figures", str(tmp_path / "figures")])
     table = capsys.readouterr().out
-    assert f"| edm | 4 | {second['training_seconds']:.0f} | EDM Heun, deterministic | 34 | 12.5 | 0.50 / 0.75 |" in table
+    row = f"| edm | 4 | {second['training_seconds']:.0f} | EDM Heun, deterministic | 34 | 12.5 | 0.50 / 0.75 |"
+    assert row in table
     assert (tmp_path / "figures" / "quality_per_compute_tiny.png").is_file()

@@ -201,7 +201,8 @@ def test_a_resume_with_a_larger_budget_solves_the_remaining_noise_and_the_card_s
     assert private["epsilon"] == pytest.approx(accountant.get_epsilon(1e-4), rel=1e-9)
     assert 5.9 <= private["epsilon"] <= 6.0
     card = (tmp_path / "dp" / "README.md").read_text()
-    assert f"noise multiplier {noise_1:.4g} for 4 steps" in card and f"then noise multiplier {noise_2:.4g} for 8" in card
+    assert f"noise multiplier {noise_1:.4g} for 4 steps" in card
+    assert f"then noise multiplier {noise_2:.4g} for 8" in card
     with pytest.raises(ValueError, match="already run spent"):  # a smaller epsilon than already spent is refused
         train_ddpm.main(train_ddpm.parse_args(DDPM_TINY + [*dp[:1], "0.5", *dp[2:], "--max_train_steps", "16",
                                                            "--resume_from_checkpoint", "latest"]))

@@ -19,7 +19,7 @@ from medsyn.serving.database import ApiKey, AuditEvent, Job, JobStatus
 from medsyn.serving.service import JobRequest, RequestError
 
 from .serving_fixtures import postgres_cluster, wait_for_job  # noqa: F401 (a fixture)
-from .test_serve import database, make_service, model_dir  # noqa: F401 (fixtures)
+from .test_serve import database, make_service, model_dir  # noqa: F401, F811 (fixtures)
 
 
 def keyed_service(model_dir, database, tmp_path, **keys):  # noqa: F811
@@ -132,7 +132,8 @@ def test_the_daily_quota_holds_under_concurrent_requests(model_dir, database, tm
 
 
 def test_long_polls_wait_without_holding_the_servers_threads(model_dir, tmp_path):  # noqa: F811
-    """60 long polls on a queued job (more than the 40 worker threads) while /healthz answers within a second."""
+    """60 long polls on a queued job (more than the 40 worker threads) while /healthz answers at once (within 1 s
+    idle; the bound leaves room for a loaded machine)."""
     service = make_service(model_dir, str(tmp_path / "db.sqlite"), tmp_path / "s")
     with TestClient(create_app(service, manage_workers=False)) as client:
         job = client.post("/api/v1/generate", json={"model": "brain"}).json()["id"]
@@ -142,7 +143,7 @@ def test_long_polls_wait_without_holding_the_servers_threads(model_dir, tmp_path
             started = time.perf_counter()
             health = pool.submit(client.get, "/healthz").result(timeout=10)
             answered = time.perf_counter() - started
-            assert health.status_code == 200 and answered < 1.0, answered
+            assert health.status_code == 200 and answered < 2.0, answered  # 28 s when the waits held threads
             assert all(poll.result(timeout=30).json()["status"] == "queued" for poll in polls)
 
 
@@ -157,15 +158,15 @@ def test_a_long_poll_ends_when_its_job_does(model_dir, tmp_path):  # noqa: F811
 
 
 def test_a_restart_with_another_model_version_never_mixes_versions(model_dir, tmp_path):  # noqa: F811
-    database = str(tmp_path / "db.sqlite")
-    service = make_service(model_dir, database, tmp_path / "s")
+    path = str(tmp_path / "db.sqlite")
+    service = make_service(model_dir, path, tmp_path / "s")
     started = service.submit(JobRequest(model="brain", n_samples=4, seed=1))
     untouched = service.submit(JobRequest(model="brain", n_samples=4, seed=2))
     with service.sessions() as session:  # as if killed with 2 of 4 images of the first made by the old version
         session.execute(update(Job).values(model_version="0ld"))
         session.execute(update(Job).where(Job.id == started.id).values(status=JobStatus.RUNNING, generated=2))
         session.commit()
-    restarted = make_service(model_dir, database, tmp_path / "s")
+    restarted = make_service(model_dir, path, tmp_path / "s")
     restarted.start()
     try:
         failed = restarted.get_job(started.id)
@@ -212,7 +213,8 @@ def test_bodies_are_checked_before_parsing(model_dir, tmp_path):  # noqa: F811
         assert text.status_code == 415 and "application/json" in text.json()["detail"]
         form = client.post("/api/v1/generate", data={"model": "brain"})
         assert form.status_code == 415
-        bad = client.post("/api/v1/generate", content=b'{"model": "\xff"}', headers={"Content-Type": "application/json"})
+        bad = client.post("/api/v1/generate", content=b'{"model": "\xff"}',
+                          headers={"Content-Type": "application/json"})
         assert bad.status_code == 400 and "UTF-8" in bad.json()["detail"]
         assert client.post("/api/v1/generate", json={"model": "brain"}).status_code == 202
 

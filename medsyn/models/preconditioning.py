@@ -72,12 +72,16 @@ def _unwrapped(unet):
 
 
 def _dtype(unet) -> torch.dtype:
-    return next(unet.parameters()).dtype
+    """The unet's dtype (a diffusers model's own, or its first parameter's behind a wrapper)."""
+    dtype = getattr(unet, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else next(unet.parameters()).dtype
 
 
 def edm_preconditioning(unet) -> EDMPreconditioning | None:
     """The EDM coefficients of ``unet`` (wrappers looked through), or None for an NCSN-parameterised network."""
-    saved = getattr(_unwrapped(unet), "config", {}).get(CONFIG_KEY) or {"type": "ncsn"}
+    config = getattr(_unwrapped(unet), "config", None)
+    saved = config.get(CONFIG_KEY) if hasattr(config, "get") else getattr(config, CONFIG_KEY, None)
+    saved = saved or {"type": "ncsn"}
     kind = Preconditioning(saved.get("type", "ncsn"))
     return EDMPreconditioning(float(saved["sigma_data"])) if kind is Preconditioning.EDM else None
 
@@ -108,10 +112,9 @@ def network_score(unet, sample: torch.Tensor, sigma: torch.Tensor | float, **con
         conditioning: passed to the unet (``class_labels``).
     """
     edm = edm_preconditioning(unet)
-    if edm is None:
-        sigma = _levels(sigma, sample)
-        dtype = _dtype(unet)
-        return unet(sample.to(dtype), sigma.to(dtype), **conditioning).sample.float()
+    if edm is None:  # sigma goes in as given (a number or one per image), as NCSN models were always called
+        sigma = torch.as_tensor(sigma, device=sample.device)
+        return unet(sample.to(_dtype(unet)), sigma, **conditioning).sample.float()
     sigma = _levels(sigma, sample)
     denoised = network_denoised(unet, sample, sigma, edm, **conditioning)
     return (denoised - sample.float()) / sigma.view(-1, *[1] * (sample.ndim - 1)) ** 2

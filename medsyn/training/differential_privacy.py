@@ -205,8 +205,8 @@ def remaining_noise_multiplier(history: list[tuple[float, float, int]], budget: 
     while epsilon_of([*history, (high, sample_rate, steps)], budget) > budget.epsilon:
         low, high = high, high * 2
         if high > 1e4:
-            raise ValueError(f"dp_epsilon {budget.epsilon} cannot be met: {steps} more steps after epsilon {spent:.3g} "
-                             "spent would need a noise multiplier over 10,000")
+            raise ValueError(f"dp_epsilon {budget.epsilon} cannot be met: {steps} more steps after epsilon "
+                             f"{spent:.3g} spent would need a noise multiplier over 10,000")
     while high - low > 1e-3 * high:
         middle = (low + high) / 2
         if epsilon_of([*history, (middle, sample_rate, steps)], budget) > budget.epsilon:
