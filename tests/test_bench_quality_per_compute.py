@@ -17,7 +17,12 @@ SPEC.loader.exec_module(bench)
 
 
 def test_arms_train_in_resumable_stages_and_the_report_joins_the_records(tmp_path, monkeypatch, capsys):
+    import torch
+
     monkeypatch.setattr(bench, "RECORDS", tmp_path / "records")
+    # train sets the benchmark's one thread: keep it from this test process, whose later tests compare with
+    # subprocesses bit for bit at the default thread count
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "data.npz", images=rng.integers(0, 256, (60, 32, 32), dtype=np.uint8),
              labels=np.repeat([0, 1], 30), class_names=np.array(["healthy", "tumor"]),
