@@ -22,6 +22,8 @@ from enum import StrEnum
 
 import torch
 
+from medsyn.validation import finite_number
+
 #: The UNet config key that records the parameterisation (a leading underscore: diffusers keeps it, unwarned).
 CONFIG_KEY = "_score_preconditioning"
 
@@ -40,8 +42,7 @@ class EDMPreconditioning:
     sigma_data: float
 
     def __post_init__(self):
-        if not (self.sigma_data > 0 and self.sigma_data < float("inf")):
-            raise ValueError(f"sigma_data must be a positive finite number, got {self.sigma_data}")
+        finite_number(self.sigma_data, "sigma_data", minimum=0, exclusive=True)
 
     def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(c_skip, c_out, c_in, c_noise)`` at the levels ``sigma``, each of ``sigma``'s shape."""
