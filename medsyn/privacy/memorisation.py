@@ -1,11 +1,14 @@
 """Memorisation audit: does any generated image copy a training image, and are generated images as a whole
 closer to the training set than unseen patients are?
 
-Every generated image is matched to its nearest training images (exact search, ``nearest_neighbours``) after
-both sets are brought to one representation (``image_arrays``). The verdict has two parts:
+Every generated image is matched to its nearest training images (exact search) after both sets are brought to
+one representation (``image_arrays``). By default images are compared by structure (``structure``: low-passed,
+zero-mean, unit-norm, noise-debiased, training images moved by up to a pixel and mirrored) and judged by Carlini
+et al.'s relative distance, so that noise, blur, brightness, contrast, small moves and mirroring neither hide a
+copy nor fail a fresh-draw generator; ``space="pixels"`` keeps plain RMS pixel distance. The verdict has two parts:
 
-1. Near-copies always fail: a generated image within ``copy_distance`` (RMS, on the [0, 1] scale) of a
-   training image is a copy, whatever any calibration says.
+1. Near-copies always fail: a generated image within ``copy_distance`` of a training image (a relative distance
+   for structure, RMS on [0, 1] for pixels) is a copy, whatever any calibration says.
 2. A statistical comparison with held-out real images, which the model never saw: their distances to the
    training set show how close different patients' images get by chance. The data-copying test (Mann-Whitney
    U, Meehan et al. 2020) and an exact test of the count below a calibrated threshold (the ``percentile``-th
@@ -35,6 +38,7 @@ from medsyn.validation import finite_number
 from .image_arrays import as_image_stack, common_representation
 from .nearest_neighbours import nearest_neighbours, shift_tolerant_nearest
 from .statistics import TestResult, data_copying_test, exchangeability_test, flagged_count_test
+from .structure import RELATIVE_NEIGHBOURS, STRUCTURE_COPY_RATIO, relative_distances, structural_nearest
 
 NEAR_COPY_DISTANCE = 0.01
 """RMS pixel distance on [0, 1] (2.6 grey levels) under which two images are the same image: a copy plus faint
@@ -46,8 +50,10 @@ the check is for sets from another source or protocol, such as the public brain 
 
 
 class AuditSpace(StrEnum):
-    """What the audit compares: images (RMS pixel distance on [0, 1]) or an encoder's feature vectors."""
+    """What the audit compares: images by structure (relative structural distance, ``medsyn.privacy.structure``),
+    images by RMS pixel distance on [0, 1], or an encoder's feature vectors."""
 
+    STRUCTURE = "structure"
     PIXELS = "pixels"
     FEATURES = "features"
 
@@ -85,7 +91,8 @@ class MemorisationAudit:
     histogram_counts: list[int]
     histogram_edges: list[float]
     distances: np.ndarray = field(repr=False)
-    """(num_generated, k) plain distances to the nearest training images, ascending."""
+    """(num_generated, k) distances to the nearest training images in the audit's space, ascending (structure:
+    structural distances, moves and mirrors allowed; pixels: plain RMS)."""
     neighbours: np.ndarray = field(repr=False)
     """(num_generated, k) indices of those training images."""
     exchangeability_z: float | None = None
@@ -97,9 +104,11 @@ class MemorisationAudit:
     held_out_distances: np.ndarray | None = field(default=None, repr=False)
     """Nearest-training distances of the held-out images used for calibration."""
     nearest_distances: np.ndarray | None = field(default=None, repr=False)
-    """(num_generated,) the distance decided on: to the nearest training image, shifts allowed."""
+    """(num_generated,) the distance decided on: structure, the relative distance; pixels, the RMS distance to the
+    nearest training image, shifts allowed."""
     nearest_indices: np.ndarray | None = field(default=None, repr=False)
     max_shift: int = 0
+    mirror: bool = False
 
     def to_json(self) -> str:
         # Not asdict(): it would deep-copy the per-image arrays only to drop them.
@@ -117,14 +126,23 @@ def nearest_training_distances(
     train: np.ndarray | torch.Tensor,
     max_shift: int = 1,
     k: int = 1,
+    space: AuditSpace | str = AuditSpace.PIXELS,
+    mirror: bool = True,
     **search,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The distance the audit decides on, for each image: to its nearest training image, allowing the training
-    images to move by up to ``max_shift`` pixels (0: plain distance; feature vectors are never shifted).
+    """The distance the audit decides on, for each image. Structure: the relative structural distance (training
+    images moved by up to ``max_shift`` pixels and, with ``mirror``, mirrored). Pixels: the RMS distance to the
+    nearest training image, moved by up to ``max_shift`` pixels (0: plain distance). Feature vectors are compared
+    as they are.
 
-    Returns (distance (N,), training index (N,)) and the plain k nearest (distances and indices, (N, k)).
-    Generated and held-out images go through this same function, so they stay comparable.
+    Returns (distance (N,), training index (N,)) and the k nearest in the space's own distance (structure) or
+    plain (pixels, features), as distances and indices (N, k). Generated and held-out images go through this same
+    function, so they stay comparable.
     """
+    if AuditSpace(space) is AuditSpace.STRUCTURE and np.ndim(images) != 2:
+        wanted = min(max(k, RELATIVE_NEIGHBOURS), len(train))
+        distances, neighbours = structural_nearest(images, train, max_shift, k=wanted, mirror=mirror, **search)
+        return relative_distances(distances), neighbours[:, 0], distances[:, :k], neighbours[:, :k]
     distances, neighbours = nearest_neighbours(images, train, k=min(k, len(train)), **search)
     if max_shift and np.ndim(images) != 2:
         nearest, index = shift_tolerant_nearest(images, train, max_shift, k=1, unshifted=(distances, neighbours),
@@ -213,8 +231,9 @@ def memorisation_audit(
     percentile: float = 1.0,
     alpha: float = 0.05,
     copy_distance: float | None = None,
-    space: AuditSpace | str = AuditSpace.PIXELS,
+    space: AuditSpace | str = AuditSpace.STRUCTURE,
     max_shift: int = 1,
+    mirror: bool = True,
     k: int = 3,
     bins: int = 50,
     check_exchangeable: bool = True,
@@ -225,13 +244,17 @@ def memorisation_audit(
     Args:
         generated, train, held_out: images in any layout and dtype ``as_image_stack`` accepts (each set may
             differ), or (N, D) feature vectors with ``space="features"``.
+        space: ``structure`` (default: robust to noise, blur, intensity, moves and mirrors), ``pixels`` (plain
+            RMS distance) or ``features``.
         threshold: a fixed distance; ``passed`` then also needs no generated image below it. Otherwise the
             threshold is calibrated on ``held_out`` at ``percentile``.
         alpha: the verdict's false-failure rate for a generator that draws fresh images.
-        copy_distance: near-copy distance; default ``NEAR_COPY_DISTANCE`` for pixels, 0 (identical vectors only)
-            for features.
+        copy_distance: near-copy distance; default ``STRUCTURE_COPY_RATIO`` (a relative distance) for structure,
+            ``NEAR_COPY_DISTANCE`` for pixels, 0 (identical vectors only) for features.
         max_shift: training images may move by up to this many pixels when compared (a copy moved by a pixel
             is still a copy); 0 for plain distances. Ignored for features.
+        mirror: structure only: a training image's left-right mirror counts as the image (off for images whose
+            sides differ, such as a fundus photograph's optic disc side when that is the finding).
         k: training neighbours kept per generated image (for the side-by-side PNGs).
         check_exchangeable: first test that ``held_out`` is exchangeable with ``train``
             (``held_out_exchangeability``); when it is not, the verdict is "inconclusive" (near-copies still fail).
@@ -245,7 +268,8 @@ def memorisation_audit(
     percentile = finite_number(percentile, "percentile", 0, maximum=100)
     alpha = finite_number(alpha, "alpha", 0, exclusive=True, maximum=1)
     if copy_distance is None:
-        copy_distance = NEAR_COPY_DISTANCE if space is AuditSpace.PIXELS else 0.0
+        copy_distance = {AuditSpace.STRUCTURE: STRUCTURE_COPY_RATIO, AuditSpace.PIXELS: NEAR_COPY_DISTANCE}.get(
+            space, 0.0)
     copy_distance = finite_number(copy_distance, "copy_distance", 0)
     if isinstance(max_shift, bool) or not isinstance(max_shift, (int, np.integer)) or max_shift < 0:
         raise ValueError(f"max_shift must be a whole number >= 0, got {max_shift!r}")
@@ -256,6 +280,7 @@ def memorisation_audit(
                                                           (held_out, "held_out")) if x is not None]
         generated, train, *rest = common_representation(*stacks)
         held_out = rest[0] if rest else None
+    search = {"space": space, "mirror": bool(mirror) and space is AuditSpace.STRUCTURE, **search}
     started = time.perf_counter()
     nearest, nearest_index, distances, neighbours = nearest_training_distances(
         generated, train, max_shift, k=min(k, len(train)), **search)
@@ -284,7 +309,9 @@ def memorisation_audit(
     flagged = flagged[np.argsort(nearest[flagged], kind="stable")]
 
     if len(near_copies):
-        verdict = f"failed: {len(near_copies)} generated images are within {copy_distance:g} of a training image"
+        measure = "relative structural distance" if space is AuditSpace.STRUCTURE else "distance"
+        verdict = (f"failed: {len(near_copies)} generated images are copies of training images ({measure} <= "
+                   f"{copy_distance:g})")
     elif exchangeable is not None and exchangeable.p_value < EXCHANGEABILITY_ALPHA:
         verdict = (f"inconclusive: the held-out images are not exchangeable with the training images (Z_U "
                    f"{exchangeable.statistic:.2f} against a random half of the training set, p = "
@@ -334,6 +361,7 @@ def memorisation_audit(
         nearest_distances=nearest,
         nearest_indices=nearest_index,
         max_shift=max_shift,
+        mirror=search["mirror"],
     )
 
 

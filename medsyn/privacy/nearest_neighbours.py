@@ -250,11 +250,16 @@ def shift_tolerant_nearest(
         distances, indices = nearest_neighbours(_overlap(q, dy, dx), _shifted(r, dy, dx), k=k, **search)
         overlap_share = (height - abs(dy)) * (width - abs(dx)) / (height * width)
         found.append((distances / np.sqrt(overlap_share), indices))
-    distances = np.concatenate([d for d, _ in found], axis=1)  # (N, moves * k), the plain search first
-    indices = np.concatenate([i for _, i in found], axis=1)
+    # (N, moves * k), the plain search first, so ties keep the smaller move
+    return distinct_nearest(np.concatenate([d for d, _ in found], 1), np.concatenate([i for _, i in found], 1), k)
+
+
+def distinct_nearest(distances: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k nearest distinct references from candidate columns (several searches side by side, a
+    reference possibly in more than one): its best distance each, ascending; ties keep the earlier column."""
     order = np.argsort(distances, axis=1, kind="stable")
-    best_d, best_i = np.empty((len(q), k)), np.empty((len(q), k), dtype=np.int64)
-    for row in range(len(q)):
+    best_d, best_i = np.empty((len(distances), k)), np.empty((len(distances), k), dtype=np.int64)
+    for row in range(len(distances)):
         seen, filled = set(), 0
         for column in order[row]:
             index = int(indices[row, column])
