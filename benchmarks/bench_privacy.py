@@ -56,13 +56,14 @@ def main() -> None:
           f"training x {args.resolution}^2 px; times scaled x{scale:g} to {args.scale_to} generated")
 
     start = time.perf_counter()
-    audit = memorisation_audit(generated, train, threshold=0.01, k=1, block_size=args.block_size)
+    audit = memorisation_audit(generated, train, threshold=0.01, k=1, block_size=args.block_size, space="pixels")
     t_audit = time.perf_counter() - start
     assert sorted(audit.flagged_indices) == sorted(planted.tolist()), "planted copies not found"
     audit_rss = peak_rss_gib()
 
     start = time.perf_counter()
-    plain = memorisation_audit(generated, train, threshold=0.01, k=1, block_size=args.block_size, max_shift=0)
+    plain = memorisation_audit(generated, train, threshold=0.01, k=1, block_size=args.block_size, max_shift=0,
+                               space="pixels")
     t_plain = time.perf_counter() - start
     assert sorted(plain.flagged_indices) == sorted(planted[3:].tolist()), "unmoved copies not found"
 

@@ -511,7 +511,8 @@ def evaluate(args: argparse.Namespace) -> int:
         inception=inception, inception_note=inception_note, domain_encoder=domain_encoder, clip=clip,
         class_prompts=class_prompts, k=args.k, k_density=args.k_density,
         kid_subset_size=args.kid_subset_size, diversity_pairs=args.diversity_pairs,
-        audit_threshold=args.audit_threshold, audit_percentile=args.audit_percentile, max_images=args.max_images,
+        audit_threshold=args.audit_threshold, audit_percentile=args.audit_percentile, audit_space=args.audit_space,
+        max_images=args.max_images,
         downstream=downstream,
         score_model=score_model, membership_attack=membership_attack, batch_size=args.batch_size, seed=args.seed,
     )
@@ -643,8 +644,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--kid-subset-size", type=count_argument(2), default=1000, help="images per KID subset")
     ev.add_argument("--diversity-pairs", type=count_argument(), default=1000,
                     help="random pairs for mean MS-SSIM per set")
+    ev.add_argument("--audit-space", choices=("structure", "pixels"), default="structure",
+                    help="how the audit compares images: structure (noise, blur, brightness, contrast, 1-pixel moves "
+                    "and mirrors discounted; relative distance) or pixels (RMS on [0, 1])")
     ev.add_argument("--audit-threshold", type=number_argument(0), default=None,
-                    help="fixed RMS pixel distance (default: calibrated)")
+                    help="fixed distance in --audit-space's units (default: calibrated)")
     ev.add_argument("--audit-percentile", type=number_argument(0), default=1.0,
                     help="held-out distance percentile that sets the audit threshold")
     ev.add_argument("--no-downstream", action="store_true", help="skip the classifier trained with synthetic data")

@@ -153,13 +153,13 @@ def evaluation_markdown(metrics: dict) -> str:
     diversity = metrics["diversity"]["overall"]
     lines.append(f"| mean pairwise MS-SSIM, generated (real) | {_number(diversity['generated'])} "
                  f"({_number(diversity['real'])}) |")
-    pixel = metrics["privacy"].get("pixel")
-    if pixel is None:
+    audit = metrics["privacy"].get("images")
+    if audit is None:
         lines.append(f"| memorisation audit | {metrics['privacy']['note']} |")
     else:
-        lines.append(f"| memorisation audit (pixels), {pixel['num_generated']} images | {pixel['verdict']}; "
-                     f"{pixel['num_near_copies']} near-copies, {pixel['num_flagged']} flagged, closest "
-                     f"{_number(pixel['min_distance'])}, data-copying Z_U {_number(pixel['data_copying_z'])} |")
+        lines.append(f"| memorisation audit ({audit['space']}), {audit['num_generated']} images | {audit['verdict']}; "
+                     f"{audit['num_near_copies']} near-copies, {audit['num_flagged']} flagged, closest "
+                     f"{_number(audit['min_distance'])}, data-copying Z_U {_number(audit['data_copying_z'])} |")
     downstream = metrics.get("downstream", {})
     if "runs" in downstream:
         real, mixed = downstream["runs"]["real"], downstream["runs"]["real + synthetic"]

@@ -54,7 +54,7 @@ def test_a_copy_is_at_distance_zero_whatever_the_dtype_and_layout(channels):
         distances, indices = nearest_neighbours(generated, reference, k=1)
         assert indices[:, 0].tolist() == [3, 17, 29], (copy_name, train_name)
         assert distances.max() == 0, (copy_name, train_name, distances.max())
-    audit = memorisation_audit(copies / 255.0, train, threshold=0.0)
+    audit = memorisation_audit(copies / 255.0, train, threshold=0.0, space="pixels")
     assert not audit.passed and audit.near_copy_indices == [0, 1, 2] and audit.min_distance == 0
 
 
@@ -148,14 +148,15 @@ def test_fresh_draws_pass_at_the_nominal_rate():
     for seed in range(100):
         rng = np.random.default_rng(seed)
         images = rng.random((900, 6, 6))
-        passed += memorisation_audit(images[500:], images[:300], held_out=images[300:500], max_shift=0).passed
+        passed += memorisation_audit(images[500:], images[:300], held_out=images[300:500], max_shift=0,
+                                     space="pixels").passed
     assert passed >= 90
 
 
 def test_planted_copies_are_always_flagged_and_one_in_a_thousand_fails(slices):
     rng = np.random.default_rng(0)
     train, held_out, generated = slices["train"], slices["held_out"], slices["novel"]
-    assert len(generated) == 1000 and memorisation_audit(generated, train, held_out=held_out).passed
+    assert len(generated) == 1000 and memorisation_audit(generated, train, held_out=held_out, space="pixels").passed
     exact = audit_with(generated, train, held_out, {417: train[5]})
     assert not exact.passed and exact.near_copy_indices == [417] and 417 in exact.flagged_indices
     shifted = np.roll(train[8], 1, axis=1).astype(int) + rng.integers(-3, 4, train[8].shape)
@@ -169,17 +170,18 @@ def audit_with(generated, train, held_out, planted):
     generated = generated.copy()
     for index, image in planted.items():
         generated[index] = image
-    return memorisation_audit(generated, train, held_out=held_out)
+    return memorisation_audit(generated, train, held_out=held_out, space="pixels")
 
 
 def test_many_near_copies_fail_the_statistical_tests(slices):
-    """Images each a little off a training image (noise too strong to count as copies) still sit closer to the
-    training set than held-out patients do: the tests catch what no single distance does."""
+    """Pixel space: images each a little off a training image (noise too strong to count as copies there) still
+    sit closer to the training set than held-out patients do: the tests catch what no single distance does. (By
+    structure they are copies: test_copy_detection.)"""
     rng = np.random.default_rng(2)
     generated = slices["novel"][:500].copy()
     noisy = slices["train"][:100].astype(int) + rng.normal(0, 9, slices["train"][:100].shape)
     generated[:100] = np.clip(noisy, 0, 255)[:100]
-    audit = memorisation_audit(generated, slices["train"], held_out=slices["held_out"])
+    audit = memorisation_audit(generated, slices["train"], held_out=slices["held_out"], space="pixels")
     assert not audit.near_copy_indices and not audit.passed
     assert audit.data_copying_p_value < 1e-3 and audit.flagged_p_value < 1e-3
 

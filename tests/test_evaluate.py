@@ -78,13 +78,13 @@ def test_evaluate_writes_metrics_and_a_self_contained_report(sets, tmp_path):
     assert metrics["inception"] == {"note": "not computed: --no-inception"}
     domain = metrics["domain"]
     assert 0 <= domain["precision"] <= 1 and 0 <= domain["recall"] <= 1 and domain["fid"] >= 0
-    # Different simulated slices are >= 0.04 apart (RMS on [0, 1]); the planted copies are at 0.
-    pixel = metrics["privacy"]["pixel"]
+    # The planted copies are at relative structural distance 0; different simulated slices are not close.
+    pixel = metrics["privacy"]["images"]
     assert not pixel["passed"] and sorted(pixel["flagged_indices"]) == [4, 9] and pixel["min_distance"] == 0
     assert sorted(pixel["near_copy_indices"]) == [4, 9] and pixel["verdict"].startswith("failed: 2 generated")
     from medsyn.model_card import evaluation_markdown
 
-    assert "| memorisation audit (pixels), 40 images | failed: 2 generated images" in evaluation_markdown(metrics)
+    assert "| memorisation audit (structure), 40 images | failed: 2 generated images" in evaluation_markdown(metrics)
     assert sorted(metrics["flagged_pair_images"]) == [
         "flagged/flagged_000004_train_000010.png", "flagged/flagged_000009_train_000020.png"]
     assert set(metrics["diversity"]["per_class"]) == {"healthy", "tumor"}
@@ -94,7 +94,7 @@ def test_evaluate_writes_metrics_and_a_self_contained_report(sets, tmp_path):
     assert downstream["runs"]["real + synthetic"]["train_images"] == 160
     page = (out / "report.html").read_text()
     assert "AUC change from adding synthetic images" in page
-    assert "Privacy: memorisation audit" in page and "failed: 2 generated images are within" in page
+    assert "Privacy: memorisation audit" in page and "failed: 2 generated images are copies" in page
     assert "data:image/png;base64," in page and "src=\"http" not in page  # images inline, nothing fetched
 
 
@@ -131,7 +131,7 @@ def test_max_images_samples_the_metrics_but_the_audit_sees_every_generated_image
                  "--output-dir", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["inputs"]["generated"]["count"] == 5 and metrics["inputs"]["generated"]["audited"] == 40
-    pixel = metrics["privacy"]["pixel"]
+    pixel = metrics["privacy"]["images"]
     assert pixel["num_generated"] == 40 and pixel["held_out_used"] == 40 and pixel["near_copy_indices"] == [4, 9]
 
 
@@ -145,8 +145,8 @@ def test_held_out_images_leaked_from_training_are_left_out_of_both_calibrations(
                      "--no-inception", "--no-downstream", "--domain-encoder", sets["encoder"],
                      "--diversity-pairs", "5", "--output-dir", str(out)]) == 0
     privacy = json.loads((out / "metrics.json").read_text())["privacy"]
-    assert privacy["pixel"]["held_out_excluded_indices"] == list(range(30, 40))
-    assert privacy["pixel"]["held_out_used"] == privacy["domain_features"]["held_out_used"] == 30
+    assert privacy["images"]["held_out_excluded_indices"] == list(range(30, 40))
+    assert privacy["images"]["held_out_used"] == privacy["domain_features"]["held_out_used"] == 30
 
 
 def test_own_data_path_train_at_a_lower_resolution_generate_evaluate(tmp_path):

@@ -61,10 +61,10 @@ def test_the_evaluation_replaces_its_placeholder_in_place(trained, tmp_path):
     metrics = {"inputs": {"generated": {"count": 4}, "real": {"count": 4}},
                "inception": {"note": "skipped"}, "domain": {"note": "skipped"},
                "diversity": {"overall": {"generated": 0.5, "real": 0.4}},
-               "privacy": {"pixel": {"num_generated": 4, "verdict": "pass", "num_near_copies": 0, "num_flagged": 0,
+               "privacy": {"images": {"space": "structure", "num_generated": 4, "verdict": "pass", "num_near_copies": 0, "num_flagged": 0,
                                      "min_distance": 0.2, "data_copying_z": 1.0}}}
     text = add_evaluation_to_model_card(folder, metrics).read_text()
-    assert "Not measured yet" not in text and "| memorisation audit (pixels), 4 images | pass" in text
+    assert "Not measured yet" not in text and "| memorisation audit (structure), 4 images | pass" in text
     assert text.index("## Evaluation") < text.index("## Intended uses")  # where the placeholder was
     assert ModelCard.load(folder / "README.md").data.license == "other"
 

@@ -56,7 +56,8 @@ def test_audit_flags_exactly_the_planted_copies(slices):
     generated[4] = train[17]  # exact copy
     near = train[120].astype(int) + np.random.default_rng(0).integers(-2, 3, train[120].shape)
     generated[11] = np.clip(near, 0, 255).astype(np.uint8)  # copy plus faint noise
-    audit = memorisation_audit(generated, train, held_out=slices["held_out"], percentile=1.0, k=2)
+    audit = memorisation_audit(generated, train, held_out=slices["held_out"], percentile=1.0, k=2, space="pixels")
+    assert memorisation_audit(generated, train, held_out=slices["held_out"]).near_copy_indices in ([4, 11], [11, 4])
     assert not audit.passed
     assert audit.flagged_indices == [4, 11]  # closest first
     assert audit.neighbours[4, 0] == 17 and audit.neighbours[11, 0] == 120
@@ -149,14 +150,18 @@ def test_the_k_nearest_under_shifts_are_distinct_and_ascending():
 
 
 def test_a_held_out_set_from_another_source_makes_the_verdict_inconclusive(slices):
-    """Calibration assumes the held-out images are exchangeable with the training images. Held-out slices of a
-    brighter protocol are not: the audit says so instead of passing or failing; a near-copy still fails it."""
+    """Calibration assumes the held-out images are exchangeable with the training images. Held-out slices of
+    another geometry (turned a quarter: no move or mirror undoes that) are not: the audit says so instead of passing or
+    failing; a near-copy still fails it. A brighter protocol is another source in pixels, not in structure."""
     from medsyn.privacy import held_out_exchangeability
 
     train, same = slices["train"], SimulatedBrainMRI(resolution=32, seed=8).generate(60)["images"]
-    other = np.clip(same.astype(np.float64) * 1.25 + 10, 0, 255).astype(np.uint8)
+    brighter = np.clip(same.astype(np.float64) * 1.25 + 10, 0, 255).astype(np.uint8)
+    other = np.rot90(same, axes=(1, 2)).copy()
     assert held_out_exchangeability(same, train).p_value > 0.01
-    assert held_out_exchangeability(other, train).p_value < 1e-4
+    assert held_out_exchangeability(brighter, train).p_value < 1e-4  # pixels
+    assert held_out_exchangeability(brighter, train, space="structure").p_value > 0.01
+    assert held_out_exchangeability(other, train, space="structure").p_value < 1e-4
     fresh = slices["novel"]
     audit = memorisation_audit(fresh, train, held_out=other)
     assert not audit.passed and audit.verdict.startswith("inconclusive: the held-out images are not exchangeable")

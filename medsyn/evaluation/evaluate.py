@@ -123,24 +123,25 @@ def _privacy_section(
     held_out: ImageSet,
     threshold: float | None,
     percentile: float,
+    space: AuditSpace | str,
     output_dir: Path,
     progress: bool,
     features: dict[str, dict[str, torch.Tensor]],
 ) -> tuple[dict, list[Path]]:
     audit = memorisation_audit(
-        generated.images, train.images, held_out.images, threshold=threshold, percentile=percentile,
+        generated.images, train.images, held_out.images, threshold=threshold, percentile=percentile, space=space,
         progress=progress,
     )
-    section = {"pixel": _audit_summary(audit)}
-    section["pixel"]["held_out_set"] = held_out.name
+    section = {"images": _audit_summary(audit)}
+    section["images"]["held_out_set"] = held_out.name
     paths = save_flagged_pairs(audit, generated.as_hwc(), train.as_hwc(), output_dir / "flagged")
     flags = {"domain": "--domain-encoder", "clip": "--clip-model"}
     for name, flag in flags.items():
         if name not in features:
             section[f"{name}_features"] = {"note": f"not run: pass {flag} for a feature-space audit"}
             continue
-        # Always calibrated: a fixed threshold is an RMS pixel distance, meaningless in feature space. Held-out
-        # images found to be copies of training images in pixels are left out here too.
+        # Always calibrated: a fixed threshold is an image distance, meaningless in feature space. Held-out
+        # images found to be copies of training images are left out here too.
         keep = np.setdiff1d(np.arange(len(features[name]["held_out"])), audit.held_out_excluded_indices)
         feature_audit = memorisation_audit(
             features[name]["audited"], features[name]["train"], features[name]["held_out"][keep],
@@ -253,6 +254,7 @@ def evaluate(
     diversity_pairs: int = 1000,
     audit_threshold: float | None = None,
     audit_percentile: float = 1.0,
+    audit_space: AuditSpace | str = AuditSpace.STRUCTURE,
     max_images: int | None = None,
     downstream: dict | None = None,
     score_model=None,
@@ -273,6 +275,8 @@ def evaluate(
         domain_encoder: a medical-image encoder for domain FID, precision/recall and a feature-space audit.
         clip: an open_clip model: its image tower gives the same metrics as ``domain_encoder``, and with
             ``class_prompts`` (class name -> prompt) it scores prompt adherence (CLIPScore, prompt retrieval).
+        audit_space: the memorisation audit's image comparison: ``structure`` (robust to noise, blur, intensity,
+            moves and mirrors) or ``pixels`` (RMS); ``audit_threshold`` is in its units.
         k: neighbours for the precision/recall balls (Kynkäänniemi et al.'s 3).
         k_density: neighbours for the density/coverage balls (Naeem et al.'s 5).
         max_images: use a seeded sample of at most this many images of ``real``, ``generated`` and ``test`` for
@@ -356,7 +360,8 @@ def evaluate(
         result["privacy"], flagged = {"note": "not run: pass --train (the images the model was trained on)"}, []
     else:
         result["privacy"], flagged = _privacy_section(
-            audited, train, calibration, audit_threshold, audit_percentile, output_dir, progress, audit_features
+            audited, train, calibration, audit_threshold, audit_percentile, AuditSpace(audit_space), output_dir,
+            progress, audit_features
         )
     result["downstream"] = _downstream_section(train, test, generated, downstream, seed, progress)
     if score_model is not None:

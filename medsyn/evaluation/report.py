@@ -148,7 +148,10 @@ def _privacy_html(section: dict, output_dir: Path, flagged: list[str]) -> str:
     if "note" in section:
         return _note(section["note"])
     parts = []
-    for key, title in (("pixel", "pixel space (RMS difference on [0, 1])"), ("domain_features", "domain features"),
+    spaces = {"structure": "image structure (relative distance: noise, blur, intensity, moves, mirrors discounted)",
+              "pixels": "pixel space (RMS difference on [0, 1])"}
+    image_title = spaces.get(section.get("images", {}).get("space"), "images")
+    for key, title in (("images", image_title), ("domain_features", "domain features"),
                        ("clip_features", "open_clip image features")):
         audit = section.get(key, {})
         if "note" in audit:

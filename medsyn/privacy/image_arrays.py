@@ -44,7 +44,7 @@ def as_image_stack(images: np.ndarray | torch.Tensor, name: str, layout: Layout 
     Accepted: one image (H, W); a grayscale stack (N, H, W); a stack (N, H, W, C) or (N, C, H, W) with C in
     (1, 3), told apart by where the 1 or 3 is (``layout`` settles tiny images where both axes could be).
     """
-    tensor = images.detach().cpu() if torch.is_tensor(images) else torch.as_tensor(np.asarray(images))
+    tensor = images.detach().cpu() if torch.is_tensor(images) else torch.as_tensor(np.ascontiguousarray(images))
     if tensor.ndim == 2:
         tensor = tensor[None]
     if tensor.ndim == 3:

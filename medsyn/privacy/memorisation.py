@@ -44,6 +44,8 @@ NEAR_COPY_DISTANCE = 0.01
 """RMS pixel distance on [0, 1] (2.6 grey levels) under which two images are the same image: a copy plus faint
 noise or recompression. Different patients' slices are several times further apart."""
 MIN_HELD_OUT = 20
+MIN_STRUCTURE_SIDE = 16
+"""Smaller images keep too few independent values after the structural low-pass for copies to stand out."""
 EXCHANGEABILITY_ALPHA = 0.01
 """Below this two-sided p the held-out set is reported as not exchangeable with the training set (a strict level:
 the check is for sets from another source or protocol, such as the public brain set's test split)."""
@@ -116,6 +118,15 @@ class MemorisationAudit:
         return json.dumps({f.name: getattr(self, f.name) for f in fields(self) if f.name not in arrays}, indent=2)
 
 
+def default_copy_distance(space: AuditSpace | str, copy_distance: float | None = None) -> float:
+    """``copy_distance`` if given, else the space's: ``STRUCTURE_COPY_RATIO`` (a relative distance),
+    ``NEAR_COPY_DISTANCE`` (RMS on [0, 1]), or 0 for feature vectors (identical vectors only)."""
+    if copy_distance is not None:
+        return copy_distance
+    return {AuditSpace.STRUCTURE: STRUCTURE_COPY_RATIO, AuditSpace.PIXELS: NEAR_COPY_DISTANCE}.get(
+        AuditSpace(space), 0.0)
+
+
 def _calibration_rank(percentile: float, count: int) -> int:
     """The order statistic that serves as the ``percentile``-th percentile of ``count`` values (at least the 1st)."""
     return min(count, max(1, math.ceil(percentile / 100 * count)))
@@ -140,6 +151,11 @@ def nearest_training_distances(
     function, so they stay comparable.
     """
     if AuditSpace(space) is AuditSpace.STRUCTURE and np.ndim(images) != 2:
+        side = min(as_image_stack(images[:1], "images").shape[1:3])
+        if side < MIN_STRUCTURE_SIDE:
+            raise ValueError(f"space='structure' needs images of at least {MIN_STRUCTURE_SIDE} px a side, got {side}: "
+                             "the low-pass leaves too little of smaller images to tell copies apart; use "
+                             "space='pixels'")
         wanted = min(max(k, RELATIVE_NEIGHBOURS), len(train))
         distances, neighbours = structural_nearest(images, train, max_shift, k=wanted, mirror=mirror, **search)
         return relative_distances(distances), neighbours[:, 0], distances[:, :k], neighbours[:, :k]
@@ -156,7 +172,7 @@ def nearest_training_distances(
 def held_out_distances(
     held_out: np.ndarray | torch.Tensor,
     train: np.ndarray | torch.Tensor,
-    copy_distance: float = NEAR_COPY_DISTANCE,
+    copy_distance: float | None = None,
     max_shift: int = 1,
     **search,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -165,6 +181,7 @@ def held_out_distances(
 
     Raises a ``ValueError`` when fewer than ``MIN_HELD_OUT`` remain: the held-out set overlaps the training set.
     """
+    copy_distance = default_copy_distance(search.get("space", AuditSpace.PIXELS), copy_distance)
     distances = nearest_training_distances(held_out, train, max_shift, **search)[0]
     excluded = np.flatnonzero(distances <= copy_distance)
     duplicates = len(excluded)
@@ -182,7 +199,7 @@ def held_out_distances(
 def held_out_exchangeability(
     held_out: np.ndarray | torch.Tensor,
     train: np.ndarray | torch.Tensor,
-    copy_distance: float = NEAR_COPY_DISTANCE,
+    copy_distance: float | None = None,
     max_shift: int = 1,
     seed: int = 0,
     **search,
@@ -195,6 +212,7 @@ def held_out_exchangeability(
     A generator that learnt the training distribution well draws images like the training half, not like a held-out
     set from another source; calibrated on the latter it would fail for being good. Hold out part of the training
     data before training instead."""
+    copy_distance = default_copy_distance(search.get("space", AuditSpace.PIXELS), copy_distance)
     order = np.random.default_rng(seed).permutation(len(train))
     reference, others = order[: len(train) // 2], order[len(train) // 2 :]
     index = torch.as_tensor(reference) if torch.is_tensor(train) else reference
@@ -212,7 +230,7 @@ def calibrate_threshold(
     held_out: np.ndarray | torch.Tensor,
     train: np.ndarray | torch.Tensor,
     percentile: float = 1.0,
-    copy_distance: float = NEAR_COPY_DISTANCE,
+    copy_distance: float | None = None,
     max_shift: int = 1,
     **search,
 ) -> float:
@@ -267,10 +285,7 @@ def memorisation_audit(
         threshold = finite_number(threshold, "threshold", 0)
     percentile = finite_number(percentile, "percentile", 0, maximum=100)
     alpha = finite_number(alpha, "alpha", 0, exclusive=True, maximum=1)
-    if copy_distance is None:
-        copy_distance = {AuditSpace.STRUCTURE: STRUCTURE_COPY_RATIO, AuditSpace.PIXELS: NEAR_COPY_DISTANCE}.get(
-            space, 0.0)
-    copy_distance = finite_number(copy_distance, "copy_distance", 0)
+    copy_distance = finite_number(default_copy_distance(space, copy_distance), "copy_distance", 0)
     if isinstance(max_shift, bool) or not isinstance(max_shift, (int, np.integer)) or max_shift < 0:
         raise ValueError(f"max_shift must be a whole number >= 0, got {max_shift!r}")
     if space is AuditSpace.FEATURES:

@@ -9,7 +9,7 @@ pixel is as far from its source as another patient's slice. Here two images are 
 2. made zero-mean and unit-norm, which removes brightness and contrast (any affine change of intensity);
 3. the training image may move by up to ``max_shift`` pixels and be mirrored left-right (on by default: a scan's
    mirror is the same patient), searched exactly as in ``shift_tolerant_nearest``;
-4. the noise a generated image carries beyond the training images' own (Immerkaer's estimator, robust form) is
+4. the noise a generated image carries beyond the training images' own (Immerkaer's estimator, robust form, less what clipping at black or white removes) is
    taken out of its norm, so noise neither hides a copy nor helps a set pass.
 
 The structural distance is sqrt(2 - 2 cos) of the two vectors, 0 for a copy. The audit decides on the relative
@@ -50,22 +50,43 @@ def _gaussian_kernel(sigma: float) -> torch.Tensor:
     return kernel / kernel.sum()
 
 
+def _blur_matrix(size: int, sigma: float) -> torch.Tensor:
+    """(size, size) matrix that applies the Gaussian along one axis, edges replicated."""
+    kernel = _gaussian_kernel(sigma)
+    radius = len(kernel) // 2
+    matrix = torch.zeros(size, size, dtype=torch.float64)
+    for offset, weight in zip(range(-radius, radius + 1), kernel):
+        columns = (torch.arange(size) + offset).clamp(0, size - 1)
+        matrix[torch.arange(size), columns] += weight
+    return matrix
+
+
 def low_pass(images: torch.Tensor, sigma: float = STRUCTURE_BLUR_SIGMA) -> torch.Tensor:
-    """(N, C, H, W) float images through a separable Gaussian of ``sigma`` pixels, edges replicated."""
-    kernel = _gaussian_kernel(sigma).to(images)
-    radius, channels = len(kernel) // 2, images.shape[1]
-    rows = kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
-    images = F.conv2d(F.pad(images, (radius, radius, 0, 0), mode="replicate"), rows, groups=channels)
-    return F.conv2d(F.pad(images, (0, 0, radius, radius), mode="replicate"), rows.transpose(2, 3), groups=channels)
+    """(N, C, H, W) float images through a separable Gaussian of ``sigma`` pixels, edges replicated: two matrix
+    products (several times faster than a convolution on the CPU)."""
+    height, width = images.shape[-2:]
+    rows, columns = (_blur_matrix(n, sigma).to(images) for n in (height, width))
+    return rows @ images @ columns.T
 
 
 def noise_variance(images: torch.Tensor) -> torch.Tensor:
     """Per-image pixel-noise variance of (N, C, H, W) float images on [0, 1]: Immerkaer's (1996) second-difference
-    filter, which cancels smooth content, read robustly (the median absolute response, so edges do not count as
-    noise). White noise of sd s gives responses of sd 6 s."""
+    filter, which cancels smooth content, read robustly (the median absolute response, so edges count little).
+    White noise of sd s gives responses of sd 6 s."""
     kernel = _NOISE_KERNEL.to(images).view(1, 1, 3, 3).expand(images.shape[1], 1, 3, 3)
     response = F.conv2d(images, kernel, groups=images.shape[1]).flatten(1).abs()
-    return (1.4826 * response.median(dim=1).values / 6) ** 2
+    return (1.4826 * response.median(dim=1).values.double() / 6) ** 2
+
+
+def noise_energy(images: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+    """The summed pixel variance that added noise of ``variance`` (per image) leaves in (N, C, H, W) images on
+    [0, 1]: noise on a black (or white) region is clipped there, which keeps about a third of its variance
+    (max(0, z) has variance 1/2 - 1/(2 pi)); about half of such pixels read exactly 0 (or 1), so each one counted
+    stands for two pixels at that reduced variance."""
+    clipped = ((images <= 0) | (images >= 1)).flatten(1).sum(1).double()
+    kept = 0.5 - 1 / (2 * np.pi)
+    pixels = (images[0].numel() - 2 * (1 - kept) * clipped).clamp(min=0)
+    return variance * pixels
 
 
 def _kernel_energy(sigma: float) -> float:
@@ -77,14 +98,15 @@ def structure_vectors(
     images: torch.Tensor, excess_noise: torch.Tensor | None = None, sigma: float = STRUCTURE_BLUR_SIGMA,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, H, W, C) images on [0, 1] as (N, D) structure vectors: low-passed, zero-mean, divided by their norm less
-    the energy of ``excess_noise`` (a per-image pixel variance; None for none). Returns the vectors (float32) and
+    the energy of ``excess_noise`` (per image, summed pixel variance as ``noise_energy``
+    gives; None for none). Returns the vectors (float32) and
     how far each squared norm exceeds 1 (0 without noise), which the distance subtracts."""
-    planes = low_pass(images.permute(0, 3, 1, 2).double(), sigma).flatten(1)
+    planes = low_pass(images.permute(0, 3, 1, 2).float(), sigma).flatten(1)
     planes = planes - planes.mean(dim=1, keepdim=True)
-    energy = planes.square().sum(1)
-    noise = torch.zeros_like(energy) if excess_noise is None else excess_noise * _kernel_energy(sigma) * planes.shape[1]
+    energy = planes.double().square().sum(1)
+    noise = torch.zeros_like(energy) if excess_noise is None else excess_noise * _kernel_energy(sigma)
     norm = (energy - noise).clamp(min=MIN_SIGNAL_SHARE * energy).sqrt().clamp(min=1e-12)
-    vectors = (planes / norm[:, None]).float()
+    vectors = (planes.double() / norm[:, None]).float()
     return vectors, (vectors.double().square().sum(1) - 1).clamp(min=0)
 
 
@@ -105,13 +127,14 @@ def structural_nearest(
     Returns distances (N, k) ascending in [0, 2] and indices (N, k) into ``references``.
     """
     q, r = common_representation(as_image_stack(queries, "queries"), as_image_stack(references, "references"))
-    q, r = (x.double() / 255 if x.dtype == torch.uint8 else x.double() for x in (q, r))
+    q, r = (x.float() / 255 if x.dtype == torch.uint8 else x.float() for x in (q, r))
     k = min(k, len(r))
     if mirror:
         r = torch.cat([r, r.flip(2)])  # (N, H, W, C): width is axis 2
     # Noise the queries carry beyond the references' own (their texture reads as noise to the estimator too).
     baseline = noise_variance(r.permute(0, 3, 1, 2)).median()
-    excess = (noise_variance(q.permute(0, 3, 1, 2)) - baseline).clamp(min=0)
+    planes = q.permute(0, 3, 1, 2)
+    excess = noise_energy(planes, (noise_variance(planes) - baseline).clamp(min=0))
     per_move = min(len(r), 2 * k if mirror else k)  # a reference and its mirror may both rank
     found = []
     for dy, dx in [(0, 0), *one_pixel_moves(max_shift)]:
