@@ -24,7 +24,8 @@ skipped, and training continues from the last checkpoint. Run two arms at a time
         > edm.log 2>&1 &
 
 Each finished budget writes ``<arm>/steps-<budget>/`` (the pipeline) and a record
-``benchmarks/records/quality_per_compute/<name>/<arm>-steps-<budget>.json`` (training seconds, the command).
+``benchmarks/records/quality_per_compute/<name>/<arm>-steps-<budget>.json`` (training seconds as the process's
+CPU time, so a busy machine does not inflate them, wall seconds, the command).
 Each model is then judged by ``bench_fast_sampling.py`` (512 images, the same per-image seeds, guidance 4, FID
 against the held-out slices with the real-vs-real floor at the same n, the label probe), one line per sampler and
 budget in ``eval-<arm>.jsonl`` beside the records:
@@ -120,9 +121,10 @@ def train(args) -> None:
             print(f"{args.arm}: {budget} steps already trained", flush=True)
             continue
         argv = stage_argv(args.arm, out, budget, budgets)
-        start = time.perf_counter()
+        # CPU seconds of this one-thread process: what the run cost, however busy the machine was around it
+        start, wall = time.process_time(), time.perf_counter()
         script.main(script.parse_args(argv))
-        seconds = time.perf_counter() - start
+        seconds, wall = time.process_time() - start, time.perf_counter() - wall
         previous = json.loads((records / f"{args.arm}-steps-{budgets[budgets.index(budget) - 1]}.json").read_text()) \
             if budget != budgets[0] else {"training_seconds": 0.0}
         partial = folder.with_name(folder.name + ".partial")
@@ -132,6 +134,8 @@ def train(args) -> None:
         record = {
             "arm": args.arm, "steps": budget, "threads": args.threads,
             "training_seconds": previous["training_seconds"] + seconds,
+            "clock": "process CPU time",
+            "wall_seconds": previous.get("wall_seconds", previous["training_seconds"]) + wall,
             "command": f"python benchmarks/bench_quality_per_compute.py train --arm {args.arm} --output-dir "
                        f"{shlex.quote(args.output_dir)} --budgets {' '.join(map(str, budgets))}",
             "script": f"train_scripts/{script_name}.py " + shlex.join(argv),
