@@ -24,11 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medsyn.privacy import memorisation_audit
+from medsyn.privacy.structure import STRUCTURE_COPY_RATIO, relative_distances, structural_nearest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.test_copy_detection import NUISANCES, nuisance  # noqa: E402 (the tests' nuisances, one definition)
-
-from medsyn.privacy import memorisation_audit  # noqa: E402
-from medsyn.privacy.structure import STRUCTURE_COPY_RATIO, relative_distances, structural_nearest  # noqa: E402
 
 
 def resized(images: np.ndarray, resolution: int) -> np.ndarray:

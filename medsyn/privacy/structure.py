@@ -9,8 +9,9 @@ pixel is as far from its source as another patient's slice. Here two images are 
 2. made zero-mean and unit-norm, which removes brightness and contrast (any affine change of intensity);
 3. the training image may move by up to ``max_shift`` pixels and be mirrored left-right (on by default: a scan's
    mirror is the same patient), searched exactly as in ``shift_tolerant_nearest``;
-4. the noise a generated image carries beyond the training images' own (Immerkaer's estimator, robust form, less what clipping at black or white removes) is
-   taken out of its norm, so noise neither hides a copy nor helps a set pass.
+4. the noise a generated image carries beyond the training images' own (Immerkaer's estimator, robust form, less
+   what clipping at black or white removes) is taken out of its norm, so noise neither hides a copy nor helps a
+   set pass.
 
 The structural distance is sqrt(2 - 2 cos) of the two vectors, 0 for a copy. The audit decides on the relative
 distance of Carlini et al. (2023, "Extracting training data from diffusion models"): the distance to the nearest
