@@ -135,7 +135,7 @@ def test_lora_adapters_change_the_output_and_reload_onto_the_base(scratch_model,
     assert "pipe.load_lora_weights" in (out / "README.md").read_text()
 
 
-def test_a_pretrained_bert_with_captions_from_templates(vae_path, tmp_path):
+def test_a_pretrained_bert_with_captions_from_templates(vae_path, tmp_path, monkeypatch):
     from transformers import BertConfig, BertModel
 
     from medsyn.models.latent_diffusion import build_wordpiece_tokenizer
@@ -147,9 +147,23 @@ def test_a_pretrained_bert_with_captions_from_templates(vae_path, tmp_path):
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                         intermediate_size=37, max_position_embeddings=64)
     BertModel(config).save_pretrained(encoder_dir)
-    templates = {"healthy": "axial brain MRI of a {label} volunteer", "tumor": "axial brain MRI with a brain tumor"}
+    templates = {"healthy": "axial brain MRI of a {label} volunteer",
+                 "tumor": ["axial brain MRI with a brain tumor", "brain MR image showing a tumor"]}
+    from medsyn.train_scripts import train_medisyn
+
+    seen, encode = [], train_medisyn.encode_prompts
+
+    def recording(encoder, tokenizer, captions, *rest):
+        seen.extend(captions)
+        return encode(encoder, tokenizer, captions, *rest)
+
+    monkeypatch.setattr(train_medisyn, "encode_prompts", recording)
     trained = run(tmp_path, "t", *TINY_MODEL, "--vae_model_name_or_path", vae_path, "--text_encoder_name_or_path",
-                  str(encoder_dir), "--caption_templates", json.dumps(templates), "--max_train_steps", "2")
+                  str(encoder_dir), "--caption_templates", json.dumps(templates), "--max_train_steps", "4",
+                  "--caption_dropout", "0")
+    # both phrasings of 'tumor' were trained on (drawn per image and step), the one of 'healthy' too
+    assert set(seen) >= {"axial brain MRI of a healthy volunteer", "axial brain MRI with a brain tumor",
+                         "brain MR image showing a tumor"}
     assert trained.tokenizer.model_max_length == 24  # --max_length, bounded by the encoder's 64 positions
     card = (tmp_path / "t" / "README.md").read_text()
     assert "axial brain MRI of a healthy volunteer; axial brain MRI with a brain tumor" in card and "frozen" in card

@@ -14,7 +14,8 @@
         --train_data_dir my_manifest.csv --use_lora --rank 8 --output_dir medisyn-lora
 
 Captions come from the data (a manifest's ``caption``/``text`` column, the simulated MRI's own captions) or from
-``--caption_templates`` (class name -> caption). A share of them (``--caption_dropout``, default 10%) is replaced by
+``--caption_templates`` (class name -> one caption or several phrasings, one drawn per image and step; see
+``medsyn.data.captions`` for held-out phrasings). A share of them (``--caption_dropout``, default 10%) is replaced by
 the empty caption, which teaches the unet the unconditional prediction that classifier-free guidance needs. The
 result loads with ``MediSynPipeline.from_pretrained(output_dir)`` (with ``load_lora_weights`` for an adapter).
 """
@@ -38,6 +39,7 @@ from PIL import Image
 from transformers import AutoModel, AutoTokenizer, BertModel
 
 from medsyn.data import image_channels, image_transform
+from medsyn.data.captions import CaptionTemplates
 from medsyn.hub_upload import push_model_folder
 from medsyn.model_card import card_reference, write_model_card
 from medsyn.models.latent_diffusion import (
@@ -105,7 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--caption_column", type=str, default="text",
                         help="Column holding the captions ('caption' is read when 'text' is missing).")
     parser.add_argument("--caption_templates", type=str, default=None,
-                        help='JSON file or string mapping class name -> caption ("{label}" is replaced by the name).')
+                        help='JSON file or string mapping class name -> caption or list of phrasings ("{label}" is '
+                             'replaced by the name; one phrasing is drawn per image and step); or {"train": {...}, '
+                             '"held_out": {...}} with phrasings kept out of training (medsyn.data.captions).')
     parser.add_argument("--caption_dropout", type=number_argument(0), default=0.1,
                         help="Share of captions replaced by the empty caption, for classifier-free guidance.")
 
@@ -180,18 +184,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def caption_rows(dataset, templates: str | None) -> list[str]:
-    """One caption per training image: the class's template when templates are given, else the data's own."""
+def caption_rows(dataset, templates: str | None) -> list[list[str]]:
+    """Each training image's caption options: its class's training phrasings when templates are given (one is
+    drawn per step), else the data's own caption."""
     if templates is None:
         if "caption" not in dataset.column_names:
             raise ValueError("the data has no captions: give --caption_templates, or --caption_column for --dataset_name")
-        return list(dataset["caption"])
-    mapping = json_argument(templates)
+        return [[caption] for caption in dataset["caption"]]
+    phrasings = CaptionTemplates.from_json(json_argument(templates))
     names = dataset.features["label"].names
-    missing = sorted(set(names) - set(mapping))
-    if missing:
-        raise ValueError(f"--caption_templates has no caption for the classes {missing} (it has {sorted(mapping)})")
-    return [mapping[names[label]].format(label=names[label]) for label in dataset["label"]]
+    phrasings.check_classes(names)
+    return [phrasings.train[names[label]] for label in dataset["label"]]
 
 
 def describe_templates(templates: str) -> str:
@@ -199,15 +202,15 @@ def describe_templates(templates: str) -> str:
     return card_reference(templates) if Path(templates).is_file() else f"`{templates}`"
 
 
-def default_validation_prompts(dataset, captions: list[str]) -> list[str]:
+def default_validation_prompts(dataset, captions: list[list[str]]) -> list[str]:
     """The first caption of each class, so the validation grid shows every class."""
     first: dict[int, str] = {}
-    for label, caption in zip(dataset["label"], captions):
-        first.setdefault(label, caption)
+    for label, options in zip(dataset["label"], captions):
+        first.setdefault(label, options[0])
     return [first[label] for label in sorted(first)]
 
 
-def load_components(args: argparse.Namespace, captions: list[str]):
+def load_components(args: argparse.Namespace, captions: list[list[str]]):
     """(vae, text_encoder, tokenizer, unet, noise_scheduler, whether the text encoder is new)."""
     if args.pretrained_model_name_or_path:
         path = args.pretrained_model_name_or_path
@@ -229,7 +232,8 @@ def load_components(args: argparse.Namespace, captions: list[str]):
         tokenizer.model_max_length = min(args.max_length, prompt_max_length(tokenizer, text_encoder))
         new_encoder = False
     else:
-        tokenizer = build_wordpiece_tokenizer(captions, vocab_size=args.vocab_size, max_length=args.max_length)
+        every = [caption for options in captions for caption in options]
+        tokenizer = build_wordpiece_tokenizer(every, vocab_size=args.vocab_size, max_length=args.max_length)
         config = bert_text_encoder_config(
             max_length=args.max_length, vocab_size=tokenizer.vocab_size, hidden_size=args.text_encoder_width,
             num_hidden_layers=args.text_encoder_layers, num_attention_heads=args.text_encoder_heads,
@@ -330,7 +334,10 @@ def main(args: argparse.Namespace) -> MediSynPipeline:
         pixels = batch["pixel_values"].to(weight_dtype)
         batch_size = pixels.shape[0]
         drop = torch.rand(batch_size, generator=generator, device=pixels.device) < args.caption_dropout
-        captions = ["" if dropped else caption for dropped, caption in zip(drop.tolist(), batch["captions"])]
+        # one of each image's phrasings (a draw only where there is a choice), then dropout for guidance
+        chosen = [options[int(torch.randint(len(options), (), generator=generator, device=generator.device))]
+                  if len(options) > 1 else options[0] for options in batch["captions"]]
+        captions = ["" if dropped else caption for dropped, caption in zip(drop.tolist(), chosen)]
         latents = unit_latents(vae, pixels, generator)
         noise = torch.randn(latents.shape, generator=generator, device=latents.device)
         if args.noise_offset:
