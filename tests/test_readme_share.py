@@ -79,7 +79,7 @@ def test_share_your_model_as_the_readme_says(tmp_path, monkeypatch):
 
     card = ModelCard.load(tmp_path / "hub" / "your-name" / "brain-score" / "README.md")
     assert 'from_pretrained("your-name/brain-score")' in card.text
-    assert "| memorisation audit (pixels)" in card.text and "Not measured yet" not in card.text
+    assert "| memorisation audit (structure)" in card.text and "Not measured yet" not in card.text
     uploaded = sorted(p.name for p in (tmp_path / "hub" / "your-name" / "brain-score").iterdir())
     assert "pipeline_score_langevin.py" in uploaded and not any(n.startswith(("checkpoint-", "logs")) for n in uploaded)
     assert (tmp_path / "brain-score" / "checkpoint-2").is_dir()  # kept locally

@@ -507,6 +507,8 @@ def test_the_web_page_in_headless_chromium(model_dir, tmp_path):
                                    "i.naturalWidth === 16)", timeout=30000)
             assert page.text_content("#status") == "done"
             assert page.text_content("#qa").startswith("3 released, 0 withheld")
+            # the link is filled after the images, once the whole set's archive has been fetched
+            page.wait_for_function("!document.getElementById('download').hidden", timeout=30000)
             assert page.get_attribute("#download", "download").endswith(".zip")
             shot = tmp_path / "serve-page.png"
             page.screenshot(path=str(shot), full_page=True)
