@@ -1,7 +1,8 @@
 """The QA gate every generated image passes before the service releases it.
 
 A service that hands out images cannot wait for a batch audit: each image is judged on its own, at once, by the
-audit's own distance (``nearest_training_distances``, RMS on [0, 1], training images shifted by up to a pixel):
+audit's pixel distance (``nearest_training_distances``, RMS on [0, 1], training images shifted by up to a pixel;
+the batch audit compares structure by default, which this gate does not yet):
 
 - not finite (NaN or Inf from the network) or blank (no grey-level spread): withheld;
 - a near-copy of a training image (within ``NEAR_COPY_DISTANCE``), or closer than the calibrated threshold when
