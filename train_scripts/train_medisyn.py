@@ -39,7 +39,7 @@ from PIL import Image
 from transformers import AutoModel, AutoTokenizer, BertModel
 
 from medsyn.data import image_channels, image_transform
-from medsyn.data.captions import CaptionTemplates
+from medsyn.data.captions import CaptionTemplates, template_source
 from medsyn.hub_upload import push_model_folder
 from medsyn.model_card import card_reference, write_model_card
 from medsyn.models.latent_diffusion import (
@@ -109,7 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--caption_templates", type=str, default=None,
                         help='JSON file or string mapping class name -> caption or list of phrasings ("{label}" is '
                              'replaced by the name; one phrasing is drawn per image and step); or {"train": {...}, '
-                             '"held_out": {...}} with phrasings kept out of training (medsyn.data.captions).')
+                             '"held_out": {...}} with phrasings kept out of training (medsyn.data.captions); or a '
+                             'bundled file by name: brain_tumor_mri, fundus_eye_disease.')
     parser.add_argument("--caption_dropout", type=number_argument(0), default=0.1,
                         help="Share of captions replaced by the empty caption, for classifier-free guidance.")
 
@@ -191,7 +192,7 @@ def caption_rows(dataset, templates: str | None) -> list[list[str]]:
         if "caption" not in dataset.column_names:
             raise ValueError("the data has no captions: give --caption_templates, or --caption_column for --dataset_name")
         return [[caption] for caption in dataset["caption"]]
-    phrasings = CaptionTemplates.from_json(json_argument(templates))
+    phrasings = CaptionTemplates.from_json(json_argument(template_source(templates)))
     names = dataset.features["label"].names
     phrasings.check_classes(names)
     return [phrasings.train[names[label]] for label in dataset["label"]]

@@ -7,14 +7,24 @@ A template file (``--caption_templates``) is JSON, given inline or as a path, in
     {"train": {...the same mapping...}, "held_out": {"glioma": ["MR image of the brain showing a glioma"]}}
 
 ``{label}`` becomes the class name. Training draws one of the class's training phrasings per image and step;
-``held_out`` phrasings are never trained on and must not repeat a training phrasing.
+``held_out`` phrasings are never trained on and must not repeat a training phrasing. ``BUNDLED_TEMPLATES`` names
+the files that come with medsyn, for the brain MRI and fundus sets of ``../shared/data`` (modality, view and
+finding; four training and one held-out phrasing per class).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 SECTIONS = ("train", "held_out")
+BUNDLED_TEMPLATES = {path.stem: path for path in sorted((Path(__file__).parent / "caption_templates").glob("*.json"))}
+"""Template files shipped with medsyn, by name (``--caption_templates brain_tumor_mri``)."""
+
+
+def template_source(value: str) -> str:
+    """``--caption_templates``: a bundled template's name becomes its file; a path or inline JSON stays."""
+    return str(BUNDLED_TEMPLATES[value]) if value in BUNDLED_TEMPLATES else value
 
 
 def _phrasings(mapping: object, where: str) -> dict[str, list[str]]:
