@@ -28,7 +28,7 @@ from medsyn.privacy import memorisation_audit
 from medsyn.privacy.structure import STRUCTURE_COPY_RATIO, relative_distances, structural_nearest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.test_copy_detection import NUISANCES, nuisance  # noqa: E402 (the tests' nuisances, one definition)
+from tests.test_copy_detection import NUISANCES, nuisance  # the tests' nuisances, one definition
 
 
 def resized(images: np.ndarray, resolution: int) -> np.ndarray:

@@ -68,8 +68,8 @@ def test_intensity_changes_moves_and_mirrors_leave_a_copy_at_distance_zero():
 def test_the_noise_estimate_reads_added_noise_not_edges():
     clean = brains(64, 1, 20)
     noisy = np.clip(clean + np.random.default_rng(0).normal(0, 10, clean.shape), 0, 255)
-    as_planes = lambda x: torch.from_numpy(np.asarray(x, np.float32) / 255)[:, None]  # noqa: E731
-    added = (noise_variance(as_planes(noisy)) - noise_variance(as_planes(clean))).sqrt() * 255
+    noisy, clean = (torch.from_numpy(np.asarray(x, np.float32) / 255)[:, None] for x in (noisy, clean))
+    added = (noise_variance(noisy) - noise_variance(clean)).sqrt() * 255
     assert added.median() == pytest.approx(10, rel=0.25)
 
 
@@ -99,14 +99,16 @@ def pass_rates(resolution: int, seeds: range) -> dict[str, float]:
         rng = np.random.default_rng(seed)
         images = brains(resolution, 1000 + seed, 500)
         train, held_out, generated = images[:200], images[200:300], images[300:]
-        audit = lambda g: memorisation_audit(g, train, held_out=held_out, check_exchangeable=False)  # noqa: E731
-        outcomes["blurred fresh draws pass"].append(audit(nuisance(generated, "blur", rng)).passed)
-        outcomes["noised fresh draws pass"].append(audit(nuisance(generated, "noise", rng)).passed)
+        def passes(images, train=train, held_out=held_out):
+            return memorisation_audit(images, train, held_out=held_out, check_exchangeable=False).passed
+
+        outcomes["blurred fresh draws pass"].append(passes(nuisance(generated, "blur", rng)))
+        outcomes["noised fresh draws pass"].append(passes(nuisance(generated, "noise", rng)))
         copied = generated.copy()
         sources = rng.choice(len(train), size=len(generated) // 100, replace=False)
         for slot, source in zip(rng.choice(len(generated), size=len(sources), replace=False), sources):
             copied[slot] = nuisance(train[source : source + 1], rng.choice(NUISANCES), rng)[0]
-        outcomes["1% copies fail"].append(not audit(copied).passed)
+        outcomes["1% copies fail"].append(not passes(copied))
     return {name: float(np.mean(values)) for name, values in outcomes.items()}
 
 
