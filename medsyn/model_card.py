@@ -84,8 +84,13 @@ def card_repo_id(hub_model_id: str | None, output_dir: Path) -> str:
     return hub_id(hub_model_id) or f"{REPO_ID_PLACEHOLDER_USER}/{hub_model_id or output_dir.name}"
 
 
-def card_metadata(template: str, license: str, base_model: str | None, dataset: str | None) -> ModelCardData:
+def card_metadata(template: str, license: str, base_model: str | None, dataset: str | None,
+                  class_conditional: bool = False) -> ModelCardData:
+    """The card's metadata. A class-conditional pixel model has no Hub task of its own: it gets no pipeline tag
+    (``unconditional-image-generation`` would tell the Hub the labels do nothing) and a tag that says what it is."""
     library, pipeline_tag, method_tags = CARD_KINDS[template]
+    if class_conditional and pipeline_tag == "unconditional-image-generation":
+        pipeline_tag, method_tags = None, [*method_tags, "class-conditional-image-generation"]
     tags = ["medsyn", "medical-imaging", *(["synthetic-data", "diffusers"] if library == "diffusers" else []),
             *method_tags]
     extra = {"license_name": "training-data-terms", "license_link": "README.md"} if license == "other" else {}
@@ -95,7 +100,8 @@ def card_metadata(template: str, license: str, base_model: str | None, dataset: 
 
 
 def write_model_card(output_dir: str | Path, template: str, *, hub_model_id: str | None, license: str = "other",
-                     base_model: str | None = None, dataset: str | None = None, **fields: object) -> Path:
+                     base_model: str | None = None, dataset: str | None = None, class_conditional: bool = False,
+                     **fields: object) -> Path:
     """Fill ``model_cards/<template>.md`` and the shared sections (``$name`` placeholders), put the metadata on top,
     check it parses, and write it as ``output_dir/README.md``.
 
@@ -122,7 +128,7 @@ def write_model_card(output_dir: str | Path, template: str, *, hub_model_id: str
         body = string.Template(text).substitute(values)
     except KeyError as error:
         raise ValueError(f"model card template {template!r} needs a value for {error.args[0]!r}") from error
-    card = ModelCard(f"---\n{card_metadata(template, license, base_model, dataset).to_yaml()}\n---\n\n{body}")
+    card = ModelCard(f"---\n{card_metadata(template, license, base_model, dataset, class_conditional).to_yaml()}\n---\n\n{body}")
     path = output_dir / "README.md"
     write_text_atomically(path, str(card))
     return path
@@ -145,9 +151,11 @@ def evaluation_markdown(metrics: dict) -> str:
         if "note" in section:
             lines.append(f"| {name} metrics | {section['note']} |")
             continue
-        lines.append(f"| {name} FID (floor: real half vs real half) | {_number(section['half_size_fid'])} "
-                     f"({_number(section['real_halves_fid'])}) at {section['half_size']} images; "
-                     f"{_number(section['fid'])} on all |")
+        lines.append(f"| {name} FID, generated vs half the real set (real half vs real half), "
+                     f"{section['half_size']} images each | {_number(section['half_size_fid'])} "
+                     f"({_number(section['real_halves_fid'])}) |")
+        lines.append(f"| {name} FID on all images (not comparable with the row above: FID falls as images are "
+                     f"added) | {_number(section['fid'])} |")
         lines.append(f"| {name} precision / recall / density / coverage | " + " / ".join(
             _number(section[k]) for k in ("precision", "recall", "density", "coverage")) + " |")
     diversity = metrics["diversity"]["overall"]

@@ -28,8 +28,10 @@ def test_a_trained_model_card_has_hub_metadata_and_the_sections_reviewers_ask_fo
     card = ModelCard.load(trained / "README.md")
     data = card.data.to_dict()
     assert data["license"] == "other" and data["license_name"] and data["license_link"]
-    assert data["library_name"] == "diffusers" and data["pipeline_tag"] == "unconditional-image-generation"
-    assert {"medsyn", "medical-imaging", "synthetic-data", "diffusers", "ncsn"} <= set(data["tags"])
+    # Class-conditional: no Hub task claims the labels do nothing.
+    assert data["library_name"] == "diffusers" and "pipeline_tag" not in data
+    assert {"medsyn", "medical-imaging", "synthetic-data", "diffusers", "ncsn",
+            "class-conditional-image-generation"} <= set(data["tags"])
     assert data["inference"] is False and "base_model" not in data and "datasets" not in data
     positions = [card.text.index(section) for section in SECTIONS]
     assert positions == sorted(positions)
@@ -38,6 +40,28 @@ def test_a_trained_model_card_has_hub_metadata_and_the_sections_reviewers_ask_fo
     assert 'DiffusionPipeline.from_pretrained("YOUR_HUB_USER/brain-score", trust_remote_code=True)' in card.text
     assert "medsyn generate --model YOUR_HUB_USER/brain-score --class-label healthy" in card.text
     assert "not for diagnosis" in card.text.lower() and "Song & Ermon" in card.text
+
+
+def test_only_an_unconditional_pixel_model_is_tagged_unconditional():
+    assert card_metadata("ddpm", "other", None, None).pipeline_tag == "unconditional-image-generation"
+    conditional = card_metadata("ddpm", "other", None, None, class_conditional=True)
+    assert conditional.pipeline_tag is None and "class-conditional-image-generation" in conditional.tags
+    assert card_metadata("medisyn", "other", None, None, class_conditional=True).pipeline_tag == "text-to-image"
+
+
+def test_the_card_reads_fid_only_against_a_real_reference_of_its_own_size():
+    from medsyn.model_card import evaluation_markdown
+
+    section = {"half_size_fid": 180.0, "real_halves_fid": 176.9, "half_size": 64, "fid": 108.8,
+               "precision": 0.5, "recall": 0.5, "density": 1.0, "coverage": 0.5}
+    metrics = {"inputs": {"generated": {"count": 128}, "real": {"count": 128}}, "inception": section,
+               "domain": {"note": "skipped"}, "diversity": {"overall": {"generated": 0.5, "real": 0.4}},
+               "privacy": {"note": "skipped"}}
+    rows = evaluation_markdown(metrics).splitlines()
+    same_size = next(row for row in rows if "176.9" in row)
+    assert "180" in same_size and "64 images each" in same_size and "floor" not in same_size
+    on_all = next(row for row in rows if "108.8" in row)
+    assert "176.9" not in on_all and "not comparable" in on_all
 
 
 def test_only_hub_ids_enter_the_metadata(tmp_path):

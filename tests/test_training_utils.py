@@ -7,7 +7,7 @@ import argparse
 import pytest
 import torch
 
-from medsyn.training.accelerator import step_budget
+from medsyn.training.accelerator import precision_note, step_budget
 from medsyn.training.checkpoints import seed_global_rng
 
 
@@ -16,6 +16,16 @@ def test_step_budget_counts_optimiser_steps_from_the_prepared_loader():
     assert step_budget(args, 7) == (4, 12, 3)  # 7 batches, 2 per update: the last update takes one batch
     args.max_train_steps = 10
     assert step_budget(args, 7) == (4, 10, 3)
+
+
+def test_the_run_says_it_trains_in_the_scripts_precision_over_the_launchers(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # what accelerate launch sets when not told
+    note = precision_note("bf16", 1)
+    assert note.startswith("1 process, mixed precision bf16") and "'no'" in note and "does not apply" in note
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert precision_note("bf16", 2) == "2 processes, mixed precision bf16"
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    assert precision_note("no", 1) == "1 process, mixed precision no"
 
 
 def test_scale_lr_tf32_and_tracker_name_do_what_they_do_in_diffusers(tmp_path):

@@ -206,6 +206,7 @@ def save_pipeline(args, accelerator, pipeline: ClassConditionalDDPMPipeline, dat
         "ddpm",
         **run_fields,
         **class_card_fields(args, class_names, model),
+        class_conditional=bool(class_names),
         sample_caption=(f"Rows: {', '.join(class_names)}" if class_names else "Unconditional samples")
         + f"; DPM-Solver++ 2M, {args.validation_inference_steps} steps, guidance {args.validation_guidance_scale}, "
         f"seed {args.seed}.",

@@ -307,6 +307,7 @@ def save_pipeline(args, accelerator, model, noise_scheduler, class_names, data_d
         "score_langevin",
         **run_fields,
         **class_card_fields(args, class_names, model),
+        class_conditional=bool(class_names),
         sample_caption=(f"Rows: {', '.join(class_names)}" if class_names else "Unconditional samples")
         + f"; {describe_sampler(noise_scheduler, args.validation_num_levels)}, guidance {args.validation_guidance_scale}, "
         f"seed {args.seed}.",

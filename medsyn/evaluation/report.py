@@ -81,8 +81,10 @@ def _note(text: str) -> str:
 
 FEATURE_ROWS = [
     ("fid", "FID", "lower is better"),
-    ("half_size_fid", "FID, generated vs half the real set", "compare with the next row: same sizes"),
-    ("real_halves_fid", "FID, real half vs the other real half", "the floor: two samples of the same images"),
+    ("half_size_fid", "FID, generated vs half the real set", "compare with the next row, measured at the same sizes"),
+    ("real_halves_fid", "FID, real half vs the other real half",
+     "what two samples of the real images score at this size; not comparable with FID on all images, which is "
+     "lower because FID falls as images are added"),
     ("kid_mean", "KID (mean over subsets)", "lower is better; ~0 for the same distribution"),
     ("kid_std", "KID (std over subsets)", "how much KID moves between random subsets"),
     ("kid_subset_size", "KID subset size", ""),

@@ -80,12 +80,25 @@ def build_accelerator(args: argparse.Namespace, find_unused_parameters: bool = F
         else None,
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if accelerator.is_main_process:
+        logging.getLogger(__name__).info(precision_note(accelerator.mixed_precision, accelerator.num_processes))
     set_seed(args.seed)
     if args.scale_lr:
         args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     return accelerator
+
+
+def precision_note(mixed_precision: str, num_processes: int) -> str:
+    """What the run trains in. ``accelerate launch`` without ``--mixed_precision`` warns that it set 'no'; the
+    script's own ``--mixed_precision`` still wins, and this line says so, so a bf16 run is not read as fp32."""
+    processes = f"{num_processes} process{'es' if num_processes > 1 else ''}"
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launcher and launcher != mixed_precision:
+        return (f"{processes}, mixed precision {mixed_precision} (this script's --mixed_precision; accelerate "
+                f"launch's '{launcher}', and any warning about it, does not apply)")
+    return f"{processes}, mixed precision {mixed_precision}"
 
 
 def end_training(accelerator: Accelerator, keep_process_group: bool = False) -> None:
