@@ -11,8 +11,10 @@ import torch
 
 from medsyn.data import SimulatedBrainMRI
 from medsyn.privacy import memorisation_audit
+from medsyn.privacy.nearest_neighbours import PreparedReferences, nearest_neighbours
 from medsyn.privacy.structure import (
     STRUCTURE_COPY_RATIO,
+    StructureIndex,
     low_pass,
     noise_variance,
     relative_distances,
@@ -63,6 +65,25 @@ def test_intensity_changes_moves_and_mirrors_leave_a_copy_at_distance_zero():
         assert indices[:, 0].tolist() == list(sources)
         assert distances[:, 0].max() < 1e-3 and distances[:, 1].min() > 0.05
         assert relative_distances(distances).max() < 1e-2
+
+
+def test_a_prepared_index_answers_as_a_fresh_search():
+    """Prepared once (the QA gate's index, an audit's two searches), the answer is the one-off search's, exactly."""
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((50, 64)).astype(np.float32)
+    queries = rng.standard_normal((7, 64))  # float64 queries against float32 references
+    prepared = PreparedReferences.of_vectors(vectors)
+    for k in (1, 5):
+        fresh, again = nearest_neighbours(queries, vectors, k=k), nearest_neighbours(queries, prepared, k=k)
+        assert np.array_equal(fresh[1], again[1]) and np.array_equal(fresh[0], again[0])
+    train, queries = brains(32, 7, 60), nuisance(brains(32, 7, 60)[:12], "noise", rng)
+    cached, uncached = StructureIndex(train), StructureIndex(train, cache_bytes=0)
+    assert cached.cached and not uncached.cached
+    for first, second in zip(cached.nearest(queries, k=3), uncached.nearest(queries, k=3)):
+        assert np.array_equal(first, second)
+    assert np.array_equal(cached.nearest(queries, k=3)[0], structural_nearest(queries, train, k=3)[0])
+    with pytest.raises(ValueError, match="same size"):
+        cached.nearest(brains(16, 0, 2))
 
 
 def test_the_noise_estimate_reads_added_noise_not_edges():

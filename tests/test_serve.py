@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from medsyn.cli import main
+from medsyn.data import SimulatedBrainMRI
 from medsyn.generation import ImageKey, SamplingSettings, sample_images
 from medsyn.serving.app import create_app
 from medsyn.serving.database import Base, open_database
@@ -534,3 +535,37 @@ def test_the_gate_withholds_every_training_image_moved_by_one_pixel(resolution):
             verdicts = gate.check(moved[..., None] / 255.0)
             assert [v.nearest_training_index for v in verdicts] == list(range(len(train)))
             assert all(not v.released and v.reason.startswith("near-copy") for v in verdicts), (dy, dx)
+
+
+@pytest.mark.parametrize("kind", ["noise", "brightness", "contrast", "blur", "shift", "mirror"])
+def test_the_gate_withholds_a_copy_under_any_nuisance_and_releases_fresh_images(kind):
+    """The gate judged by RMS pixel distance released copies with noise of 10 grey levels, a brightness or contrast
+    change, a blur or a mirror; it now compares structure, as the audit does."""
+    from .test_copy_detection import brains, nuisance
+
+    train = brains(32, 4, 200)
+    gate = QualityGate(train)
+    assert gate.space == "structure" and gate.index.cached
+    copies = nuisance(train[10:20], kind, np.random.default_rng(0))
+    verdicts = gate.check(np.concatenate([copies, brains(32, 6, 20)])[..., None] / 255.0)
+    assert [v.nearest_training_index for v in verdicts[:10]] == list(range(10, 20))
+    assert all(not v.released and v.reason.startswith("near-copy") for v in verdicts[:10]), kind
+    assert sum(v.released for v in verdicts[10:]) >= 19  # fresh draws
+
+
+def test_a_gate_file_keeps_its_space_and_an_older_one_reads_as_pixels(tmp_path):
+    train = SimulatedBrainMRI(resolution=32, seed=2).generate(60)["images"]
+    np.savez(tmp_path / "train.npz", images=train)
+    np.savez(tmp_path / "held_out.npz", images=SimulatedBrainMRI(resolution=32, seed=3).generate(40)["images"])
+    gate = QualityGate.from_image_sets(str(tmp_path / "train.npz"), str(tmp_path / "held_out.npz"))
+    assert gate.space == "structure" and 0 < gate.threshold < 2
+    gate.save(tmp_path / "gate.npz")
+    loaded = QualityGate.from_image_sets(str(tmp_path / "gate.npz"))
+    assert (loaded.space, loaded.threshold) == ("structure", gate.threshold)
+    with pytest.raises(ValueError, match="calibrated in space 'structure'"):
+        QualityGate.from_image_sets(str(tmp_path / "gate.npz"), space="pixels")
+    np.savez(tmp_path / "old.npz", images=train, qa_threshold=np.float64(0.05))  # written before the space was
+    old = QualityGate.from_image_sets(str(tmp_path / "old.npz"))
+    assert (old.space, old.threshold) == ("pixels", 0.05)
+    assert QualityGate(train[:, :8, :8]).space == "pixels"  # too small for structure
+

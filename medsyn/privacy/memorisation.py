@@ -38,7 +38,13 @@ from medsyn.validation import finite_number
 from .image_arrays import as_image_stack, common_representation
 from .nearest_neighbours import nearest_neighbours, shift_tolerant_nearest
 from .statistics import TestResult, data_copying_test, exchangeability_test, flagged_count_test
-from .structure import RELATIVE_NEIGHBOURS, STRUCTURE_COPY_RATIO, relative_distances, structural_nearest
+from .structure import (
+    RELATIVE_NEIGHBOURS,
+    STRUCTURE_COPY_RATIO,
+    StructureIndex,
+    relative_distances,
+    structural_nearest,
+)
 
 NEAR_COPY_DISTANCE = 0.01
 """RMS pixel distance on [0, 1] (2.6 grey levels) under which two images are the same image: a copy plus faint
@@ -134,7 +140,7 @@ def _calibration_rank(percentile: float, count: int) -> int:
 
 def nearest_training_distances(
     images: np.ndarray | torch.Tensor,
-    train: np.ndarray | torch.Tensor,
+    train: np.ndarray | torch.Tensor | StructureIndex,
     max_shift: int = 1,
     k: int = 1,
     space: AuditSpace | str = AuditSpace.PIXELS,
@@ -148,7 +154,8 @@ def nearest_training_distances(
 
     Returns (distance (N,), training index (N,)) and the k nearest in the space's own distance (structure) or
     plain (pixels, features), as distances and indices (N, k). Generated and held-out images go through this same
-    function, so they stay comparable.
+    function, so they stay comparable. With structure, ``train`` may be a prepared ``StructureIndex`` (its own
+    ``max_shift`` and ``mirror`` apply).
     """
     if AuditSpace(space) is AuditSpace.STRUCTURE and np.ndim(images) != 2:
         side = min(as_image_stack(images[:1], "images").shape[1:3])
@@ -171,7 +178,7 @@ def nearest_training_distances(
 
 def held_out_distances(
     held_out: np.ndarray | torch.Tensor,
-    train: np.ndarray | torch.Tensor,
+    train: np.ndarray | torch.Tensor | StructureIndex,
     copy_distance: float | None = None,
     max_shift: int = 1,
     **search,
@@ -228,7 +235,7 @@ def held_out_exchangeability(
 
 def calibrate_threshold(
     held_out: np.ndarray | torch.Tensor,
-    train: np.ndarray | torch.Tensor,
+    train: np.ndarray | torch.Tensor | StructureIndex,
     percentile: float = 1.0,
     copy_distance: float | None = None,
     max_shift: int = 1,
@@ -297,15 +304,19 @@ def memorisation_audit(
         held_out = rest[0] if rest else None
     search = {"space": space, "mirror": bool(mirror) and space is AuditSpace.STRUCTURE, **search}
     started = time.perf_counter()
+    # Generated and held-out images are searched against one index: structure prepares it once when it fits.
+    structural = space is AuditSpace.STRUCTURE and np.ndim(generated) != 2 and min(train.shape[1:3]) >= \
+        MIN_STRUCTURE_SIDE
+    index = StructureIndex(train, max_shift, search["mirror"], device=search.get("device")) if structural else train
     nearest, nearest_index, distances, neighbours = nearest_training_distances(
-        generated, train, max_shift, k=min(k, len(train)), **search)
+        generated, index, max_shift, k=min(k, len(train)), **search)
     near_copies = np.flatnonzero(nearest <= copy_distance)
     near_copies = near_copies[np.argsort(nearest[near_copies], kind="stable")]
 
     calibration, excluded, expected, count_p, copying = None, np.array([], dtype=int), None, None, None
     exchangeable = None
     if held_out is not None:
-        calibration, excluded = held_out_distances(held_out, train, copy_distance, max_shift, **search)
+        calibration, excluded = held_out_distances(held_out, index, copy_distance, max_shift, **search)
         copying = data_copying_test(nearest, calibration)
         if check_exchangeable:
             exchangeable = held_out_exchangeability(held_out, train, copy_distance, max_shift, **search)

@@ -35,20 +35,52 @@ def rounding_bound_coefficient(dims: int) -> float:
     return 3 * gamma + 16 * UNIT_ROUNDOFF
 
 
+def _vectors(values, name: str) -> torch.Tensor:
+    """Feature vectors (N, D) as a CPU tensor: floats in their own precision, integers as float64; checked."""
+    vectors = torch.as_tensor(np.asarray(values) if not torch.is_tensor(values) else values).cpu()
+    if len(vectors) == 0:
+        raise ValueError(f"{name}: need a non-empty set of vectors, got shape {tuple(vectors.shape)}")
+    if not vectors.is_floating_point():
+        return vectors.double()
+    if not torch.isfinite(vectors).all():
+        raise ValueError(f"{name}: vectors contain NaN or Inf")
+    return vectors
+
+
 def _flat_pair(queries, references) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Both sets as (N, D) in one dtype, and the value that means 1.0 (255 for uint8 images, else 1)."""
+    """Both sets as (N, D), and the value that means 1.0 (255 for uint8 images, else 1). Images are brought to one
+    dtype; feature vectors keep their own (the exact re-check widens each pair)."""
     if np.ndim(queries) == 2 and np.ndim(references) == 2:  # feature vectors, used as they are
-        q, r = (torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).cpu() for x in (queries, references))
-        for name, values in (("queries", q), ("references", r)):
-            if len(values) == 0:
-                raise ValueError(f"{name}: need a non-empty set of vectors, got shape {tuple(values.shape)}")
-            if values.is_floating_point() and not torch.isfinite(values).all():
-                raise ValueError(f"{name}: vectors contain NaN or Inf")
+        q, r = _vectors(queries, "queries"), _vectors(references, "references")
         if q.shape[1] != r.shape[1]:
             raise ValueError(f"queries have {q.shape[1]} values per vector but references {r.shape[1]}")
-        return q.double(), r.double(), 1.0
+        return q, r, 1.0
     q, r = common_representation(as_image_stack(queries, "queries"), as_image_stack(references, "references"))
     return q.reshape(len(q), -1), r.reshape(len(r), -1), 255.0 if q.dtype == torch.uint8 else 1.0
+
+
+class PreparedReferences:
+    """Reference vectors (N, D) made ready for the search once: centred float32 copy, norms and how far the float32
+    conversion moved each. A caller that searches the same references many times (a QA gate, one shifted index per
+    move) prepares them once; each search then costs its matrix product. Holds the vectors twice (stored and
+    centred float32)."""
+
+    def __init__(self, vectors: torch.Tensor, device: torch.device | str | None = None, one: float = 1.0):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.raw = vectors.to(self.device)  # the stored values, for the exact re-check
+        self.centre = (self.raw.sum(0, dtype=torch.float64) / len(self.raw)).to(torch.float32)
+        self.centred, self.moved = _as_float32(self.raw)
+        self.centred -= self.centre
+        self.norms = self.centred.square().sum(1)
+        self.one = one
+
+    @classmethod
+    def of_vectors(cls, vectors, device: torch.device | str | None = None) -> PreparedReferences:
+        """Feature vectors (N, D), in any float precision, prepared."""
+        return cls(_vectors(vectors, "references"), device)
+
+    def __len__(self) -> int:
+        return len(self.raw)
 
 
 def _exact_dtype(stored: torch.dtype) -> torch.dtype:
@@ -118,7 +150,7 @@ def nearest_neighbours(
     Args:
         queries, references: image stacks of one size per image, in any layout and dtype ``as_image_stack``
             accepts (each side may differ), or feature vectors (N, D) for a search in an encoder's feature
-            space (used as they are).
+            space (used as they are); or ``PreparedReferences`` (searched on their own device).
         k: neighbours per query.
         block_size: queries per matrix product; memory is about block_size x len(references) floats.
         device: where to compute (default: CUDA when available).
@@ -128,20 +160,22 @@ def nearest_neighbours(
     Returns:
         distances (N, k) float64 ascending, and indices (N, k) into ``references``.
     """
-    q, r, one = _flat_pair(queries, references)
-    if not 1 <= k <= len(r) - int(exclude_self):
-        raise ValueError(f"k={k} needs at least {k + int(exclude_self)} references, got {len(r)}")
-    if exclude_self and len(q) != len(r):
+    if isinstance(references, PreparedReferences):
+        prepared, q = references, _vectors(queries, "queries")
+        if q.shape[1] != prepared.raw.shape[1]:
+            raise ValueError(f"queries have {q.shape[1]} values per vector but references {prepared.raw.shape[1]}")
+    else:
+        q, r, one = _flat_pair(queries, references)
+        prepared = PreparedReferences(r, device, one)
+    if not 1 <= k <= len(prepared) - int(exclude_self):
+        raise ValueError(f"k={k} needs at least {k + int(exclude_self)} references, got {len(prepared)}")
+    if exclude_self and len(q) != len(prepared):
         raise ValueError("exclude_self needs the queries to be the references")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dims = q.shape[1]
-    ref_raw = r.to(device)  # the stored values, for the exact re-check
-    centre = (ref_raw.sum(0, dtype=torch.float64) / len(ref_raw)).to(torch.float32)
-    ref, ref_moved = _as_float32(ref_raw)
-    ref -= centre
-    ref_norms = ref.square().sum(1)
+    device, one, dims = prepared.device, prepared.one, q.shape[1]
+    ref_raw, centre, ref, ref_moved, ref_norms = (prepared.raw, prepared.centre, prepared.centred, prepared.moved,
+                                                  prepared.norms)
     coefficient = rounding_bound_coefficient(dims)
     distances, indices = [], []
     with _full_float32_matmul():

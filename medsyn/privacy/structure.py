@@ -28,8 +28,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .image_arrays import as_image_stack, common_representation
-from .nearest_neighbours import _overlap, _shifted, distinct_nearest, nearest_neighbours, one_pixel_moves
+from .image_arrays import as_image_stack
+from .nearest_neighbours import (
+    PreparedReferences,
+    _overlap,
+    _shifted,
+    distinct_nearest,
+    nearest_neighbours,
+    one_pixel_moves,
+)
 
 STRUCTURE_BLUR_SIGMA = 1.0
 """Low-pass width in pixels: nuisances (noise, a 0.5-pixel blur) are defined in pixels, so the width is too."""
@@ -112,40 +119,95 @@ def structure_vectors(
     return vectors, (vectors.double().square().sum(1) - 1).clamp(min=0)
 
 
+STRUCTURE_CACHE_BYTES = 4 * 1024**3
+"""A ``StructureIndex`` keeps every move's prepared reference vectors (twice: stored and centred, float32) when
+they fit in this many bytes (1,500 training images of 128 x 128 with mirrors: 3.5 GB); a larger index prepares
+each move again for every search."""
+
+
+class StructureIndex:
+    """Reference images prepared for structural search (module docstring): each is compared at its best move
+    within ``max_shift`` pixels and, with ``mirror``, its better side. Exact: every move of every (mirrored)
+    reference is searched with ``nearest_neighbours``, the moved reference compared where it overlaps the query,
+    the uncovered band blanked in both before the low-pass.
+
+    Preparing a move (low-pass and normalise every reference) costs far more than searching it, so the prepared
+    vectors are kept when they fit in ``cache_bytes``: a service's QA gate or an audit that searches twice pays
+    once.
+    """
+
+    def __init__(self, references: np.ndarray | torch.Tensor, max_shift: int = 1, mirror: bool = True,
+                 sigma: float = STRUCTURE_BLUR_SIGMA, cache_bytes: int = STRUCTURE_CACHE_BYTES,
+                 device: torch.device | str | None = None):
+        images = as_image_stack(references, "references")
+        self.device = device
+        self.image_shape = tuple(images.shape[1:])
+        self.count, self.mirror, self.sigma = len(images), mirror, sigma
+        self.moves = [(0, 0), *one_pixel_moves(max_shift)]
+        images = _unit_float(images)
+        self._images = torch.cat([images, images.flip(2)]) if mirror else images  # width is axis 2
+        # The references' own noise level: queries are debiased only for noise beyond it.
+        self.noise_baseline = noise_variance(self._images.permute(0, 3, 1, 2)).median()
+        cached = 2 * len(self.moves) * self._images[0].numel() * len(self._images) * 4 <= cache_bytes
+        self._prepared_moves = [self._prepared(move) for move in self.moves] if cached else None
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def cached(self) -> bool:
+        return self._prepared_moves is not None
+
+    def _prepared(self, move: tuple[int, int]) -> PreparedReferences:
+        return PreparedReferences.of_vectors(structure_vectors(_shifted(self._images, *move), None, self.sigma)[0],
+                                             self.device)
+
+    def nearest(self, queries: np.ndarray | torch.Tensor, k: int = 1, **search) -> tuple[np.ndarray, np.ndarray]:
+        """Each query's k nearest references by structural distance: distances (N, k) ascending in [0, 2] and
+        indices (N, k) into the references. ``search`` goes to ``nearest_neighbours``."""
+        q = as_image_stack(queries, "queries")
+        if tuple(q.shape[1:]) != self.image_shape:
+            raise ValueError(f"images differ in (height, width, channels): queries {tuple(q.shape[1:])}, references "
+                             f"{self.image_shape}; same size and channels needed")
+        q = _unit_float(q)
+        k = min(k, self.count)
+        planes = q.permute(0, 3, 1, 2)
+        # Noise the queries carry beyond the references' own (their texture reads as noise to the estimator too).
+        excess = noise_energy(planes, (noise_variance(planes) - self.noise_baseline).clamp(min=0))
+        per_move = min(len(self._images), 2 * k if self.mirror else k)  # a reference and its mirror may both rank
+        found = []
+        for number, (dy, dx) in enumerate(self.moves):
+            vectors, surplus = structure_vectors(_overlap(q, dy, dx), excess, self.sigma)
+            moved = self._prepared_moves[number] if self.cached else self._prepared((dy, dx))
+            distances, indices = nearest_neighbours(vectors, moved, k=per_move, **search)
+            squared = distances**2 * vectors.shape[1] - surplus.numpy()[:, None]  # ||a - b||^2 - (||a||^2 - 1)
+            found.append((np.sqrt(np.clip(squared, 0, None)), indices % self.count))
+        return distinct_nearest(np.concatenate([d for d, _ in found], 1), np.concatenate([i for _, i in found], 1), k)
+
+
+def _unit_float(images: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, C) images as float32 on [0, 1]; uint8 through float64, so a float64 copy of a uint8 image (as a
+    pipeline returns it) comes out bit-identical."""
+    return (images.double() / 255 if images.dtype == torch.uint8 else images).float()
+
+
 def structural_nearest(
     queries: np.ndarray | torch.Tensor,
-    references: np.ndarray | torch.Tensor,
+    references: np.ndarray | torch.Tensor | StructureIndex,
     max_shift: int = 1,
     k: int = 1,
     mirror: bool = True,
     sigma: float = STRUCTURE_BLUR_SIGMA,
     **search,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """For each query, its k nearest references by structural distance (module docstring), each reference at its
-    best move within ``max_shift`` pixels and, with ``mirror``, its better side. Exact: every move of every
-    (mirrored) reference is searched with ``nearest_neighbours``; the moved reference is compared where it overlaps
-    the query, the uncovered band blanked in both before the low-pass.
+    """For each query, its k nearest references by structural distance (``StructureIndex``; a prepared index may
+    be given as ``references``, whose own ``max_shift``, ``mirror`` and ``sigma`` then apply).
 
     Returns distances (N, k) ascending in [0, 2] and indices (N, k) into ``references``.
     """
-    q, r = common_representation(as_image_stack(queries, "queries"), as_image_stack(references, "references"))
-    q, r = (x.float() / 255 if x.dtype == torch.uint8 else x.float() for x in (q, r))
-    k = min(k, len(r))
-    if mirror:
-        r = torch.cat([r, r.flip(2)])  # (N, H, W, C): width is axis 2
-    # Noise the queries carry beyond the references' own (their texture reads as noise to the estimator too).
-    baseline = noise_variance(r.permute(0, 3, 1, 2)).median()
-    planes = q.permute(0, 3, 1, 2)
-    excess = noise_energy(planes, (noise_variance(planes) - baseline).clamp(min=0))
-    per_move = min(len(r), 2 * k if mirror else k)  # a reference and its mirror may both rank
-    found = []
-    for dy, dx in [(0, 0), *one_pixel_moves(max_shift)]:
-        vectors, surplus = structure_vectors(_overlap(q, dy, dx), excess, sigma)
-        moved, _ = structure_vectors(_shifted(r, dy, dx), None, sigma)
-        distances, indices = nearest_neighbours(vectors, moved, k=per_move, **search)
-        squared = distances**2 * vectors.shape[1] - surplus.numpy()[:, None]  # ||a - b||^2 - (||a||^2 - 1)
-        found.append((np.sqrt(np.clip(squared, 0, None)), indices % (len(r) // (2 if mirror else 1))))
-    return distinct_nearest(np.concatenate([d for d, _ in found], 1), np.concatenate([i for _, i in found], 1), k)
+    index = references if isinstance(references, StructureIndex) else StructureIndex(
+        references, max_shift, mirror, sigma, cache_bytes=0, device=search.pop("device", None))
+    return index.nearest(queries, k, **search)
 
 
 def relative_distances(distances: np.ndarray) -> np.ndarray:

@@ -1,17 +1,20 @@
 """The QA gate every generated image passes before the service releases it.
 
-A service that hands out images cannot wait for a batch audit: each image is judged on its own, at once, by the
-audit's pixel distance (``nearest_training_distances``, RMS on [0, 1], training images shifted by up to a pixel;
-the batch audit compares structure by default, which this gate does not yet):
+A service that hands out images cannot wait for a batch audit: each image is judged on its own, at once, in the
+audit's space (``medsyn.privacy.structure``: low-passed, normalised, noise-debiased, training images moved by up to
+a pixel and mirrored), so a copy with noise, a slight blur, a brightness change, a move or a mirror is caught;
+images under ``MIN_STRUCTURE_SIDE`` pixels a side, too small for structure, by RMS pixel distance:
 
 - not finite (NaN or Inf from the network) or blank (no grey-level spread): withheld;
-- a near-copy of a training image (within ``NEAR_COPY_DISTANCE``), or closer than the calibrated threshold when
-  held-out images were given (the ``percentile``-th held-out patient's distance): withheld, naming the image;
+- a copy of a training image (relative structural distance within ``STRUCTURE_COPY_RATIO``; pixels: RMS within
+  ``NEAR_COPY_DISTANCE``), or closer than the calibrated threshold when held-out images were given (the
+  ``percentile``-th held-out patient's distance): withheld, naming the image;
 - mean or spread outside the range the training images span (widened by a quarter of its width on each side,
   so that only images unlike any training image, such as saturated or washed-out ones, are caught): withheld.
 
 The training images are the index, loaded once at start-up from any set ``medsyn evaluate`` reads, or from the
-gate file ``QualityGate.save`` writes (the images plus the calibrated threshold and ranges).
+gate file ``QualityGate.save`` writes (the images, the space and the calibrated threshold), and prepared once
+(``StructureIndex``), so each check costs a search, not a rebuild.
 """
 
 from __future__ import annotations
@@ -23,9 +26,15 @@ import numpy as np
 import torch
 
 from medsyn.generation import to_uint8
-from medsyn.privacy import NEAR_COPY_DISTANCE, calibrate_threshold
+from medsyn.privacy import calibrate_threshold
 from medsyn.privacy.image_arrays import as_image_stack
-from medsyn.privacy.memorisation import nearest_training_distances
+from medsyn.privacy.memorisation import (
+    MIN_STRUCTURE_SIDE,
+    AuditSpace,
+    default_copy_distance,
+    nearest_training_distances,
+)
+from medsyn.privacy.structure import StructureIndex
 
 RANGE_MARGIN = 0.25
 """Statistic ranges are widened by this share of their width on each side."""
@@ -85,16 +94,29 @@ def _widened(values: np.ndarray) -> tuple[float, float]:
     return low - margin, high + margin
 
 
+def gate_space(image_shape: tuple[int, ...], space: AuditSpace | str | None = None) -> AuditSpace:
+    """The gate's space: ``space`` if given, else structure for images of at least ``MIN_STRUCTURE_SIDE`` pixels a
+    side and pixels below (structure refuses smaller images)."""
+    if space is not None:
+        return AuditSpace(space)
+    return AuditSpace.STRUCTURE if min(image_shape[:2]) >= MIN_STRUCTURE_SIDE else AuditSpace.PIXELS
+
+
 class QualityGate:
     """Per-image release decisions against one model's training images (uint8, (N, H, W, C))."""
 
     def __init__(self, train: np.ndarray | torch.Tensor, threshold: float | None = None,
-                 copy_distance: float = NEAR_COPY_DISTANCE, max_shift: int = 1):
+                 copy_distance: float | None = None, max_shift: int = 1, space: AuditSpace | str | None = None):
         self.train = as_image_stack(train, "train index")
         if self.train.dtype != torch.uint8:
             self.train = torch.from_numpy(to_uint8(self.train.numpy()))
-        self.threshold, self.copy_distance, self.max_shift = threshold, copy_distance, max_shift
+        self.space = gate_space(self.image_shape, space)
+        if self.space is AuditSpace.FEATURES:
+            raise ValueError("space='features': the QA gate judges images; use 'structure' or 'pixels'")
+        self.threshold, self.max_shift = threshold, max_shift
+        self.copy_distance = default_copy_distance(self.space, copy_distance)
         self.mean_range, self.spread_range = (_widened(values) for values in _statistics(self.train))
+        self.index = StructureIndex(self.train, max_shift) if self.space is AuditSpace.STRUCTURE else self.train
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -102,7 +124,8 @@ class QualityGate:
         return tuple(self.train.shape[1:])
 
     @classmethod
-    def from_image_sets(cls, train_spec: str, held_out_spec: str | None = None, percentile: float = 1.0) -> QualityGate:
+    def from_image_sets(cls, train_spec: str, held_out_spec: str | None = None, percentile: float = 1.0,
+                        space: AuditSpace | str | None = None) -> QualityGate:
         """A gate from a training set (and held-out real images to calibrate a threshold), or from a gate file."""
         from medsyn.evaluation import load_image_set
 
@@ -112,26 +135,33 @@ class QualityGate:
                                  "held-out set")
             with np.load(train_spec, allow_pickle=False) as archive:
                 threshold = float(archive["qa_threshold"])
-                return cls(archive["images"], threshold=None if np.isnan(threshold) else threshold)
+                # A gate file from before the structural gate was calibrated in pixels.
+                saved = str(archive["qa_space"]) if "qa_space" in archive.files else AuditSpace.PIXELS
+                if space is not None and AuditSpace(space) != AuditSpace(saved):
+                    raise ValueError(f"{train_spec} was calibrated in space {saved!r}, not {space!r}")
+                return cls(archive["images"], threshold=None if np.isnan(threshold) else threshold, space=saved)
         train = load_image_set(train_spec, "train-index").images.permute(0, 2, 3, 1).contiguous()
-        threshold = None
+        gate = cls(train, space=space)
         if held_out_spec is not None:
             held_out = load_image_set(held_out_spec, "held-out-index").images.permute(0, 2, 3, 1).contiguous()
-            threshold = calibrate_threshold(held_out, train, percentile=percentile)
-        return cls(train, threshold=threshold)
+            gate.threshold = calibrate_threshold(held_out, gate.index, percentile=percentile, space=gate.space)
+        return gate
 
     def save(self, path: str | Path) -> None:
-        """The gate as one NPZ (``images`` in the layout ``medsyn evaluate`` reads, plus the threshold)."""
+        """The gate as one NPZ (``images`` in the layout ``medsyn evaluate`` reads, the space, the threshold)."""
         from medsyn.output_files import write_npz_atomically
 
         images = self.train.numpy()
         write_npz_atomically(path, images=images[..., 0] if images.shape[-1] == 1 else images,
-                             qa_threshold=np.float64(np.nan if self.threshold is None else self.threshold))
+                             qa_threshold=np.float64(np.nan if self.threshold is None else self.threshold),
+                             qa_space=np.str_(self.space.value))
 
     def _index_reason(self, distance: float, neighbour: int, mean: float, spread: float) -> str | None:
         """Why a finite, non-blank image fails against the index (copy, threshold, statistics), or None."""
         if distance <= self.copy_distance:
-            return f"near-copy of training image {neighbour}: RMS distance {distance:.4f} <= {self.copy_distance:g}"
+            measure = ("relative structural distance (moves, mirror, intensity, blur and noise allowed)"
+                       if self.space is AuditSpace.STRUCTURE else "RMS distance")
+            return f"near-copy of training image {neighbour}: {measure} {distance:.4f} <= {self.copy_distance:g}"
         if self.threshold is not None and distance < self.threshold:
             return (f"closer to training image {neighbour} ({distance:.4f}) than the calibrated threshold "
                     f"{self.threshold:.4f}")
@@ -148,7 +178,7 @@ class QualityGate:
         if tuple(images.shape[1:]) != self.image_shape:
             raise ValueError(f"the QA index holds {self.image_shape} images, the model made {images.shape[1:]}")
         finite, pixels, means, spreads = _finite_and_spread(images)
-        distances, neighbours, _, _ = nearest_training_distances(pixels, self.train, self.max_shift)
+        distances, neighbours, _, _ = nearest_training_distances(pixels, self.index, self.max_shift, space=self.space)
         verdicts = []
         for i in range(len(images)):
             distance, neighbour = float(distances[i]), int(neighbours[i])

@@ -118,6 +118,8 @@ class ServedModel:
         return {
             "name": self.name, "kind": self.kind.value, "version": self.version,  # no file path: it is the server's
             "class_names": self.class_names, "image_shape": list(self.image_shape),
-            "quality_index": self.gate is not None, "load_seconds": round(self.load_seconds, 3),
+            "quality_index": self.gate is not None,
+            "quality_space": None if self.gate is None else self.gate.space.value,
+            "load_seconds": round(self.load_seconds, 3),
             "card_summary": self.card_summary,
         }
