@@ -410,8 +410,12 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+MODEL_ATTACKS, RELEASED_SET_ATTACKS = ("loss", "pia"), ("nearest", "domias")
+
+
 def attack(args: argparse.Namespace) -> int:
-    """Membership inference against a saved model: attack.json (AUC, TPR at low FPR, CIs) and roc.png."""
+    """Membership inference against a saved model (--model) or a released synthetic set (--synthetic):
+    attack.json (AUC, TPR at low FPR, CIs) and roc.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -423,24 +427,44 @@ def attack(args: argparse.Namespace) -> int:
     from medsyn.output_files import atomic_write, check_writable, write_text_atomically
     from medsyn.pipelines import load_pipeline
     from medsyn.privacy.membership import AttackMethod, AttackSettings, attack_report, roc_points
+    from medsyn.privacy.released_set import ReleasedSetSettings, released_set_statistics
 
+    if (args.model is None) == (args.synthetic is None):
+        raise ValueError("give --model (attack the weights) or --synthetic (attack a released image set), not both")
+    method = args.method or ("loss" if args.model else "domias")
+    if args.model and method not in MODEL_ATTACKS or args.synthetic and method not in RELEASED_SET_ATTACKS:
+        raise ValueError(f"--method {method}: with --{'model' if args.model else 'synthetic'} choose one of "
+                         f"{', '.join(MODEL_ATTACKS if args.model else RELEASED_SET_ATTACKS)}")
+    if args.reference is not None and method != "domias":
+        raise ValueError("--reference is the real population set of --method domias")
+    if method == "domias" and args.reference is None:
+        raise ValueError("--method domias needs --reference: real images of the training population that are neither "
+                         "members nor non-members (or use --method nearest, which needs none)")
     output_dir = Path(args.output_dir)
     if _would_overwrite([output_dir / "attack.json", output_dir / "roc.png"], args.overwrite):
         return 2
-    sets = {name: load_image_set(spec, name) for name, spec in (("members", args.members),
-                                                                 ("non-members", args.non_members))}
-    settings = AttackSettings(method=AttackMethod(args.method), noise_levels=tuple(args.noise_levels),
-                              draws=args.draws, seed=args.seed, batch_size=args.batch_size)
-    pipe = load_pipeline(args.model)
+    specs = (("members", args.members), ("non-members", args.non_members), ("synthetic", args.synthetic),
+             ("reference", args.reference))
+    sets = {name: load_image_set(spec, name) for name, spec in specs if spec is not None}
+    if args.model:
+        settings = AttackSettings(method=AttackMethod(method), noise_levels=tuple(args.noise_levels),
+                                  draws=args.draws, seed=args.seed, batch_size=args.batch_size)
+        pipe = load_pipeline(args.model)
+    else:
+        settings = ReleasedSetSettings(method=method, k=args.neighbours, space=args.space, seed=args.seed)
     check_writable(output_dir)
-    statistics = attack_statistics(pipe, (sets["members"], sets["non-members"]), settings, args.prompt)
+    if args.model:
+        statistics = attack_statistics(pipe, (sets["members"], sets["non-members"]), settings, args.prompt)
+    else:
+        statistics = released_set_statistics(*(sets[name].images if name in sets else None for name in (
+            "synthetic", "members", "non-members", "reference")), settings=settings)
     report = attack_report(*statistics, settings, resamples=args.resamples)
     write_text_atomically(output_dir / "attack.json", json.dumps(report.to_dict(), indent=2))
-    figure = roc_figure(*roc_points(*statistics), f"{args.method} attack, AUC {report.auc:.3f}")
+    figure = roc_figure(*roc_points(*statistics), f"{method} attack, AUC {report.auc:.3f}")
     with atomic_write(output_dir / "roc.png") as temporary:
         figure.savefig(temporary, format="png", dpi=120)
     plt.close(figure)
-    print(f"{args.method} attack: AUC {report.auc:.3f} [{report.auc_ci[0]:.3f}, {report.auc_ci[1]:.3f}], "
+    print(f"{method} attack: AUC {report.auc:.3f} [{report.auc_ci[0]:.3f}, {report.auc_ci[1]:.3f}], "
           f"TPR at 1% FPR {report.tpr_at_1pct_fpr:.3f}, at 0.1% FPR {report.tpr_at_0_1pct_fpr:.3f} "
           f"({report.members} members, {report.non_members} non-members); wrote {output_dir / 'attack.json'}")
     if report.auc_ci[1] < 0.5:
@@ -703,12 +727,26 @@ def build_parser() -> argparse.ArgumentParser:
     rate_parser.add_argument("--port", type=count_argument(1), default=8765, help="port to serve on")
     rate_parser.set_defaults(handler=rate)
 
-    at = commands.add_parser("attack", **shown, help="membership inference: can the model tell its training images?")
-    at.add_argument("--model", required=True, help="a saved DDPM, score or MediSyn pipeline (folder or Hub id)")
+    at = commands.add_parser("attack", **shown, help="membership inference: do the model or its released images "
+                                                     "tell its training images?")
+    at.add_argument("--model", default=None, help="a saved DDPM, score or MediSyn pipeline (folder or Hub id): attack "
+                                                  "its weights")
+    at.add_argument("--synthetic", default=None, help="a released synthetic image set: attack it, black box"
+                    + sets_help)
     at.add_argument("--members", required=True, help="a sample of the model's training images" + sets_help)
     at.add_argument("--non-members", required=True, help="held-out real images of the same distribution" + sets_help)
-    at.add_argument("--method", choices=("loss", "pia"), default="loss",
-                    help="loss: the denoising loss (Carlini et al. 2023); pia: proximal initialisation (Kong et al.)")
+    at.add_argument("--reference", default=None, help="domias: other real images of the training population, "
+                                                      "neither members nor non-members" + sets_help)
+    at.add_argument("--method", choices=(*MODEL_ATTACKS, *RELEASED_SET_ATTACKS), default=None,
+                    help="with --model: loss (the denoising loss, Carlini et al. 2023, default) or pia (proximal "
+                         "initialisation, Kong et al.); with --synthetic: domias (synthetic over reference density, "
+                         "van Breugel et al. 2023, default) or nearest (distance to the nearest synthetic image, "
+                         "Chen et al. 2020)")
+    at.add_argument("--neighbours", type=count_argument(), default=1,
+                    help="domias: k of the k-nearest-neighbour densities")
+    at.add_argument("--space", choices=("structure", "pixels"), default="structure",
+                    help="--synthetic: the audit's distance (structure: robust to noise, blur, intensity, moves, "
+                         "mirrors)")
     at.add_argument("--noise-levels", type=number_argument(0, exclusive=True), nargs="+", default=[0.02, 0.05, 0.1],
                     help="fractions of the noise schedule from the clean end")
     at.add_argument("--draws", type=count_argument(), default=4, help="noise draws per level (loss attack)")

@@ -227,9 +227,11 @@ class AttackReport:
         return asdict(self)
 
 
-def attack_report(member_stats: np.ndarray, non_member_stats: np.ndarray, settings: AttackSettings,
+def attack_report(member_stats: np.ndarray, non_member_stats: np.ndarray, settings,
                   resamples: int = 1000, exposed: int = 10) -> AttackReport:
-    """AUC and TPR at 1% / 0.1% FPR with 95% bootstrap CIs (members and non-members resampled apart)."""
+    """AUC and TPR at 1% / 0.1% FPR with 95% bootstrap CIs (members and non-members resampled apart).
+    ``settings``: the attack's settings dataclass (``AttackSettings``, ``ReleasedSetSettings``), with its
+    ``method`` and the bootstrap's ``seed``."""
     if len(member_stats) < 2 or len(non_member_stats) < 2:
         raise ValueError("need at least 2 members and 2 non-members")
 
