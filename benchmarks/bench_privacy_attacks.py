@@ -6,9 +6,12 @@
 
 A small training set, the regime where memorisation happens. For a plain DDPM at each of ``--steps`` (one run,
 measured at its checkpoints) and a DP-SGD DDPM per ``--epsilons`` (``--dp-steps`` steps): the loss
-attack's AUC and TPR at 1% FPR (training images against held-out ones, near-copies of the training set removed
-from the held-out side), the Inception FID of its samples to held-out images, the nearest-neighbour audit's
-verdict on them, and the seconds per training step. Resumable: a finished model or measurement is not redone.
+attack's AUC and TPR at 1% FPR (training images against held-out ones), the black-box attacks on its released
+samples (``medsyn.privacy.released_set``, with a null: training-split images the model never saw in the members'
+place), the Inception FID of its samples to held-out images, the audit's verdict on them, and the seconds per
+training step. Held-out images are unused slices of the training split that are no structural copy of a member
+(the test split is not exchangeable with the training split). Resumable: a finished model or measurement is not
+redone.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ import torch
 from safetensors.torch import load_file
 from study_low_data import inception_fid, load_dataset
 
-from medsyn.evaluation.low_data_study import clean_test_split, stratified_fraction
+from medsyn.evaluation.low_data_study import stratified_fraction
 from medsyn.output_files import write_npz_atomically, write_text_atomically
 from medsyn.privacy.membership import AttackMethod, AttackSettings, attack_report, membership_statistics
+from medsyn.privacy.memorisation import nearest_training_distances
+from medsyn.privacy.structure import STRUCTURE_COPY_RATIO
 
 RECIPE = [  # a small CPU-sized DDPM, no augmentation and no EMA: the plain regime an attack targets
     "--base_channels", "16", "--channel_mult", "1", "2", "2", "--layers_per_block", "1", "--norm_num_groups", "8",
@@ -77,16 +82,39 @@ def measure(pipe, data: dict, args, inception, cache: dict) -> dict:
     result = {"auc": report.auc, "auc_ci": report.auc_ci, "leakage_auc": report.leakage_auc,
               "tpr_at_1pct_fpr": report.tpr_at_1pct_fpr, "tpr_at_1pct_fpr_ci": report.tpr_at_1pct_fpr_ci,
               "audit": {"verdict": audit.verdict, "passed": audit.passed,
-                        "near_copies": len(audit.near_copy_indices)}}
+                        "near_copies": len(audit.near_copy_indices)},
+              "released": released_set_attacks(samples, data, args)}
     if inception is not None:
         result["fid_to_held_out"] = inception_fid(inception, samples, data["non_members"], cache)
     return result
 
 
+def released_set_attacks(samples: np.ndarray, data: dict, args) -> dict:
+    """The black-box attacks on the released samples: members against half the held-out images (the other half is
+    DOMIAS's reference); and, as the null, training-split images the model never saw (``outsiders``) in the
+    members' place, so the attack faces a model trained on other data."""
+    from medsyn.privacy.released_set import ReleasedSetSettings, released_set_statistics
+
+    half = len(data["non_members"]) // 2
+    non_members, reference = data["non_members"][:half], data["non_members"][half:]
+    results = {}
+    for method in ("nearest", "domias"):
+        settings = ReleasedSetSettings(method=method)
+        for role, candidates in (("members", data["members"]), ("outsiders", data.get("outsiders"))):
+            if candidates is None:
+                continue
+            statistics = released_set_statistics(samples, candidates, non_members, reference, settings)
+            report = attack_report(*statistics, settings, resamples=args.resamples)
+            results[f"{method}-{role}"] = {"auc": report.auc, "auc_ci": report.auc_ci,
+                                           "tpr_at_1pct_fpr": report.tpr_at_1pct_fpr,
+                                           "tpr_at_1pct_fpr_ci": report.tpr_at_1pct_fpr_ci}
+    return results
+
+
 def write_report(records: dict, args, output: Path) -> None:
     lines = [f"Command: `python benchmarks/bench_privacy_attacks.py {' '.join(args.argv)}`", "",
              f"{args.train_images} training images at {args.resolution} px; members = all of them, non-members = "
-             f"{records['non_members']} held-out images (near-copies of a training image removed).", "",
+             f"{records['non_members']} unused training-split images (structural copies of a member removed).", "",
              "| model | epsilon | steps | s/step | loss-attack AUC [95% CI] | TPR @ 1% FPR [95% CI] | FID to held-out "
              "| audit |", "|---|---|---|---|---|---|---|---|"]
     done = [(name, r) for name, r in records["models"].items() if "auc" in r]
@@ -97,6 +125,17 @@ def write_report(records: dict, args, output: Path) -> None:
                      f"[{r['auc_ci'][0]:.3f}, {r['auc_ci'][1]:.3f}] | {r['tpr_at_1pct_fpr']:.3f} "
                      f"[{r['tpr_at_1pct_fpr_ci'][0]:.3f}, {r['tpr_at_1pct_fpr_ci'][1]:.3f}] | {fid} | "
                      f"{'passed' if r['audit']['passed'] else 'FAILED'}, {r['audit']['near_copies']} near-copies |")
+    lines += ["", f"Released samples ({args.num_samples}), black box: members (or outsiders, training-split images "
+              "the model never saw) against half the held-out images; DOMIAS's reference is the other half.", "",
+              "| model | steps | attack | candidates | AUC [95% CI] | TPR @ 1% FPR [95% CI] |",
+              "|---|---|---|---|---|---|"]
+    for name, r in sorted(done, key=lambda item: (item[1]["epsilon"] != "inf", -float(item[1]["epsilon"]),
+                                                  item[1]["steps"])):
+        for key, attack in r.get("released", {}).items():
+            method, role = key.split("-")
+            lines.append(f"| {name} | {r['steps']} | {method} | {role} | {attack['auc']:.3f} "
+                         f"[{attack['auc_ci'][0]:.3f}, {attack['auc_ci'][1]:.3f}] | {attack['tpr_at_1pct_fpr']:.3f} "
+                         f"[{attack['tpr_at_1pct_fpr_ci'][0]:.3f}, {attack['tpr_at_1pct_fpr_ci'][1]:.3f}] |")
     write_text_atomically(output / "report.md", "\n".join(lines) + "\n")
 
 
@@ -132,10 +171,16 @@ def main(argv: list[str] | None = None) -> None:
         loaded = load_dataset(args.data, args.resolution)
         chosen = stratified_fraction(loaded["train_labels"], args.train_images / len(loaded["train"]), 0)
         members, labels = loaded["train"][chosen], loaded["train_labels"][chosen]
-        kept, _ = clean_test_split(members, loaded["test"])
-        picked = np.random.default_rng(0).permutation(kept)[: args.non_members]
-        write_npz_atomically(data_file, members=members, member_labels=labels, non_members=loaded["test"][picked],
-                             non_member_labels=loaded["test_labels"][picked],
+        # Non-members, DOMIAS's reference and the outsiders come from the training split's unused slices: the
+        # test split is not exchangeable with it (PROVENANCE.md), so an attack would measure the shift. Slices that
+        # are structural copies of a member (the split repeats slices) are left out.
+        unused = np.setdiff1d(np.arange(len(loaded["train"])), chosen)
+        relative = nearest_training_distances(loaded["train"][unused], members, space="structure")[0]
+        pool = np.random.default_rng(0).permutation(unused[relative > STRUCTURE_COPY_RATIO])
+        picked, outsiders = pool[: args.non_members], pool[args.non_members : args.non_members + len(members)]
+        write_npz_atomically(data_file, members=members, member_labels=labels, non_members=loaded["train"][picked],
+                             outsiders=loaded["train"][outsiders],
+                             non_member_labels=loaded["train_labels"][picked],
                              class_names=np.array(loaded["class_names"]))
         write_npz_atomically(output / "train.npz", images=members, labels=labels,
                              class_names=np.array(loaded["class_names"]))
@@ -165,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
             entry = records["models"].setdefault(key, {})
             entry.update(epsilon="inf" if epsilon is None else epsilon, steps=steps,
                          seconds_per_step=records["models"].get(name, {}).get("seconds_per_step", float("nan")))
-            if "auc" not in entry:
+            if "auc" not in entry or "released" not in entry:
                 checkpoint = folder / f"checkpoint-{steps}" if steps != final else None
                 entry.update(measure(pipeline_at(folder, checkpoint), data, args, inception, cache))
             if epsilon is not None:
