@@ -410,7 +410,7 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-MODEL_ATTACKS, RELEASED_SET_ATTACKS = ("loss", "pia"), ("nearest", "domias")
+MODEL_ATTACKS, RELEASED_SET_ATTACKS = ("loss", "pia", "lira"), ("nearest", "domias")
 
 
 def attack(args: argparse.Namespace) -> int:
@@ -420,6 +420,7 @@ def attack(args: argparse.Namespace) -> int:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     from medsyn.evaluation import load_image_set
     from medsyn.evaluation.evaluate import attack_statistics
@@ -427,6 +428,7 @@ def attack(args: argparse.Namespace) -> int:
     from medsyn.output_files import atomic_write, check_writable, write_text_atomically
     from medsyn.pipelines import load_pipeline
     from medsyn.privacy.membership import AttackMethod, AttackSettings, attack_report, roc_points
+    from medsyn.privacy.reference_attack import lira_offline_statistics
     from medsyn.privacy.released_set import ReleasedSetSettings, released_set_statistics
 
     if (args.model is None) == (args.synthetic is None):
@@ -437,6 +439,11 @@ def attack(args: argparse.Namespace) -> int:
                          f"{', '.join(MODEL_ATTACKS if args.model else RELEASED_SET_ATTACKS)}")
     if args.reference is not None and method != "domias":
         raise ValueError("--reference is the real population set of --method domias")
+    if (method == "lira") != bool(args.reference_models):
+        raise ValueError("--method lira reads the target against --reference-models (at least 2), and only it does")
+    if method == "lira" and len(args.reference_models) < 2:
+        raise ValueError(f"--reference-models: at least 2 are needed to estimate a spread, got "
+                         f"{len(args.reference_models)}")
     if method == "domias" and args.reference is None:
         raise ValueError("--method domias needs --reference: real images of the training population that are neither "
                          "members nor non-members (or use --method nearest, which needs none)")
@@ -454,7 +461,13 @@ def attack(args: argparse.Namespace) -> int:
         settings = ReleasedSetSettings(method=method, k=args.neighbours, space=args.space, seed=args.seed)
     check_writable(output_dir)
     if args.model:
-        statistics = attack_statistics(pipe, (sets["members"], sets["non-members"]), settings, args.prompt)
+        candidates = (sets["members"], sets["non-members"])
+        statistics = attack_statistics(pipe, candidates, settings, args.prompt)
+        if method == "lira":
+            references = [np.concatenate(attack_statistics(load_pipeline(model), candidates, settings, args.prompt))
+                          for model in args.reference_models]
+            scores = lira_offline_statistics(np.concatenate(statistics), np.stack(references))
+            statistics = [scores[: len(statistics[0])], scores[len(statistics[0]) :]]
     else:
         statistics = released_set_statistics(*(sets[name].images if name in sets else None for name in (
             "synthetic", "members", "non-members", "reference")), settings=settings)
@@ -738,10 +751,14 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--reference", default=None, help="domias: other real images of the training population, "
                                                       "neither members nor non-members" + sets_help)
     at.add_argument("--method", choices=(*MODEL_ATTACKS, *RELEASED_SET_ATTACKS), default=None,
-                    help="with --model: loss (the denoising loss, Carlini et al. 2023, default) or pia (proximal "
-                         "initialisation, Kong et al.); with --synthetic: domias (synthetic over reference density, "
+                    help="with --model: loss (the denoising loss, Carlini et al. 2023, default), pia (proximal "
+                         "initialisation, Kong et al.) or lira (the loss against --reference-models', offline LiRA, "
+                         "Carlini et al. 2022); with --synthetic: domias (synthetic over reference density, "
                          "van Breugel et al. 2023, default) or nearest (distance to the nearest synthetic image, "
                          "Chen et al. 2020)")
+    at.add_argument("--reference-models", nargs="+", default=None,
+                    help="lira: models trained by the same script on other images of the population (none of the "
+                         "members or non-members), at least 2")
     at.add_argument("--neighbours", type=count_argument(), default=1,
                     help="domias: k of the k-nearest-neighbour densities")
     at.add_argument("--space", choices=("structure", "pixels"), default="structure",

@@ -298,3 +298,51 @@ def test_medsyn_evaluate_reports_the_attack_with_its_roc_curve(tmp_path):
     assert "Privacy: membership inference" in page and "TPR at 1% FPR" in page
     with pytest.raises(ValueError, match="pass --train"):
         evaluate(real, generated, tmp_path, membership_attack=attack, progress=False)
+
+
+def test_lira_reads_each_image_against_models_that_never_saw_it():
+    """Images differ in how easy they are (each its own mean under any model); members gain a little under the
+    target. The raw statistic mostly ranks easiness; standardised against reference models it ranks membership."""
+    from medsyn.privacy.reference_attack import lira_offline_statistics
+    from medsyn.privacy.statistics import binary_auc
+
+    rng = np.random.default_rng(0)
+    easiness = rng.normal(0, 3, 400)
+    member = np.arange(400) < 200
+    references = easiness + rng.normal(0, 0.5, (8, 400))
+    target = easiness + rng.normal(0, 0.5, 400) + 1.5 * member
+    raw, lira = binary_auc(target, member), binary_auc(lira_offline_statistics(target, references), member)
+    assert raw < 0.7 and lira > 0.95
+    own = lira_offline_statistics(target, references, global_variance=False)
+    assert binary_auc(own, member) > 0.85  # noisier with 8 references, still far above the raw statistic
+    one = lira_offline_statistics(np.array([3.0]), np.array([[1.0], [3.0]]))
+    assert one == pytest.approx([(3 - 2) / 2**0.5])  # references' mean 2, sd sqrt(2)
+    with pytest.raises(ValueError, match="at least 2 reference"):
+        lira_offline_statistics(target, references[:1])
+
+
+def test_medsyn_attack_lira_needs_reference_models(tmp_path, capsys):
+    from medsyn.cli import main
+
+    from .conftest import get_dummy_pipeline
+
+    for seed in range(3):
+        torch.manual_seed(seed)
+        get_dummy_pipeline().save_pretrained(tmp_path / f"model-{seed}")
+    rng = np.random.default_rng(0)
+    for name in ("members", "non_members"):
+        np.savez(tmp_path / f"{name}.npz", images=rng.integers(0, 256, (6, 16, 16), dtype=np.uint8),
+                 labels=np.arange(6) % 2, class_names=np.array(["healthy", "tumor"]))
+    given = ["--model", str(tmp_path / "model-0"), "--members", str(tmp_path / "members.npz"), "--non-members",
+             str(tmp_path / "non_members.npz"), "--resamples", "20", "--draws", "1"]
+    assert main(["attack", *given, "--method", "lira", "--reference-models", str(tmp_path / "model-1"),
+                 str(tmp_path / "model-2"), "--output-dir", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "attack.json").read_text())
+    assert report["method"] == "lira" and len(report["member_statistics"]) == 6
+    for wrong, message in ((["--method", "lira"], "--reference-models (at least 2)"),
+                           (["--method", "lira", "--reference-models", str(tmp_path / "model-1")], "got 1"),
+                           (["--reference-models", str(tmp_path / "model-1"), str(tmp_path / "model-2")],
+                            "only it does")):
+        capsys.readouterr()
+        assert main(["attack", *given, *wrong, "--output-dir", str(tmp_path / "bad")]) == 2
+        assert message in capsys.readouterr().err

@@ -41,6 +41,8 @@ from .statistics import binary_auc
 class AttackMethod(StrEnum):
     LOSS = "loss"
     PIA = "pia"
+    LIRA = "lira"
+    """The loss statistic, read against reference models' (``medsyn.privacy.reference_attack``)."""
 
 
 @dataclass(frozen=True)
