@@ -111,6 +111,60 @@ def released_set_attacks(samples: np.ndarray, data: dict, args) -> dict:
     return results
 
 
+def split_pool(args, loaded: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The members' indices into the training split, and the shuffled pool of the others that are no structural copy
+    of a member: non-members, DOMIAS's reference, the outsiders, then the reference models' population, in order.
+    Non-members come from the training split's unused slices: the test split is not exchangeable with it
+    (PROVENANCE.md), so an attack would measure the shift; the split repeats slices, hence the copies left out."""
+    chosen = stratified_fraction(loaded["train_labels"], args.train_images / len(loaded["train"]), 0)
+    unused = np.setdiff1d(np.arange(len(loaded["train"])), chosen)
+    relative = nearest_training_distances(loaded["train"][unused], loaded["train"][chosen], space="structure")[0]
+    return chosen, np.random.default_rng(0).permutation(unused[relative > STRUCTURE_COPY_RATIO])
+
+
+def reference_models(args, output: Path, data: dict) -> list[Path]:
+    """``--reference-models`` plain models trained as the target was, each on as many images drawn from the pool's
+    remainder (no member, non-member or outsider, nor a structural copy of a member or non-member)."""
+    population_file = output / "population.npz"
+    if not population_file.exists():
+        loaded = load_dataset(args.data, args.resolution)
+        _, pool = split_pool(args, loaded)
+        rest = pool[args.non_members + len(data["members"]) :]
+        candidates = np.concatenate([data["members"], data["non_members"]])
+        relative = nearest_training_distances(loaded["train"][rest], candidates, space="structure")[0]
+        rest = rest[relative > STRUCTURE_COPY_RATIO]
+        write_npz_atomically(population_file, images=loaded["train"][rest], labels=loaded["train_labels"][rest],
+                             class_names=np.array(loaded["class_names"]))
+    with np.load(population_file) as archive:
+        population = {key: archive[key] for key in archive.files}
+    folders = []
+    for number in range(args.reference_models):
+        folder, train_file = output / f"reference-{number}", output / f"reference-{number}.npz"
+        if not (folder / "model_index.json").exists():
+            rows = np.random.default_rng(100 + number).permutation(len(population["images"]))[: len(data["members"])]
+            write_npz_atomically(train_file, images=population["images"][rows], labels=population["labels"][rows],
+                                 class_names=population["class_names"])
+            train(train_file, folder, max(args.steps), max(args.steps), [], args)
+        folders.append(folder)
+    return folders
+
+
+def lira(target, folders: list[Path], data: dict, args) -> dict:
+    """Offline LiRA on the target: its loss statistic read against the reference models'."""
+    from medsyn.privacy.reference_attack import lira_offline_statistics
+
+    settings = AttackSettings(method=AttackMethod.LIRA)
+    images = torch.from_numpy(np.concatenate([data["members"], data["non_members"]]))[:, None]
+    labels = [int(x) for x in np.concatenate([data["member_labels"], data["non_member_labels"]])]
+    references = np.stack([membership_statistics(pipeline_at(folder, None), images, labels, settings)
+                           for folder in folders])
+    scores = lira_offline_statistics(membership_statistics(target, images, labels, settings), references)
+    report = attack_report(scores[: len(data["members"])], scores[len(data["members"]) :], settings,
+                           resamples=args.resamples)
+    return {"auc": report.auc, "auc_ci": report.auc_ci, "tpr_at_1pct_fpr": report.tpr_at_1pct_fpr,
+            "tpr_at_1pct_fpr_ci": report.tpr_at_1pct_fpr_ci, "reference_models": len(folders)}
+
+
 def write_report(records: dict, args, output: Path) -> None:
     lines = [f"Command: `python benchmarks/bench_privacy_attacks.py {' '.join(args.argv)}`", "",
              f"{args.train_images} training images at {args.resolution} px; members = all of them, non-members = "
@@ -136,6 +190,17 @@ def write_report(records: dict, args, output: Path) -> None:
             lines.append(f"| {name} | {r['steps']} | {method} | {role} | {attack['auc']:.3f} "
                          f"[{attack['auc_ci'][0]:.3f}, {attack['auc_ci'][1]:.3f}] | {attack['tpr_at_1pct_fpr']:.3f} "
                          f"[{attack['tpr_at_1pct_fpr_ci'][0]:.3f}, {attack['tpr_at_1pct_fpr_ci'][1]:.3f}] |")
+    with_lira = [(name, r) for name, r in done if "lira" in r]
+    if with_lira:
+        lines += ["", "Offline LiRA: the loss statistic against reference models trained as the target was on other "
+                  "images of the pool (pooled spread).", "",
+                  "| model | steps | reference models | AUC [95% CI] | TPR @ 1% FPR [95% CI] |",
+                  "|---|---|---|---|---|"]
+        for name, r in with_lira:
+            attack = r["lira"]
+            lines.append(f"| {name} | {r['steps']} | {attack['reference_models']} | {attack['auc']:.3f} "
+                         f"[{attack['auc_ci'][0]:.3f}, {attack['auc_ci'][1]:.3f}] | {attack['tpr_at_1pct_fpr']:.3f} "
+                         f"[{attack['tpr_at_1pct_fpr_ci'][0]:.3f}, {attack['tpr_at_1pct_fpr_ci'][1]:.3f}] |")
     write_text_atomically(output / "report.md", "\n".join(lines) + "\n")
 
 
@@ -152,6 +217,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "of --steps (a DP step costs about 2x a plain one on a CPU).")
     parser.add_argument("--generator-args", default="", help="More train_ddpm flags, e.g. '--dp_noise_multiplicity 4'.")
     parser.add_argument("--num-samples", type=int, default=250, help="Generated images for the audit and FID.")
+    parser.add_argument("--reference-models", type=int, default=0,
+                        help="Plain models for offline LiRA on the plain model's last step (0: no LiRA).")
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--no-fid", action="store_true")
     parser.add_argument("--output-dir", required=True)
@@ -169,14 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     data_file = output / "data.npz"
     if not data_file.exists():
         loaded = load_dataset(args.data, args.resolution)
-        chosen = stratified_fraction(loaded["train_labels"], args.train_images / len(loaded["train"]), 0)
+        chosen, pool = split_pool(args, loaded)
         members, labels = loaded["train"][chosen], loaded["train_labels"][chosen]
-        # Non-members, DOMIAS's reference and the outsiders come from the training split's unused slices: the
-        # test split is not exchangeable with it (PROVENANCE.md), so an attack would measure the shift. Slices that
-        # are structural copies of a member (the split repeats slices) are left out.
-        unused = np.setdiff1d(np.arange(len(loaded["train"])), chosen)
-        relative = nearest_training_distances(loaded["train"][unused], members, space="structure")[0]
-        pool = np.random.default_rng(0).permutation(unused[relative > STRUCTURE_COPY_RATIO])
         picked, outsiders = pool[: args.non_members], pool[args.non_members : args.non_members + len(members)]
         write_npz_atomically(data_file, members=members, member_labels=labels, non_members=loaded["train"][picked],
                              outsiders=loaded["train"][outsiders],
@@ -218,6 +279,12 @@ def main(argv: list[str] | None = None) -> None:
                 entry["epsilon"] = round(summary["epsilon"], 3)
             write_text_atomically(records_file, json.dumps(records, indent=2))
             write_report(records, args, output)
+    plain = records["models"].get("plain")
+    if args.reference_models and plain and plain.get("lira", {}).get("reference_models") != args.reference_models:
+        folders = reference_models(args, output, data)
+        plain["lira"] = lira(pipeline_at(output / "plain", None), folders, data, args)
+        write_text_atomically(records_file, json.dumps(records, indent=2))
+        write_report(records, args, output)
     print((output / "report.md").read_text())
 
 
