@@ -44,6 +44,7 @@ from .structure import (
     StructureIndex,
     relative_distances,
     structural_nearest,
+    with_matched_noise,
 )
 
 NEAR_COPY_DISTANCE = 0.01
@@ -316,7 +317,8 @@ def memorisation_audit(
     calibration, excluded, expected, count_p, copying = None, np.array([], dtype=int), None, None, None
     exchangeable = None
     if held_out is not None:
-        calibration, excluded = held_out_distances(held_out, index, copy_distance, max_shift, **search)
+        calibrating = with_matched_noise(held_out, generated) if structural else held_out
+        calibration, excluded = held_out_distances(calibrating, index, copy_distance, max_shift, **search)
         copying = data_copying_test(nearest, calibration)
         if check_exchangeable:
             exchangeable = held_out_exchangeability(held_out, train, copy_distance, max_shift, **search)
