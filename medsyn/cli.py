@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from medsyn.commands import COMMANDS
+from medsyn.flag_spellings import accept_both_spellings
 from medsyn.validation import DefaultsShown
 
 
@@ -15,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.add_parser(commands, {"formatter_class": DefaultsShown})
-    return parser
+    return accept_both_spellings(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

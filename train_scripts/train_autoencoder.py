@@ -27,6 +27,7 @@ from PIL import Image
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from medsyn.data import image_channels, image_transform
+from medsyn.flag_spellings import accept_both_spellings
 from medsyn.hub_upload import push_model_folder
 from medsyn.model_card import card_reference, write_model_card
 from medsyn.models.latent_diffusion import autoencoder_config, latent_size, vae_scale_factor
@@ -97,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scaling_factor_images", type=count_argument(), default=512,
                         help="Training images encoded to measure the latents' standard deviation.")
 
-    args = parser.parse_args(argv)
+    args = accept_both_spellings(parser).parse_args(argv)
     check_data_arguments(parser, args)
     if args.perceptual_weight is None:
         args.perceptual_weight = 0.001 if args.perceptual_network else 0.0

@@ -30,6 +30,7 @@ from torchmetrics.functional.classification import multiclass_confusion_matrix
 from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
 
 from medsyn.data import image_channels, image_transform, random_affine
+from medsyn.flag_spellings import accept_both_spellings
 from medsyn.hub_upload import push_model_folder
 from medsyn.metrics.features import PooledImageEncoder
 from medsyn.model_card import card_reference, write_model_card
@@ -101,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.set_defaults(train_batch_size=64, num_train_epochs=15, adam_weight_decay=1e-2)
     add_logging_and_hub_arguments(parser)
 
-    args = parser.parse_args(argv)
+    args = accept_both_spellings(parser).parse_args(argv)
     check_data_arguments(parser, args)
     if len(args.hidden_sizes) != len(args.depths):
         parser.error(f"--hidden_sizes has {len(args.hidden_sizes)} entries for {len(args.depths)} --depths")

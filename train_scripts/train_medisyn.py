@@ -40,6 +40,7 @@ from transformers import AutoModel, AutoTokenizer, BertModel
 
 from medsyn.data import image_channels, image_transform
 from medsyn.data.captions import CaptionTemplates, template_source
+from medsyn.flag_spellings import accept_both_spellings
 from medsyn.hub_upload import push_model_folder
 from medsyn.model_card import card_reference, write_model_card
 from medsyn.models.latent_diffusion import (
@@ -158,7 +159,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--validation_guidance_scale", type=number_argument(0), default=4.0,
                         help="Guidance weight of the validation images.")
 
-    args = parser.parse_args(argv)
+    args = accept_both_spellings(parser).parse_args(argv)
     check_data_arguments(parser, args)
     if not 0.0 <= args.caption_dropout < 1.0:
         parser.error(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}")

@@ -24,6 +24,7 @@ import torch
 from accelerate.logging import get_logger
 from transformers import BertModel, ViTConfig, ViTModel
 
+from medsyn.flag_spellings import accept_both_spellings
 from medsyn.models.latent_diffusion import bert_text_encoder_config, build_wordpiece_tokenizer
 from medsyn.rlhf.policy import POLICY_ARCHITECTURE, AlignmentPolicy, ClipAlignmentPolicy, policy_step_loss
 from medsyn.rlhf.rating_images import add_rated_data_arguments, rated_samples, split_by_image
@@ -73,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_optimisation_arguments(parser, output_dir="medsyn-policy", learning_rate=1e-4)
     parser.set_defaults(train_batch_size=32, num_train_epochs=20)
     add_logging_and_hub_arguments(parser)
-    args = parser.parse_args(argv)
+    args = accept_both_spellings(parser).parse_args(argv)
     if args.stage == 2 and not args.selector:
         parser.error("--stage 2 learns from the selector's accepted images: pass --selector")
     if args.clip_model and (args.image_encoder_name_or_path or args.text_encoder_name_or_path):

@@ -51,6 +51,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import gather_object
 from transformers import PreTrainedModel
 
+from medsyn.flag_spellings import accept_both_spellings
 from medsyn.pipelines import load_pipeline
 from medsyn.rlhf.chain import SamplingChain, Trajectory, sampling_chain
 from medsyn.rlhf.policy import POLICY_ARCHITECTURE, AlignmentPolicy
@@ -177,7 +178,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Reward-weighted: the weight of the real images' loss (needs --real_images).")
     parser.add_argument("--report_to", type=str, default="tensorboard", help="Tracker: tensorboard, wandb or none.")
 
-    args = parser.parse_args(argv)
+    args = accept_both_spellings(parser).parse_args(argv)
     if args.rater and args.stand_in_rater:
         parser.error("--rater and --stand_in_rater are alternatives: give one")
     if args.policy_clip_model and (args.policy_image_encoder or args.policy_text_encoder):

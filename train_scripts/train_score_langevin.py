@@ -20,6 +20,7 @@ from diffusers import UNet2DModel
 from PIL import Image
 
 from medsyn.data import image_channels, image_transform, random_affine
+from medsyn.flag_spellings import accept_both_spellings
 from medsyn.hub_upload import push_model_folder
 from medsyn.model_card import write_model_card
 from medsyn.models.preconditioning import Preconditioning, edm_preconditioning, set_preconditioning
@@ -136,7 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--validation_guidance_scale", type=number_argument(0), default=1.0,
                         help="Guidance weight of the validation images.")
 
-    args = parser.parse_args(argv)
+    args = accept_both_spellings(parser).parse_args(argv)
     check_data_arguments(parser, args)
     check_not_applicable(parser, args, NOT_APPLICABLE)
     check_class_unet_arguments(parser, args)

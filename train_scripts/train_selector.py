@@ -23,6 +23,7 @@ import torch
 from accelerate.logging import get_logger
 from transformers import PreTrainedModel, ViTForImageClassification
 
+from medsyn.flag_spellings import accept_both_spellings
 from medsyn.hub_upload import push_model_folder
 from medsyn.model_card import write_model_card
 from medsyn.rlhf.rating_images import add_rated_data_arguments, rated_samples, split_by_image
@@ -69,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.set_defaults(train_batch_size=32, num_train_epochs=20, dataset_name=None,
                         pretrained_model_name_or_path=None)
     add_logging_and_hub_arguments(parser)
-    args = parser.parse_args(argv)
+    args = accept_both_spellings(parser).parse_args(argv)
     if args.selector_model_name_or_path and args.image_encoder_name_or_path:
         parser.error("--selector_model_name_or_path continues a selector, --image_encoder_name_or_path starts one: "
                      "pass one of them")
