@@ -124,7 +124,10 @@ class ClassConditionalMixin:
 
     @staticmethod
     def to_output_type(samples: torch.Tensor, output_type: str, numpy_to_pil) -> Any:
-        """Samples in [-1, 1] as "pt" (B, C, H, W), "np" (B, H, W, C) or PIL images, all in [0, 1]."""
+        """Samples in [-1, 1] as "pt" (B, C, H, W), "np" (B, H, W, C) or PIL images, all in [0, 1]; "latent": the raw
+        samples (B, C, H, W), in the model's own range and unclipped, as diffusers' pipelines return them."""
+        if output_type == "latent":
+            return samples
         image = (samples / 2 + 0.5).clamp(0, 1)
         if output_type in ("np", "pil"):
             image = image.cpu().permute(0, 2, 3, 1).numpy()

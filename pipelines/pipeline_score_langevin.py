@@ -78,8 +78,8 @@ class ScoreLangevinPipeline(ClassConditionalMixin, HubFolderMixin, DiffusionPipe
     ) -> None:
         """Reject bad arguments with a message that names them, before any model runs (None means the default;
         0 is an error, never the default)."""
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         finite_number(guidance_scale, "guidance_scale", minimum=0)
         whole_number(batch_size, "batch_size")
         if num_inference_steps is not None:
@@ -182,7 +182,8 @@ class ScoreLangevinPipeline(ClassConditionalMixin, HubFolderMixin, DiffusionPipe
             generator: a generator, or one per image; the only source of randomness. An image depends only on its
                 own generator, so results are the same for any ``max_batch_size``.
             latents: initial samples of shape (batch, channels, height, width); default: N(0, sigma_1^2 I).
-            output_type: "pil", "np" (B, H, W, C) in [0, 1] or "pt" (B, C, H, W) in [0, 1].
+            output_type: "pil", "np" (B, H, W, C) in [0, 1], "pt" (B, C, H, W) in [0, 1], or "latent": the raw
+                sample (B, C, H, W) in the model's range [-1, 1], unclipped.
             return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
             callback_on_step_end: called as ``f(pipe, step, sigma, {"latents": x})`` after every step (a function
                 or a diffusers ``PipelineCallback``); a "latents" entry in the dict it returns replaces the sample.
@@ -228,6 +229,7 @@ class ScoreLangevinPipeline(ClassConditionalMixin, HubFolderMixin, DiffusionPipe
             )
         # 4. Post-process
         image = self.to_output_type(torch.cat(samples), output_type, self.numpy_to_pil)
+        self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)

@@ -103,6 +103,10 @@ class MedsynPipelineTesterMixin:
         np.testing.assert_allclose(as_pt.permute(0, 2, 3, 1).numpy(), as_np, atol=1e-6)
         pil = np.stack([np.asarray(image, dtype=np.float32) / 255 for image in as_pil])
         np.testing.assert_allclose(pil.reshape(as_np.shape), as_np, atol=1 / 255 + 1e-6)
+        raw = pipe(**{**self.get_dummy_inputs(batch=2), "output_type": "latent"}).images
+        assert torch.is_tensor(raw) and raw.ndim == 4  # diffusers' contract: every pipeline returns its raw sample
+        if raw.shape == as_pt.shape:  # a pixel model: the raw sample is the image before scaling and clipping
+            np.testing.assert_allclose((raw / 2 + 0.5).clamp(0, 1).numpy(), as_pt.numpy(), atol=1e-6)
 
     def test_return_dict_false_gives_a_tuple(self):
         pipe = self.make_pipeline()
