@@ -66,3 +66,13 @@ def test_attack_a_released_set_from_the_command_line(tmp_path, capsys):
         capsys.readouterr()
         assert main(["attack", *wrong, *given, "--overwrite"]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_reference_image_that_copies_a_candidate_is_left_out():
+    members, non_members = brains(32, 31, 20), brains(32, 32, 20)
+    reference = np.concatenate([brains(32, 33, 40), nuisance(non_members[:5], "noise", np.random.default_rng(0))])
+    settings = ReleasedSetSettings(method="domias")
+    with pytest.warns(UserWarning, match="5 of 45 images copy a candidate"):
+        with_copies = released_set_statistics(brains(32, 34, 40), members, non_members, reference, settings)
+    clean = released_set_statistics(brains(32, 34, 40), members, non_members, reference[:40], settings)
+    assert np.allclose(with_copies[1], clean[1]) and np.allclose(with_copies[0], clean[0])

@@ -22,6 +22,7 @@ slight blur, a brightness change, a one-pixel move or a mirror counts as near as
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from .image_arrays import as_image_stack, common_representation
-from .memorisation import MIN_STRUCTURE_SIDE, AuditSpace
+from .memorisation import MIN_STRUCTURE_SIDE, AuditSpace, default_copy_distance, nearest_training_distances
 from .nearest_neighbours import nearest_neighbours
 from .structure import StructureIndex
 
@@ -83,6 +84,19 @@ def _overlap(candidates: torch.Tensor, reference: torch.Tensor) -> int:
     return sum(bytes(image.numpy()) in flat for image in candidates.reshape(len(candidates), -1))
 
 
+def _without_copies_of(reference: torch.Tensor, candidates: torch.Tensor, settings: ReleasedSetSettings
+                       ) -> torch.Tensor:
+    """The reference without images that copy a candidate (by the audit's copy rule, a warning counts them): a
+    repeated scan in the reference makes its candidate look dense in the population, and so less like a member."""
+    relative = nearest_training_distances(reference, candidates, max_shift=settings.max_shift, space=settings.space,
+                                          mirror=settings.mirror)[0]
+    copies = relative <= default_copy_distance(settings.space)
+    if copies.any():
+        warnings.warn(f"reference: {int(copies.sum())} of {len(reference)} images copy a candidate (repeated scans); "
+                      "left out of the population density", stacklevel=3)
+    return reference[torch.from_numpy(~copies)]
+
+
 def released_set_statistics(
     synthetic: np.ndarray | torch.Tensor,
     members: np.ndarray | torch.Tensor,
@@ -94,7 +108,8 @@ def released_set_statistics(
 
     Images in any layout and dtype ``as_image_stack`` accepts. ``reference``: real images of the training
     population that are neither members nor candidates, needed by ``domias``; a candidate found in it is an
-    error (its own image would be its nearest reference).
+    error (its own image would be its nearest reference), and its copies of a candidate (repeated scans) are left
+    out with a warning.
     """
     names = ("synthetic", "members", "non_members", "reference")
     given = [(x, name) for x, name in zip((synthetic, members, non_members, reference), names) if x is not None]
@@ -108,6 +123,8 @@ def released_set_statistics(
     if domias and (shared := _overlap(candidates, stacks["reference"])):
         raise ValueError(f"reference: {shared} of the candidate images are in the reference set; it must hold "
                          "other real images")
+    if domias:
+        stacks["reference"] = _without_copies_of(stacks["reference"], candidates, settings)
     k = settings.k if domias else 1
     to_synthetic = _distances(candidates, stacks["synthetic"], k, settings, "synthetic")[:, k - 1]
     if domias:
