@@ -60,11 +60,13 @@ class MediSynPipeline(HubFolderMixin, DiffusionPipeline, StableDiffusionLoraLoad
             swap one in with ``SchedulerClass.from_config(pipe.scheduler.config)``.
 
     ``vae`` and ``unet`` may be None, as in diffusers: ``from_pretrained(path, vae=None, unet=None)`` loads only
-    the text encoder, for precomputing ``prompt_embeds``; without a vae, ``output_type="latent"`` still works.
+    the text encoder, for precomputing ``prompt_embeds``; without a vae, ``output_type="latent"`` still works. They
+    are not optional components in diffusers' sense (a pipeline without them cannot make an image from its default
+    inputs), so a folder saved without them is loaded with the same ``None`` arguments.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["vae", "unet"]
+    _optional_components = []
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(

@@ -251,6 +251,20 @@ class TestMediSynPipelineContract(MedsynPipelineTesterMixin):
                 "generator": [torch.Generator().manual_seed(seed + i) for i in range(batch)]}
 
 
+def test_every_optional_component_can_be_none_and_the_pipeline_still_runs(pipe, tmp_path):
+    """diffusers' test_save_load_optional_components: each optional component set to None, the pipeline runs on
+    its default inputs, saves and reloads the same. vae and unet were declared optional though neither can be
+    None for an image; now none is."""
+    for name in pipe._optional_components:
+        setattr(pipe, name, None)
+    expected = pipe(**get_dummy_inputs()).images
+    pipe.save_pretrained(tmp_path / "saved")
+    loaded = MediSynPipeline.from_pretrained(tmp_path / "saved")
+    loaded.set_progress_bar_config(disable=True)
+    assert all(getattr(loaded, name) is None for name in pipe._optional_components)
+    np.testing.assert_allclose(loaded(**get_dummy_inputs()).images, expected, atol=1e-4)
+
+
 def test_a_text_encoder_only_pipeline_encodes_prompts_like_the_full_one(pipe, tmp_path):
     """diffusers' way to precompute embeddings: from_pretrained(path, vae=None, unet=None)."""
     pipe.save_pretrained(tmp_path / "full")
@@ -264,7 +278,9 @@ def test_a_text_encoder_only_pipeline_encodes_prompts_like_the_full_one(pipe, tm
                                     negative_prompt_embeds=negative, negative_prompt_attention_mask=negative_mask)).images
     np.testing.assert_array_equal(image, pipe(**get_dummy_inputs()).images)
     text_only.save_pretrained(tmp_path / "text-only")  # and saved, it loads back the same way
-    again = MediSynPipeline.from_pretrained(tmp_path / "text-only")
+    with pytest.raises(ValueError, match="expected"):  # not optional components: diffusers asks for them
+        MediSynPipeline.from_pretrained(tmp_path / "text-only")
+    again = MediSynPipeline.from_pretrained(tmp_path / "text-only", vae=None, unet=None)
     assert again.vae is None and again.unet is None
     with pytest.raises(ValueError, match="no unet"):
         again(PROMPT)
