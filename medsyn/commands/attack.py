@@ -11,6 +11,9 @@ from pathlib import Path
 from medsyn.commands.common import SETS_HELP, would_overwrite
 from medsyn.validation import count_argument, number_argument
 
+MODEL_ATTACKS, RELEASED_SET_ATTACKS = ("loss", "pia", "lira"), ("nearest", "domias")
+"""Spelt here rather than read from the enums, whose modules import torch: ``--help`` stays instant."""
+
 
 def add_parser(commands, shown: dict) -> None:
     at = commands.add_parser("attack", **shown, help="membership inference: do the model or its released images "
@@ -49,9 +52,6 @@ def add_parser(commands, shown: dict) -> None:
     at.add_argument("--output-dir", required=True, help="folder for attack.json and roc.png")
     at.add_argument("--overwrite", action="store_true", help="replace existing output files")
     at.set_defaults(handler=run)
-
-
-MODEL_ATTACKS, RELEASED_SET_ATTACKS = ("loss", "pia", "lira"), ("nearest", "domias")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -139,6 +139,14 @@ def _calibration_rank(percentile: float, count: int) -> int:
     return min(count, max(1, math.ceil(percentile / 100 * count)))
 
 
+def check_structure_side(images: np.ndarray | torch.Tensor) -> None:
+    """Refuse images too small to compare by structure, naming the way out."""
+    side = min(as_image_stack(images[:1], "images").shape[1:3])
+    if side < MIN_STRUCTURE_SIDE:
+        raise ValueError(f"space='structure' needs images of at least {MIN_STRUCTURE_SIDE} px a side, got {side}: "
+                         "the low-pass leaves too little of smaller images to tell copies apart; use space='pixels'")
+
+
 def nearest_training_distances(
     images: np.ndarray | torch.Tensor,
     train: np.ndarray | torch.Tensor | StructureIndex,
@@ -159,11 +167,7 @@ def nearest_training_distances(
     ``max_shift`` and ``mirror`` apply).
     """
     if AuditSpace(space) is AuditSpace.STRUCTURE and np.ndim(images) != 2:
-        side = min(as_image_stack(images[:1], "images").shape[1:3])
-        if side < MIN_STRUCTURE_SIDE:
-            raise ValueError(f"space='structure' needs images of at least {MIN_STRUCTURE_SIDE} px a side, got {side}: "
-                             "the low-pass leaves too little of smaller images to tell copies apart; use "
-                             "space='pixels'")
+        check_structure_side(images)
         wanted = min(max(k, RELATIVE_NEIGHBOURS), len(train))
         distances, neighbours = structural_nearest(images, train, max_shift, k=wanted, mirror=mirror, **search)
         return relative_distances(distances), neighbours[:, 0], distances[:, :k], neighbours[:, :k]
@@ -306,8 +310,9 @@ def memorisation_audit(
     search = {"space": space, "mirror": bool(mirror) and space is AuditSpace.STRUCTURE, **search}
     started = time.perf_counter()
     # Generated and held-out images are searched against one index: structure prepares it once when it fits.
-    structural = space is AuditSpace.STRUCTURE and np.ndim(generated) != 2 and min(train.shape[1:3]) >= \
-        MIN_STRUCTURE_SIDE
+    structural = space is AuditSpace.STRUCTURE and np.ndim(generated) != 2
+    if structural:
+        check_structure_side(generated)
     index = StructureIndex(train, max_shift, search["mirror"], device=search.get("device")) if structural else train
     nearest, nearest_index, distances, neighbours = nearest_training_distances(
         generated, index, max_shift, k=min(k, len(train)), **search)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .image_arrays import as_image_stack, common_representation
-from .memorisation import MIN_STRUCTURE_SIDE, AuditSpace, default_copy_distance, nearest_training_distances
+from .memorisation import AuditSpace, check_structure_side, default_copy_distance, nearest_training_distances
 from .nearest_neighbours import nearest_neighbours
 from .structure import StructureIndex
 
@@ -70,10 +70,7 @@ def _distances(queries: torch.Tensor, images: torch.Tensor, k: int, settings: Re
     if len(images) < k:
         raise ValueError(f"{name}: {len(images)} images, the attack needs at least k = {k}")
     if settings.space is AuditSpace.STRUCTURE:
-        side = min(images.shape[1:3])
-        if side < MIN_STRUCTURE_SIDE:
-            raise ValueError(f"space='structure' needs images of at least {MIN_STRUCTURE_SIDE} px a side, got {side}; "
-                             "use space='pixels'")
+        check_structure_side(images)
         return StructureIndex(images, settings.max_shift, settings.mirror, cache_bytes=0).nearest(queries, k)[0]
     return nearest_neighbours(queries, images, k=k)[0]
 
@@ -116,14 +113,14 @@ def released_set_statistics(
     stacks = dict(zip([name for _, name in given],
                       common_representation(*(as_image_stack(x, name) for x, name in given))))
     domias = settings.method is ReleasedSetMethod.DOMIAS
-    if domias and reference is None:
-        raise ValueError("method 'domias' needs a reference set: real images of the same population that are "
-                         "neither members nor candidates")
     candidates = torch.cat([stacks["members"], stacks["non_members"]])
-    if domias and (shared := _overlap(candidates, stacks["reference"])):
-        raise ValueError(f"reference: {shared} of the candidate images are in the reference set; it must hold "
-                         "other real images")
     if domias:
+        if reference is None:
+            raise ValueError("method 'domias' needs a reference set: real images of the same population that are "
+                             "neither members nor candidates")
+        if shared := _overlap(candidates, stacks["reference"]):
+            raise ValueError(f"reference: {shared} of the candidate images are in the reference set; it must hold "
+                             "other real images")
         stacks["reference"] = _without_copies_of(stacks["reference"], candidates, settings)
     k = settings.k if domias else 1
     to_synthetic = _distances(candidates, stacks["synthetic"], k, settings, "synthetic")[:, k - 1]
